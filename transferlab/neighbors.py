@@ -1,0 +1,173 @@
+"""Exact nearest-neighbour search over feature stores (or plain arrays).
+
+The database is streamed chunk by chunk (``store.iter_chunks``) and a running top-k is
+merged after each chunk, so a store larger than RAM can be searched with many queries at
+once. Results are exact and deterministic: equal distances are ordered by lower row index.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+METRICS = ("cosine", "euclidean")
+# Elements of one (queries x rows) distance block; bounds memory of a search step.
+_BLOCK_ELEMENTS = 1 << 24
+
+
+def nearest(source: Any, queries: np.ndarray, k: int, metric: str = "cosine",
+            chunk_rows: int = 65536, device: str | torch.device | None = None,
+            dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest rows of ``source`` for each query.
+
+    ``source`` is a FeatureStore (anything with ``iter_chunks``), an (N, D) array/tensor, or
+    an iterable of ``(start_row, chunk)`` pairs. Returns ``(distances, indices)``, both
+    (Q, min(k, N)), sorted by distance then row index. Cosine distance is ``1 - cos``
+    (0 for a zero vector's similarity); euclidean is the L2 distance.
+    """
+    metric = _check_metric(metric)
+    if k < 1:
+        raise DataError(f"k must be at least 1, got {k}; pass -k 1 or more")
+    dev = torch.device(device) if device is not None else _default_device()
+    q = _as_queries(queries, dtype, dev)
+    best_d = torch.empty(q.shape[0], 0, dtype=dtype, device=dev)
+    best_i = torch.empty(q.shape[0], 0, dtype=torch.int64, device=dev)
+    seen = 0
+    for start, chunk in _chunks(source, chunk_rows):
+        x = torch.as_tensor(np.asarray(chunk)).to(dev, dtype)
+        if x.ndim != 2 or x.shape[1] != q.shape[1]:
+            raise DataError(f"stored features have shape {tuple(x.shape)} but queries have "
+                            f"{q.shape[1]} dimensions; embed queries with the store's backbone")
+        d, i = _chunk_topk(q, x, k, metric)
+        best_d, best_i = _merge(best_d, best_i, d, i + start, k)
+        seen += x.shape[0]
+    if seen == 0:
+        raise DataError("the feature store is empty; extract features into it first")
+    return best_d.cpu().numpy(), best_i.cpu().numpy()
+
+
+def pairwise_distances(q: torch.Tensor, x: torch.Tensor, metric: str) -> torch.Tensor:
+    """(Q, M) distances; computed row-wise so identical rows give identical distances."""
+    dots = q @ x.T
+    if metric == "cosine":
+        qn = q.norm(dim=1).clamp_min(1e-30)
+        xn = x.norm(dim=1).clamp_min(1e-30)
+        return 1.0 - dots / qn[:, None] / xn[None, :]
+    sq = (q * q).sum(1)[:, None] - 2.0 * dots + (x * x).sum(1)[None, :]
+    return sq.clamp_min(0.0).sqrt()
+
+
+def _chunk_topk(q: torch.Tensor, x: torch.Tensor, k: int,
+                metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of one database chunk, processed in query blocks to bound memory."""
+    rows = max(1, _BLOCK_ELEMENTS // max(1, x.shape[0]))
+    ds, idx = [], []
+    for s in range(0, q.shape[0], rows):
+        dist = pairwise_distances(q[s:s + rows], x, metric)
+        dist = torch.nan_to_num(dist, nan=float("inf"))
+        d, i = _topk_exact(dist, min(k, x.shape[0]))
+        ds.append(d)
+        idx.append(i)
+    return torch.cat(ds), torch.cat(idx)
+
+
+def _topk_exact(dist: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest k per row; ties at the boundary go to the lowest column index."""
+    kth = torch.kthvalue(dist, k, dim=1, keepdim=True).values
+    less = dist < kth
+    equal = dist == kth
+    need = k - less.sum(1, keepdim=True)
+    take = less | (equal & (equal.cumsum(1) <= need))
+    cols = take.nonzero()[:, 1].view(dist.shape[0], k)  # ascending column per row
+    vals = dist.gather(1, cols)
+    order = torch.sort(vals, dim=1, stable=True).indices
+    return vals.gather(1, order), cols.gather(1, order)
+
+
+def _merge(d1: torch.Tensor, i1: torch.Tensor, d2: torch.Tensor, i2: torch.Tensor,
+           k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two sorted candidate lists; every index of the first is lower than the second's."""
+    d = torch.cat([d1, d2], 1)
+    i = torch.cat([i1, i2], 1)
+    order = torch.sort(d, dim=1, stable=True).indices[:, :k]
+    return d.gather(1, order), i.gather(1, order)
+
+
+def _chunks(source: Any, chunk_rows: int) -> Iterator[tuple[int, Any]]:
+    if hasattr(source, "iter_chunks"):
+        yield from source.iter_chunks(rows=chunk_rows)
+    elif isinstance(source, (np.ndarray, torch.Tensor)):
+        if source.ndim != 2:
+            raise DataError(f"features must be a 2-D (rows, dims) array, got shape "
+                            f"{tuple(source.shape)}")
+        for s in range(0, source.shape[0], chunk_rows):
+            yield s, source[s:s + chunk_rows]
+    else:
+        yield from source
+
+
+def _as_queries(queries: Any, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+    q = torch.as_tensor(np.asarray(queries))
+    if q.ndim == 1:
+        q = q[None, :]
+    if q.ndim != 2 or q.shape[0] == 0:
+        raise DataError(f"queries must be a non-empty (Q, D) array, got shape {tuple(q.shape)}")
+    return q.to(dev, dtype)
+
+
+def _check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise DataError(f"unknown metric '{metric}'; use one of {', '.join(METRICS)}")
+    return metric
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def store_nearest(store: Any, vectors_or_paths: np.ndarray | Sequence[str], k: int = 5,
+                  metric: str = "cosine") -> list[list[tuple[str, float]]]:
+    """Nearest stored items for each query, as ``[(key, distance), ...]`` per query.
+
+    Queries are feature vectors, keys of the store (their stored vectors are used), or image
+    files (embedded with the store's own backbone, cut and preprocessing).
+    """
+    vectors = query_vectors(store, vectors_or_paths)
+    dist, idx = nearest(store, vectors, k, metric)
+    keys = store.paths
+    return [[(keys[j], float(dd)) for j, dd in zip(row_i, row_d)]
+            for row_i, row_d in zip(idx.tolist(), dist.tolist())]
+
+
+def query_vectors(store: Any, vectors_or_paths: np.ndarray | Sequence[str]) -> np.ndarray:
+    """Turn vectors, store keys or image paths into a (Q, D) float32 array."""
+    if isinstance(vectors_or_paths, (np.ndarray, torch.Tensor)):
+        return np.atleast_2d(np.asarray(vectors_or_paths, dtype=np.float32))
+    items = [str(p) for p in _as_list(vectors_or_paths)]
+    if not items:
+        raise DataError("no queries given; pass feature vectors, store keys or image paths")
+    position = {key: row for row, key in enumerate(store.paths)}
+    out: list[np.ndarray | None] = [None] * len(items)
+    files = [p for p in items if p not in position]
+    if files:
+        embedded = iter(embed_query_images(store.meta, files))
+    for n, item in enumerate(items):
+        row = position.get(item)
+        vec = store.features[row] if row is not None else next(embedded)
+        out[n] = np.asarray(vec, dtype=np.float32).reshape(-1)
+    return np.stack(out)  # type: ignore[arg-type]
+
+
+def embed_query_images(meta: dict, paths: list[str]) -> np.ndarray:
+    """Embed image files through the extractor described by a store's metadata."""
+    from .extract import embed_images  # imported lazily: heavy, and optional for search
+
+    return np.asarray(embed_images(meta, list(paths)), dtype=np.float32)
+
+
+def _as_list(items: Iterable[Any] | str) -> list[Any]:
+    return [items] if isinstance(items, str) else list(items)
