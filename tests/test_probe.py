@@ -1,0 +1,146 @@
+"""Linear and kNN probes against straightforward numpy references."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from transferlab.errors import ConfigError, DataError
+from transferlab.probe import fit_logistic, knn_accuracy, knn_predict, stratified_split
+
+
+def gaussian_clusters(n_per_class=80, d=6, classes=(2, 5, 7), spread=1.6, seed=0):
+    """Overlapping Gaussian clusters (not separable, so every strength has an optimum)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(scale=spread, size=(len(classes), d))
+    x = np.concatenate([c + rng.normal(size=(n_per_class, d)) for c in centers])
+    y = np.repeat(np.asarray(classes), n_per_class)
+    # a scale and offset per feature, which the probe's standardisation must undo
+    x = x * rng.uniform(0.5, 20, size=d) + rng.uniform(-5, 5, size=d)
+    return x, y
+
+
+def numpy_logistic(x, y, l2, iters=20000):
+    """Reference: plain full-batch gradient descent on mean CE + l2/2 ||W||^2."""
+    mean, std = x.mean(0), x.std(0)
+    xs = (x - mean) / std
+    classes = np.unique(y)
+    onehot = (y[:, None] == classes[None]).astype(float)
+    n, d = xs.shape
+    w, b = np.zeros((d, len(classes))), np.zeros(len(classes))
+    lip = 0.5 * (np.linalg.eigvalsh(xs.T @ xs / n).max() + 1) + l2
+    for _ in range(iters):
+        z = xs @ w + b
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        w -= ((xs.T @ (p - onehot)) / n + l2 * w) / lip
+        b -= (p - onehot).mean(0) / lip
+    return w, b, mean, std, classes
+
+
+def softmax(z):
+    p = np.exp(z - z.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True)
+
+
+def test_logistic_matches_numpy_gradient_descent():
+    x, y = gaussian_clusters(n_per_class=120)
+    test = np.arange(len(y)) % 3 == 0
+    x, y, tx, ty = x[~test], y[~test], x[test], y[test]
+    l2 = 1e-2
+    w, b, mean, std, classes = numpy_logistic(x, y, l2)
+    res = fit_logistic(x, y, [1e-3, l2, 1e-1], val_features=tx, val_labels=ty,
+                       dtype=torch.float64, tol=1e-9)
+    assert all(res.converged)
+    np.testing.assert_allclose(res.weight[1].numpy(), w, atol=1e-6)
+    np.testing.assert_allclose(res.bias[1].numpy(), b, atol=1e-6)
+    ref_p = softmax(((tx - mean) / std) @ w + b)
+    got_p = torch.softmax(res.logits(tx, index=1), 1).numpy()
+    np.testing.assert_allclose(got_p, ref_p, atol=1e-6)
+    ref_pred = classes[ref_p.argmax(1)]
+    assert res.val_acc[1] == pytest.approx((ref_pred == ty).mean())
+    assert res.train_acc[1] == pytest.approx((classes[(((x - mean) / std) @ w + b).argmax(1)]
+                                              == y).mean())
+    assert set(res.predict(tx, index=1).tolist()) <= {2, 5, 7}  # original labels come back
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-6), (torch.float32, 2e-3)])
+def test_batched_sweep_equals_each_strength_alone(dtype, atol):
+    x, y = gaussian_clusters(d=8, seed=3)
+    l2s = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    sweep = fit_logistic(x, y, l2s, dtype=dtype, tol=1e-8)
+    assert sweep.weight.shape == (5, 8, 3)
+    for i, l2 in enumerate(l2s):
+        alone = fit_logistic(x, y, [l2], dtype=dtype, tol=1e-8)
+        np.testing.assert_allclose(sweep.weight[i].numpy(), alone.weight[0].numpy(),
+                                   atol=atol, rtol=atol)
+        p_sweep = torch.softmax(sweep.logits(x, i), 1).numpy()
+        p_alone = torch.softmax(alone.logits(x, 0), 1).numpy()
+        np.testing.assert_allclose(p_sweep, p_alone, atol=atol)
+    # stronger regularisation -> smaller weights
+    norms = sweep.weight.flatten(1).norm(dim=1).tolist()
+    assert norms == sorted(norms, reverse=True)
+
+
+def test_best_strength_is_picked_on_validation():
+    x, y = gaussian_clusters(seed=4, n_per_class=110)
+    x, y, tx, ty = x[::2], y[::2], x[1::2], y[1::2]
+    res = fit_logistic(x, y, [1e-3, 1e2], val_features=tx, val_labels=ty)
+    # l2=100 squashes the weights to nearly nothing; the best is the weak one
+    assert res.val_acc[0] > res.val_acc[1] or res.val_acc[0] == res.val_acc[1]
+    assert res.best == int(np.argmax(res.val_acc)) and res.best_l2 == res.l2s[res.best]
+    assert res.val_acc[0] > 0.8
+
+
+def test_logistic_input_errors():
+    x, y = gaussian_clusters()
+    with pytest.raises(DataError, match="two classes"):
+        fit_logistic(x, np.zeros(len(x), dtype=int), [1e-3])
+    with pytest.raises(ConfigError, match="--l2"):
+        fit_logistic(x, y, [])
+    with pytest.raises(DataError, match=r"\(N, D\)"):
+        fit_logistic(x, y[:-1], [1e-3])
+
+
+def brute_knn(train_x, train_y, q, k):
+    """Reference: full cosine distances, stable sort, Counter vote, tie -> earliest rank."""
+    tn = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    order = np.argsort(1 - qn @ tn.T, axis=1, kind="stable")[:, :k]
+    out = []
+    for row in order:
+        labels = [int(train_y[j]) for j in row]
+        counts = Counter(labels)
+        top = max(counts.values())
+        out.append(next(lab for lab in labels if counts[lab] == top))
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize("k", [1, 4, 5])
+def test_knn_matches_brute_force(k):
+    x, y = gaussian_clusters(spread=0.8, seed=5, n_per_class=130)
+    x, y, q, qy = x[::2], y[::2], x[1::2], y[1::2]
+    ref = brute_knn(x, y, q, k)
+    np.testing.assert_array_equal(knn_predict(x, y, q, k), ref)
+    assert knn_accuracy(x, y, q, qy, k) == pytest.approx((ref == qy).mean())
+
+
+def test_knn_tie_goes_to_class_ranked_first():
+    train = np.array([[1.0, 0.0], [0.9, 0.1], [0.8, 0.2], [0.7, 0.3]])
+    # ranks: row0 (class 9), row1 (class 3), row2 (class 3), row3 (class 9): 2 vs 2
+    assert knn_predict(train, [9, 3, 3, 9], [[1.0, 0.0]], k=4).tolist() == [9]
+    assert knn_predict(train, [3, 9, 9, 3], [[1.0, 0.0]], k=4).tolist() == [3]
+
+
+def test_stratified_split_is_seeded_and_per_class():
+    y = np.array([0] * 50 + [1] * 20 + [2] * 1 + [3] * 2)
+    tr, va = stratified_split(y, 0.2, seed=7)
+    assert np.array_equal(np.sort(np.concatenate([tr, va])), np.arange(len(y)))
+    assert Counter(y[va].tolist()) == {0: 10, 1: 4, 3: 1}
+    tr2, va2 = stratified_split(y, 0.2, seed=7)
+    assert np.array_equal(va, va2)
+    assert not np.array_equal(va, stratified_split(y, 0.2, seed=8)[1])
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        stratified_split(y, 1.0)
