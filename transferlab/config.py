@@ -1,0 +1,290 @@
+"""Typed configs loaded from YAML with ``key.sub=value`` overrides.
+
+Every setting lives in one dataclass field with its default and a comment. Loading is
+strict: an unknown key, a wrong type, a bad choice or a missing file raises ``ConfigError``
+naming the key, the file and the closest valid key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"]
+
+
+@dataclass
+class ModelConfig:
+    """Which backbone, with which weights, cut where."""
+
+    # timm name, torchvision name, built-in name (lenet), transferlab checkpoint path,
+    # or 'package.module:callable' returning an nn.Module.
+    name: str = "resnet50"
+    # Where `name` comes from; 'auto' tries built-in, checkpoint, callable, timm, torchvision.
+    source: Literal["auto", "timm", "torchvision", "builtin", "checkpoint", "callable"] = "auto"
+    pretrained: bool = False  # download (or use the cached) hub weights of the library
+    weights: str | None = None  # local .safetensors / .pth / .pt / .bin file
+    # head | first:N | drop:N | layer:NAME | stage:I  (see transferlab.cuts)
+    cut: str = "head"
+    # Pooling of the cut output: avg | max | avgmax | token | none; null = avg for 'head'
+    # (or the model's own pooling), none for the other cuts.
+    pool: Literal["avg", "max", "avgmax", "token", "none"] | None = None
+    num_classes: int | None = None  # classes of the model as built (built-ins, untrained models)
+    in_chans: int | None = None  # input channels as built; null = the model's default
+    kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the model factory
+
+
+@dataclass
+class PreprocessConfig:
+    """Overrides of the preprocessing resolved from the backbone's pretrained config."""
+
+    # center_crop: resize the short side then crop, as the model was evaluated;
+    # squash: resize straight to the input size (aspect ratio not kept).
+    resize: Literal["center_crop", "squash"] = "center_crop"
+    input_size: list[int] | None = None  # [H, W] or [C, H, W]; null = the model's
+    interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos"] | None = None
+    mean: list[float] | None = None  # per channel, in [0, 1] pixel units
+    std: list[float] | None = None
+    crop_pct: float | None = None  # fraction of the resized image kept by the centre crop
+    channels: int | None = None  # 1 or 3; null = the model's input channels
+
+
+@dataclass
+class DataConfig:
+    """Where images come from."""
+
+    # folder: image folder (class sub-folders become labels); list: text/CSV file of paths;
+    # torchvision: a torchvision dataset by name; mnist-5k: the 5,000 bundled MNIST digits.
+    source: Literal["folder", "list", "torchvision", "mnist-5k"] = "folder"
+    root: str | None = None  # data root; keys in stores are paths relative to it
+    list_file: str | None = None  # for source=list: one path per line, or a CSV with a header
+    path_column: str = "path"  # CSV column holding paths
+    label_column: str | None = None  # CSV column holding labels (optional)
+    dataset: str | None = None  # torchvision dataset: MNIST, FashionMNIST, CIFAR10, CIFAR100
+    split: Literal["train", "test"] = "train"
+    download: bool = False  # let torchvision download the dataset if it is not on disk
+    classes: list | None = None  # keep only these labels (class names or integer labels)
+    limit: int | None = None  # keep only the first N items (after sorting and filtering)
+    extensions: list[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
+    max_image_pixels: int = 89_478_485  # larger images are refused as decompression bombs
+
+
+@dataclass
+class RuntimeConfig:
+    """Hardware use. 'auto' values are chosen from the device at run time."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    batch_size: int | None = None  # null = chosen for the device
+    num_workers: int | None = None  # data loading processes; null = chosen for the machine
+    channels_last: bool | None = None  # null = on for conv nets
+    compile: bool = False  # torch.compile the extractor
+    threads: int | None = None  # torch intra-op threads on CPU; null = chosen
+    gpu_decode: bool = False  # decode JPEGs on the GPU in batches (CPU fallback)
+    seed: int = 0
+    progress: bool = True  # show progress bars
+
+
+@dataclass
+class OutputConfig:
+    """Where and how extracted features are written."""
+
+    dir: str = "outputs/features"
+    dtype: Literal["float16", "float32"] = "float16"
+    shard_size: int = 4096  # rows per .npy shard
+    overwrite: bool = False  # replace a store written with another configuration
+    views: int = 0  # augmented views per image in addition to the plain one
+    view_mode: Literal["rows", "mean"] = "rows"  # store views as extra rows, or average them
+
+
+@dataclass
+class ExtractConfig:
+    """Config of ``python -m transferlab.extract``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading machinery
+# ---------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                schema: type[T] = ExtractConfig) -> T:  # type: ignore[assignment]
+    """Read a YAML file (or nothing) into ``schema``, then apply ``key.sub=value`` overrides."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        data = read_yaml(Path(path))
+    for item in overrides or []:
+        key, value = parse_override(item)
+        set_dotted(data, key, value)
+    return from_dict(schema, data, source)
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``model.cut=first:7`` -> ('model.cut', 'first:7'); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{item}' has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    # keep strings such as 'first:7' as typed instead of YAML mappings
+    if isinstance(value, dict) and ":" in raw and not raw.strip().startswith("{"):
+        value = raw
+    return key, value
+
+
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(schema: type[T], data: dict, source: str, prefix: str = "") -> T:
+    """Build dataclass ``schema`` from ``data``, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or '<top>'}' in {source} must be a mapping, "
+                          f"got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for key in data:
+        if key not in fields:
+            raise ConfigError(unknown_key_message(prefix + str(key), list(fields), prefix, source))
+    values = {}
+    for name, value in data.items():
+        hint = hints[name]
+        full = prefix + name
+        if dataclasses.is_dataclass(hint):
+            values[name] = from_dict(hint, value or {}, source, full + ".")
+        else:
+            values[name] = coerce(value, hint, full, source)
+    return schema(**values)
+
+
+def unknown_key_message(key: str, valid: list[str], prefix: str, source: str) -> str:
+    leaf = key[len(prefix):]
+    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+    return (f"unknown key '{key}' in {source}{hint} "
+            f"(valid keys{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(valid)})")
+
+
+def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Return ``value`` checked (and gently converted) against type ``hint``."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return coerce(value, option, key, source)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[-1]
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
+        hint_text = f"; did you mean '{close[0]}'?" if close else ""
+        choices = ", ".join(str(a) for a in args)
+        raise ConfigError(f"bad value {value!r} for '{key}' in {source}{hint_text} "
+                          f"(choose one of: {choices})")
+    if hint is Any:
+        return value
+    if origin is list or hint is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise type_error(value, "a list", key, source)
+        if args:
+            return [coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return value
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise type_error(value, "a mapping", key, source)
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise type_error(value, "true or false", key, source)
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise type_error(value, "an integer", key, source)
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise type_error(value, "a number", key, source)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise type_error(value, "a string", key, source)
+    if value is None:
+        raise type_error(value, getattr(hint, "__name__", str(hint)), key, source)
+    return value
+
+
+def type_error(value: Any, expected: str, key: str, source: str) -> ConfigError:
+    return ConfigError(f"wrong type for '{key}' in {source}: expected {expected}, got {value!r}")
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain data (for YAML/JSON and store metadata)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the fully resolved config as YAML (beside every output)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,30 @@
+"""Errors raised for user mistakes. Each message says what is wrong and how to fix it.
+
+Command-line entry points catch ``TransferlabError`` and print one clear line (exit code 2)
+instead of a traceback.
+"""
+from __future__ import annotations
+
+
+class TransferlabError(Exception):
+    """Base class of every error caused by user input (config, data, model choice)."""
+
+
+class ConfigError(TransferlabError):
+    """A config file or a ``key=value`` override is missing, unknown, mistyped or invalid."""
+
+
+class ModelError(TransferlabError):
+    """A backbone cannot be built: unknown name, weights missing or not matching."""
+
+
+class CutError(TransferlabError):
+    """A cut point does not exist in the model; the message lists the valid ones."""
+
+
+class DataError(TransferlabError):
+    """Input data is missing, empty or unusable."""
+
+
+class StoreError(TransferlabError):
+    """A feature store is missing, corrupt or was written with another configuration."""

@@ -1,0 +1,127 @@
+"""Preprocessing resolved from the backbone's own pretrained config, with config overrides.
+
+The resolved ``PreprocessSpec`` is what a store records; transforms are built from it with
+timm's ``create_transform`` so they match how the weights were evaluated.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .config import PreprocessConfig
+from .errors import ConfigError
+
+IMAGENET_DEFAULTS = {"input_size": (3, 224, 224), "interpolation": "bicubic",
+                     "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+                     "crop_pct": 0.875, "crop_mode": "center"}
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Fully resolved preprocessing: what every image goes through before the model."""
+
+    input_size: tuple[int, int, int]  # (C, H, W)
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float
+    crop_mode: str  # timm crop mode: center | squash | border
+    resize: str  # center_crop | squash (as configured)
+
+    @property
+    def channels(self) -> int:
+        return self.input_size[0]
+
+    @property
+    def image_mode(self) -> str:
+        """PIL mode the images are decoded to."""
+        return "L" if self.channels == 1 else "RGB"
+
+    def scale_size(self) -> tuple[int, int]:
+        """(W, H) the image is resized to before cropping; the JPEG draft target."""
+        _, h, w = self.input_size
+        if self.crop_mode == "squash" and self.crop_pct == 1.0:
+            return (w, h)
+        short = math.floor(min(h, w) / self.crop_pct)
+        return (short, short)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_preprocess(data_config: dict, cfg: PreprocessConfig | None = None,
+                       model_in_chans: int | None = None) -> PreprocessSpec:
+    """Merge the backbone's data config (timm style) with the user's overrides."""
+    cfg = cfg or PreprocessConfig()
+    base = {**IMAGENET_DEFAULTS, **{k: v for k, v in data_config.items() if v is not None}}
+    size = input_size(cfg.input_size, base["input_size"])
+    channels = cfg.channels or model_in_chans or size[0]
+    if channels not in (1, 3):
+        raise ConfigError(f"preprocess.channels must be 1 or 3, got {channels}")
+    size = (channels, size[1], size[2])
+    mean = fit_channels(cfg.mean or base["mean"], channels, "mean")
+    std = fit_channels(cfg.std or base["std"], channels, "std")
+    if any(s <= 0 for s in std):
+        raise ConfigError(f"preprocess.std must be positive, got {list(std)}")
+    crop_pct = float(cfg.crop_pct or base["crop_pct"] or 1.0)
+    if not 0 < crop_pct <= 1.0:
+        raise ConfigError(f"preprocess.crop_pct must be in (0, 1], got {crop_pct}")
+    crop_mode = base.get("crop_mode") or "center"
+    if cfg.resize == "squash":
+        crop_pct, crop_mode = 1.0, "squash"
+    return PreprocessSpec(size, cfg.interpolation or base["interpolation"] or "bilinear",
+                          mean, std, crop_pct, crop_mode, cfg.resize)
+
+
+def input_size(override: Sequence[int] | None, default: Sequence[int]) -> tuple[int, int, int]:
+    if override is None:
+        c, h, w = default
+        return (int(c), int(h), int(w))
+    if len(override) == 2:
+        return (int(default[0]), int(override[0]), int(override[1]))
+    if len(override) == 3:
+        return (int(override[0]), int(override[1]), int(override[2]))
+    raise ConfigError(f"preprocess.input_size must be [H, W] or [C, H, W], got {list(override)}")
+
+
+def fit_channels(values: Sequence[float], channels: int, key: str) -> tuple[float, ...]:
+    """Adapt per-channel statistics: RGB -> gray averages, gray -> RGB repeats."""
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if channels == 1:
+        return (sum(values) / len(values),)
+    if len(values) == 1:
+        return values * channels
+    raise ConfigError(f"preprocess.{key} has {len(values)} values for {channels} channels")
+
+
+def build_transform(spec: PreprocessSpec, normalize: bool = True,
+                    augment: bool = False) -> Callable:
+    """PIL image -> tensor. ``normalize=False`` gives uint8 CHW (normalise on the device).
+
+    ``augment`` gives timm's training transform (random resized crop, flip, colour jitter)
+    at the same size and normalisation, for augmented views.
+    """
+    from timm.data import create_transform
+
+    return create_transform(input_size=spec.input_size, is_training=augment,
+                            interpolation=spec.interpolation, mean=spec.mean, std=spec.std,
+                            crop_pct=spec.crop_pct, crop_mode=spec.crop_mode,
+                            normalize=normalize)
+
+
+class DeviceNormalize(nn.Module):
+    """uint8 NCHW -> normalised float on the device (cheap next to decoding on the CPU)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, -1, 1, 1)))
+        self.register_buffer("shift", (torch.tensor(mean) / torch.tensor(std)).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() * self.scale - self.shift
