@@ -1,0 +1,118 @@
+"""Device, precision, threads and seeding: the hardware choices shared by every runner."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import RuntimeConfig
+from .errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Resolved runtime settings (no 'auto' left)."""
+
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16
+    channels_last: bool
+    num_workers: int
+    threads: int
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return None if self.precision == "fp32" else DTYPES[self.precision]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """AMP autocast for bf16/fp16, a no-op for fp32."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to_dict(self) -> dict:
+        return {"device": str(self.device), "precision": self.precision,
+                "channels_last": self.channels_last, "num_workers": self.num_workers,
+                "threads": self.threads}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"runtime.device '{name}' is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("runtime.device asks for CUDA but no GPU is visible to PyTorch; "
+                          "set runtime.device=cpu (or auto)")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """bf16 autocast on CUDA by default; fp32 on CPU (bf16 is ~10x slower on CPUs without
+    bf16 units, see BENCHMARKS.md)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if device.type == "cpu" and precision == "fp16":
+        raise ConfigError("runtime.precision=fp16 needs CUDA; use fp32 (or bf16) on the CPU")
+    return precision
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_runtime(cfg: RuntimeConfig, conv_net: bool = True) -> Runtime:
+    """Fill in every 'auto' choice for this machine."""
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    cores = cpu_count()
+    if device.type == "cuda":
+        workers = cfg.num_workers if cfg.num_workers is not None else min(16, max(1, cores - 1))
+        threads = cfg.threads or max(1, min(4, cores))
+    else:
+        # decoding workers and the forward pass share the cores: one worker per 4 cores
+        workers = cfg.num_workers if cfg.num_workers is not None else max(0, cores // 4)
+        threads = cfg.threads or max(1, cores - workers)
+    channels_last = conv_net if cfg.channels_last is None else cfg.channels_last
+    return Runtime(device, precision, channels_last, workers, threads)
+
+
+def apply_runtime(rt: Runtime) -> None:
+    """Process-wide settings: CPU threads, cuDNN autotuning, TF32 matmuls."""
+    if rt.device.type == "cpu":
+        torch.set_num_threads(rt.threads)
+    else:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; returns a generator for samplers and splits."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def default_batch_size(rt: Runtime, requested: int | None) -> int:
+    """Large batches feed a GPU; small ones are fastest on a CPU (BENCHMARKS.md)."""
+    if requested is not None:
+        if requested < 1:
+            raise ConfigError(f"runtime.batch_size must be >= 1, got {requested}")
+        return requested
+    return 256 if rt.is_cuda else 16
