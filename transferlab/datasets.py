@@ -1,0 +1,529 @@
+"""Datasets: image folders, file lists, torchvision datasets and the bundled 5,000 MNIST digits.
+
+Every item has a **key**, its path relative to the data root with '/' separators (never a
+bare file name: two folders may both hold ``0001.jpg``). Keys name rows in feature stores and
+let an interrupted run skip finished items.
+
+``build_dataset(cfg)`` returns an ``ImageDataset`` whatever the source. Items are decoded by
+``transferlab.imageio.load_image``; a file that cannot be decoded does not raise: its sample
+carries ``error='reason: detail'`` and a black placeholder image, and
+``collate_skip_errors`` drops it from the batch and reports it, so one bad file never kills
+a DataLoader worker.
+
+Sources (``DataConfig.source``):
+
+- ``folder``: ``root`` scanned recursively for ``extensions`` (case-insensitive; hidden files
+  and folders skipped); keys sorted. When every image lies inside an immediate sub-folder of
+  ``root``, the sub-folder names are the classes (sorted, label = position); else labels -1.
+- ``list``: ``list_file`` with one path per line (blank and ``#`` lines skipped), or a
+  ``.csv``/``.tsv`` with a header naming ``path_column`` and optionally ``label_column``
+  (class names or integers). Relative paths are relative to ``root``, or to the list file's
+  folder when ``root`` is null. Absolute paths under that base get relative keys; others
+  keep their absolute path as key. File order is kept.
+- ``torchvision``: MNIST, FashionMNIST, KMNIST, CIFAR10, CIFAR100 via ``torchvision.datasets``
+  (keys ``train/000123``). MNIST-style datasets are read directly from idx files (``.gz`` or
+  not) when ``root`` holds them, e.g. Debian's ``/usr/share/datasets/fashion-mnist`` (used for
+  FashionMNIST when ``root`` is null).
+- ``mnist-5k``: the bundled ``transferlab/data/mnist_5k.npz``; per class, every fifth digit
+  (positions 4, 9, 14, ... within the class, in file order) is test, the rest train:
+  4,000 train and 1,000 test. Keys ``mnist-5k/train/00042`` carry the row in the file.
+
+``classes`` keeps only the listed labels (names or integers; labels are not renumbered) and
+``limit`` keeps the first N items after that.
+"""
+from __future__ import annotations
+
+import csv
+import difflib
+import gzip
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .config import DataConfig
+from .errors import DataError
+from .imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, is_image_file, load_image
+
+MNIST_5K = Path(__file__).parent / "data" / "mnist_5k.npz"
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+PLACEHOLDER_SIZE = (32, 32)
+
+Transform = Callable[[Image.Image], Any]
+
+
+# ---------------------------------------------------------------------------------------
+# Readers: how item i becomes a PIL image (files on disk, or rows of an in-memory array)
+# ---------------------------------------------------------------------------------------
+
+
+class FileReader:
+    """Decodes ``base / key`` (or the absolute key) with ``load_image``."""
+
+    def __init__(self, base: Path | None, keys: Sequence[str], max_pixels: int | None):
+        self.base = base
+        self.keys = list(keys)
+        self.max_pixels = max_pixels
+
+    def path(self, i: int) -> Path:
+        key = self.keys[i]
+        return Path(key) if self.base is None or os.path.isabs(key) else self.base / key
+
+    def load(self, i: int, mode: str, draft_size: tuple[int, int] | None) -> Image.Image:
+        return load_image(self.path(i), mode, draft_size, self.max_pixels)
+
+
+class ArrayReader:
+    """Rows of a uint8 array, (N, H, W) grey or (N, H, W, 3) colour, as PIL images."""
+
+    def __init__(self, images: np.ndarray):
+        if images.dtype != np.uint8 or images.ndim not in (3, 4):
+            raise DataError(f"in-memory images must be uint8 (N, H, W[, 3]), got {images.dtype} "
+                            f"{images.shape}; convert them with .astype(np.uint8)")
+        self.images = images
+
+    def path(self, i: int) -> None:
+        return None
+
+    def load(self, i: int, mode: str, draft_size: tuple[int, int] | None) -> Image.Image:
+        im = Image.fromarray(np.ascontiguousarray(self.images[i]))
+        return im if im.mode == mode else im.convert(mode)
+
+
+# ---------------------------------------------------------------------------------------
+# The dataset
+# ---------------------------------------------------------------------------------------
+
+
+class ImageDataset(Dataset):
+    """Keys, integer labels (-1 unknown) and class names over a reader; see module docstring.
+
+    ``dataset[i]`` is ``dict(image, label, key, index, error)``; ``index`` is the position in
+    this dataset (after ``subset``) and ``error`` is None or ``'reason: detail'``.
+    """
+
+    def __init__(self, reader: FileReader | ArrayReader, keys: Sequence[str],
+                 labels: Sequence[int] | np.ndarray, class_names: list[str] | None = None,
+                 transform: Transform | None = None, image_mode: str = "RGB",
+                 draft_size: tuple[int, int] | None = None, rows: np.ndarray | None = None):
+        self.reader = reader
+        self.keys = list(keys)
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if len(self.labels) != len(self.keys):
+            raise DataError(f"{len(self.keys)} keys but {len(self.labels)} labels; give one "
+                            "label per item (-1 when unknown)")
+        self.rows = np.arange(len(self.keys)) if rows is None else np.asarray(rows, np.int64)
+        self.class_names = class_names
+        self.transform = transform
+        self.image_mode = image_mode
+        self.draft_size = draft_size
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            image, error = self.load_image(i), None
+        except ImageDecodeError as exc:
+            image, error = self.placeholder(), exc.short()
+        if self.transform is not None:
+            image = self.transform(image)
+        return {"image": image, "label": int(self.labels[i]), "key": self.keys[i],
+                "index": int(i), "error": error}
+
+    def load_image(self, i: int) -> Image.Image:
+        """The decoded, untransformed image of item ``i``; raises ``ImageDecodeError``."""
+        return self.reader.load(int(self.rows[i]), self.image_mode, self.draft_size)
+
+    def path(self, i: int) -> Path | None:
+        """The file of item ``i`` (None for in-memory datasets)."""
+        return self.reader.path(int(self.rows[i]))
+
+    def placeholder(self) -> Image.Image:
+        """A black image standing in for a file that failed, so transforms still apply."""
+        return Image.new(self.image_mode, tuple(self.draft_size or PLACEHOLDER_SIZE))
+
+    def subset(self, indices: Iterable[int] | np.ndarray) -> ImageDataset:
+        """The items at ``indices`` (in that order), sharing reader and transform."""
+        idx = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices,
+                         dtype=np.int64).reshape(-1)
+        return ImageDataset(self.reader, [self.keys[i] for i in idx], self.labels[idx],
+                            self.class_names, self.transform, self.image_mode,
+                            self.draft_size, self.rows[idx])
+
+    def without_keys(self, done: Iterable[str]) -> ImageDataset:
+        """The items whose key is not in ``done`` (order kept): what a resumed run still needs."""
+        done = set(done)
+        return self.subset([i for i, key in enumerate(self.keys) if key not in done])
+
+    def __repr__(self) -> str:
+        classes = f", {len(self.class_names)} classes" if self.class_names else ""
+        return f"ImageDataset({len(self)} items{classes}, mode={self.image_mode})"
+
+
+def from_arrays(images: np.ndarray, labels: Sequence[int] | np.ndarray | None = None,
+                keys: Sequence[str] | None = None, class_names: list[str] | None = None,
+                transform: Transform | None = None, image_mode: str = "RGB",
+                prefix: str = "") -> ImageDataset:
+    """An ``ImageDataset`` over in-memory uint8 images (MNIST/CIFAR-style arrays)."""
+    images = np.asarray(images)
+    n = len(images)
+    keys = list(keys) if keys is not None else [f"{prefix}{i:06d}" for i in range(n)]
+    labels = np.full(n, -1, np.int64) if labels is None else np.asarray(labels, np.int64)
+    return ImageDataset(ArrayReader(images), keys, labels, class_names, transform, image_mode)
+
+
+# ---------------------------------------------------------------------------------------
+# Batching
+# ---------------------------------------------------------------------------------------
+
+
+def collate_skip_errors(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Collate good samples; failed ones go to ``failures`` as (key, reason) pairs.
+
+    Returns ``image`` (stacked tensor, a list when images are not tensors, None when every
+    sample failed), ``label`` and ``index`` (int64 tensors), ``key`` (list) and ``failures``.
+    """
+    good = [s for s in batch if s["error"] is None]
+    failures = [(s["key"], s["error"]) for s in batch if s["error"] is not None]
+    images: Any = [s["image"] for s in good]
+    if images and all(isinstance(im, torch.Tensor) for im in images):
+        images = torch.stack(images)
+    return {"image": images if good else None,
+            "label": torch.tensor([s["label"] for s in good], dtype=torch.int64),
+            "index": torch.tensor([s["index"] for s in good], dtype=torch.int64),
+            "key": [s["key"] for s in good], "failures": failures}
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, num_workers: int = 0,
+                pin_memory: bool = False, **kwargs: Any) -> DataLoader:
+    """A DataLoader in dataset order that skips (and reports) undecodable files."""
+    if num_workers > 0:
+        kwargs.setdefault("prefetch_factor", 4)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      pin_memory=pin_memory, collate_fn=collate_skip_errors, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# Building from a DataConfig
+# ---------------------------------------------------------------------------------------
+
+
+def build_dataset(cfg: DataConfig, transform: Transform | None = None, image_mode: str = "RGB",
+                  draft_size: tuple[int, int] | None = None) -> ImageDataset:
+    """The dataset ``cfg`` describes, filtered by ``cfg.classes`` and cut to ``cfg.limit``.
+
+    ``image_mode`` ('RGB' or 'L') is what the model takes; ``draft_size`` (width, height) lets
+    big JPEGs decode at reduced scale while staying at least that size.
+    """
+    if image_mode not in ("RGB", "L"):
+        raise DataError(f"image_mode must be 'RGB' or 'L', got {image_mode!r}")
+    builders = {"folder": _folder, "list": _list, "torchvision": _torchvision,
+                "mnist-5k": _mnist_5k}
+    if cfg.source not in builders:
+        raise DataError(f"unknown data.source {cfg.source!r}; choose one of {', '.join(builders)}")
+    ds = builders[cfg.source](cfg)
+    ds.transform, ds.image_mode, ds.draft_size = transform, image_mode, draft_size
+    if cfg.classes is not None:
+        ds = ds.subset(np.flatnonzero(np.isin(ds.labels, _class_labels(ds, cfg.classes))))
+    if cfg.limit is not None:
+        if cfg.limit < 0:
+            raise DataError(f"data.limit must be >= 0, got {cfg.limit}")
+        ds = ds.subset(range(min(cfg.limit, len(ds))))
+    return ds
+
+
+def _class_labels(ds: ImageDataset, wanted: list) -> list[int]:
+    """Labels named by ``wanted`` (class names or integers); unknown entries are an error."""
+    names = ds.class_names or []
+    present = sorted(set(int(v) for v in ds.labels) - {-1})
+    available = ", ".join(names) if names else ", ".join(map(str, present)) or "none"
+    out = []
+    for item in wanted:
+        if isinstance(item, str) and item in names:
+            out.append(names.index(item))
+        elif (isinstance(item, int) and not isinstance(item, bool)) or (
+                isinstance(item, str) and item.strip().lstrip("-").isdigit()):
+            if int(item) not in present:
+                raise DataError(f"data.classes: label {item} matches no item (available "
+                                f"classes: {available}); fix data.classes")
+            out.append(int(item))
+        else:
+            close = difflib.get_close_matches(str(item), names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise DataError(f"data.classes: unknown class {item!r}{hint} (available classes: "
+                            f"{available}); fix data.classes")
+    return out
+
+
+# ---- folder -----------------------------------------------------------------------------
+
+
+def _existing_dir(root: str | None, what: str) -> Path:
+    if root is None:
+        raise DataError(f"data.root is not set; point it to the {what}")
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise DataError(f"data.root {str(path)!r} does not exist; point data.root to the {what}")
+    if not path.is_dir():
+        raise DataError(f"data.root {str(path)!r} is a file, not a folder; point data.root to "
+                        f"the {what}")
+    return path
+
+
+def scan_folder(root: Path, extensions: list[str]) -> list[str]:
+    """Sorted keys of the image files under ``root`` (following links, skipping hidden)."""
+    keys, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = Path(dirpath).relative_to(root)
+        for name in filenames:
+            if not name.startswith(".") and is_image_file(name, extensions):
+                keys.append((rel / name).as_posix())
+    return sorted(keys)
+
+
+def _folder(cfg: DataConfig) -> ImageDataset:
+    root = _existing_dir(cfg.root, "image folder")
+    keys = scan_folder(root, cfg.extensions)
+    if not keys:
+        raise DataError(_empty_message(root, cfg.extensions))
+    labels, class_names = _labels_from_folders(keys)
+    return ImageDataset(FileReader(root, keys, cfg.max_image_pixels), keys, labels, class_names)
+
+
+def _labels_from_folders(keys: list[str]) -> tuple[np.ndarray, list[str] | None]:
+    tops = [key.split("/", 1)[0] if "/" in key else None for key in keys]
+    if any(top is None for top in tops):
+        return np.full(len(keys), -1, np.int64), None
+    names = sorted(set(tops))
+    lookup = {name: i for i, name in enumerate(names)}
+    return np.array([lookup[t] for t in tops], np.int64), names
+
+
+def _empty_message(root: Path, extensions: list[str]) -> str:
+    others = [p.name for p in root.rglob("*") if p.is_file()][:3]
+    found = f" (found other files, e.g. {', '.join(others)})" if others else " (it is empty)"
+    return (f"no images with extensions {', '.join(extensions)} under {root}{found}; check "
+            "data.root or data.extensions")
+
+
+# ---- list / CSV ---------------------------------------------------------------------------
+
+
+def _list(cfg: DataConfig) -> ImageDataset:
+    if cfg.list_file is None:
+        raise DataError("data.source=list needs data.list_file (a text file of paths or a CSV)")
+    list_file = Path(cfg.list_file).expanduser()
+    if not list_file.is_file():
+        raise DataError(f"data.list_file {str(list_file)!r} not found; fix data.list_file")
+    base = _existing_dir(cfg.root, "folder the listed paths are relative to") \
+        if cfg.root is not None else list_file.parent
+    if list_file.suffix.lower() in (".csv", ".tsv"):
+        paths, raw_labels = _read_csv(list_file, cfg.path_column, cfg.label_column)
+    else:
+        paths, raw_labels = _read_lines(list_file), None
+    if not paths:
+        raise DataError(f"data.list_file {list_file} lists no paths; add one path per line")
+    keys = [_key_for(p, base) for p in paths]
+    _check_unique(keys, list_file)
+    _check_some_exist(keys, base, list_file)
+    labels, class_names = _parse_labels(raw_labels, len(keys))
+    return ImageDataset(FileReader(base, keys, cfg.max_image_pixels), keys, labels, class_names)
+
+
+def _read_lines(path: Path) -> list[str]:
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    return [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
+
+
+def _read_csv(path: Path, path_column: str, label_column: str | None
+              ) -> tuple[list[str], list[str] | None]:
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        columns = reader.fieldnames or []
+        for key, column in (("path_column", path_column), ("label_column", label_column)):
+            if column is not None and column not in columns:
+                close = difflib.get_close_matches(column, columns, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise DataError(f"{path} has no column {column!r}{hint} (columns: "
+                                f"{', '.join(columns)}); set data.{key}")
+        rows = [r for r in reader if (r.get(path_column) or "").strip()]
+    paths = [r[path_column].strip() for r in rows]
+    labels = [(r.get(label_column) or "").strip() for r in rows] if label_column else None
+    return paths, labels
+
+
+def _key_for(path: str, base: Path) -> str:
+    """Relative POSIX key; absolute paths under ``base`` become relative too."""
+    p = Path(path.replace("\\", "/")).expanduser()
+    if p.is_absolute():
+        try:
+            return p.relative_to(base.absolute()).as_posix()
+        except ValueError:
+            return p.as_posix()
+    return Path(os.path.normpath(p)).as_posix()
+
+
+def _check_unique(keys: list[str], list_file: Path) -> None:
+    seen: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        if key in seen:
+            raise DataError(f"{list_file} lists {key!r} twice (entries {seen[key] + 1} and "
+                            f"{i + 1}); remove the duplicate")
+        seen[key] = i
+
+
+def _check_some_exist(keys: list[str], base: Path, list_file: Path, sample: int = 50) -> None:
+    """Fail early when none of the first paths exist: the base folder is almost surely wrong."""
+    head = keys[:sample]
+    if not any((Path(k) if os.path.isabs(k) else base / k).exists() for k in head):
+        raise DataError(f"none of the first {len(head)} paths in {list_file} exist under {base} "
+                        f"(e.g. {head[0]!r}); set data.root to the folder they are relative to")
+
+
+def _parse_labels(raw: list[str] | None, n: int) -> tuple[np.ndarray, list[str] | None]:
+    """Integer labels stay integers; names become sorted class names; blanks are -1."""
+    if raw is None:
+        return np.full(n, -1, np.int64), None
+    given = [v for v in raw if v != ""]
+    if all(v.lstrip("-").isdigit() for v in given):
+        return np.array([int(v) if v else -1 for v in raw], np.int64), None
+    names = sorted(set(given))
+    lookup = {name: i for i, name in enumerate(names)}
+    return np.array([lookup[v] if v else -1 for v in raw], np.int64), names
+
+
+# ---- torchvision and idx files ------------------------------------------------------------
+
+IDX_DATASETS = {"mnist": "MNIST", "fashionmnist": "FashionMNIST", "kmnist": "KMNIST"}
+ARRAY_DATASETS = {**IDX_DATASETS, "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+
+
+def _torchvision(cfg: DataConfig) -> ImageDataset:
+    name = _dataset_name(cfg.dataset)
+    root = Path(cfg.root).expanduser() if cfg.root is not None else None
+    if root is None and name == "FashionMNIST" and DEBIAN_FASHION_MNIST.is_dir():
+        root = DEBIAN_FASHION_MNIST
+    if name in IDX_DATASETS.values() and root is not None:
+        found = find_idx_files(root, name, cfg.split)
+        if found is not None:
+            images, labels = read_idx(found[0]), read_idx(found[1])
+            return _array_dataset(images, labels, _class_names(name), cfg.split)
+    return _from_torchvision(name, root, cfg)
+
+
+def _dataset_name(name: str | None) -> str:
+    options = sorted(ARRAY_DATASETS.values())
+    if name is None:
+        raise DataError(f"data.source=torchvision needs data.dataset (one of {', '.join(options)})")
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in ARRAY_DATASETS:
+        close = difflib.get_close_matches(name, options, n=1, cutoff=0.4)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise DataError(f"unsupported data.dataset {name!r}{hint} (supported: "
+                        f"{', '.join(options)}); use source=folder for other image sets")
+    return ARRAY_DATASETS[key]
+
+
+def find_idx_files(root: Path, name: str, split: str) -> tuple[Path, Path] | None:
+    """(images, labels) idx files of ``split`` in ``root`` or torchvision's ``root/NAME/raw``."""
+    prefix = "train" if split == "train" else "t10k"
+    for folder in (root, root / name / "raw", root / "raw"):
+        pair = []
+        for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+            hits = [folder / f"{prefix}-{kind}{ext}" for ext in ("", ".gz")]
+            pair.append(next((h for h in hits if h.is_file()), None))
+        if all(pair):
+            return pair[0], pair[1]
+    return None
+
+
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an idx file (the MNIST format), gzip-compressed or not, with numpy."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read {path}: {exc}; re-copy the dataset files") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
+        raise DataError(f"{path} is not an idx file; point data.root to the dataset files")
+    ndim = data[3]
+    shape = tuple(int(v) for v in np.frombuffer(data, ">u4", ndim, offset=4))
+    dtype = np.dtype(_IDX_TYPES[data[2]])
+    expected = 4 + 4 * ndim + int(np.prod(shape)) * dtype.itemsize
+    if len(data) != expected:
+        raise DataError(f"{path} holds {len(data)} bytes, expected {expected} for shape {shape}; "
+                        "the file is damaged, re-copy it")
+    array = np.frombuffer(data, dtype, offset=4 + 4 * ndim).reshape(shape)
+    return array.astype(dtype.newbyteorder("="))
+
+
+def _class_names(name: str) -> list[str]:
+    import torchvision.datasets as tvd
+    return list(getattr(tvd, name).classes)
+
+
+def _array_dataset(images: np.ndarray, labels: np.ndarray, class_names: list[str] | None,
+                   split: str, prefix: str = "") -> ImageDataset:
+    if len(images) != len(labels):
+        raise DataError(f"{len(images)} images but {len(labels)} labels; the dataset files do "
+                        "not match, re-copy them")
+    keys = [f"{prefix}{split}/{i:06d}" for i in range(len(images))]
+    return ImageDataset(ArrayReader(np.asarray(images, np.uint8)), keys,
+                        np.asarray(labels, np.int64), class_names)
+
+
+def _from_torchvision(name: str, root: Path | None, cfg: DataConfig) -> ImageDataset:
+    import torchvision.datasets as tvd
+    root = root if root is not None else Path("data")
+    try:
+        ds = getattr(tvd, name)(str(root), train=cfg.split == "train", download=cfg.download)
+    except RuntimeError as exc:
+        raise DataError(f"{name} not found under {root} ({exc}); set data.download=true or "
+                        f"point data.root to the dataset files") from None
+    except Exception as exc:  # noqa: BLE001 - network and archive errors
+        raise DataError(f"{name} could not be loaded from {root}: {exc}; check data.root or "
+                        "set data.download=true with network access") from None
+    images = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else np.asarray(ds.data)
+    labels = np.asarray(ds.targets.numpy() if isinstance(ds.targets, torch.Tensor)
+                        else ds.targets, np.int64)
+    return _array_dataset(images, labels, list(ds.classes), cfg.split)
+
+
+# ---- bundled mnist-5k ---------------------------------------------------------------------
+
+
+def mnist_5k_split(labels: np.ndarray, split: str) -> np.ndarray:
+    """Rows of ``split``: within each class, every fifth item (in file order) is test."""
+    is_test = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        is_test[rows[4::5]] = True
+    return np.flatnonzero(is_test if split == "test" else ~is_test)
+
+
+def _mnist_5k(cfg: DataConfig) -> ImageDataset:
+    if not MNIST_5K.is_file():
+        raise DataError(f"bundled {MNIST_5K} is missing; reinstall transferlab")
+    with np.load(MNIST_5K) as data:
+        images, labels = data["images"], data["labels"].astype(np.int64)
+    rows = mnist_5k_split(labels, cfg.split)
+    keys = [f"mnist-5k/{cfg.split}/{r:05d}" for r in rows]
+    return ImageDataset(ArrayReader(images), keys, labels[rows], [str(i) for i in range(10)],
+                        rows=rows)
