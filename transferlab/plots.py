@@ -1,0 +1,275 @@
+"""Pictures of features and results, written as PNG files.
+
+matplotlib is an optional extra (``pip install transferlab[plots]``); it is imported only
+when a plot is drawn, and figures are rendered with the Agg canvas directly, so pyplot's
+global backend (a notebook's, say) is never touched. Every function returns the PNG path.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DataError, TransferlabError
+
+_MAX_SCATTER_POINTS = 20000
+_EXACT_PCA_MAX_DIMS = 4096
+
+
+class MissingDependencyError(TransferlabError, ImportError):
+    """An optional extra is not installed; the message names the pip command."""
+
+
+def _figure(width: float, height: float) -> Any:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MissingDependencyError("plotting needs matplotlib: pip install transferlab[plots] "
+                                     "(or pip install matplotlib)") from None
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, out: str | Path) -> Path:
+    path = Path(out)
+    if not path.suffix:
+        path = path.with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", bbox_inches="tight")
+    return path
+
+
+def _label_name(label: int, class_names: Sequence[str] | None) -> str:
+    if label < 0:
+        return "unlabelled"
+    if class_names is not None and label < len(class_names):
+        return str(class_names[label])
+    return str(label)
+
+
+# ---------------------------------------------------------------------------------------
+# (a) feature vectors as image columns, grouped by class
+# ---------------------------------------------------------------------------------------
+
+
+def plot_class_columns(features: Any, labels: Any, out: str | Path,
+                       class_names: Sequence[str] | None = None, max_per_class: int = 64,
+                       per_row: int = 10) -> Path:
+    """For each class, an image whose columns are that class's feature vectors.
+
+    Rows are feature dimensions, so dimensions a class switches on show as bright bands.
+    Colours share one scale (1st-99th percentile) across classes.
+    """
+    x, y = _xy(features, labels)
+    classes = [int(c) for c in np.unique(y)]
+    groups = [x[y == c][:max_per_class].T for c in classes]
+    lo, hi = np.percentile(np.concatenate([g.ravel() for g in groups]), [1, 99])
+    n_rows = -(-len(classes) // per_row)
+    n_cols = min(per_row, len(classes))
+    fig = _figure(1.6 * n_cols + 1, 3.0 * n_rows)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for n, (c, g) in enumerate(zip(classes, groups)):
+        ax = axes.ravel()[n]
+        im = ax.imshow(g, aspect="auto", interpolation="nearest", cmap="viridis",
+                       vmin=lo, vmax=hi if hi > lo else lo + 1)
+        ax.set_title(_label_name(c, class_names), fontsize=9)
+    fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02)
+    fig.suptitle(f"feature vectors (columns) by class; {x.shape[1]} dims")
+    return _save(fig, out)
+
+
+# ---------------------------------------------------------------------------------------
+# (b) 2-D PCA scatter
+# ---------------------------------------------------------------------------------------
+
+
+def pca_2d(features: Any) -> np.ndarray:
+    """Projection of (N, D) features on their first two principal components, (N, 2).
+
+    Deterministic: exact covariance eigenvectors (seeded randomized PCA above 4096 dims),
+    each component's sign fixed so its largest loading is positive.
+    """
+    x = torch.as_tensor(np.asarray(features, dtype=np.float64))
+    if x.ndim != 2 or len(x) < 2:
+        raise DataError(f"PCA needs at least two (N, D) feature rows, got {tuple(x.shape)}")
+    xc = x - x.mean(0)
+    if x.shape[1] <= _EXACT_PCA_MAX_DIMS:
+        _, vecs = torch.linalg.eigh(xc.T @ xc)
+        comps = vecs[:, -2:].flip(1) if x.shape[1] >= 2 else vecs
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            comps = torch.pca_lowrank(xc, q=min(10, *x.shape), center=False, niter=4)[2][:, :2]
+    signs = torch.sign(comps.gather(0, comps.abs().argmax(0, keepdim=True)))
+    proj = xc @ (comps * signs)
+    if proj.shape[1] == 1:
+        proj = torch.cat([proj, torch.zeros_like(proj)], 1)
+    return proj.numpy()
+
+
+def plot_pca(features: Any, labels: Any = None, out: str | Path = "pca.png",
+             class_names: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """2-D PCA scatter, coloured by label (grey for unlabelled, -1)."""
+    x = np.asarray(features, dtype=np.float32)
+    y = np.full(len(x), -1) if labels is None else np.asarray(labels, dtype=np.int64)
+    pts = pca_2d(x)
+    keep = _subsample(len(x))
+    pts, y = pts[keep], y[keep]
+    fig = _figure(7, 6)
+    ax = fig.subplots()
+    classes = [int(c) for c in np.unique(y)]
+    cmap = _colormap(len([c for c in classes if c >= 0]))
+    for n, c in enumerate(c for c in classes if c >= 0):
+        sel = y == c
+        ax.scatter(pts[sel, 0], pts[sel, 1], s=6, color=cmap(n), label=_label_name(c, class_names))
+    if (y < 0).any():
+        ax.scatter(pts[y < 0, 0], pts[y < 0, 1], s=6, color="0.6", label="unlabelled")
+    if len(classes) <= 20:
+        ax.legend(markerscale=2, fontsize=8, loc="best")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(title or f"PCA of {len(x)} feature vectors")
+    return _save(fig, out)
+
+
+def _subsample(n: int) -> np.ndarray:
+    if n <= _MAX_SCATTER_POINTS:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, _MAX_SCATTER_POINTS, replace=False))
+
+
+def _colormap(n: int) -> Any:
+    from matplotlib import colormaps
+
+    name = "tab10" if n <= 10 else "tab20" if n <= 20 else "turbo"
+    cmap = colormaps[name]
+    return cmap if n <= 20 else (lambda i: cmap(i / max(1, n - 1)))
+
+
+# ---------------------------------------------------------------------------------------
+# (c) query image and its nearest neighbours
+# ---------------------------------------------------------------------------------------
+
+
+def plot_neighbors(queries: Sequence[str | Path], neighbors: Sequence[Sequence[str | Path]],
+                   distances: Sequence[Sequence[float]], out: str | Path,
+                   names: Sequence[Sequence[str]] | None = None) -> Path:
+    """One row per query: the query image, then its neighbours titled with distances.
+
+    ``names`` (per neighbour, e.g. store keys) are shown under the distance; images that
+    cannot be read are drawn as an 'unreadable' placeholder.
+    """
+    if not (len(queries) == len(neighbors) == len(distances)) or not queries:
+        raise DataError("plot_neighbors needs one neighbour list and one distance list per query")
+    n_cols = 1 + max(len(row) for row in neighbors)
+    fig = _figure(2.0 * n_cols, 2.3 * len(queries))
+    axes = fig.subplots(len(queries), n_cols, squeeze=False)
+    for r, query in enumerate(queries):
+        _show_image(axes[r, 0], query, f"query\n{_short(Path(query).name)}")
+        for c in range(1, n_cols):
+            if c - 1 >= len(neighbors[r]):
+                axes[r, c].axis("off")
+                continue
+            label = f"{distances[r][c - 1]:.4f}"
+            if names is not None:
+                label += f"\n{_short(str(names[r][c - 1]))}"
+            _show_image(axes[r, c], neighbors[r][c - 1], label)
+    return _save(fig, out)
+
+
+def _show_image(ax: Any, path: str | Path, title: str) -> None:
+    ax.axis("off")
+    ax.set_title(title, fontsize=8)
+    img = _load_thumbnail(path)
+    if img is None:
+        ax.imshow(np.full((96, 96), 0.85), cmap="gray", vmin=0, vmax=1)
+        ax.text(0.5, 0.5, "unreadable", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
+
+
+def _load_thumbnail(path: str | Path, size: int = 256) -> np.ndarray | None:
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            im = im.convert("L" if im.mode in ("1", "L", "I;16", "I", "F") else "RGB")
+            im.thumbnail((size, size))
+            return np.asarray(im)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _short(text: str, width: int = 22) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
+# ---------------------------------------------------------------------------------------
+# (d) training curves
+# ---------------------------------------------------------------------------------------
+
+
+def read_history(path: str | Path) -> list[dict]:
+    """Per-epoch metric dicts from a JSON-lines file (blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"metrics file not found: {path}; pass the metrics.jsonl a run wrote")
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{n} is not valid JSON ({exc.msg}); each line must be one "
+                            "JSON object such as {\"epoch\": 1, \"train_loss\": 0.5}") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{n} must be a JSON object, got {type(rec).__name__}")
+        records.append(rec)
+    return records
+
+
+def plot_training_curves(history: Sequence[dict] | str | Path, out: str | Path,
+                         x: str = "epoch", logx: bool = False) -> Path:
+    """Metric curves against ``x``: losses in one panel, everything else in another."""
+    records = read_history(history) if isinstance(history, (str, Path)) else list(history)
+    keys = [k for k in dict.fromkeys(k for r in records for k in r)
+            if k != x and any(_is_number(r.get(k)) for r in records)]
+    if not keys:
+        raise DataError("no numeric metrics to plot; records should look like "
+                        "{\"epoch\": 1, \"train_loss\": 0.5, \"val_acc\": 0.9}")
+    groups = [g for g in ([k for k in keys if "loss" in k], [k for k in keys if "loss" not in k])
+              if g]
+    fig = _figure(6 * len(groups), 4)
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    for ax, group in zip(axes, groups):
+        for key in group:
+            pts = [(r.get(x, i + 1), r[key]) for i, r in enumerate(records) if _is_number(r.get(key))]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=key)
+        ax.set_xlabel(x)
+        if logx:
+            ax.set_xscale("log")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _xy(features: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(features, dtype=np.float32)
+    y = np.asarray(labels, dtype=np.int64)
+    if x.ndim != 2 or y.shape != (len(x),) or len(x) == 0:
+        raise DataError(f"features must be (N, D) with N labels, got {x.shape} and {y.shape}")
+    return x, y
