@@ -119,27 +119,31 @@ class StopForward(Exception):
 
 
 class TapModule(nn.Module):
-    """Runs the whole model but returns (and stops at) the output of one named module."""
+    """Runs the model but returns (and stops at) the output of one named module.
+
+    The hook lives only during ``forward``, so the wrapped model is left untouched.
+    """
 
     def __init__(self, model: nn.Module, module_name: str):
         super().__init__()
         self.model = model
         self.module_name = module_name
-        self._captured: Any = None
-        module = model.get_submodule(module_name)
-        module.register_forward_hook(self._capture)
-
-    def _capture(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        self._captured = output
-        raise StopForward
+        model.get_submodule(module_name)  # fail early on a bad name
 
     def forward(self, x: torch.Tensor) -> Any:
-        self._captured = None
+        captured: list[Any] = []
+
+        def capture(module: nn.Module, inputs: Any, output: Any) -> None:
+            captured.append(output)
+            raise StopForward
+
+        handle = self.model.get_submodule(self.module_name).register_forward_hook(capture)
         try:
             self.model(x)
         except StopForward:
-            out, self._captured = self._captured, None
-            return out
+            return captured[0]
+        finally:
+            handle.remove()
         raise CutError(f"module '{self.module_name}' was not called by the model's forward "
                        "pass; choose another cut (python -m transferlab.inspect MODEL)")
 

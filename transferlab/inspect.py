@@ -1,0 +1,59 @@
+"""``python -m transferlab.inspect MODEL``: the valid cut points of a model with output shapes."""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from torch import nn
+
+from .backbones import build_backbone
+from .cli import run_cli
+from .config import ModelConfig, PreprocessConfig
+from .cuts import list_cut_points, make_extractor
+from .errors import CutError
+from .extractor import model_in_chans
+from .preprocess import resolve_preprocess
+
+
+def describe(name: str, source: str = "auto", all_modules: bool = False,
+             input_size: list[int] | None = None) -> list[str]:
+    """Lines describing the model's preprocessing and every cut point (random weights)."""
+    backbone = build_backbone(ModelConfig(name=name, source=source))
+    spec = resolve_preprocess(backbone.data_config, PreprocessConfig(input_size=input_size),
+                              model_in_chans(backbone.model))
+    lines = [f"{name} ({backbone.source}), input {spec.input_size}, "
+             f"mean {spec.mean}, std {spec.std}, {spec.interpolation}, crop_pct {spec.crop_pct}",
+             "", f"{'cut':<40} output shape"]
+    points = list_cut_points(backbone.model, spec.input_size, all_modules)
+    lines.append(f"{'head':<40} {head_shape(backbone.model, spec.input_size)}")
+    for point in points:
+        shape = "x".join(map(str, point.shape)) if point.shape else "(not a tensor)"
+        label = point.spec if point.spec.startswith("layer:") else f"{point.spec} ({point.module})"
+        lines.append(f"{label:<40} {shape}")
+    lines.append("")
+    lines.append("drop:N equals first:(layers - N); negative stage indices count from the end.")
+    return lines
+
+
+def head_shape(model: nn.Module, input_size: Sequence[int]) -> str:
+    """Output of the 'head' cut with the default pooling (this modifies ``model``)."""
+    try:
+        return "x".join(map(str, make_extractor(model, "head", None, input_size).output_shape))
+    except CutError as exc:
+        return f"(not available: {exc})"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m transferlab.inspect",
+                                     description="List the cut points of a model.")
+    parser.add_argument("model", help="timm / torchvision / built-in name, checkpoint or module:callable")
+    parser.add_argument("--source", default="auto",
+                        choices=["auto", "timm", "torchvision", "builtin", "checkpoint", "callable"])
+    parser.add_argument("--all", action="store_true", help="list every module, not only depth <= 2")
+    parser.add_argument("--input-size", type=int, nargs="+", help="H W or C H W")
+    args = parser.parse_args(argv)
+    print("\n".join(describe(args.model, args.source, args.all, args.input_size)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
