@@ -144,3 +144,81 @@ def test_stratified_split_is_seeded_and_per_class():
     assert not np.array_equal(va, stratified_split(y, 0.2, seed=8)[1])
     with pytest.raises(ConfigError, match="between 0 and 1"):
         stratified_split(y, 1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Store level and command line
+# ---------------------------------------------------------------------------------------
+
+
+def make_store(path, x, labels, class_names=None, views=None, keys=None):
+    from transferlab.store import StoreWriter
+
+    if keys is None:
+        keys = [f"class{lab}/img_{i:03d}.png" for i, lab in enumerate(labels)]
+    writer = StoreWriter(path, fingerprint={"test": "probe"}, dtype="float32", shard_size=16)
+    writer.add(keys, labels, x, views=views)
+    return writer.close({"class_names": class_names, "config": {"data": {"root": None}}})
+
+
+def test_probe_cli_prints_table(tmp_path, capsys):
+    from transferlab.probe import main, run_probe
+    from transferlab.store import FeatureStore
+
+    x, y = gaussian_clusters(n_per_class=30, classes=(0, 1, 2))
+    make_store(tmp_path / "s", x, y, class_names=["a", "b", "c"])
+    assert main([str(tmp_path / "s"), "--l2", "1e-3", "1e-1", "--knn", "3",
+                 "--device", "cpu", "--plot", str(tmp_path / "plots")]) == 0
+    out = capsys.readouterr().out
+    report = run_probe(FeatureStore.open(tmp_path / "s"), l2s=[1e-3, 1e-1], knn=3, device="cpu")
+    assert "train 72 rows, test 18 rows (validation split), 3 classes" in out
+    for i, l2 in enumerate([1e-3, 1e-1]):
+        line = next(ln for ln in out.splitlines() if ln.split() and ln.split()[0] == f"{l2:.3g}")
+        assert line.split()[1:3] == [f"{report.train_acc[i]:.4f}", f"{report.test_acc[i]:.4f}"]
+        assert ("<- best" in line) == (i == report.best)
+    assert f"kNN (k=3, cosine) test acc {report.knn_acc:.4f}" in out
+    for name in ("pca.png", "class_columns.png", "l2_sweep.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_probe_cli_with_test_store(tmp_path, capsys):
+    from transferlab.probe import main
+
+    x, y = gaussian_clusters(n_per_class=40, classes=(0, 1, 2))
+    make_store(tmp_path / "train", x[::2], y[::2])
+    make_store(tmp_path / "test", x[1::2], y[1::2])
+    assert main([str(tmp_path / "train"), "--test", str(tmp_path / "test"), "--l2", "1e-2",
+                 "--knn", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "train 60 rows, test 60 rows" in out and "kNN" not in out
+
+
+def test_probe_cli_errors_exit_2(tmp_path, capsys):
+    from transferlab.probe import main
+
+    x, _ = gaussian_clusters(n_per_class=5)
+    make_store(tmp_path / "unlabelled", x, np.full(len(x), -1))
+    assert main([str(tmp_path / "unlabelled")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: store") and "has no labels" in err
+    assert "data.source=folder" in err and len(err.strip().splitlines()) == 1
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "no feature store" in capsys.readouterr().err
+    make_store(tmp_path / "ok", x, np.repeat([0, 1, 2], 5))
+    assert main([str(tmp_path / "ok"), "--val-fraction", "1.5"]) == 2
+    assert "--val-fraction" in capsys.readouterr().err
+
+
+def test_views_never_leak_across_the_split(tmp_path):
+    from transferlab.probe import _labelled, split_by_key
+
+    x, y = gaussian_clusters(n_per_class=10, classes=(0, 1))
+    keys = [f"c{lab}/{i}.png" for i, lab in enumerate(y)]
+    # every image stored twice: the plain view and one augmented view
+    store = make_store(tmp_path / "v", np.concatenate([x, x + 0.01]),
+                       np.concatenate([y, y]), keys=keys + keys,
+                       views=[0] * len(y) + [1] * len(y))
+    _, labels, k, v = _labelled(store, plain_only=False)
+    tr, va = split_by_key(labels, k, v, 0.3, seed=0)
+    assert set(k[tr]).isdisjoint(set(k[va]))
+    assert (v[va] == 0).all() and len(va) == 6 and len(tr) == 2 * 14

@@ -170,8 +170,9 @@ def _entropy(counts: np.ndarray) -> float:
 
 @dataclass
 class ClusterReport:
-    keys: list[str]
-    clusters: np.ndarray  # (N,) cluster per stored row
+    keys: list[str]  # one per clustered image
+    rows: np.ndarray  # the store row of each key
+    clusters: np.ndarray  # cluster of each key
     inertia: float
     sizes: list[int]
     purity: float | None  # over labelled rows; None for an unlabelled store
@@ -182,23 +183,33 @@ class ClusterReport:
 
 def run_cluster(store: Any, k: int, n_init: int = 4, seed: int = 0, normalize: bool = False,
                 max_iter: int = 300, device: str | torch.device | None = None) -> ClusterReport:
-    """k-means on every stored row; purity and NMI over the labelled rows, if any.
+    """k-means on every stored image (plain view only); purity and NMI over labelled ones.
 
     ``normalize`` L2-normalises rows first (spherical k-means, close to cosine similarity).
     """
     from .probe import load_features
 
-    x = load_features(store)
+    rows = plain_rows(store)
+    x = load_features(store, rows)
     if normalize:
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     res = kmeans(x, k, n_init=n_init, max_iter=max_iter, seed=seed, device=device)
-    labels = np.asarray(store.labels, dtype=np.int64)
+    labels = np.asarray(store.labels, dtype=np.int64)[rows]
     known = labels >= 0
     pur = purity(labels[known], res.labels[known]) if known.any() else None
     score = nmi(labels[known], res.labels[known]) if known.any() else None
     sizes = np.bincount(res.labels, minlength=k).tolist()
-    return ClusterReport(list(store.paths), res.labels, res.inertia, sizes, pur, score,
+    keys = [store.paths[r] for r in rows]
+    return ClusterReport(keys, rows, res.labels, res.inertia, sizes, pur, score,
                          int(known.sum()), res)
+
+
+def plain_rows(store: Any) -> np.ndarray:
+    """Rows holding view 0 (the un-augmented image) of each key."""
+    views = getattr(store, "views", None)
+    if views is None:
+        return np.arange(len(store.paths))
+    return np.flatnonzero(np.asarray(views) == 0)
 
 
 def write_assignments(path: str | Path, keys: Sequence[str], clusters: Sequence[int]) -> Path:
@@ -259,12 +270,13 @@ def plot_clusters(store: Any, report: ClusterReport, out_dir: Path) -> list[Path
     from . import plots
     from .probe import load_features
 
-    x = load_features(store)
+    x = load_features(store, report.rows)
     names = [f"cluster {c}" for c in range(len(report.sizes))]
     out = [plots.plot_pca(x, report.clusters, out_dir / "clusters_pca.png", class_names=names,
                           title="k-means clusters")]
     if report.purity is not None:
-        out.append(plots.plot_pca(x, np.asarray(store.labels), out_dir / "labels_pca.png",
+        labels = np.asarray(store.labels)[report.rows]
+        out.append(plots.plot_pca(x, labels, out_dir / "labels_pca.png",
                                   class_names=store.class_names, title="labels"))
     return out
 

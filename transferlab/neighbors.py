@@ -7,12 +7,13 @@ once. Results are exact and deterministic: equal distances are ordered by lower 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 METRICS = ("cosine", "euclidean")
 # Elements of one (queries x rows) distance block; bounds memory of a search step.
@@ -30,8 +31,7 @@ def nearest(source: Any, queries: np.ndarray, k: int, metric: str = "cosine",
     (0 for a zero vector's similarity); euclidean is the L2 distance.
     """
     metric = _check_metric(metric)
-    if k < 1:
-        raise DataError(f"k must be at least 1, got {k}; pass -k 1 or more")
+    check_k(k)
     dev = torch.device(device) if device is not None else _default_device()
     q = _as_queries(queries, dtype, dev)
     best_d = torch.empty(q.shape[0], 0, dtype=dtype, device=dev)
@@ -119,6 +119,12 @@ def _as_queries(queries: Any, dtype: torch.dtype, dev: torch.device) -> torch.Te
     return q.to(dev, dtype)
 
 
+def check_k(k: int) -> int:
+    if k < 1:
+        raise ConfigError(f"k must be at least 1, got {k}; pass -k 1 or more")
+    return k
+
+
 def _check_metric(metric: str) -> str:
     if metric not in METRICS:
         raise DataError(f"unknown metric '{metric}'; use one of {', '.join(METRICS)}")
@@ -134,13 +140,31 @@ def store_nearest(store: Any, vectors_or_paths: np.ndarray | Sequence[str], k: i
     """Nearest stored items for each query, as ``[(key, distance), ...]`` per query.
 
     Queries are feature vectors, keys of the store (their stored vectors are used), or image
-    files (embedded with the store's own backbone, cut and preprocessing).
+    files (embedded with the store's own backbone, cut and preprocessing). A key stored with
+    several views appears once, at its closest view.
     """
-    vectors = query_vectors(store, vectors_or_paths)
-    dist, idx = nearest(store, vectors, k, metric)
+    hits = store_search(store, query_vectors(store, vectors_or_paths), k, metric)
     keys = store.paths
-    return [[(keys[j], float(dd)) for j, dd in zip(row_i, row_d)]
-            for row_i, row_d in zip(idx.tolist(), dist.tolist())]
+    return [[(keys[row], dist) for row, dist in q] for q in hits]
+
+
+def store_search(store: Any, vectors: np.ndarray, k: int, metric: str = "cosine",
+                 device: str | torch.device | None = None) -> list[list[tuple[int, float]]]:
+    """``[(row, distance), ...]`` per query: the k closest distinct keys of a store."""
+    views = getattr(store, "views", None)
+    per_key = int(np.max(views)) + 1 if views is not None and len(views) else 1
+    dist, idx = nearest(store, vectors, k * per_key, metric, device=device)
+    keys = store.paths
+    out = []
+    for rows, dists in zip(idx.tolist(), dist.tolist()):
+        seen: set[str] = set()
+        hits = []
+        for row, d in zip(rows, dists):
+            if keys[row] not in seen and len(hits) < k:
+                seen.add(keys[row])
+                hits.append((row, d))
+        out.append(hits)
+    return out
 
 
 def query_vectors(store: Any, vectors_or_paths: np.ndarray | Sequence[str]) -> np.ndarray:
@@ -150,9 +174,16 @@ def query_vectors(store: Any, vectors_or_paths: np.ndarray | Sequence[str]) -> n
     items = [str(p) for p in _as_list(vectors_or_paths)]
     if not items:
         raise DataError("no queries given; pass feature vectors, store keys or image paths")
-    position = {key: row for row, key in enumerate(store.paths)}
+    position: dict[str, int] = {}
+    for row, key in enumerate(store.paths):
+        position.setdefault(key, row)  # the first row of a key is its plain view
     out: list[np.ndarray | None] = [None] * len(items)
     files = [p for p in items if p not in position]
+    for p in files:
+        if not Path(p).is_file():
+            example = f" such as '{store.paths[0]}'" if len(store.paths) else ""
+            raise DataError(f"query '{p}' is neither an image file nor a key of the store; "
+                            f"pass an existing image path or a stored key{example}")
     if files:
         embedded = iter(embed_query_images(store.meta, files))
     for n, item in enumerate(items):

@@ -302,23 +302,38 @@ class ProbeReport:
     result: ProbeResult
 
 
-def load_labelled(store: Any) -> tuple[np.ndarray, np.ndarray]:
-    """All labelled rows of a store as (float32 features, int64 labels)."""
+def load_labelled(store: Any, plain_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Labelled rows of a store as (float32 features, int64 labels).
+
+    ``plain_only`` keeps only view 0 (the un-augmented image) of each key.
+    """
+    x, y, _, _ = _labelled(store, plain_only)
+    return x, y
+
+
+def _labelled(store: Any, plain_only: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                     np.ndarray]:
     labels = np.asarray(store.labels, dtype=np.int64)
-    known = labels >= 0
-    if not known.any():
+    keep = labels >= 0
+    if not keep.any():
         raise DataError(f"store {_store_name(store)} has no labels (every label is -1); the "
                         "probe needs labelled features: extract from class sub-folders "
                         "(data.source=folder), a list file with data.label_column, or a "
                         "labelled torchvision/mnist-5k dataset")
-    features = load_features(store)
-    if not known.all():
-        log.info("probe: ignoring %d unlabelled rows of %d", int((~known).sum()), len(labels))
-    return features[known], labels[known]
+    if not keep.all():
+        log.info("probe: ignoring %d unlabelled rows of %d", int((~keep).sum()), len(labels))
+    views = _views(store)
+    if plain_only:
+        keep &= views == 0
+    rows = np.flatnonzero(keep)
+    keys = np.asarray(store.paths, dtype=object)[rows]
+    return load_features(store, rows), labels[rows], keys, views[rows]
 
 
-def load_features(store: Any) -> np.ndarray:
-    """Every row of a store as one float32 array, filled chunk by chunk."""
+def load_features(store: Any, rows: np.ndarray | None = None) -> np.ndarray:
+    """Rows of a store (default: all, filled chunk by chunk) as one float32 array."""
+    if rows is not None and len(rows) < store.features.shape[0]:
+        return np.asarray(store.features[np.asarray(rows)], dtype=np.float32)
     n, d = store.features.shape
     out = np.empty((n, d), dtype=np.float32)
     for start, chunk in store.iter_chunks():
@@ -326,20 +341,35 @@ def load_features(store: Any) -> np.ndarray:
     return out
 
 
+def split_by_key(labels: np.ndarray, keys: np.ndarray, views: np.ndarray,
+                 val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split over keys: training gets every view of its keys, validation only
+    the plain view, so augmented copies of a validation image never leak into training."""
+    plain = np.flatnonzero(views == 0)
+    _, val = stratified_split(labels[plain], val_fraction, seed)
+    val_keys = set(keys[plain[val]].tolist())
+    in_val = np.fromiter((k in val_keys for k in keys), dtype=bool, count=len(keys))
+    return np.flatnonzero(~in_val), plain[val]
+
+
 def run_probe(store: Any, test_store: Any = None, *, val_fraction: float = 0.2,
               l2s: Sequence[float] = DEFAULT_L2, knn: int = 5, seed: int = 0,
               device: str | torch.device | None = None, max_iter: int = 500) -> ProbeReport:
-    """Linear-probe sweep and kNN accuracy of a store (``knn=0`` skips kNN)."""
-    x, y = load_labelled(store)
+    """Linear-probe sweep and kNN accuracy of a store (``knn=0`` skips kNN).
+
+    Without ``test_store`` a seeded stratified validation split is held out. Training uses
+    every view of its images; testing uses plain views only.
+    """
+    x, y, keys, views = _labelled(store, plain_only=False)
     if test_store is not None:
-        tx, ty = load_labelled(test_store)
+        tx, ty = load_labelled(test_store, plain_only=True)
         if tx.shape[1] != x.shape[1]:
             raise StoreError(f"test store {_store_name(test_store)} has {tx.shape[1]}-d features "
                              f"but {_store_name(store)} has {x.shape[1]}; use stores extracted "
                              "with the same backbone and cut")
         source = _store_name(test_store)
     else:
-        tr, va = stratified_split(y, val_fraction, seed)
+        tr, va = split_by_key(y, keys, views, val_fraction, seed)
         if len(va) == 0:
             raise DataError("too few labelled rows for a validation split (every class has one "
                             "item); pass --test STORE2 or extract more images")
@@ -406,7 +436,7 @@ def plot_probe(store: Any, report: ProbeReport, out_dir: Path) -> list[Path]:
     """PCA scatter, class columns and the accuracy-vs-L2 sweep of a probed store."""
     from . import plots
 
-    x, y = load_labelled(store)
+    x, y = load_labelled(store, plain_only=True)
     names = getattr(store, "class_names", None)
     sweep = [{"l2": l2, "train_acc": a, "test_acc": b}
              for l2, a, b in zip(report.l2s, report.train_acc, report.test_acc)]
@@ -439,6 +469,11 @@ def _check_xy(x: torch.Tensor, y: torch.Tensor) -> None:
                         f"{tuple(y.shape)}")
     if not bool(torch.isfinite(x).all()):
         raise DataError("features contain NaN or infinity; re-extract them (check fp16 overflow)")
+
+
+def _views(store: Any) -> np.ndarray:
+    views = getattr(store, "views", None)
+    return np.zeros(len(store.paths), np.int64) if views is None else np.asarray(views)
 
 
 def _store_name(store: Any) -> str:
