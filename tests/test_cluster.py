@@ -92,3 +92,65 @@ def test_nmi_edge_cases():
     assert nmi([0, 0, 0], [1, 1, 1]) == 1.0  # both single clusters
     assert nmi([0, 0, 1, 1], [0, 0, 0, 0]) == 0.0  # one cluster carries no information
     assert nmi([0, 1, 0, 1], [0, 0, 1, 1]) == 0.0  # independent
+
+
+# ---------------------------------------------------------------------------------------
+# Store level and command line
+# ---------------------------------------------------------------------------------------
+
+
+def make_store(path, x, labels, keys=None, views=None):
+    from transferlab.store import StoreWriter
+
+    if keys is None:
+        keys = [f"dir,{lab}/img ü {i}.png" for i, lab in enumerate(labels)]  # csv-hostile names
+    writer = StoreWriter(path, fingerprint={"test": "cluster"}, dtype="float16", shard_size=32)
+    writer.add(keys, labels, x, views=views)
+    return writer.close({"class_names": [f"class {c}" for c in range(int(max(labels)) + 1)]})
+
+
+def test_cluster_cli_writes_assignments_and_scores(tmp_path, capsys):
+    import csv
+
+    from transferlab.cluster import main
+
+    x, y = blobs(n_per=20, k=3, d=6)
+    store = make_store(tmp_path / "s", x, y)
+    out_csv = tmp_path / "out" / "assign.csv"
+    assert main([str(tmp_path / "s"), "-k", "3", "--n-init", "2", "--out", str(out_csv),
+                 "--plot", str(tmp_path / "plots"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "k-means: k=3, 60 rows, inertia" in out
+    assert "purity 1.0000  NMI 1.0000 (over 60 labelled rows)" in out
+    with open(out_csv, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["key", "cluster"] and len(rows) == 61
+    assert [r[0] for r in rows[1:]] == store.paths
+    assert nmi(y, [int(r[1]) for r in rows[1:]]) == pytest.approx(1.0)
+    for name in ("clusters_pca.png", "labels_pca.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cluster_uses_plain_views_and_handles_unlabelled(tmp_path, capsys):
+    from transferlab.cluster import main, run_cluster
+
+    x, _ = blobs(n_per=10, k=2, d=4)
+    keys = [f"img{i}.png" for i in range(20)]
+    store = make_store(tmp_path / "v", np.concatenate([x, x + 0.1]), np.full(40, -1),
+                       keys=keys + keys, views=[0] * 20 + [1] * 20)
+    report = run_cluster(store, 2, n_init=1)
+    assert report.keys == keys and len(report.clusters) == 20
+    assert report.purity is None and report.nmi is None
+    assert main([str(tmp_path / "v"), "-k", "2"]) == 0
+    assert "purity/NMI: n/a (store has no labels)" in capsys.readouterr().out
+
+
+def test_cluster_cli_errors_exit_2(tmp_path, capsys):
+    from transferlab.cluster import main
+
+    x, y = blobs(n_per=3, k=2, d=4)
+    make_store(tmp_path / "s", x, y)
+    assert main([str(tmp_path / "s"), "-k", "7"]) == 2
+    assert "-k must be between 1 and the number of rows (6)" in capsys.readouterr().err
+    assert main([str(tmp_path / "nope"), "-k", "2"]) == 2
+    assert capsys.readouterr().err.startswith("error: no feature store")

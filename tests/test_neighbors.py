@@ -98,3 +98,97 @@ def test_k_larger_than_rows_and_errors():
         nearest(x, x, 1, metric="manhattan")
     with pytest.raises(DataError, match="empty"):
         nearest(np.zeros((0, 3)), x, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# Store level and the search command line
+# ---------------------------------------------------------------------------------------
+
+
+def image_store(tmp_path, n=12, d=8, views=None):
+    """A store whose keys are real image files under a data root recorded in its meta."""
+    from PIL import Image
+
+    from transferlab.store import StoreWriter
+
+    rng = np.random.default_rng(5)
+    root = tmp_path / "data"
+    keys = [f"{'cat' if i % 2 else 'dog'}/{i:02d}.png" for i in range(n)]
+    for i, key in enumerate(keys):
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (24, 20), (20 * i, 100, 200 - 10 * i)).save(root / key)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    writer = StoreWriter(tmp_path / "store", fingerprint={"t": 1}, dtype="float32", shard_size=5)
+    writer.add(keys, [i % 2 for i in range(n)], x)
+    store = writer.close({"class_names": ["dog", "cat"], "config": {"data": {"root": str(root)}}})
+    return store, x
+
+
+def fake_embedder(monkeypatch, table):
+    calls = []
+
+    def embed(meta, paths):
+        calls.append(list(paths))
+        assert meta["config"]["data"]["root"]  # the store's own metadata is passed on
+        return np.stack([table[p] for p in paths])
+
+    monkeypatch.setattr("transferlab.neighbors.embed_query_images", embed)
+    return calls
+
+
+def test_search_cli_prints_neighbours_and_plots(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from transferlab.search import main
+
+    store, x = image_store(tmp_path)
+    queries = [tmp_path / "q1.png", tmp_path / "q2.png"]
+    for q in queries:
+        Image.new("RGB", (30, 30), (255, 0, 0)).save(q)
+    qv = np.random.default_rng(8).normal(size=(2, x.shape[1]))
+    calls = fake_embedder(monkeypatch, {str(q): v for q, v in zip(queries, qv)})
+    assert main([str(tmp_path / "store"), *map(str, queries), "-k", "3", "--metric", "euclidean",
+                 "--plot", str(tmp_path / "grid.png")]) == 0
+    out = capsys.readouterr().out
+    assert calls == [[str(q) for q in queries]]
+    ref_d, ref_i = brute_force(x, qv, 3, "euclidean")
+    blocks = out.split("\n\n")
+    for b, (q, dists, rows) in enumerate(zip(queries, ref_d, ref_i)):
+        lines = blocks[b].splitlines()
+        assert lines[0] == f"query: {q}"
+        for rank, (dist, row) in enumerate(zip(dists, rows), 1):
+            cls = "cat" if row % 2 else "dog"
+            assert lines[1 + rank].split() == [str(rank), f"{dist:.5f}", store.paths[row],
+                                               f"[{cls}]"]
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_search_by_store_key_and_errors(tmp_path, monkeypatch, capsys):
+    from transferlab.search import main
+
+    store, x = image_store(tmp_path)
+    calls = fake_embedder(monkeypatch, {})
+    assert main([str(tmp_path / "store"), "cat/03.png", "-k", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert calls == []  # a stored key uses its stored vector
+    assert out[2].split()[:3] == ["1", "0.00000", "cat/03.png"]
+    assert main([str(tmp_path / "store"), "missing.jpg"]) == 2
+    err = capsys.readouterr().err
+    assert "'missing.jpg' is neither an image file nor a key of the store" in err
+    assert main([str(tmp_path / "store"), "cat/03.png", "-k", "0"]) == 2
+    assert "k must be at least 1" in capsys.readouterr().err
+
+
+def test_store_nearest_dedupes_views(tmp_path):
+    from transferlab.store import StoreWriter
+
+    x = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]], dtype=np.float32)
+    keys = ["a.png", "b.png", "c.png"]
+    writer = StoreWriter(tmp_path / "v", fingerprint={"t": 2}, dtype="float32", shard_size=2)
+    # views of a.png sit closest to the query; each key must still appear once
+    writer.add(keys + ["a.png", "a.png"], [-1] * 5,
+               np.concatenate([x, [[0.99, 0.01], [0.98, 0.02]]]), views=[0, 0, 0, 1, 2])
+    store = writer.close({})
+    hits = store_nearest(store, np.array([[1.0, 0.0]]), k=3)
+    assert [key for key, _ in hits[0]] == ["a.png", "c.png", "b.png"]
+    assert hits[0][0][1] == pytest.approx(0.0, abs=1e-6)
