@@ -192,3 +192,25 @@ def test_store_nearest_dedupes_views(tmp_path):
     hits = store_nearest(store, np.array([[1.0, 0.0]]), k=3)
     assert [key for key, _ in hits[0]] == ["a.png", "c.png", "b.png"]
     assert hits[0][0][1] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_search_end_to_end_embeds_with_the_stores_backbone(tmp_path, capsys):
+    """Extract a tiny store with the built-in LeNet, then query with its own image files."""
+    from tests.imagegen import make_image_tree
+    from transferlab.config import ExtractConfig, load_config
+    from transferlab.extract import run_extract
+    from transferlab.search import main
+
+    keys = make_image_tree(tmp_path / "data", per_class=3)
+    cfg = load_config(None, [f"data.root={tmp_path / 'data'}", "model.name=lenet",
+                             f"output.dir={tmp_path / 'store'}", "runtime.num_workers=0",
+                             "runtime.progress=false", "output.dtype=float32"], ExtractConfig)
+    store = run_extract(cfg).store
+    queries = [str(tmp_path / "data" / keys[1]), str(tmp_path / "data" / keys[4])]
+    assert main([str(tmp_path / "store"), *queries, "-k", "2"]) == 0
+    blocks = capsys.readouterr().out.split("\n\n")
+    for block, key in zip(blocks, (keys[1], keys[4])):
+        rank1 = block.splitlines()[2].split()
+        assert rank1[2] == key and float(rank1[1]) < 1e-5  # the image finds itself first
+    got = store_nearest(store, queries, k=1)
+    assert [hits[0][0] for hits in got] == [keys[1], keys[4]]
