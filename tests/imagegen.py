@@ -175,3 +175,20 @@ def add_bad_files(folder: str | os.PathLike) -> dict[str, Case]:
 
 def _is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def make_messy_tree(root: str | os.PathLike) -> dict:
+    """A folder holding everything at once, for end-to-end tests of loaders and runners.
+
+    ``root/good/<class>/...`` (plain images), ``root/special/`` (valid awkward images) and
+    ``root/bad/`` (files that must fail). Returns ``good`` (keys), ``special`` and ``bad``
+    (Case dicts) and ``failures``: {key: reason} a folder scan of ``root`` must report
+    (directories and absent files are not scanned; chmod 000 is readable as root).
+    """
+    root = Path(root)
+    good = [f"good/{k}" for k in make_image_tree(root / "good", per_class=2)]
+    special = add_special_images(root / "special")
+    bad = add_bad_files(root / "bad")
+    failures = {c.path.relative_to(root).as_posix(): c.reason for c in bad.values()
+                if c.path.is_file() and not c.skip}
+    return {"good": good, "special": special, "bad": bad, "failures": failures}

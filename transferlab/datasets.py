@@ -36,6 +36,7 @@ from __future__ import annotations
 import csv
 import difflib
 import gzip
+import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -49,6 +50,8 @@ from torch.utils.data import DataLoader, Dataset
 from .config import DataConfig
 from .errors import DataError
 from .imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, is_image_file, load_image
+
+log = logging.getLogger(__name__)
 
 MNIST_5K = Path(__file__).parent / "data" / "mnist_5k.npz"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -279,7 +282,14 @@ def _existing_dir(root: str | None, what: str) -> Path:
 def scan_folder(root: Path, extensions: list[str]) -> list[str]:
     """Sorted keys of the image files under ``root`` (following links, skipping hidden)."""
     keys, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def unreadable(exc: OSError) -> None:
+        if Path(exc.filename or "") == root:
+            raise DataError(f"cannot list data.root {root}: {exc.strerror}; fix its "
+                            "permissions or point data.root elsewhere")
+        log.warning("skipping unreadable folder %s (%s)", exc.filename, exc.strerror)
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:  # a symlink loop
             dirnames[:] = []

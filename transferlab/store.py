@@ -176,6 +176,7 @@ class StoreWriter:
         except BaseException:
             self._release_lock()
             raise
+        self._done_at_open = frozenset(self._done)
         self._reset_buffer()
         self._dirty = False
         self._error: BaseException | None = None
@@ -186,9 +187,14 @@ class StoreWriter:
     # ---- public ------------------------------------------------------------------------
 
     @property
-    def done_keys(self) -> set[str]:
-        """Keys whose rows (or failure) are safely on disk: the runner skips these."""
-        return set(self._done)
+    def done_keys(self) -> frozenset[str]:
+        """Keys finished (rows or failure on disk) when the writer opened: the runner skips
+        these. A snapshot, cheap to test membership on; ``is_done`` gives the live state."""
+        return self._done_at_open
+
+    def is_done(self, key: str) -> bool:
+        """True once ``key``'s rows are in a shard (or it failed) in this or an earlier run."""
+        return key in self._done
 
     @property
     def rows_written(self) -> int:
@@ -233,7 +239,11 @@ class StoreWriter:
             self._submit(lambda: self._append_failures(items))
 
     def close(self, meta: dict | None = None) -> FeatureStore:
-        """Write the last shard, the index, failures and ``meta.json``; return the reader."""
+        """Write the last shard, the index, failures and ``meta.json``; return the reader.
+
+        ``meta`` is stored as given (JSON; odd types as strings); include ``class_names`` for
+        ``FeatureStore.class_names``. Keys in ``RESERVED_META`` are the store's own.
+        """
         self._check_open()
         if self._buf_keys:
             self._flush(len(self._buf_keys))
