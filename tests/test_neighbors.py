@@ -214,3 +214,22 @@ def test_search_end_to_end_embeds_with_the_stores_backbone(tmp_path, capsys):
         assert rank1[2] == key and float(rank1[1]) < 1e-5  # the image finds itself first
     got = store_nearest(store, queries, k=1)
     assert [hits[0][0] for hits in got] == [keys[1], keys[4]]
+
+
+def test_store_nearest_method_matches_brute_force(tmp_path):
+    from transferlab.store import StoreWriter
+
+    rng = np.random.default_rng(3)
+    feats = rng.normal(size=(40, 6)).astype(np.float32)
+    keys = [f"img/{i:03d}.jpg" for i in range(40)]
+    with StoreWriter(tmp_path / "s", {"t": 1}, dtype="float32", shard_size=7) as writer:
+        writer.add(keys, np.zeros(40), feats)
+        store = writer.close({})
+    query = rng.normal(size=(2, 6)).astype(np.float32)
+    d = np.linalg.norm(query[:, None] - feats[None], axis=2)
+    hits = store.nearest(query, k=3, metric="euclidean")
+    for q in range(2):
+        order = np.argsort(d[q], kind="stable")[:3]
+        assert [key for key, _ in hits[q]] == [keys[i] for i in order]
+        assert np.allclose([dist for _, dist in hits[q]], d[q][order], atol=1e-5)
+    assert store.nearest(["img/005.jpg"], k=1)[0][0][0] == "img/005.jpg"
