@@ -222,3 +222,14 @@ def test_views_never_leak_across_the_split(tmp_path):
     tr, va = split_by_key(labels, k, v, 0.3, seed=0)
     assert set(k[tr]).isdisjoint(set(k[va]))
     assert (v[va] == 0).all() and len(va) == 6 and len(tr) == 2 * 14
+
+
+def test_tensor_inputs_as_a_finetune_runner_passes_them():
+    x, y = gaussian_clusters(n_per_class=40)
+    a = fit_logistic(x, y, [1e-2, 1e-1])
+    b = fit_logistic(torch.tensor(x), torch.tensor(y), [1e-2, 1e-1], device="cpu")
+    torch.testing.assert_close(a.weight, b.weight)
+    assert torch.equal(b.predict(torch.tensor(x)), a.predict(x))
+    assert b.accuracy(torch.tensor(x), torch.tensor(y)) == a.train_acc
+    assert knn_accuracy(torch.tensor(x), torch.tensor(y), torch.tensor(x[:10]),
+                        torch.tensor(y[:10]), k=1) == 1.0

@@ -38,7 +38,7 @@ def nearest(source: Any, queries: np.ndarray, k: int, metric: str = "cosine",
     best_i = torch.empty(q.shape[0], 0, dtype=torch.int64, device=dev)
     seen = 0
     for start, chunk in _chunks(source, chunk_rows):
-        x = torch.as_tensor(np.asarray(chunk)).to(dev, dtype)
+        x = _to_tensor(chunk, dtype, dev)
         if x.ndim != 2 or x.shape[1] != q.shape[1]:
             raise DataError(f"stored features have shape {tuple(x.shape)} but queries have "
                             f"{q.shape[1]} dimensions; embed queries with the store's backbone")
@@ -111,12 +111,18 @@ def _chunks(source: Any, chunk_rows: int) -> Iterator[tuple[int, Any]]:
 
 
 def _as_queries(queries: Any, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
-    q = torch.as_tensor(np.asarray(queries))
+    q = _to_tensor(queries, dtype, dev)
     if q.ndim == 1:
         q = q[None, :]
     if q.ndim != 2 or q.shape[0] == 0:
         raise DataError(f"queries must be a non-empty (Q, D) array, got shape {tuple(q.shape)}")
-    return q.to(dev, dtype)
+    return q
+
+
+def _to_tensor(x: Any, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+    """Arrays, memory maps and tensors (any device) as a tensor on ``dev``."""
+    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    return t.to(dev, dtype)
 
 
 def check_k(k: int) -> int:
