@@ -192,6 +192,7 @@ def test_store_nearest_dedupes_views(tmp_path):
     hits = store_nearest(store, np.array([[1.0, 0.0]]), k=3)
     assert [key for key, _ in hits[0]] == ["a.png", "c.png", "b.png"]
     assert hits[0][0][1] == pytest.approx(0.0, abs=1e-6)
+    assert store.nearest(np.array([[1.0, 0.0]]), k=3) == hits  # the FeatureStore method
 
 
 def test_search_end_to_end_embeds_with_the_stores_backbone(tmp_path, capsys):

@@ -17,7 +17,7 @@ from .errors import ConfigError, DataError
 
 METRICS = ("cosine", "euclidean")
 # Elements of one (queries x rows) distance block; bounds memory of a search step.
-_BLOCK_ELEMENTS = 1 << 24
+_BLOCK_ELEMENTS = 1 << 23
 
 
 def nearest(source: Any, queries: np.ndarray, k: int, metric: str = "cosine",
