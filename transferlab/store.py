@@ -778,3 +778,69 @@ def _read_failures(path: Path) -> list[tuple[str, str]]:
         reader = csv.reader(f)
         next(reader, None)
         return [(r[0], r[1]) for r in reader if r]
+
+
+# ---------------------------------------------------------------------------------------
+# Merging the stores of several processes (torchrun)
+# ---------------------------------------------------------------------------------------
+
+
+def check_fingerprint(directory: str | os.PathLike, fingerprint: dict, dtype: str,
+                      overwrite: bool = False) -> None:
+    """Refuse (or wipe, with ``overwrite``) a store at ``directory`` written otherwise."""
+    directory = Path(directory)
+    wanted = _normalized({"fingerprint": fingerprint, "dtype": str(np.dtype(dtype))})
+    stored = _read_json(directory / FINGERPRINT)
+    if stored is None or stored == wanted:
+        return
+    if not overwrite:
+        raise StoreError(f"the store {directory} was written with another configuration "
+                         f"({_differences(stored, wanted)}); use another output.dir, or set "
+                         "output.overwrite=true to replace it")
+    wipe_store(directory)
+
+
+def merge_stores(target: str | os.PathLike, parts: Sequence[str | os.PathLike],
+                 meta: dict | None = None) -> FeatureStore:
+    """One store at ``target`` whose rows are the rows of ``parts`` in order.
+
+    Shards are not copied: the merged ``meta.json`` lists the parts' shard files (relative
+    to ``target``, so parts must lie below it), and ``index.csv``/``failures.csv`` are
+    concatenated. The result reads exactly like a store written by a single process.
+    """
+    target = Path(target)
+    stores = [FeatureStore.open(p) for p in parts]
+    if not stores:
+        raise StoreError("merge_stores needs at least one part")
+    first = stores[0].meta
+    for store in stores[1:]:
+        if store.meta["fingerprint"] != first["fingerprint"] or store.dtype != stores[0].dtype:
+            raise StoreError(f"cannot merge {store.dir}: written with another configuration "
+                             f"than {stores[0].dir}")
+    dims = {s.meta["dim"] for s in stores if s.meta.get("dim")}
+    shards = [{"file": (s.dir / sh["file"]).relative_to(target).as_posix(), "rows": sh["rows"]}
+              for s in stores for sh in s.meta["shards"]]
+    keys = [k for s in stores for k in s.paths]
+    _atomic_write(target / INDEX, lambda f: _write_merged_index(f, stores))
+    failures = [item for s in stores for item in s.failures]
+    _atomic_write(target / FAILURES, lambda f: csv.writer(f, lineterminator="\n").writerows(
+        [["key", "reason"], *failures]))
+    _write_json(target / FINGERPRINT, {"fingerprint": first["fingerprint"],
+                                       "dtype": first["dtype"]})
+    own = {**{k: first[k] for k in RESERVED_META if k in first},
+           "dim": dims.pop() if dims else None, "rows": len(keys), "num_keys": len(set(keys)),
+           "num_failures": len(failures), "shards": shards,
+           "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _write_json(target / META, {**{k: v for k, v in (meta or {}).items()
+                                   if k not in RESERVED_META}, **own})
+    return FeatureStore.open(target)
+
+
+def _write_merged_index(f: Any, stores: Sequence[FeatureStore]) -> None:
+    out = csv.writer(f, lineterminator="\n")
+    out.writerow(["key", "label", "row", "view"])
+    row = 0
+    for store in stores:
+        for key, label, view in zip(store.paths, store.labels.tolist(), store.views.tolist()):
+            out.writerow([key, label, row, view])
+            row += 1

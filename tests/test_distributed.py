@@ -1,0 +1,65 @@
+"""Work splitting and store merging for torchrun runs (the launches are in test_torchrun)."""
+import numpy as np
+import pytest
+
+from transferlab.distributed import dist_info, part_range
+from transferlab.errors import StoreError
+from transferlab.store import FeatureStore, StoreWriter, check_fingerprint, merge_stores
+
+
+def test_part_range_covers_everything_once():
+    for count in (0, 1, 7, 10, 101):
+        for world in (1, 2, 3, 8):
+            parts = [part_range(count, r, world) for r in range(world)]
+            assert parts[0][0] == 0 and parts[-1][1] == count
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+            sizes = [b - a for a, b in parts]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_dist_info_reads_torchrun_env(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    info = dist_info()
+    assert (info.rank, info.world_size, info.local_rank) == (3, 4, 1)
+    assert info.enabled and not info.is_main
+
+
+def write_part(path, keys, feats, fingerprint=None):
+    with StoreWriter(path, fingerprint or {"m": 1}, "float32", shard_size=3) as writer:
+        writer.add(keys, np.arange(len(keys)), feats)
+        writer.add_failures([(f"bad-{path.name}.jpg", "corrupt: x")])
+        return writer.close({"backbone": "m"})
+
+
+def test_merged_store_reads_like_one_store(tmp_path):
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(10, 4)).astype(np.float32)
+    keys = [f"k{i:02d}" for i in range(10)]
+    write_part(tmp_path / "ranks" / "rank-0", keys[:6], feats[:6])
+    write_part(tmp_path / "ranks" / "rank-1", keys[6:], feats[6:])
+    merged = merge_stores(tmp_path, [tmp_path / "ranks" / "rank-0", tmp_path / "ranks" / "rank-1"],
+                          {"backbone": "m"})
+    again = FeatureStore.open(tmp_path)
+    assert again.paths == keys
+    assert np.array_equal(np.asarray(again.features), feats)
+    assert again.get("k07").tolist() == feats[7].tolist()
+    assert [k for k, _ in merged.failures] == ["bad-rank-0.jpg", "bad-rank-1.jpg"]
+    assert again.meta["rows"] == 10 and again.meta["backbone"] == "m"
+
+
+def test_merge_refuses_mixed_configurations(tmp_path):
+    write_part(tmp_path / "a", ["x"], np.zeros((1, 2), np.float32), {"m": 1})
+    write_part(tmp_path / "b", ["y"], np.zeros((1, 2), np.float32), {"m": 2})
+    with pytest.raises(StoreError, match="another configuration"):
+        merge_stores(tmp_path, [tmp_path / "a", tmp_path / "b"])
+
+
+def test_check_fingerprint_refuses_then_overwrites(tmp_path):
+    write_part(tmp_path / "s", ["x"], np.zeros((1, 2), np.float32), {"m": 1})
+    check_fingerprint(tmp_path / "s", {"m": 1}, "float32")  # same: fine
+    with pytest.raises(StoreError, match="overwrite=true"):
+        check_fingerprint(tmp_path / "s", {"m": 2}, "float32")
+    check_fingerprint(tmp_path / "s", {"m": 2}, "float32", overwrite=True)
+    assert not (tmp_path / "s" / "meta.json").exists()
