@@ -1,0 +1,131 @@
+"""Run every notebook in notebooks/ end to end, as a user would, in FAST mode.
+
+Each notebook is executed with nbclient in a fresh ``python3`` kernel whose working
+directory is a temporary folder. The kernel is this interpreter (jupyter_client starts the
+native ``python3`` kernel with ``sys.executable``; checked below) and imports this checkout
+of transferlab (its root is put first on the kernel's PYTHONPATH, so it works with and
+without ``pip install -e .``). Parameters are injected papermill-style: the lines of the
+cell tagged ``parameters`` that assign an overridden name are replaced.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = ROOT / "notebooks"
+NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb"))
+CELL_TIMEOUT = 300  # seconds per cell; whole notebooks take well under a minute in FAST mode
+PROBE = "__notebook_test_probe__"
+
+
+def parameters_cell(nb) -> int:
+    """Index of the cell tagged ``parameters`` (it must be the first code cell)."""
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert "parameters" in cell.metadata.get("tags", []), \
+                "the first code cell must be tagged 'parameters'"
+            return i
+    raise AssertionError("notebook has no code cell")
+
+
+def inject(nb, params: dict) -> None:
+    """Replace ``NAME = ...`` lines of the parameters cell (append names it lacks)."""
+    cell = nb.cells[parameters_cell(nb)]
+    lines = cell.source.splitlines()
+    for name, value in params.items():
+        line = f"{name} = {value!r}  # injected by tests/test_notebooks.py"
+        pattern = re.compile(rf"^{re.escape(name)}\s*=")
+        hits = [n for n, text in enumerate(lines) if pattern.match(text)]
+        if hits:
+            for n in hits:
+                lines[n] = line
+        else:
+            lines.append(line)
+    cell.source = "\n".join(lines)
+
+
+def kernel_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env["MPLBACKEND"] = "Agg"
+    env.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network
+    env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    return env
+
+
+def execute(name: str, workdir: Path, params: dict) -> tuple[object, dict, float]:
+    """Run notebook ``name`` in ``workdir``; return it executed, the kernel probe, seconds."""
+    nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+    inject(nb, params)
+    nb.cells.append(nbformat.v4.new_code_cell(
+        "import json as _j, sys as _s, transferlab as _t\n"
+        f"print('{PROBE}' + _j.dumps({{'executable': _s.executable, "
+        "'transferlab': _t.__file__}))"))
+    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
+                                     resources={"metadata": {"path": str(workdir)}})
+    started = time.time()
+    client.execute(env=kernel_env())
+    seconds = time.time() - started
+    text = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
+    probe = json.loads(text.split(PROBE, 1)[1])
+    return nb, probe, seconds
+
+
+def check_common(nb, probe: dict) -> None:
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if o.output_type == "error"]
+    assert not errors, errors
+    assert probe["executable"] == sys.executable, "kernel runs another Python than pytest"
+    assert Path(probe["transferlab"]).resolve().is_relative_to(ROOT / "transferlab"), \
+        f"kernel imported transferlab from {probe['transferlab']}, not this checkout"
+
+
+def check_png(path: Path) -> None:
+    assert path.is_file(), f"{path} was not written"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000, path
+
+
+def test_notebooks_found():
+    assert NOTEBOOKS == ["01_extract_search_probe.ipynb"]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_without_outputs(name):
+    """Notebooks are committed clean: no outputs, no execution counts, FAST by default."""
+    nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, \
+                f"{name}: clear the outputs before committing"
+    params = nb.cells[parameters_cell(nb)].source
+    assert re.search(r"^FAST = True\b", params, re.M), params
+
+
+@pytest.mark.slow
+def test_01_extract_search_probe(tmp_path):
+    nb, probe, seconds = execute("01_extract_search_probe.ipynb", tmp_path, {"FAST": True})
+    check_common(nb, probe)
+    out = tmp_path / "outputs" / "01_extract_search_probe"
+    summary = json.loads((out / "summary.json").read_text())
+    for png in ("neighbors.png", "pca.png"):
+        check_png(out / png)
+    assert summary["images"] == 60
+    # random weights, but the classes differ in colour too: well above chance (1/3)
+    assert summary["probe_val_acc"] >= 0.6, summary
+    assert summary["knn_val_acc"] >= 0.6, summary
+    assert 0.0 <= summary["nmi"] <= 1.0 and summary["purity"] >= 1 / 3, summary
+    print(f"01_extract_search_probe: {seconds:.1f} s")
