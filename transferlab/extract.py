@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .cli import config_parser, load_cli_config, run_cli
 from .config import ExtractConfig, RuntimeConfig, from_dict, save_config, to_dict
+from .errors import ConfigError
 from .datasets import ImageDataset, build_dataset, collate_skip_errors
 from .extractor import ExtractorBundle, extractor_from_config
 from .imageio import load_image
@@ -76,15 +77,43 @@ class ViewsDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.base[i]
-        image = item["image"]
+        if item["error"] is not None:  # collate drops it; no need to transform the placeholder
+            item["image"] = None
+            return item
+        try:
+            item["image"] = self.transform(item["image"], item["key"])
+        except Exception as exc:  # noqa: BLE001 - one odd image must not kill a worker
+            item["image"], item["error"] = None, transform_failure(exc)
+        return item
+
+    def transform(self, image: Any, key: str) -> torch.Tensor:
         tensors = [self.plain(image)]
         if self.views:
-            seed = zlib.crc32(item["key"].encode("utf-8")) ^ self.seed
+            seed = zlib.crc32(key.encode("utf-8")) ^ self.seed
             random.seed(seed)
             torch.manual_seed(seed)
             tensors += [self.augment(image) for _ in range(self.views)]
-        item["image"] = torch.stack(tensors)
-        return item
+        return torch.stack(tensors)
+
+
+def transform_failure(exc: BaseException) -> str:
+    """The failures-list reason of an image that decoded but could not be transformed."""
+    return " ".join(f"transform-failed: {type(exc).__name__}: {exc}".split())[:200]
+
+
+def resume_positions(keys: Sequence[str], done: frozenset[str] | set[str],
+                     batch_size: int) -> list[int]:
+    """Dataset positions to read: every batch (``position // batch_size``) holding an item
+    that is not done, whole.
+
+    Finished items of such a batch are computed again (the writer drops their rows), so a
+    resumed run feeds the model the very batches an uninterrupted run did: on a CPU a kernel
+    may round differently for another batch composition, and resumed features must be
+    identical, not just close.
+    """
+    groups = sorted({i // batch_size for i, key in enumerate(keys) if key not in done})
+    n = len(keys)
+    return [p for g in groups for p in range(g * batch_size, min((g + 1) * batch_size, n))]
 
 
 def aligned_batches(positions: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -123,9 +152,13 @@ def fingerprint(cfg: ExtractConfig, bundle: ExtractorBundle) -> dict:
         weights = {"random_init_seed": cfg.runtime.seed}
     return {"backbone": model.name, "source": bundle.backbone.source, "weights": weights,
             "kwargs": model.kwargs, "num_classes": model.num_classes, "in_chans": model.in_chans,
-            "cut": str(bundle.extractor.cut), "pool": bundle.extractor.pool_name,
+            # pooling as asked (null: the model's own) and as applied after the cut: a timm
+            # head pools inside the model, so its pool_after_cut is 'none' for avg and max
+            "cut": str(bundle.extractor.cut), "pool": model.pool,
+            "pool_after_cut": bundle.extractor.pool_name,
             "preprocess": bundle.spec.to_dict(), "views": cfg.output.views,
             "view_mode": cfg.output.view_mode if cfg.output.views else None,
+            "decode": "torchvision" if cfg.runtime.gpu_decode else "pil",  # kernels differ
             "data": {"source": cfg.data.source, "root": cfg.data.root,
                      "list_file": cfg.data.list_file, "dataset": cfg.data.dataset,
                      "split": cfg.data.split}}
@@ -148,16 +181,25 @@ def prepare_model(extractor: nn.Module, rt: Runtime, compile_model: bool) -> nn.
     return model
 
 
-def make_loader(dataset: Dataset, batches: list[list[int]], rt: Runtime) -> DataLoader:
+def make_loader(dataset: Dataset, batches: list[list[int]], rt: Runtime,
+                collate_fn: Callable[[list], dict] = collate_skip_errors) -> DataLoader:
     kwargs: dict[str, Any] = {}
     if rt.num_workers > 0:
         kwargs.update(prefetch_factor=4, persistent_workers=False)
     return DataLoader(dataset, batch_sampler=batches, num_workers=rt.num_workers,
-                      pin_memory=rt.is_cuda, collate_fn=collate_skip_errors, **kwargs)
+                      pin_memory=rt.is_cuda, collate_fn=collate_fn, **kwargs)
+
+
+Pending = tuple[torch.Tensor, Any]  # feature rows (on the host once ready), CUDA event or None
 
 
 class FeatureComputer:
-    """uint8 batches -> float32 feature rows on the host (normalise on the device, AMP)."""
+    """uint8 batches -> float32 feature rows on the host (normalise on the device, AMP).
+
+    ``start`` launches a batch and, on CUDA, queues the copy of its rows into pinned host
+    memory; ``finish`` waits for them. The runner starts batch i + 1 before finishing batch i,
+    so the GPU computes while the host stores rows and fetches the next batch.
+    """
 
     def __init__(self, extractor: nn.Module, spec: PreprocessSpec, rt: Runtime,
                  compile_model: bool = False):
@@ -165,77 +207,148 @@ class FeatureComputer:
         self.model = prepare_model(extractor, rt, compile_model)
         self.normalize = DeviceNormalize(spec.mean, spec.std).to(rt.device)
 
-    @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> np.ndarray:
+        return self.finish(self.start(images))
+
+    @torch.inference_mode()
+    def start(self, images: torch.Tensor) -> Pending:
         x = images.to(self.rt.device, non_blocking=True)
         x = self.normalize(x)
         if self.rt.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.rt.autocast():
             out = self.model(x)
-        return out.float().flatten(1).cpu().numpy()
+        out = out.float().flatten(1)
+        if not out.is_cuda:
+            return out, None
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return host, ready
+
+    @staticmethod
+    def finish(pending: Pending) -> np.ndarray:
+        rows, ready = pending
+        if ready is not None:
+            ready.synchronize()
+        return rows.numpy()
 
 
 def run_extract(cfg: ExtractConfig, progress: bool = False,
                 on_batch: Callable[[int], None] | None = None) -> ExtractResult:
     """Extract features of every item of ``cfg.data`` into the store at ``cfg.output.dir``.
 
-    The cut is validated (one dummy forward) before any data is read. ``progress`` shows a
-    tqdm bar; ``on_batch(n_done)`` is called after each batch (tests use it to interrupt).
+    The data source is checked first, then the cut is validated (one dummy forward) before
+    any image is decoded. ``progress`` shows a tqdm bar; ``on_batch(n_done)`` is called after
+    each stored batch (tests use it to interrupt). An exception (KeyboardInterrupt included)
+    leaves the finished shards on disk: rerunning the same config resumes.
     """
     started = time.time()
+    dataset = build_dataset(cfg.data)  # a missing or empty root fails before the model loads
     seed_everything(cfg.runtime.seed)  # random-init weights are reproducible
     bundle = extractor_from_config(cfg.model, cfg.preprocess)
+    spec = bundle.spec
+    dataset.image_mode, dataset.draft_size = spec.image_mode, spec.scale_size()
     conv_net = any(isinstance(m, nn.Conv2d) for m in bundle.extractor.modules())
     rt = resolve_runtime(cfg.runtime, conv_net)
     apply_runtime(rt)
     batch_size = default_batch_size(rt, cfg.runtime.batch_size)
-    spec = bundle.spec
-    dataset = build_dataset(cfg.data, None, spec.image_mode, spec.scale_size())
+    if cfg.runtime.gpu_decode:
+        check_gpu_decode(cfg, spec)
     out_dir = Path(cfg.output.dir)
     writer = StoreWriter(out_dir, fingerprint(cfg, bundle), cfg.output.dtype,
                          cfg.output.shard_size, cfg.output.overwrite)
-    with writer:
+    with writer:  # on any exception: abort, keeping finished shards for a resume
         save_config(cfg, out_dir / "config.yaml")
         done = writer.done_keys
-        positions = [i for i, key in enumerate(dataset.keys) if key not in done]
-        todo = ViewsDataset(dataset.subset(positions), spec, cfg.output.views, cfg.runtime.seed)
+        skipped = sum(key in done for key in dataset.keys)
+        positions = resume_positions(dataset.keys, done, batch_size)
+        loader, prepare = build_loader(cfg, dataset.subset(positions), positions, spec, rt,
+                                       batch_size)
         compute = FeatureComputer(bundle.extractor, spec, rt, cfg.runtime.compile)
-        loader = make_loader(todo, aligned_batches(positions, batch_size), rt)
         loop_started = time.time()
-        written, failed = write_features(loader, compute, writer, cfg, len(todo), progress,
-                                         on_batch)
+        bar = progress_bar(len(dataset) - skipped, progress)
+        with bar:
+            written, failed = write_features(loader, compute, writer, cfg, bar, on_batch,
+                                             prepare)
         loop_seconds = time.time() - loop_started
         seconds = time.time() - started
-        meta = store_meta(cfg, bundle, rt, dataset, batch_size, written, failed, seconds)
+        meta = store_meta(cfg, bundle, rt, dataset, batch_size, (written, failed, skipped),
+                          seconds)
         store = writer.close(meta)
-    return ExtractResult(store, written, failed, len(dataset) - len(positions), seconds,
-                         loop_seconds, out_dir)
+    return ExtractResult(store, written, failed, skipped, seconds, loop_seconds, out_dir)
+
+
+def check_gpu_decode(cfg: ExtractConfig, spec: PreprocessSpec) -> None:
+    from .gpudecode import check_spec
+
+    if cfg.output.views:
+        raise ConfigError("runtime.gpu_decode works on plain images only; set output.views=0 "
+                          "or runtime.gpu_decode=false (augmented views are made with PIL)")
+    check_spec(spec)
+
+
+def build_loader(cfg: ExtractConfig, todo: ImageDataset, positions: list[int],
+                 spec: PreprocessSpec, rt: Runtime, batch_size: int
+                 ) -> tuple[DataLoader, Callable[[dict], dict] | None]:
+    """The loader over the items still to do, in batches aligned with the full dataset, and
+    the step (if any) that finishes its batches in the main process (GPU decoding)."""
+    batches = aligned_batches(positions, batch_size)
+    if not cfg.runtime.gpu_decode:
+        views = ViewsDataset(todo, spec, cfg.output.views, cfg.runtime.seed)
+        return make_loader(views, batches, rt), None
+    from .gpudecode import BatchDecoder, RawJpegDataset, collate_raw
+
+    raw = RawJpegDataset(todo, spec, cfg.data.max_image_pixels)
+    decoder = BatchDecoder(spec, rt.device, cfg.data.max_image_pixels)
+    if rt.is_cuda:  # workers read bytes; the GPU decodes whole batches in the main process
+        return make_loader(raw, batches, rt, collate_raw), decoder
+    return make_loader(raw, batches, rt, decoder.collate), None  # CPU: decode in the workers
+
+
+def progress_bar(total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", disable=not enabled, dynamic_ncols=True,
+                desc="extract")
 
 
 def write_features(loader: DataLoader, compute: FeatureComputer, writer: StoreWriter,
-                   cfg: ExtractConfig, total: int, progress: bool,
-                   on_batch: Callable[[int], None] | None) -> tuple[int, int]:
-    from tqdm.auto import tqdm
+                   cfg: ExtractConfig, bar: Any, on_batch: Callable[[int], None] | None,
+                   prepare: Callable[[dict], dict] | None = None) -> tuple[int, int]:
+    """Compute and store every batch; returns (written, failed) counts of items that were
+    not done before this run. Batch i + 1 is launched before batch i's rows are stored."""
+    done = writer.done_keys
+    counts = [0, 0]
+    pending: tuple[dict, Pending | None] | None = None
 
-    views = cfg.output.views
-    written = failed = 0
-    with tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True,
-              desc="extract") as bar:
-        for batch in loader:
-            if batch["failures"]:
-                writer.add_failures(batch["failures"])
-                failed += len(batch["failures"])
-            if batch["image"] is not None:
-                images = batch["image"]  # (B, 1 + views, C, H, W)
-                b = images.shape[0]
-                feats = compute(images.flatten(0, 1)).reshape(b, views + 1, -1)
-                add_rows(writer, batch["key"], batch["label"].numpy(), feats, cfg)
-                written += b
-            bar.update(len(batch["key"]) + len(batch["failures"]))
-            if on_batch is not None:
-                on_batch(written + failed)
-    return written, failed
+    def store(batch: dict, handle: Pending | None) -> None:
+        failures = [f for f in batch["failures"] if f[0] not in done]
+        if failures:
+            writer.add_failures(failures)
+        if handle is not None:
+            b = len(batch["key"])
+            feats = compute.finish(handle).reshape(b, cfg.output.views + 1, -1)
+            add_rows(writer, batch["key"], batch["label"].numpy(), feats, cfg)
+        new = sum(key not in done for key in batch["key"])
+        counts[0] += new
+        counts[1] += len(failures)
+        bar.update(new + len(failures))
+        if on_batch is not None:
+            on_batch(counts[0] + counts[1])
+
+    for batch in loader:
+        if prepare is not None:
+            batch = prepare(batch)
+        images = batch["image"]  # (B, 1 + views, C, H, W) uint8, or None: all failed
+        handle = compute.start(images.flatten(0, 1)) if images is not None else None
+        if pending is not None:
+            store(*pending)
+        pending = (batch, handle)
+    if pending is not None:
+        store(*pending)
+    return counts[0], counts[1]
 
 
 def add_rows(writer: StoreWriter, keys: list[str], labels: np.ndarray, feats: np.ndarray,
@@ -250,15 +363,17 @@ def add_rows(writer: StoreWriter, keys: list[str], labels: np.ndarray, feats: np
 
 
 def store_meta(cfg: ExtractConfig, bundle: ExtractorBundle, rt: Runtime, dataset: ImageDataset,
-               batch_size: int, written: int, failed: int, seconds: float) -> dict:
+               batch_size: int, counts: tuple[int, int, int], seconds: float) -> dict:
+    written, failed, skipped = counts
     return {"backbone": cfg.model.name, "source": bundle.backbone.source,
-            "cut": str(bundle.extractor.cut), "pool": bundle.extractor.pool_name,
-            "output_shape": list(bundle.extractor.output_shape),
+            "cut": str(bundle.extractor.cut), "pool": cfg.model.pool,
+            "pool_after_cut": bundle.extractor.pool_name, "output_shape": list(bundle.extractor.output_shape),
             "preprocess": bundle.spec.to_dict(), "class_names": dataset.class_names,
-            "runtime": {**rt.to_dict(), "batch_size": batch_size},
+            "runtime": {**rt.to_dict(), "batch_size": batch_size,
+                        "gpu_decode": cfg.runtime.gpu_decode},
             "versions": library_versions(), "config": to_dict(cfg),
             "counts": {"dataset": len(dataset), "written_this_run": written,
-                       "failed_this_run": failed},
+                       "failed_this_run": failed, "skipped_this_run": skipped},
             "elapsed_seconds": round(seconds, 3)}
 
 

@@ -1,0 +1,193 @@
+"""Optional batched JPEG decoding with torchvision (``runtime.gpu_decode: true``).
+
+Data-loading workers only read file bytes. JPEGs are decoded a batch at a time by
+``torchvision.io.decode_jpeg`` on the run's device (nvJPEG on CUDA), then resized and
+centre-cropped there to exactly the ``PreprocessSpec`` geometry, so the CPU does almost
+nothing per image. Without a GPU the same code is the fallback: libjpeg-turbo decodes the
+batch inside the workers (``BatchDecoder.collate``).
+
+Anything the batched decoder cannot take as is goes through the normal PIL path
+(``imageio.load_image`` + the timm transform), item by item, so results and failure reasons
+stay those of the PIL path:
+
+- files that do not start with a JPEG marker or do not end with one (cut short?),
+- CMYK JPEGs, JPEGs above ``data.max_image_pixels``, and JPEGs whose EXIF orientation is
+  not 1 (the decoder would ignore it); the header is parsed without decoding pixels,
+- JPEGs the decoder rejects (the PIL path then decodes them or names the failure).
+
+Features are close to, not identical with, the PIL path's: resize kernels and IDCTs differ
+slightly and large JPEGs are not draft-decoded. The store's fingerprint records the decode
+path, so the two are never mixed in one store.
+"""
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .datasets import ImageDataset
+from .errors import ConfigError
+from .imageio import ImageDecodeError, load_image
+from .preprocess import PreprocessSpec, build_transform
+
+JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
+ORIENTATION = 0x0112
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+
+
+def check_spec(spec: PreprocessSpec) -> None:
+    """ConfigError unless the spec's geometry can be reproduced on tensors."""
+    _, h, w = spec.input_size
+    if spec.interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"runtime.gpu_decode supports interpolation {', '.join(INTERPOLATIONS)}"
+                          f", not {spec.interpolation!r}; set preprocess.interpolation or "
+                          "runtime.gpu_decode=false")
+    square = math.floor(h / spec.crop_pct) == math.floor(w / spec.crop_pct)
+    if spec.crop_mode not in ("center", "squash") or (spec.crop_mode == "center" and not square):
+        raise ConfigError(f"runtime.gpu_decode supports square center crops and squash resizes, "
+                          f"not crop_mode={spec.crop_mode!r} at {h}x{w}; set "
+                          "preprocess.resize=squash or runtime.gpu_decode=false")
+
+
+def read_jpeg(path: str | Path, max_pixels: int | None) -> torch.Tensor | None:
+    """The file's bytes when the batched decoder can take them as they are, else None."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None  # the PIL path names the reason
+    if not data.startswith(JPEG_START) or not data.endswith(JPEG_END):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:  # parses the header, decodes no pixels
+                width, height = im.size
+                if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+                    return None
+                if max_pixels is not None and width * height > max_pixels:
+                    return None
+                if int(im.getexif().get(ORIENTATION, 1) or 1) != 1:
+                    return None
+    except Exception:  # noqa: BLE001 - anything odd: let the PIL path decide
+        return None
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+class RawJpegDataset(Dataset):
+    """Item ``raw``: JPEG bytes for the batched decoder; otherwise ``image``: the PIL path's
+    uint8 (C, H, W) tensor (or ``error``). ``path`` is kept for a later PIL fallback."""
+
+    def __init__(self, base: ImageDataset, spec: PreprocessSpec, max_pixels: int | None):
+        self.base = base
+        self.plain = build_transform(spec, normalize=False)
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        path = self.base.path(i)
+        raw = read_jpeg(path, self.max_pixels) if path is not None else None
+        if raw is not None:
+            item = {"image": None, "label": int(self.base.labels[i]), "key": self.base.keys[i],
+                    "index": int(i), "error": None}
+        else:
+            item = self.base[i]
+            if item["error"] is None:
+                item["image"] = self.plain(item["image"])
+        item.update(raw=raw, path=None if path is None else str(path))
+        return item
+
+
+def collate_raw(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Good samples in order (``items``: raw bytes or image tensors); failures apart."""
+    good = [s for s in batch if s["error"] is None]
+    return {"items": [s["raw"] if s["raw"] is not None else s["image"] for s in good],
+            "raw": [s["raw"] is not None for s in good], "path": [s["path"] for s in good],
+            "key": [s["key"] for s in good],
+            "label": torch.tensor([s["label"] for s in good], dtype=torch.int64),
+            "failures": [(s["key"], s["error"]) for s in batch if s["error"] is not None]}
+
+
+class BatchDecoder:
+    """A ``collate_raw`` batch -> the runner's batch: ``image`` (B, 1, C, H, W) uint8 on
+    ``device`` (None when every item failed), ``key``, ``label``, ``failures``."""
+
+    def __init__(self, spec: PreprocessSpec, device: torch.device | str,
+                 max_pixels: int | None):
+        from torchvision.io import ImageReadMode
+        from torchvision.transforms import InterpolationMode
+
+        check_spec(spec)
+        self.spec = spec
+        self.device = torch.device(device)
+        self.max_pixels = max_pixels
+        self.mode = ImageReadMode.GRAY if spec.channels == 1 else ImageReadMode.RGB
+        self.interpolation = {"nearest": InterpolationMode.NEAREST_EXACT,  # as PIL's nearest
+                              "bilinear": InterpolationMode.BILINEAR,
+                              "bicubic": InterpolationMode.BICUBIC}[spec.interpolation]
+        self._plain: Any = None
+
+    def collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        """``collate_raw`` then decode: for CPU runs, where the workers do the decoding."""
+        return self(collate_raw(batch))
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        items, is_raw = batch["items"], batch["raw"]
+        decoded = iter(self.decode([x for x, r in zip(items, is_raw) if r]))
+        images, keep, failures = [], [], list(batch["failures"])
+        for i, (item, raw) in enumerate(zip(items, is_raw)):
+            image = next(decoded) if raw else item.to(self.device, non_blocking=True)
+            if raw and image is None:  # the decoder rejected it: PIL decodes or names why
+                try:
+                    image = self.pil_fallback(batch["path"][i])
+                except ImageDecodeError as exc:
+                    failures.append((batch["key"][i], exc.short()))
+                    continue
+            elif raw:
+                image = self.resize_crop(image)
+            images.append(image)
+            keep.append(i)
+        return {"image": torch.stack(images).unsqueeze(1) if images else None,
+                "key": [batch["key"][i] for i in keep], "label": batch["label"][keep],
+                "failures": failures}
+
+    def decode(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Decode a batch at once; if that fails, one by one (None for rejected files)."""
+        from torchvision.io import decode_jpeg
+
+        if not data:
+            return []
+        try:
+            return list(decode_jpeg(data, mode=self.mode, device=self.device))
+        except Exception:  # noqa: BLE001 - one bad file fails the whole batched call
+            out: list[torch.Tensor | None] = []
+            for one in data:
+                try:
+                    out.append(decode_jpeg(one, mode=self.mode, device=self.device))
+                except Exception:  # noqa: BLE001
+                    out.append(None)
+            return out
+
+    def resize_crop(self, image: torch.Tensor) -> torch.Tensor:
+        """timm's eval geometry on a uint8 (C, H, W) tensor: resize (short side, or both
+        sides for squash, to size / crop_pct) with antialiasing, then centre crop."""
+        from torchvision.transforms.v2 import functional as F
+
+        _, h, w = self.spec.input_size
+        scale = [math.floor(h / self.spec.crop_pct), math.floor(w / self.spec.crop_pct)]
+        size = scale if self.spec.crop_mode == "squash" else scale[:1]
+        image = F.resize(image, size, interpolation=self.interpolation, antialias=True)
+        return F.center_crop(image, [h, w])
+
+    def pil_fallback(self, path: str) -> torch.Tensor:
+        if self._plain is None:
+            self._plain = build_transform(self.spec, normalize=False)
+        image = load_image(path, self.spec.image_mode, self.spec.scale_size(), self.max_pixels)
+        return self._plain(image).to(self.device)
