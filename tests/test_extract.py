@@ -17,7 +17,8 @@ import torch
 import yaml
 from PIL import Image
 
-from tests.imagegen import make_image_tree, make_messy_tree, random_image, save
+from tests.imagegen import (add_bad_files, make_image_tree, make_messy_tree, random_image,
+                           save)
 from transferlab.cli import run_cli
 from transferlab.config import ExtractConfig, load_config, to_dict
 from transferlab.errors import ConfigError, StoreError
@@ -180,6 +181,24 @@ def test_rerun_of_a_finished_store_skips_everything_and_changes_nothing(messy, t
     assert (result.written, result.failed) == (0, 0)
     assert result.skipped == len(messy["written"]) + len(messy["failures"])
     same_store(result.store, FeatureStore.open(messy["store"]))
+
+
+def test_a_folder_of_only_bad_files_gives_an_empty_store_not_a_crash(tmp_path):
+    cases = add_bad_files(tmp_path / "data")
+    cases["locked"].path.unlink()  # readable when running as root
+    result = run_extract(make_cfg(tmp_path / "data", tmp_path / "o"))
+    expected = {c.path.name for c in cases.values() if c.path.is_file()}
+    assert (result.written, result.failed, result.skipped) == (0, len(expected), 0)
+    assert len(result.store) == 0 and result.store.features.shape == (0, 96)
+    assert {k for k, _ in result.store.failures} == expected
+
+
+def test_the_same_root_named_relatively_resumes_the_store(tmp_path, monkeypatch):
+    make_image_tree(tmp_path / "data", per_class=1, unicode_name=False)
+    first = run_extract(make_cfg(tmp_path / "data", tmp_path / "o"))
+    monkeypatch.chdir(tmp_path)
+    again = run_extract(make_cfg(Path("data"), tmp_path / "o"))
+    assert (again.written, again.skipped) == (0, first.written)
 
 
 # ---------------------------------------------------------------------------------------

@@ -159,9 +159,14 @@ def fingerprint(cfg: ExtractConfig, bundle: ExtractorBundle) -> dict:
             "preprocess": bundle.spec.to_dict(), "views": cfg.output.views,
             "view_mode": cfg.output.view_mode if cfg.output.views else None,
             "decode": "torchvision" if cfg.runtime.gpu_decode else "pil",  # kernels differ
-            "data": {"source": cfg.data.source, "root": cfg.data.root,
-                     "list_file": cfg.data.list_file, "dataset": cfg.data.dataset,
+            "data": {"source": cfg.data.source, "root": absolute(cfg.data.root),
+                     "list_file": absolute(cfg.data.list_file), "dataset": cfg.data.dataset,
                      "split": cfg.data.split}}
+
+
+def absolute(path: str | None) -> str | None:
+    """The same folder named from another working directory is the same data."""
+    return None if path is None else str(Path(path).expanduser().resolve())
 
 
 def file_hash(path: str | Path) -> str:
@@ -261,6 +266,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
                          cfg.output.shard_size, cfg.output.overwrite)
     with writer:  # on any exception: abort, keeping finished shards for a resume
         save_config(cfg, out_dir / "config.yaml")
+        # no rows: sets the store's width now (also when every image fails) and checks it
+        writer.add([], [], np.zeros((0, bundle.extractor.feature_dim), np.float32))
         done = writer.done_keys
         skipped = sum(key in done for key in dataset.keys)
         positions = resume_positions(dataset.keys, done, batch_size)
