@@ -374,7 +374,8 @@ def store_meta(cfg: ExtractConfig, bundle: ExtractorBundle, rt: Runtime, dataset
     written, failed, skipped = counts
     return {"backbone": cfg.model.name, "source": bundle.backbone.source,
             "cut": str(bundle.extractor.cut), "pool": cfg.model.pool,
-            "pool_after_cut": bundle.extractor.pool_name, "output_shape": list(bundle.extractor.output_shape),
+            "pool_after_cut": bundle.extractor.pool_name,
+            "output_shape": list(bundle.extractor.output_shape),
             "preprocess": bundle.spec.to_dict(), "class_names": dataset.class_names,
             "runtime": {**rt.to_dict(), "batch_size": batch_size,
                         "gpu_decode": cfg.runtime.gpu_decode},

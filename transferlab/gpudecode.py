@@ -164,6 +164,11 @@ class BatchDecoder:
 
         if not data:
             return []
+        if self.device.type == "cuda":
+            # nvJPEG writes on its own stream into blocks allocated on ours, without waiting
+            # for it: kernels still queued here may read a recycled block (pytorch/vision
+            # PR 9606). Draining our stream first keeps the previous batch's rows intact.
+            torch.cuda.current_stream(self.device).synchronize()
         try:
             return list(decode_jpeg(data, mode=self.mode, device=self.device))
         except Exception:  # noqa: BLE001 - one bad file fails the whole batched call
