@@ -129,9 +129,9 @@ def test_sigkill_at_random_moments_including_before_any_shard(folder):
     out = folder["tmp"] / f"random-{seed}"
     early = rng.uniform(0.05, 1.0)  # still importing torch: the store does not exist yet
     assert kill_when(folder, out, lambda t: t >= early) == 0, f"seed {seed}"
-    target = rng.randint(1, 17)
+    target = rng.randint(1, 12)  # leaves 100+ rows: the run cannot end within the delay
     shards = kill_when(folder, out, lambda _: finished_shards(out) >= target,
-                       extra_delay=rng.uniform(0.0, 0.05))
+                       extra_delay=rng.uniform(0.0, 0.02))
     assert target <= shards < 19, f"seed {seed}"
     written, failed, skipped = complete(folder, out)
     assert skipped > 0 and written + failed + skipped == 304, f"seed {seed}"
