@@ -118,6 +118,103 @@ class ExtractConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
+@dataclass
+class HeadConfig:
+    """The classifier trained on top of the frozen base."""
+
+    # linear: one Linear layer; mlp: hidden Linear layers then the output Linear;
+    # keep: the model's own layers after the cut (Sequential: model[N:]; timm/torchvision:
+    # its classifier) with the final Linear re-initialised to the new class count.
+    type: Literal["linear", "mlp", "keep"] = "linear"
+    hidden: list[int] = field(default_factory=list)  # mlp hidden sizes, e.g. [500]
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    dropout: float = 0.0  # before every Linear of linear/mlp heads
+    in_features: int | None = None  # expected base feature size; null = taken from the cut
+
+
+@dataclass
+class TrainConfig:
+    """One training phase: optimiser, schedule, epochs, batches, validation."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    schedule: Literal["none", "cosine", "step"] = "none"  # per-step cosine, per-epoch step
+    step_epochs: int = 1  # step schedule: multiply the lr by step_gamma every N epochs
+    step_gamma: float = 0.1
+    label_smoothing: float = 0.0
+    val_split: float = 0.0  # fraction of the training items held out (stratified, seeded)
+    early_stopping: int = 0  # patience in epochs on validation loss (0 = off; needs val_split)
+    augment: bool = False  # timm's random training transform (disables the feature cache)
+    # auto: cache base features in memory when they fit, else on disk; memory | disk | off
+    # (YAML reads a bare off as false, which means off too; true means auto)
+    cache: Literal["auto", "memory", "disk", "off"] | bool = "auto"
+    cache_max_gb: float | None = None  # memory budget of the cache; null = chosen from free memory
+
+
+@dataclass
+class PretrainConfig:
+    """Optional first stage: train the whole backbone (all layers) on a source task, then use
+    its checkpoint as the base of the fine-tune (the MNIST 0-4 -> 5-9 experiment)."""
+
+    enabled: bool = False
+    classes: list | None = None  # source-task labels (filter applied to the same data source)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class UnfreezeConfig:
+    """Optional second phase: unfreeze the last layers of the base once the head converged."""
+
+    layers: int = 0  # last N parameterised top-level layers of the base (0 = no second phase)
+    epochs: int = 0
+    lr_mult: float = 0.1  # base learning rate = train.lr * lr_mult (the head keeps train.lr)
+    train_bn: bool = False  # let unfrozen BatchNorm layers update their running statistics
+
+
+@dataclass
+class ProbeStageConfig:
+    """Optional 'explicit approach': logistic regression on frozen base features."""
+
+    samples: int = 0  # training items drawn (seeded, stratified) for the probe; 0 = no probe
+    l2: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
+    val_fraction: float = 0.2  # of the samples, to choose among several l2 strengths
+    max_iter: int = 500
+
+
+@dataclass
+class FinetuneOutputConfig:
+    """Where checkpoints, metrics and the resolved config are written."""
+
+    dir: str = "outputs/finetune"
+    save_every_epoch: bool = True  # rewrite the checkpoint (atomically) after every epoch
+
+
+@dataclass
+class FinetuneConfig:
+    """Config of ``python -m transferlab.finetune``."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(cut="head"))
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # target task; data.classes filters it
+    # held-out evaluation data: overrides of `data` (e.g. {split: test} or {root: val/});
+    # null = none (the validation split, if any, is reported instead)
+    test: dict | None = None
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    unfreeze: UnfreezeConfig = field(default_factory=UnfreezeConfig)
+    probe: ProbeStageConfig = field(default_factory=ProbeStageConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    output: FinetuneOutputConfig = field(default_factory=FinetuneOutputConfig)
+    # config overrides (a nested mapping) applied when the data cannot be loaded, e.g.
+    # {data: {source: mnist-5k}, train: {epochs: 5}}: full MNIST when there, else the bundle
+    fallback: dict | None = None
+
+
 # ---------------------------------------------------------------------------------------
 # Loading machinery
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,149 @@
+"""Classify images with a fine-tuned checkpoint.
+
+Command line::
+
+    python -m transferlab.predict CHECKPOINT PATH... [--out preds.csv] [--batch-size 32]
+        [--device auto] [--workers N]
+
+``PATH`` is an image file or a folder (searched recursively for image files). The CSV has
+one row per readable image: ``path,class,probability`` (the most likely class and its
+softmax probability); files that cannot be decoded are listed on stderr, not in the CSV.
+Without ``--out`` the CSV goes to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import IMAGE_EXTENSIONS
+from .errors import ConfigError, DataError
+from .model_io import Classifier, load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    path: str
+    label: str
+    probability: float
+
+
+@dataclass
+class PredictResult:
+    predictions: list[Prediction]
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+
+def collect_images(paths: Sequence[str | Path],
+                   extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
+    """Image files named by ``paths``: files as given, folders searched recursively (sorted)."""
+    from .datasets import scan_folder
+
+    files: list[str] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = scan_folder(p, list(extensions))
+            if not found:
+                raise DataError(f"no image files ({', '.join(extensions)}) under {p}")
+            files += [str(p / key) for key in found]
+        elif p.exists():
+            files.append(str(p))
+        else:
+            raise DataError(f"{p} does not exist; give image files or folders of images")
+    if not files:
+        raise DataError("no images given; pass image files or folders")
+    return files
+
+
+def predict_files(model: Classifier, files: Sequence[str], batch_size: int = 32,
+                  num_workers: int = 0) -> PredictResult:
+    """Decode ``files`` (robustly: bad files become failures) and classify them."""
+    from .datasets import FileReader, ImageDataset, make_loader
+    from .imageio import DEFAULT_MAX_PIXELS
+    from .preprocess import build_transform
+
+    spec = model.preprocess
+    ds = ImageDataset(FileReader(None, files, DEFAULT_MAX_PIXELS), files, np.full(len(files), -1),
+                      transform=build_transform(spec, normalize=False),
+                      image_mode=spec.image_mode, draft_size=spec.scale_size())
+    result = PredictResult([])
+    for batch in make_loader(ds, batch_size, num_workers, pin_memory=model.device.type == "cuda"):
+        result.failures += batch["failures"]
+        if batch["image"] is None:
+            continue
+        probs = model.predict_proba(batch["image"], batch_size)
+        best, idx = probs.max(1)
+        result.predictions += [Prediction(path, model.class_names[int(i)], float(p))
+                               for path, p, i in zip(batch["key"], best, idx)]
+    return result
+
+
+def write_csv(predictions: Sequence[Prediction], out: io.TextIOBase) -> None:
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["path", "class", "probability"])
+    for p in predictions:
+        writer.writerow([p.path, p.label, f"{p.probability:.6f}"])
+
+
+def run_predict(checkpoint: str | Path, paths: Sequence[str | Path], out: str | Path | None,
+                batch_size: int = 32, device: str = "auto", num_workers: int = 0
+                ) -> PredictResult:
+    """Load ``checkpoint``, classify the images under ``paths`` and write the CSV to ``out``
+    (atomically; stdout when None)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(checkpoint, device)
+    result = predict_files(model, collect_images(paths), batch_size, num_workers)
+    if out is None:
+        write_csv(result.predictions, sys.stdout)
+        return result
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        write_csv(result.predictions, f)
+    tmp.replace(out)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m transferlab.predict",
+                                description="Classify images with a fine-tuned checkpoint.")
+    p.add_argument("checkpoint", help="model.safetensors written by transferlab.finetune")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    p.add_argument("--out", help="CSV file to write (default: stdout)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--workers", type=int, default=0, help="decoding processes")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> PredictResult:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    result = run_predict(args.checkpoint, args.paths, args.out, args.batch_size, args.device,
+                         args.workers)
+    for path, reason in result.failures:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if args.out:
+        print(f"{len(result.predictions)} predictions written to {args.out}"
+              + (f" ({len(result.failures)} files skipped)" if result.failures else ""),
+              file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    from .cli import run_cli
+
+    sys.exit(run_cli(main))
