@@ -92,13 +92,51 @@ def test_mnist_split_experiment_on_the_bundled_digits(tmp_path, capsys):
     assert torch.equal(rebuilt[0].weight, state["0.weight"])
     # the fine-tune used it: its base equals the pretrained first seven layers
     base = base_tensors(out / "model.safetensors")
-    assert torch.equal(base["0.weight"], state["0.weight"])
+    assert torch.equal(base["body.0.weight"], state["0.weight"])
     saved = load_config(out / "config.yaml", None, FinetuneConfig)
     assert saved.model.source == "checkpoint" and saved.data.source == "mnist-5k"
     conf = json.loads((out / "confusion.json").read_text())
     assert conf["classes"] == ["5", "6", "7", "8", "9"]
     assert np.trace(conf["matrix"]) / np.sum(conf["matrix"]) == pytest.approx(acc["head-only"])
+    # the pretrain checkpoint is also a classifier of digits 0-4
+    source_model = load_model(out / "pretrain.safetensors")
+    assert source_model.class_names == ["0", "1", "2", "3", "4"]
+    with np.load(MNIST) as data:
+        images, labels = data["images"], data["labels"]
+    rows = _mnist_test_rows(labels, (0, 4))
+    pred = source_model.predict_proba(torch.from_numpy(images[rows][:, None].copy())).argmax(1)
+    assert float((pred.numpy() == labels[rows]).mean()) == pytest.approx(acc["pretrain"])
     print(f"mnist split: {acc}, {elapsed:.1f} s")
+
+
+def write_idx(path, array):
+    """An MNIST idx file (ubyte) of ``array``."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+@pytest.mark.slow
+def test_mnist_split_uses_mnist_files_on_disk_with_the_original_epochs(tmp_path, capsys):
+    """MNIST idx files under data.root (here the bundled digits in that format): no fallback,
+    3 pretrain epochs and 1 head-only epoch as in the original experiment."""
+    from transferlab.datasets import mnist_5k_split
+
+    with np.load(MNIST) as data:
+        images, labels = data["images"], data["labels"]
+    root = tmp_path / "mnist"
+    root.mkdir()
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        rows = mnist_5k_split(labels, split)
+        write_idx(root / f"{prefix}-images-idx3-ubyte", images[rows])
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", labels[rows])
+    result = main([str(ROOT / "configs" / "mnist_split.yaml"), f"data.root={root}",
+                   f"output.dir={tmp_path / 'out'}", "runtime.progress=false"])
+    printed = capsys.readouterr().out
+    assert "torchvision MNIST" in printed and "not available" not in printed
+    assert [s.epochs for s in result.stages] == [3, 1, None]
+    assert result.config.data.source == "torchvision"
+    assert all(s.accuracy > 0.9 for s in result.stages)
 
 
 # ---------------------------------------------------------------------------------------
@@ -146,6 +184,18 @@ def test_cached_and_uncached_training_give_the_same_head(tmp_path, cache):
     assert cached.stage("head-only").accuracy == pytest.approx(plain.stage("head-only").accuracy)
     if cache == "disk":
         assert (tmp_path / "cached" / "cache" / "train" / "meta.json").is_file()
+
+
+def test_disk_cache_without_a_feature_store_uses_a_memory_mapped_npy(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transferlab.store", None)  # import fails
+    cached = run_finetune(tiny(tmp_path, "train.cache=disk", name="npy"))
+    plain = run_finetune(tiny(tmp_path, "train.cache=off", name="plain"))
+    assert (tmp_path / "npy" / "cache" / "train" / "features.npy").is_file()
+    a, b = head_tensors(cached.checkpoint), head_tensors(plain.checkpoint)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
 def test_same_seed_same_result_and_another_seed_differs(tmp_path):
@@ -201,11 +251,11 @@ def test_checkpoint_round_trip_gives_identical_predictions(tmp_path):
     assert matrix.tolist() == conf["matrix"]
 
 
-def _mnist_test_rows(labels):
+def _mnist_test_rows(labels, digits=(5, 7)):
     from transferlab.datasets import mnist_5k_split
 
     rows = mnist_5k_split(labels, "test")
-    return rows[(labels[rows] >= 5) & (labels[rows] <= 7)]
+    return rows[(labels[rows] >= digits[0]) & (labels[rows] <= digits[1])]
 
 
 def test_outputs_metrics_lines_confusion_csv_and_config(tmp_path):

@@ -127,10 +127,10 @@ def resolve_data(cfg: FinetuneConfig) -> tuple[FinetuneConfig, str]:
     except DataError as exc:
         if fallback is None:
             raise
-        reason = " ".join(str(exc).split(";")[0].split())[:160]
+        reason = " ".join(str(exc).split(" (")[0].split(";")[0].split())
+        log.debug("data not available: %s", exc)
     note = (f"data: {describe_data(cfg.data)} is not available ({reason}); using "
             f"{describe_data(fallback.data)} instead (the 'fallback' section)")
-    log.info(note)
     return fallback, note
 
 
@@ -340,6 +340,8 @@ def run_pretrain(ctx: Context) -> tuple[StageResult, Path]:
     model_cfg = replace(cfg.model, num_classes=len(data.labels))
     backbone, spec = build_model(model_cfg, cfg.preprocess)
     model = backbone.model.requires_grad_(True)
+    if rt.channels_last:
+        model.to(memory_format=torch.channels_last)
     net = Network(None, model, spec, rt.channels_last).to(rt.device)
     train_src, val_src = split(image_source(data, spec, rt, cfg.pretrain.train.augment,
                                             cfg.runtime.seed), cfg.pretrain.train.val_split,
@@ -418,7 +420,9 @@ def run_head(ctx: Context) -> tuple[StageResult, HeadRun]:
     if rt.channels_last:
         base.to(memory_format=torch.channels_last)
     net = Network(base, head, spec, rt.channels_last).to(rt.device)
+    t_cache = time.perf_counter()
     run = prepare_head_run(ctx, net, data, spec)
+    cache_seconds = time.perf_counter() - t_cache
     run.meta = classifier_meta(resolve_arch(cfg.model), str(base.cut), cfg.model.pool, cfg.head,
                                base.feature_dim, data.class_names, spec, labels=data.labels,
                                config=to_dict(cfg), stage="head")
@@ -426,7 +430,8 @@ def run_head(ctx: Context) -> tuple[StageResult, HeadRun]:
     fit_res = fit(net, train_src, val_src, cfg.train, rt, [{"params": list(head.parameters())}],
                   gen, "head", epoch_saver(ctx, run), ctx.progress)
     epochs = fit_res.epochs_run
-    details = {"cache": run.cached, "head": head_description(head),
+    details = {"cache": run.cached, "cache_seconds": cache_seconds if run.cached != "off" else 0.0,
+               "head": head_description(head),
                "feature_shape": list(base.output_shape), "epoch_seconds":
                [r["seconds"] for r in fit_res.history]}
     if cfg.unfreeze.layers > 0 and cfg.unfreeze.epochs > 0:

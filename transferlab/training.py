@@ -439,7 +439,7 @@ def cache_features(net: Network, src: Source, where: str, rt: Runtime, batch_siz
                       pin_memory=where == "cpu" and rt.is_cuda)
     done = torch.zeros(len(src), dtype=torch.bool)
     for feats, pos in _progress(extract(net, src, torch.arange(len(src)), batch_size, rt),
-                                progress, "caching features"):
+                                progress, "caching features", len(src), batch_size):
         buf[pos.to(device)] = feats.to(device)
         done[pos] = True
     targets = torch.as_tensor(src.targets)
@@ -463,7 +463,7 @@ def _cache_on_disk(net: Network, src: Source, rt: Runtime, batch_size: int,
         done = writer.done_keys
         todo = torch.tensor([i for i, k in enumerate(keys) if k not in done], dtype=torch.int64)
         for feats, pos in _progress(extract(net, src, todo, batch_size, rt), progress,
-                                    "caching features"):
+                                    "caching features", len(todo), batch_size):
             p = pos.numpy()
             writer.add([keys[i] for i in p], src.targets[p], feats.flatten(1))
         if isinstance(src, LoaderSource):
@@ -487,7 +487,7 @@ def _cache_memmap(net: Network, src: Source, rt: Runtime, batch_size: int,
                                       shape=(len(src), dim))
     done = np.zeros(len(src), bool)
     for feats, pos in _progress(extract(net, src, torch.arange(len(src)), batch_size, rt),
-                                progress, "caching features"):
+                                progress, "caching features", len(src), batch_size):
         array[pos.numpy()] = feats.flatten(1).cpu().numpy()
         done[pos.numpy()] = True
     array.flush()
@@ -496,12 +496,12 @@ def _cache_memmap(net: Network, src: Source, rt: Runtime, batch_size: int,
     return ArraySource(reader, good, src.targets[good], feature_shape, rt.device)
 
 
-def _progress(it: Any, progress: bool, desc: str) -> Any:
+def _progress(it: Any, progress: bool, desc: str, items: int, batch_size: int) -> Any:
     if not progress:
         return it
     from tqdm.auto import tqdm
 
-    return tqdm(it, desc=desc, unit="batch", leave=False)
+    return tqdm(it, desc=desc, unit="batch", leave=False, total=math.ceil(items / batch_size))
 
 
 def state_digest(module: nn.Module) -> str:
