@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .backbones import Backbone, build_backbone, resolve_source
-from .config import (DataConfig, FinetuneConfig, ModelConfig, TrainConfig, from_dict,
+from .config import (DataConfig, FinetuneConfig, ModelConfig, from_dict,
                      save_config, to_dict)
 from .errors import ConfigError, DataError, ModelError
 from .extractor import model_in_chans
