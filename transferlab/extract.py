@@ -29,7 +29,10 @@ from .extractor import ExtractorBundle, extractor_from_config
 from .imageio import load_image
 from .preprocess import DeviceNormalize, PreprocessSpec, build_transform
 from .runtime import Runtime, apply_runtime, default_batch_size, resolve_runtime, seed_everything
-from .store import FeatureStore, StoreWriter, library_versions
+from .distributed import (DistInfo, barrier, dist_info, init_distributed, part_range,
+                          shutdown)
+from .store import (FeatureStore, StoreWriter, check_fingerprint, library_versions,
+                    merge_stores)
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +253,9 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
     leaves the finished shards on disk: rerunning the same config resumes.
     """
     started = time.time()
-    dataset = build_dataset(cfg.data)  # a missing or empty root fails before the model loads
+    info = init_distributed(cfg.runtime.device)
+    full = build_dataset(cfg.data)  # a missing or empty root fails before the model loads
+    dataset = full.subset(range(*part_range(len(full), info.rank, info.world_size)))
     seed_everything(cfg.runtime.seed)  # random-init weights are reproducible
     bundle = extractor_from_config(cfg.model, cfg.preprocess)
     spec = bundle.spec
@@ -262,7 +267,12 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
     if cfg.runtime.gpu_decode:
         check_gpu_decode(cfg, spec)
     out_dir = Path(cfg.output.dir)
-    writer = StoreWriter(out_dir, fingerprint(cfg, bundle), cfg.output.dtype,
+    prints = fingerprint(cfg, bundle)
+    if info.enabled:
+        if info.is_main:  # the merged store must not mix with one written otherwise
+            check_fingerprint(out_dir, prints, cfg.output.dtype, cfg.output.overwrite)
+        barrier()
+    writer = StoreWriter(rank_dir(out_dir, info), prints, cfg.output.dtype,
                          cfg.output.shard_size, cfg.output.overwrite)
     with writer:  # on any exception: abort, keeping finished shards for a resume
         save_config(cfg, out_dir / "config.yaml")
@@ -275,16 +285,46 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
                                        batch_size)
         compute = FeatureComputer(bundle.extractor, spec, rt, cfg.runtime.compile)
         loop_started = time.time()
-        bar = progress_bar(len(dataset) - skipped, progress)
+        bar = progress_bar(len(dataset) - skipped, progress and info.is_main)
         with bar:
             written, failed = write_features(loader, compute, writer, cfg, bar, on_batch,
                                              prepare)
         loop_seconds = time.time() - loop_started
-        seconds = time.time() - started
-        meta = store_meta(cfg, bundle, rt, dataset, batch_size, (written, failed, skipped),
-                          seconds)
+        counts = (written, failed, skipped)
+        meta = store_meta(cfg, bundle, rt, dataset, batch_size, counts, time.time() - started)
         store = writer.close(meta)
-    return ExtractResult(store, written, failed, skipped, seconds, loop_seconds, out_dir)
+    if info.enabled:
+        counts, store = merge_ranks(out_dir, info, counts, meta, len(full))
+        loop_seconds = time.time() - loop_started
+    return ExtractResult(store, *counts, time.time() - started, loop_seconds, out_dir)
+
+
+def rank_dir(out_dir: Path, info: DistInfo) -> Path:
+    """Where this process writes: the store itself, or its own part under torchrun.
+
+    Parts are keyed by world size too: a rerun with another process count starts afresh
+    instead of mixing differently split parts.
+    """
+    if not info.enabled:
+        return out_dir
+    return out_dir / "ranks" / f"world-{info.world_size}" / f"rank-{info.rank:05d}"
+
+
+def merge_ranks(out_dir: Path, info: DistInfo, counts: tuple[int, int, int], meta: dict,
+                total: int) -> tuple[tuple[int, int, int], FeatureStore]:
+    """After every rank has closed its part, rank 0 writes the merged index and metadata."""
+    gathered: list[Any] = [None] * info.world_size
+    torch.distributed.all_gather_object(gathered, counts)
+    summed = tuple(int(sum(c[i] for c in gathered)) for i in range(3))
+    if info.is_main:
+        parts = [rank_dir(out_dir, DistInfo(r, info.world_size)) for r in range(info.world_size)]
+        merged_meta = {**meta, "counts": {"dataset": total, "written_this_run": summed[0],
+                                          "failed_this_run": summed[1],
+                                          "skipped_this_run": summed[2]},
+                       "world_size": info.world_size}
+        merge_stores(out_dir, parts, merged_meta)
+    barrier()
+    return summed, FeatureStore.open(out_dir)
 
 
 def check_gpu_decode(cfg: ExtractConfig, spec: PreprocessSpec) -> None:
@@ -423,8 +463,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                            "Extract frozen features of every image into a feature store.")
     args = parser.parse_args(argv)
     cfg = load_cli_config(args, ExtractConfig)
-    result = run_extract(cfg, progress=cfg.runtime.progress)
-    print(result.summary())
+    try:
+        result = run_extract(cfg, progress=cfg.runtime.progress)
+    finally:
+        shutdown()
+    if dist_info().is_main:
+        print(result.summary())
 
 
 if __name__ == "__main__":

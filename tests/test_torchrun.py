@@ -1,0 +1,82 @@
+"""Real ``torchrun`` launches with the gloo backend and two CPU processes."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.test_resume import CONFIG, REPO, env, make_tree
+from transferlab.config import ExtractConfig, load_config
+from transferlab.extract import run_extract
+from transferlab.store import FeatureStore
+
+pytestmark = pytest.mark.slow
+ATOL = 1e-3  # float16 rows computed in other batch compositions (see test_resume)
+
+
+def torchrun(*args: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", *args]
+
+
+def write_config(tmp_path: Path, data_root: Path, out: Path) -> Path:
+    cfg = {**CONFIG, "data": {"root": str(data_root)}, "output": {**CONFIG["output"],
+                                                                  "dir": str(out)}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def single_process_store(config: Path, out: Path) -> FeatureStore:
+    return run_extract(load_config(config, [f"output.dir={out}"], ExtractConfig)).store
+
+
+def assert_same_rows(got: FeatureStore, want: FeatureStore) -> None:
+    assert got.paths == want.paths
+    assert np.array_equal(got.labels, want.labels)
+    assert np.allclose(np.asarray(got.features, np.float32), np.asarray(want.features, np.float32),
+                       atol=ATOL * float(np.abs(np.asarray(want.features)).max()))
+    assert sorted(got.failures) == sorted(want.failures)
+
+
+def test_two_process_extraction_equals_single_process(tmp_path):
+    make_tree(tmp_path / "imgs", 41)
+    (tmp_path / "imgs" / "a" / "broken.jpg").write_bytes(b"not a jpeg")
+    config = write_config(tmp_path, tmp_path / "imgs", tmp_path / "dist")
+    proc = subprocess.run(torchrun("-m", "transferlab.extract", str(config)), env=env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("images written") == 1  # rank 0 reports, once
+    assert "41 images written, 1 failed" in proc.stdout
+    merged = FeatureStore.open(tmp_path / "dist")
+    assert merged.meta["world_size"] == 2
+    assert_same_rows(merged, single_process_store(config, tmp_path / "single"))
+
+
+def test_killed_torchrun_extraction_resumes(tmp_path):
+    make_tree(tmp_path / "imgs", 160)
+    out = tmp_path / "dist"
+    config = write_config(tmp_path, tmp_path / "imgs", out)
+    command = torchrun("-m", "transferlab.extract", str(config))
+    proc = subprocess.Popen(command, env=env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    shards = out / "ranks" / "world-2"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(shards.glob("rank-*/shards/shard-*.json"))) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, no cleanup
+    proc.wait()
+    assert not (out / "meta.json").exists()
+    again = subprocess.run(command, env=env(), cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    skipped = int(again.stdout.split(" skipped")[0].rsplit(" ", 1)[-1])
+    assert skipped > 0
+    assert_same_rows(FeatureStore.open(out), single_process_store(config, tmp_path / "single"))
