@@ -1,34 +1,56 @@
 """transferlab: reuse trained networks — frozen feature extraction and head-only fine-tuning.
 
 The public API, for notebooks and scripts; each command-line module
-(``python -m transferlab.extract`` ...) is a thin wrapper over these functions.
+(``python -m transferlab.extract`` ...) is a thin wrapper over these functions. Names are
+imported on first use, so ``python -m transferlab.X`` starts without loading every module.
 """
 from __future__ import annotations
 
-from . import plots
-from .backbones import Backbone, build_backbone
-from .config import ExtractConfig, load_config, save_config
-from .cluster import KMeansResult, kmeans, run_cluster
-from .cuts import CutSpec, FrozenExtractor, list_cut_points, parse_cut
-from .datasets import ImageDataset, build_dataset
-from .errors import (ConfigError, CutError, DataError, ModelError, StoreError,
-                     TransferlabError)
-from .extract import ExtractResult, embed_images, run_extract
-from .extractor import ExtractorBundle, build_extractor, extractor_from_config
-from .neighbors import nearest
-from .preprocess import PreprocessSpec, build_transform, resolve_preprocess
-from .probe import ProbeResult, fit_logistic, knn_accuracy, run_probe
-from .store import FeatureStore, StoreWriter
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Backbone", "ConfigError", "CutError", "CutSpec", "DataError", "ExtractConfig",
-    "ExtractResult", "ExtractorBundle", "FeatureStore", "FrozenExtractor", "ImageDataset",
-    "ModelError", "PreprocessSpec", "StoreError", "StoreWriter", "TransferlabError",
-    "build_backbone", "build_dataset", "build_extractor", "build_transform", "embed_images",
-    "extractor_from_config", "list_cut_points", "load_config", "parse_cut",
-    "resolve_preprocess", "run_extract", "save_config",
-    "KMeansResult", "ProbeResult", "fit_logistic", "kmeans", "knn_accuracy", "nearest",
-    "plots", "run_cluster", "run_probe",
-]
+# public name -> module that defines it
+_EXPORTS = {
+    # configs and errors
+    "ExtractConfig": "config", "FinetuneConfig": "config", "load_config": "config",
+    "save_config": "config",
+    "TransferlabError": "errors", "ConfigError": "errors", "ModelError": "errors",
+    "CutError": "errors", "DataError": "errors", "StoreError": "errors",
+    # backbones, cuts, preprocessing
+    "Backbone": "backbones", "build_backbone": "backbones",
+    "CutSpec": "cuts", "FrozenExtractor": "cuts", "list_cut_points": "cuts",
+    "parse_cut": "cuts",
+    "ExtractorBundle": "extractor", "build_extractor": "extractor",
+    "extractor_from_config": "extractor",
+    "PreprocessSpec": "preprocess", "build_transform": "preprocess",
+    "resolve_preprocess": "preprocess",
+    # data and stores
+    "ImageDataset": "datasets", "build_dataset": "datasets",
+    "FeatureStore": "store", "StoreWriter": "store",
+    # runners
+    "ExtractResult": "extract", "run_extract": "extract", "embed_images": "extract",
+    "run_finetune": "finetune", "load_model": "model_io",
+    # downstream
+    "ProbeResult": "probe", "fit_logistic": "probe", "knn_accuracy": "probe",
+    "run_probe": "probe", "KMeansResult": "cluster", "kmeans": "cluster",
+    "run_cluster": "cluster", "nearest": "neighbors",
+}
+_SUBMODULES = {"plots"}
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'transferlab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
