@@ -123,3 +123,26 @@ def test_plain_safetensors_is_not_a_checkpoint(tmp_path):
     save_file({"w": torch.zeros(1)}, str(tmp_path / "w.safetensors"))
     with pytest.raises(ModelError, match="not a transferlab checkpoint"):
         build_backbone(ModelConfig(name=str(tmp_path / "w.safetensors"), source="checkpoint"))
+
+
+def test_finetuned_classifier_checkpoint_as_backbone(tmp_path):
+    """A fine-tune's model.safetensors is a backbone: cut 'head' gives its base features."""
+    from transferlab.config import HeadConfig
+    from transferlab.heads import cut_with_head
+    from transferlab.model_io import classifier_meta, save_classifier
+    from transferlab.preprocess import resolve_preprocess
+    from transferlab.extractor import extractor_from_config
+
+    torch.manual_seed(0)
+    arch = build_backbone(ModelConfig(name="lenet"))
+    spec = resolve_preprocess(arch.data_config)
+    base, head = cut_with_head(arch.model, "first:7", None, spec.input_size,
+                               HeadConfig(type="linear"), 3, "lenet")
+    meta = classifier_meta({"name": "lenet"}, "first:7", None, HeadConfig(type="linear"), 800,
+                           ["a", "b", "c"], spec)
+    path = save_classifier(tmp_path / "model.safetensors", base, head, meta)
+    bundle = extractor_from_config(ModelConfig(name=str(path), cut="head"))
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(bundle.extractor(x), base(x))
+    assert bundle.spec == spec

@@ -31,7 +31,8 @@ _EXPORTS = {
     "FeatureStore": "store", "StoreWriter": "store",
     # runners
     "ExtractResult": "extract", "run_extract": "extract", "embed_images": "extract",
-    "run_finetune": "finetune", "load_model": "model_io",
+    "run_finetune": "finetune", "FinetuneResult": "finetune",
+    "load_model": "model_io", "Classifier": "model_io", "HeadError": "heads",
     # downstream
     "ProbeResult": "probe", "fit_logistic": "probe", "knn_accuracy": "probe",
     "run_probe": "probe", "KMeansResult": "cluster", "kmeans": "cluster",

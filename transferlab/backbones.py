@@ -185,17 +185,33 @@ def build_callable(cfg: ModelConfig) -> Backbone:
 
 
 def build_from_checkpoint(cfg: ModelConfig) -> Backbone:
-    """A transferlab checkpoint: rebuild the recorded architecture, load its weights."""
+    """A transferlab checkpoint: a backbone (rebuild the recorded architecture, load its
+    weights) or a fine-tuned classifier (its ``base`` then ``head``; cut ``head`` gives the
+    base's features)."""
     from .checkpoint import read_checkpoint
+    from .model_io import FORMAT as CLASSIFIER_FORMAT
 
     state, meta = read_checkpoint(cfg.name)
+    if meta.get("format") == CLASSIFIER_FORMAT:
+        return classifier_backbone(cfg.name)
     arch = meta.get("backbone")
     if not isinstance(arch, dict):
-        raise ModelError(f"{cfg.name} is not a transferlab backbone checkpoint (no 'backbone' "
-                         "entry in its metadata); load plain weights with 'model.weights: PATH'")
+        raise ModelError(f"{cfg.name} is not a transferlab backbone or classifier checkpoint "
+                         "(no 'backbone' entry in its metadata); load plain weights with "
+                         "'model.weights: PATH'")
     arch_cfg = ModelConfig(**{**arch, "pretrained": False, "weights": None})
     backbone = build_backbone(arch_cfg)
     load_weights_into(backbone.model, state, cfg.name)
     return Backbone(backbone.model, cfg.name, "checkpoint",
                     meta.get("data_config") or backbone.data_config)
 
+
+def classifier_backbone(path: str) -> Backbone:
+    from .model_io import load_model
+
+    model = load_model(path)
+    spec = model.preprocess
+    data_config = {"input_size": spec.input_size, "interpolation": spec.interpolation,
+                   "mean": spec.mean, "std": spec.std, "crop_pct": spec.crop_pct,
+                   "crop_mode": spec.crop_mode}
+    return Backbone(model, path, "checkpoint", data_config)
