@@ -221,17 +221,17 @@ def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path):
     config.write_text(yaml.safe_dump({
         "model": {"name": "tests.test_resume:wide_conv", "source": "callable", "cut": "first:1",
                   "pool": "none"},
-        "preprocess": {"input_size": [64, 64], "resize": "squash"},
+        "preprocess": {"input_size": [80, 80], "resize": "squash"},
         "runtime": {"batch_size": 16, "num_workers": 0, "threads": 1, "progress": False},
         "output": {"shard_size": 64}}), encoding="utf-8")
-    peaks, row_bytes = {}, 64 * 64 * 64 * 2
+    peaks, row_bytes = {}, 64 * 80 * 80 * 2
     for n in (200, 1000):
         make_tree(tmp_path / f"data{n}", n, size=16)
         peaks[n] = peak_rss_mb(config, tmp_path / f"data{n}", tmp_path / f"out{n}")
         meta = json.loads((tmp_path / f"out{n}" / "meta.json").read_text(encoding="utf-8"))
         assert meta["rows"] == n and meta["dim"] * 2 == row_bytes
         for shard in (tmp_path / f"out{n}" / "shards").glob("*.npy"):
-            shard.unlink()  # 500 MB of test output: free the disk at once
-    # the test can fail: holding every row would add this much for the larger run
-    assert (1000 - 200) * row_bytes / 2**20 > 0.3 * peaks[200]
+            shard.unlink()  # 800 MB of test output: free the disk at once
+    # the test can fail: holding every row would add more than the 20% tolerance
+    assert (1000 - 200) * row_bytes / 2**20 > 0.2 * peaks[200], peaks
     assert abs(peaks[1000] - peaks[200]) < 0.2 * peaks[200], peaks
