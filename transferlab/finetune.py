@@ -14,12 +14,19 @@ Everything lands in ``output.dir``: ``config.yaml`` (resolved), ``pretrain.safet
 ``model.safetensors`` (rewritten atomically after every epoch, so Ctrl-C keeps the last good
 one), ``metrics.jsonl`` (one line per epoch), ``metrics.json`` (the closing table),
 ``confusion.json`` / ``confusion.csv``.
+
+Under ``torchrun --nproc_per_node=N`` every process takes a seeded share of the training
+items (and computes the frozen features of that share only), the gradients of the trainable
+part are summed over the processes at every step of the global batch (``train.batch_size``
+items in all, split across them), evaluation gathers every process's part, and rank 0
+alone writes the outputs. The weights end identical in every process (checked).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -30,8 +37,9 @@ import numpy as np
 import torch
 
 from .backbones import Backbone, build_backbone, resolve_source
-from .config import (DataConfig, FinetuneConfig, ModelConfig, from_dict,
+from .config import (DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig, from_dict,
                      save_config, to_dict)
+from .distributed import DistInfo, barrier, dist_info, init_distributed, part_range, shutdown
 from .errors import ConfigError, DataError, ModelError
 from .extractor import model_in_chans
 from .heads import cut_with_head, head_description
@@ -228,17 +236,20 @@ def split(src: Source, fraction: float, seed: int) -> tuple[Source, Source | Non
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON line per epoch, flushed at once."""
+    """``metrics.jsonl``: one JSON line per epoch, flushed at once (``path`` None: records
+    kept in memory only, as in the processes other than rank 0)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
         self.path = path
-        path.write_text("", encoding="utf-8")
+        if path is not None:
+            path.write_text("", encoding="utf-8")
         self.records: list[dict] = []
 
     def write(self, record: dict) -> None:
         self.records.append(record)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 def confusion_matrix(pred: np.ndarray, target: np.ndarray, n: int) -> np.ndarray:
@@ -266,6 +277,100 @@ def format_table(stages: Sequence[StageResult]) -> str:
         epochs = str(s.epochs) if s.epochs is not None else "-"
         rows.append(f"{s.stage:<12}{s.train_samples:>14}{epochs:>8}{acc:>14}{s.seconds:>9.1f}")
     return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------
+# Several processes (torchrun); each helper is the identity in a single process
+# ---------------------------------------------------------------------------------------
+
+
+def share_runtime(rt: Runtime, cfg: RuntimeConfig, info: DistInfo) -> Runtime:
+    """Each process on its own GPU; the processes of a machine share its cores, so each
+    takes its part of the automatic thread (CPU) and loader worker counts."""
+    if not info.enabled:
+        return rt
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
+    changes: dict[str, Any] = {}
+    if rt.is_cuda and rt.device.index is None:
+        changes["device"] = torch.device("cuda", torch.cuda.current_device())
+    if not rt.is_cuda and cfg.threads is None:
+        changes["threads"] = max(1, rt.threads // local)
+    if cfg.num_workers is None:
+        changes["num_workers"] = max(min(rt.num_workers, 1), rt.num_workers // local)
+    return replace(rt, **changes)
+
+
+def share_rows(count: int, info: DistInfo, seed: int) -> np.ndarray | None:
+    """This process's share of ``count`` training items: a seeded random partition (every
+    share draws from every class, also from data sorted by class), sorted; None alone."""
+    if not info.enabled:
+        return None
+    perm = np.random.default_rng(seed).permutation(count)
+    return np.sort(perm[info.rank::info.world_size])
+
+
+def part_rows(count: int, info: DistInfo) -> np.ndarray | None:
+    """This process's contiguous part of ``count`` items to evaluate (rank order = source
+    order once gathered); None alone."""
+    if not info.enabled:
+        return None
+    return np.arange(*part_range(count, info.rank, info.world_size))
+
+
+def take(src: Source | None, rows: np.ndarray | None) -> Source | None:
+    return src if src is None or rows is None else src.subset(rows)
+
+
+def total(ctx: Context, count: int) -> int:
+    """``count`` summed over the processes."""
+    return int(sum(gather(ctx, count)))
+
+
+def gather(ctx: Context, obj: Any) -> list:
+    """Every process's ``obj``, in rank order, in every process."""
+    if not ctx.info.enabled:
+        return [obj]
+    out: list[Any] = [None] * ctx.info.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def gather_to_main(ctx: Context, obj: Any) -> list | None:
+    """Every process's ``obj``, in rank order, in rank 0 (None in the others)."""
+    if not ctx.info.enabled:
+        return [obj]
+    out: list[Any] | None = [None] * ctx.info.world_size if ctx.main else None
+    torch.distributed.gather_object(obj, out, dst=0)
+    return out
+
+
+def from_main(ctx: Context, obj: Any) -> Any:
+    """Rank 0's ``obj`` in every process."""
+    if not ctx.info.enabled:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def reseed_per_process(ctx: Context) -> None:
+    """Once the models are built alike, give each process its own random stream (dropout)."""
+    if ctx.info.enabled:
+        torch.manual_seed(ctx.cfg.runtime.seed * 1_000_003 + ctx.info.rank)
+
+
+def check_replicas(ctx: Context, module: torch.nn.Module, what: str) -> str | None:
+    """Every process must end with the same trained weights: compare their digests."""
+    if not ctx.info.enabled:
+        return None
+    digest = state_digest(module)
+    log.info("rank %d of %d: %s weights sha256 %s", ctx.info.rank, ctx.info.world_size, what,
+             digest)
+    digests = gather(ctx, digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"the {what} weights differ between processes after training "
+                           f"({digests}); please report this")
+    return digest
 
 
 # ---------------------------------------------------------------------------------------
@@ -321,10 +426,21 @@ class Context:
     rt: Runtime
     out: Path
     metrics: MetricsLog
+    info: DistInfo = field(default_factory=DistInfo)
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the outputs (rank 0, or the only process)."""
+        return self.info.is_main
 
     @property
     def progress(self) -> bool:
-        return self.cfg.runtime.progress
+        return self.cfg.runtime.progress and self.main
+
+    @property
+    def worker_seed(self) -> int:
+        """Seed of the loader workers (random augmentation): one stream per process."""
+        return self.cfg.runtime.seed + 7919 * self.info.rank
 
     @property
     def eval_batch(self) -> int:
@@ -343,9 +459,9 @@ def run_pretrain(ctx: Context) -> tuple[StageResult, Path]:
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
     net = Network(None, model, spec, rt.channels_last).to(rt.device)
-    train_src, val_src = split(image_source(data, spec, rt, cfg.pretrain.train.augment,
-                                            cfg.runtime.seed), cfg.pretrain.train.val_split,
-                               cfg.runtime.seed)
+    images = image_source(data, spec, rt, cfg.pretrain.train.augment, ctx.worker_seed)
+    train_src, val_src = split(take(images, share_rows(len(images), ctx.info, cfg.runtime.seed)),
+                               cfg.pretrain.train.val_split, cfg.runtime.seed)
     path = ctx.out / PRETRAIN_FILE
     meta = {"format": BACKBONE_FORMAT, "backbone": resolve_arch(model_cfg),
             "data_config": jsonable(backbone.data_config), "class_names": data.class_names,
@@ -354,15 +470,19 @@ def run_pretrain(ctx: Context) -> tuple[StageResult, Path]:
 
     def on_epoch(record: dict) -> None:
         ctx.metrics.write({"stage": "pretrain", **record})
-        if cfg.output.save_every_epoch:
+        if cfg.output.save_every_epoch and ctx.main:
             save_pretrain(path, model, {**meta, "epoch": record["epoch"], "metrics": record})
 
+    reseed_per_process(ctx)
     result = fit(net, train_src, val_src, cfg.pretrain.train, rt,
                  [{"params": list(model.parameters())}], gen, "pretrain", on_epoch, ctx.progress)
+    check_replicas(ctx, model, "pretrained model")
     held = held_out_eval(ctx, net, test_config(cfg), cfg.pretrain.classes, data, spec, val_src)
-    save_pretrain(path, model, {**meta, "epoch": result.epochs_run,
-                                "test_accuracy": held[1] if held else None})
-    stage = StageResult("pretrain", len(train_src), result.epochs_run,
+    if ctx.main:
+        save_pretrain(path, model, {**meta, "epoch": result.epochs_run,
+                                    "test_accuracy": held[1] if held else None})
+    barrier()  # the head stage of every process reads the checkpoint rank 0 wrote
+    stage = StageResult("pretrain", total(ctx, len(train_src)), result.epochs_run,
                         held[1] if held else None, time.perf_counter() - t0,
                         held[0] if held else None, {"classes": data.class_names})
     return stage, path
@@ -386,9 +506,10 @@ def held_out_eval(ctx: Context, net: Network, test_cfg: DataConfig | None,
     """(which, accuracy, EvalResult) on the test data, else on the validation split."""
     if test_src is None and test_cfg is not None:
         test = load_labelled(test_cfg, classes, "test", known=train.labels)
-        test_src = image_source(test, spec, ctx.rt, False, ctx.cfg.runtime.seed)
+        test_src = image_source(test, spec, ctx.rt, False, ctx.worker_seed)
+        test_src = take(test_src, part_rows(len(test_src), ctx.info))
     src, which = (test_src, "test") if test_src is not None else (val_src, "validation")
-    if src is None or not len(src):
+    if src is None or not total(ctx, len(src)):
         return None
     res = evaluate(net, src, ctx.eval_batch, ctx.rt)
     return which, res.accuracy, res
@@ -427,6 +548,7 @@ def run_head(ctx: Context) -> tuple[StageResult, HeadRun]:
                                base.feature_dim, data.class_names, spec, labels=data.labels,
                                config=to_dict(cfg), stage="head")
     train_src, val_src = split(run.train_all, cfg.train.val_split, cfg.runtime.seed)
+    reseed_per_process(ctx)
     fit_res = fit(net, train_src, val_src, cfg.train, rt, [{"params": list(head.parameters())}],
                   gen, "head", epoch_saver(ctx, run), ctx.progress)
     epochs = fit_res.epochs_run
@@ -434,13 +556,18 @@ def run_head(ctx: Context) -> tuple[StageResult, HeadRun]:
                "head": head_description(head),
                "feature_shape": list(base.output_shape), "epoch_seconds":
                [r["seconds"] for r in fit_res.history]}
+    train_samples = total(ctx, len(train_src))
     if cfg.unfreeze.layers > 0 and cfg.unfreeze.epochs > 0:
         epochs += run_unfreeze(ctx, run, gen, details)
+    if ctx.info.enabled:
+        details["processes"] = ctx.info.world_size
+        trained = net if net.base_trainable else net.head  # the head, or all when unfrozen
+        details["weights_sha256"] = check_replicas(ctx, trained, "trained")
     held = held_out_eval(ctx, net, None, None, data, spec, val_src, run.test)
     finish_head(ctx, run, held, epochs)
     seconds = time.perf_counter() - t0
     return StageResult("head-only" if not details.get("unfrozen") else "fine-tune",
-                       len(train_src), epochs, held[1] if held else None, seconds,
+                       train_samples, epochs, held[1] if held else None, seconds,
                        held[0] if held else None, details), run
 
 
@@ -449,37 +576,55 @@ def prepare_head_run(ctx: Context, net: Network, data: LabelledData,
     """Image sources, replaced by cached features when the base is frozen and not augmented."""
     cfg, rt = ctx.cfg, ctx.rt
     seed = cfg.runtime.seed
-    train_all = image_source(data, spec, rt, cfg.train.augment, seed)
+    train_all = image_source(data, spec, rt, cfg.train.augment, ctx.worker_seed)
+    train_rows = share_rows(len(train_all), ctx.info, seed)
+    train_all = take(train_all, train_rows)
     test_cfg = test_config(cfg)
     test_data = load_labelled(test_cfg, cfg.data.classes, "test", known=data.labels) \
         if test_cfg is not None else None
-    test = image_source(test_data, spec, rt, False, seed) if test_data is not None else None
+    test = image_source(test_data, spec, rt, False, ctx.worker_seed) \
+        if test_data is not None else None
+    test_rows = part_rows(len(test), ctx.info) if test is not None else None
+    test = take(test, test_rows)
     shape = tuple(net.base.output_shape)
     nbytes = 4 * int(np.prod(shape)) * (len(train_all) + (len(test) if test else 0))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.info.world_size))
     where = "off" if cfg.train.augment else plan_cache(cfg.train.cache, nbytes, rt,
-                                                       cfg.train.cache_max_gb)
+                                                       cfg.train.cache_max_gb, local)
     if where != "off":
         digest = {"base": state_digest(net.base) if where == "disk" else None,
                   "cut": str(net.base.cut), "pool": net.base.pool_name,
                   "preprocess": spec.to_dict()}
-        train_all = cache(ctx, net, train_all, where, data, cfg.data, digest, "train")
+        train_all = cache(ctx, net, train_all, where, keys_of(data, train_rows), cfg.data,
+                          digest, "train")
         if test is not None:
-            test = cache(ctx, net, test, where, test_data, test_cfg, digest, "test")
+            test = cache(ctx, net, test, where, keys_of(test_data, test_rows), test_cfg, digest,
+                         "test")
     return HeadRun(net, data, spec, {}, train_all, test, where)
 
 
-def cache(ctx: Context, net: Network, src: Source, where: str, data: LabelledData,
+def keys_of(data: LabelledData, rows: np.ndarray | None) -> list[str]:
+    keys = data.dataset.keys
+    return list(keys) if rows is None else [keys[i] for i in rows]
+
+
+def cache(ctx: Context, net: Network, src: Source, where: str, keys: list[str],
           data_cfg: DataConfig, digest: dict, name: str) -> Source:
+    """Features of ``src`` (this process's share); a disk cache of each process goes to
+    ``cache/ranks/world-N/rank-R`` as the parts of an extraction do."""
     fingerprint = {**digest, "data": {k: getattr(data_cfg, k) for k in
                                       ("source", "root", "list_file", "dataset", "split")}}
+    folder = ctx.out / "cache"
+    if ctx.info.enabled:
+        folder = folder / "ranks" / f"world-{ctx.info.world_size}" / f"rank-{ctx.info.rank:05d}"
     return cache_features(net, src, where, ctx.rt, ctx.eval_batch, net.base.output_shape,
-                          data.dataset.keys, ctx.out / "cache" / name, fingerprint, ctx.progress)
+                          keys, folder / name, fingerprint, ctx.progress)
 
 
 def epoch_saver(ctx: Context, run: HeadRun) -> Any:
     def on_epoch(record: dict) -> None:
         ctx.metrics.write({"stage": "head", **record})
-        if ctx.cfg.output.save_every_epoch:
+        if ctx.cfg.output.save_every_epoch and ctx.main:
             save_classifier(ctx.out / MODEL_FILE, run.net.base, run.net.head,
                             {**run.meta, "epoch": record["epoch"], "metrics": record})
     return on_epoch
@@ -496,12 +641,14 @@ def run_unfreeze(ctx: Context, run: HeadRun, gen: torch.Generator, details: dict
                           f"{len(layers)} layers with weights ({names})")
     details["unfrozen"] = unfreeze_last(net, layers, cfg.unfreeze.layers, cfg.unfreeze.train_bn)
     seed = cfg.runtime.seed
-    images = image_source(run.data, run.spec, rt, cfg.train.augment, seed)
+    images = image_source(run.data, run.spec, rt, cfg.train.augment, ctx.worker_seed)
+    images = take(images, share_rows(len(images), ctx.info, seed))
     train_src, val_src = split(images, cfg.train.val_split, seed)
     if run.test is not None and run.test.kind == "features":
         test_data = load_labelled(test_config(cfg), cfg.data.classes, "test",
                                   known=run.data.labels)
-        run.test = image_source(test_data, run.spec, rt, False, seed)
+        test = image_source(test_data, run.spec, rt, False, ctx.worker_seed)
+        run.test = take(test, part_rows(len(test), ctx.info))
     base_params = [p for p in net.base.parameters() if p.requires_grad]
     groups = [{"params": list(net.head.parameters())},
               {"params": base_params, "lr": cfg.train.lr * cfg.unfreeze.lr_mult}]
@@ -513,6 +660,8 @@ def run_unfreeze(ctx: Context, run: HeadRun, gen: torch.Generator, details: dict
 
 
 def finish_head(ctx: Context, run: HeadRun, held: tuple | None, epochs: int) -> None:
+    if not ctx.main:
+        return
     meta = {**run.meta, "epoch": epochs}
     if held is not None:
         which, acc, res = held
@@ -523,15 +672,26 @@ def finish_head(ctx: Context, run: HeadRun, held: tuple | None, epochs: int) -> 
 
 
 def run_probe(ctx: Context, run: HeadRun) -> StageResult:
-    """Logistic regression on frozen base features of ``probe.samples`` training items."""
+    """Logistic regression on frozen base features of ``probe.samples`` training items.
+
+    Under torchrun the items are drawn from every process's share; their features (and
+    those of the test parts) are gathered, rank 0 fits, and every process gets its result.
+    """
     from .probe import fit_logistic, stratified_split
 
     cfg, pcfg = ctx.cfg, ctx.cfg.probe
     t0 = time.perf_counter()
-    n = min(pcfg.samples, len(run.train_all))
+    sizes = gather(ctx, len(run.train_all))
+    offset = sum(sizes[:ctx.info.rank])
+    n = min(pcfg.samples, sum(sizes))
     rng = np.random.default_rng(cfg.runtime.seed)
-    rows = np.sort(rng.choice(len(run.train_all), n, replace=False))
-    x, y = features_of(ctx, run.net, run.train_all.subset(rows))
+    rows = np.sort(rng.choice(sum(sizes), n, replace=False))
+    mine = rows[(rows >= offset) & (rows < offset + len(run.train_all))] - offset
+    train = gathered_features(ctx, run.net, run.train_all.subset(mine))
+    test = gathered_features(ctx, run.net, run.test) if run.test is not None else None
+    if not ctx.main:
+        return from_main(ctx, None)
+    x, y = train
     l2s = list(pcfg.l2)
     if len(l2s) > 1:
         tr, va = stratified_split(y, pcfg.val_fraction, cfg.runtime.seed)
@@ -540,11 +700,25 @@ def run_probe(ctx: Context, run: HeadRun) -> StageResult:
         l2s = [sweep.best_l2]
     res = fit_logistic(x, y, l2s, device=ctx.rt.device, max_iter=pcfg.max_iter)
     acc, which = None, None
-    if run.test is not None:
-        tx, ty = features_of(ctx, run.net, run.test)
-        acc, which = res.accuracy(tx, ty)[0], "test"
-    return StageResult("probe", n, None, acc, time.perf_counter() - t0, which,
-                       {"l2": l2s[0], "features_cached": run.train_all.kind == "features"})
+    if test is not None:
+        acc, which = res.accuracy(*test)[0], "test"
+    stage = StageResult("probe", n, None, acc, time.perf_counter() - t0, which,
+                        {"l2": l2s[0], "features_cached": run.train_all.kind == "features"})
+    return from_main(ctx, stage)
+
+
+def gathered_features(ctx: Context, net: Network, src: Source
+                      ) -> tuple[torch.Tensor, np.ndarray] | None:
+    """``features_of`` every process's ``src``, in rank order, in rank 0 (None elsewhere)."""
+    if not ctx.info.enabled:
+        return features_of(ctx, net, src)
+    x, y = features_of(ctx, net, src) if len(src) else (None, None)
+    parts = gather_to_main(ctx, (x.cpu().numpy(), y) if x is not None else None)
+    if parts is None:
+        return None
+    parts = [p for p in parts if p is not None]
+    return (torch.from_numpy(np.concatenate([p[0] for p in parts])).to(ctx.rt.device),
+            np.concatenate([p[1] for p in parts]))
 
 
 def features_of(ctx: Context, net: Network, src: Source) -> tuple[torch.Tensor, np.ndarray]:
@@ -570,6 +744,11 @@ def preflight(cfg: FinetuneConfig) -> None:
     from .heads import build_head
 
     check_train_config(cfg.train)
+    world = dist_info().world_size
+    for key, tcfg in (("train", cfg.train), ("pretrain.train", cfg.pretrain.train)):
+        if tcfg.batch_size < world and (key == "train" or cfg.pretrain.enabled):
+            raise ConfigError(f"{key}.batch_size={tcfg.batch_size} is smaller than the {world} "
+                              "processes; it is the global batch, split across them: raise it")
     if cfg.pretrain.enabled:
         check_train_config(cfg.pretrain.train, "pretrain.train")
         load_labelled(cfg.data, cfg.pretrain.classes, "pretrain")
@@ -588,15 +767,22 @@ def preflight(cfg: FinetuneConfig) -> None:
 
 
 def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
-    """Run every configured stage; see the module docstring for what is written where."""
-    rt = resolve_runtime(cfg.runtime)
+    """Run every configured stage; see the module docstring for what is written where.
+
+    Under torchrun every process calls it (it joins the process group); rank 0 writes the
+    outputs and every process returns the same result once they are written.
+    """
+    info = init_distributed(cfg.runtime.device)
+    rt = share_runtime(resolve_runtime(cfg.runtime), cfg.runtime, info)
     apply_runtime(rt)
     cfg, note = resolve_data(cfg)
     preflight(cfg)
     out = Path(cfg.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    ctx = Context(cfg, rt, out, MetricsLog(out / "metrics.jsonl"))
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    metrics = MetricsLog(out / "metrics.jsonl" if info.is_main else None)
+    ctx = Context(cfg, rt, out, metrics, info)
     stages, pretrain_path = [], None
     if cfg.pretrain.enabled:
         stage, pretrain_path = run_pretrain(ctx)
@@ -604,20 +790,24 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
         model = replace(cfg.model, name=str(pretrain_path), source="checkpoint",
                         pretrained=False, weights=None, num_classes=None)
         ctx.cfg = cfg = replace(cfg, model=model)
-        save_config(cfg, out / "config.yaml")
+        if info.is_main:
+            save_config(cfg, out / "config.yaml")
     stage, run = run_head(ctx)
     stages.append(stage)
     if cfg.probe.samples > 0:
         stages.append(run_probe(ctx, run))
     result = FinetuneResult(stages, out, out / MODEL_FILE, pretrain_path, note, cfg,
                             ctx.metrics.records)
-    write_summary(result, rt)
+    if info.is_main:
+        write_summary(result, rt)
+    barrier()
     return result
 
 
 def write_summary(result: FinetuneResult, rt: Runtime) -> Path:
     summary = {"data": result.data_note, "data_source": result.config.data.source,
-               "runtime": rt.to_dict(), "checkpoint": str(result.checkpoint),
+               "runtime": rt.to_dict(), "processes": dist_info().world_size,
+               "checkpoint": str(result.checkpoint),
                "pretrain_checkpoint": str(result.pretrain_checkpoint)
                if result.pretrain_checkpoint else None,
                "stages": [dataclasses.asdict(s) for s in result.stages]}
@@ -636,10 +826,14 @@ def main(argv: Sequence[str] | None = None) -> FinetuneResult:
                            "pretraining the backbone), with an optional logistic probe.")
     args = parser.parse_args(argv)
     cfg = load_cli_config(args, FinetuneConfig)
-    result = run_finetune(cfg)
-    print(result.data_note)
-    print(result.table())
-    print(f"checkpoint: {result.checkpoint}   metrics: {result.output_dir / 'metrics.json'}")
+    try:
+        result = run_finetune(cfg)
+    finally:
+        shutdown()
+    if dist_info().is_main:  # under torchrun: rank 0 prints, once
+        print(result.data_note)
+        print(result.table())
+        print(f"checkpoint: {result.checkpoint}   metrics: {result.output_dir / 'metrics.json'}")
     return result
 
 

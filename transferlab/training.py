@@ -12,6 +12,12 @@ Inputs come from a *source* yielding ``(x, y, positions)`` batches in a given or
 BatchNorm statistics never change. When the base is frozen and no random augmentation is on,
 ``cache_features`` runs it once over the data and the head trains on the cached tensor: the
 same batches in the same order, so cached and uncached training give the same head.
+
+Under ``torchrun`` (a process group of several processes) each process holds its own share
+of the data in its sources: ``fit`` splits every global batch of ``batch_size`` items across
+the processes, sums the gradients of the trainable parameters over them (the gradient of the
+mean loss over the global batch, as one process would compute it) and keeps the weights
+identical everywhere; ``evaluate`` gathers the predictions of every share.
 """
 from __future__ import annotations
 
@@ -20,13 +26,14 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -67,8 +74,14 @@ class TensorSource:
         return TensorSource(self.x, self.y, self.kind, self.device, rows)
 
     def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[Batch]:
-        for start in range(0, len(order), batch_size):
-            pos = order[start:start + batch_size]
+        return _present(self.steps(chunked(order, batch_size)))
+
+    def steps(self, chunks: Sequence[torch.Tensor]) -> Iterator[Batch | None]:
+        """One batch per chunk of positions (None for an empty chunk)."""
+        for pos in chunks:
+            if not len(pos):
+                yield None
+                continue
             idx = (self.rows[pos] if self.rows is not None else pos).to(self.x.device)
             yield (self.x[idx].to(self.device, non_blocking=True),
                    self.y[idx].to(self.device, non_blocking=True), pos)
@@ -96,8 +109,14 @@ class ArraySource:
         return ArraySource(self.array, self.rows[pos], self.y[pos], self.shape, self.device)
 
     def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[Batch]:
-        for start in range(0, len(order), batch_size):
-            pos = order[start:start + batch_size]
+        return _present(self.steps(chunked(order, batch_size)))
+
+    def steps(self, chunks: Sequence[torch.Tensor]) -> Iterator[Batch | None]:
+        """One batch per chunk of positions (None for an empty chunk)."""
+        for pos in chunks:
+            if not len(pos):
+                yield None
+                continue
             p = pos.numpy()
             x = torch.from_numpy(np.asarray(self.array[self.rows[p]], dtype=np.float32))
             y = torch.from_numpy(self.y[p])
@@ -133,20 +152,30 @@ class LoaderSource:
                             self.num_workers, self.seed)
 
     def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[Batch]:
+        return _present(self.steps(chunked(order, batch_size)))
+
+    def steps(self, chunks: Sequence[torch.Tensor]) -> Iterator[Batch | None]:
+        """One batch per chunk of positions; None for an empty chunk or one whose every
+        image failed to decode."""
         from torch.utils.data import DataLoader
 
         from .datasets import collate_skip_errors
 
-        sampler = [order[s:s + batch_size].tolist() for s in range(0, len(order), batch_size)]
+        sampler = [pos.tolist() for pos in chunks if len(pos)]
         self._calls += 1  # worker seeds differ per pass, but not with the global RNG
         gen = torch.Generator().manual_seed(self.seed * 1000 + self._calls)
         extra = {"prefetch_factor": 4} if self.num_workers > 0 else {}
-        loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                            collate_fn=collate_skip_errors, generator=gen,
-                            pin_memory=self.device.type == "cuda", **extra)
-        for batch in loader:
+        loader = iter(DataLoader(self.dataset, batch_sampler=sampler,
+                                 num_workers=self.num_workers, collate_fn=collate_skip_errors,
+                                 generator=gen, pin_memory=self.device.type == "cuda", **extra))
+        for chunk in chunks:
+            if not len(chunk):
+                yield None
+                continue
+            batch = next(loader)
             self.failures.update(dict(batch["failures"]))
             if batch["image"] is None:
+                yield None
                 continue
             pos = batch["index"]
             y = torch.from_numpy(self.y[pos.numpy()])
@@ -155,6 +184,15 @@ class LoaderSource:
 
 
 Source = TensorSource | ArraySource | LoaderSource
+
+
+def chunked(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """``order`` cut into consecutive batches of ``batch_size`` positions."""
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def _present(steps: Iterator[Batch | None]) -> Iterator[Batch]:
+    return (batch for batch in steps if batch is not None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -200,6 +238,108 @@ class Network(nn.Module):
 
     def forward(self, x: torch.Tensor, kind: str = "images") -> torch.Tensor:
         return self.head(self.features(x) if kind == "images" else x)
+
+
+# ---------------------------------------------------------------------------------------
+# Several processes (torchrun)
+# ---------------------------------------------------------------------------------------
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of the process group this process trains in; (0, 1) alone."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def trainable_modules(net: Network) -> list[nn.Module]:
+    """The modules training changes (weights, and buffers such as BatchNorm statistics)."""
+    return [net.head, *(net.unfrozen if net.base is not None and net.base_trainable else [])]
+
+
+class GradSync:
+    """Sums the gradients of ``params`` over every process, in buckets of at most
+    ``bucket`` elements, and scales them to the gradient of the mean loss over the global batch.
+
+    Each process backpropagates the *sum* of its items' losses divided by ``norm`` (the same
+    constant everywhere, for a gradient scale like a mean's); the item counts travel in the
+    same all-reduce as the gradients, so uneven or empty shares weigh exactly right.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], norm: float, bucket: int = 1 << 24):
+        self.params = [p for p in params if p.requires_grad]
+        self.norm, self.bucket = norm, bucket
+
+    def __call__(self, count: int, check_empty: bool = False) -> bool:
+        """All-reduce after this process's backward (``count`` items, maybe 0). Returns
+        False when no process had an item (then there is nothing to step)."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        groups: list[list[torch.Tensor]] = [[]]
+        size = 0
+        for p in self.params:
+            if groups[-1] and (size + p.numel() > self.bucket
+                               or p.grad.dtype != groups[-1][0].dtype):
+                groups.append([])
+                size = 0
+            groups[-1].append(p.grad)
+            size += p.numel()
+        last = groups[-1][0] if groups[-1] else None
+        counter = torch.tensor([float(count)], device=last.device if last is not None else
+                               "cpu", dtype=last.dtype if last is not None else torch.float32)
+        flats = [torch.cat([g.reshape(-1) for g in grads]) for grads in groups if grads]
+        flats[-1:] = [torch.cat([flats[-1], counter])] if flats else [counter]
+        for flat in flats:
+            dist.all_reduce(flat)
+        total = flats[-1][-1:].clone()
+        if check_empty and float(total) == 0:
+            return False
+        for grads, flat in zip(groups, flats):
+            flat.mul_(self.norm / total.clamp(min=1.0).to(flat.dtype))
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+        return True
+
+
+def broadcast_trainable(net: Network, params: Sequence[torch.Tensor]) -> None:
+    """Rank 0's trained parameters and buffers everywhere: every process starts alike."""
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, 0)
+        for module in trainable_modules(net):
+            for b in module.buffers():
+                dist.broadcast(b, 0)
+
+
+def average_buffers(net: Network) -> None:
+    """Mean of the floating buffers (BatchNorm running statistics) of the trained modules over
+    the processes, each having seen its own batches; integer counters come from rank 0."""
+    _, world = process_group()
+    with torch.no_grad():
+        for module in trainable_modules(net):
+            for b in module.buffers():
+                if b.is_floating_point():
+                    dist.all_reduce(b)
+                    b.div_(world)
+                else:
+                    dist.broadcast(b, 0)
+
+
+def all_reduce_values(values: Sequence[float], device: torch.device,
+                      op: Any = None) -> list[float]:
+    """``values`` summed (or reduced with ``op``) over the processes, as Python floats."""
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op if op is not None else dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def share_sizes(count: int, world: int) -> list[int]:
+    """How ``count`` items split over ``world`` processes (sizes differ by at most one)."""
+    base, extra = divmod(count, world)
+    return [base + (1 if r < extra else 0) for r in range(world)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -272,29 +412,57 @@ class FitResult:
 def train_epoch(net: Network, src: Source, order: torch.Tensor, cfg: TrainConfig,
                 opt: torch.optim.Optimizer, sched: Any, scaler: Any, rt: Runtime) -> dict:
     """One pass over ``src`` in ``order``; returns mean loss and accuracy."""
+    return run_steps(net, src, chunked(order, cfg.batch_size), cfg, opt, sched, scaler, rt)
+
+
+def run_steps(net: Network, src: Source, chunks: Sequence[torch.Tensor], cfg: TrainConfig,
+              opt: torch.optim.Optimizer, sched: Any, scaler: Any, rt: Runtime,
+              sync: GradSync | None = None) -> dict:
+    """One optimiser step per chunk of positions; mean loss and accuracy of the pass.
+
+    With ``sync`` (several processes) every process takes every step, also with an empty
+    share, and the loss, accuracy and counts are those of all processes together.
+    """
     net.train()
     loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
     correct = torch.zeros((), device=rt.device, dtype=torch.int64)
     seen = 0
-    for x, y, _ in src.batches(order, cfg.batch_size):
-        with rt.autocast():
-            logits = net(x, src.kind)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    for batch in src.steps(chunks):
+        if batch is None and sync is None:
+            continue
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        count = 0
+        if batch is not None:
+            x, y, _ = batch
+            with rt.autocast():
+                logits = net(x, src.kind)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing,
+                                   reduction="mean" if sync is None else "sum")
+            scaler.scale(loss if sync is None else loss / sync.norm).backward()
+            count = len(y)
+            loss_sum += loss.detach() * (count if sync is None else 1)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += count
+        if sync is not None and not sync(count, isinstance(src, LoaderSource)):
+            continue  # no process could read an item of this global batch
         scaler.step(opt)
         scaler.update()
         sched.step()
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += len(y)
+    if sync is not None:
+        loss_total, right, seen = all_reduce_values([float(loss_sum), float(correct), seen],
+                                                    rt.device)
+        loss_sum, correct, seen = torch.tensor(loss_total), torch.tensor(right), int(seen)
     if seen == 0:
         raise DataError("no training item could be read; check the data (see the failures)")
     return {"train_loss": float(loss_sum) / seen, "train_acc": float(correct) / seen}
 
 
 def evaluate(net: Network, src: Source, batch_size: int, rt: Runtime) -> EvalResult:
-    """Loss, accuracy and predictions of ``net`` on ``src`` (in source order)."""
+    """Loss, accuracy and predictions of ``net`` on ``src`` (in source order).
+
+    Under a process group ``src`` is this process's part: the result (the same in every
+    process) covers every part, concatenated in rank order (positions count in that order).
+    """
     net.eval()
     losses, preds, targets, positions = [], [], [], []
     with torch.inference_mode():
@@ -305,12 +473,34 @@ def evaluate(net: Network, src: Source, batch_size: int, rt: Runtime) -> EvalRes
             preds.append(logits.argmax(1).cpu())
             targets.append(y.cpu())
             positions.append(pos)
+    if process_group()[1] > 1:
+        return _gather_eval(losses, preds, targets, positions, len(src))
     if not preds:
         return EvalResult(float("nan"), float("nan"), np.zeros(0, np.int64),
                           np.zeros(0, np.int64), np.zeros(0, np.int64))
     pred, tgt = torch.cat(preds).numpy(), torch.cat(targets).numpy()
     return EvalResult(float(torch.stack(losses).sum()) / len(tgt), float((pred == tgt).mean()),
                       pred, tgt, torch.cat(positions).numpy())
+
+
+def _gather_eval(losses: list, preds: list, targets: list, positions: list,
+                 size: int) -> EvalResult:
+    """Every process's evaluation of its part, put together (identically everywhere)."""
+    empty = np.zeros(0, np.int64)
+    mine = (float(torch.stack(losses).sum()) if losses else 0.0,
+            torch.cat(preds).numpy() if preds else empty,
+            torch.cat(targets).numpy() if targets else empty,
+            torch.cat(positions).numpy() if positions else empty, size)
+    parts: list[Any] = [None] * process_group()[1]
+    dist.all_gather_object(parts, mine)
+    offsets = np.cumsum([0] + [p[4] for p in parts])
+    pred = np.concatenate([p[1] for p in parts])
+    tgt = np.concatenate([p[2] for p in parts])
+    pos = np.concatenate([p[3] + off for p, off in zip(parts, offsets)])
+    if not len(tgt):
+        return EvalResult(float("nan"), float("nan"), pred, tgt, pos)
+    loss = float(sum(p[0] for p in parts))
+    return EvalResult(loss / len(tgt), float((pred == tgt).mean()), pred, tgt, pos)
 
 
 def trainable_state(net: Network) -> dict[str, torch.Tensor]:
@@ -330,21 +520,27 @@ def fit(net: Network, train_src: Source, val_src: Source | None, cfg: TrainConfi
     """Train for ``cfg.epochs`` epochs (fewer with early stopping on validation loss).
 
     The shuffle order comes from ``generator`` only, so cached and uncached runs see the same
-    batches. With early stopping the best epoch's weights are restored at the end.
+    batches. With early stopping the best epoch's weights are restored at the end. Under a
+    process group the sources hold this process's share (see ``SharedSteps``).
     """
     check_train_config(cfg, "train" if phase != "pretrain" else "pretrain.train")
-    steps = max(1, math.ceil(len(train_src) / cfg.batch_size))
+    shared = SharedSteps.plan(net, train_src, val_src, cfg, rt, groups, phase)
+    steps = shared.steps if shared else max(1, math.ceil(len(train_src) / cfg.batch_size))
     opt = make_optimizer(groups, cfg)
     sched = make_scheduler(opt, cfg, steps)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
     result, best_loss, best_state, bad = FitResult(), math.inf, None, 0
+    has_val = shared.has_val if shared else val_src is not None and len(val_src) > 0
     start = time.perf_counter()
-    for epoch in _epochs(cfg.epochs, phase, progress):
+    for epoch in _epochs(cfg.epochs, phase, progress and process_group()[0] == 0):
         t0 = time.perf_counter()
-        order = torch.randperm(len(train_src), generator=generator)
-        record = {"phase": phase, "epoch": epoch + 1, "input": train_src.kind,
-                  **train_epoch(net, train_src, order, cfg, opt, sched, scaler, rt)}
-        if val_src is not None and len(val_src):
+        if shared:
+            stats = shared.epoch(net, train_src, generator, cfg, opt, sched, scaler, rt)
+        else:
+            order = torch.randperm(len(train_src), generator=generator)
+            stats = train_epoch(net, train_src, order, cfg, opt, sched, scaler, rt)
+        record = {"phase": phase, "epoch": epoch + 1, "input": train_src.kind, **stats}
+        if has_val:
             val = evaluate(net, val_src, max(cfg.batch_size, 256), rt)
             record.update(val_loss=val.loss, val_acc=val.accuracy)
         record.update(lr=opt.param_groups[0]["lr"], seconds=time.perf_counter() - t0)
@@ -364,6 +560,50 @@ def fit(net: Network, train_src: Source, val_src: Source | None, cfg: TrainConfi
         restore_state(net, best_state)
     result.seconds = time.perf_counter() - start
     return result
+
+
+@dataclass
+class SharedSteps:
+    """How the processes of a job train together: every global batch of ``batch_size``
+    items is split across them (``batch`` items from this process's share), every process
+    takes the same ``steps`` optimiser steps per epoch (an exhausted share takes empty ones)
+    and ``sync`` sums the gradients. So the global batch, the number of steps and the
+    learning-rate schedule are those of one process on all the data."""
+
+    rank: int
+    batch: int
+    steps: int
+    has_val: bool
+    sync: GradSync
+
+    @classmethod
+    def plan(cls, net: Network, train_src: Source, val_src: Source | None, cfg: TrainConfig,
+             rt: Runtime, groups: list[dict], phase: str) -> SharedSteps | None:
+        rank, world = process_group()
+        if world == 1:
+            return None
+        if cfg.batch_size < world:
+            where = "pretrain.train" if phase == "pretrain" else "train"
+            raise ConfigError(f"{where}.batch_size={cfg.batch_size} is smaller than the {world} "
+                              "processes; it is the global batch, split across them: raise it")
+        sizes = share_sizes(cfg.batch_size, world)
+        local = math.ceil(len(train_src) / sizes[rank])
+        steps, n_val = all_reduce_values([-local, -(len(val_src) if val_src else 0)],
+                                         rt.device, dist.ReduceOp.MIN)  # -max, -max
+        params = [p for g in groups for p in g["params"]]
+        broadcast_trainable(net, params)
+        return cls(rank, sizes[rank], max(1, -int(steps)), n_val < 0,
+                   GradSync(params, float(sizes[0])))
+
+    def epoch(self, net: Network, src: Source, generator: torch.Generator, cfg: TrainConfig,
+              opt: torch.optim.Optimizer, sched: Any, scaler: Any, rt: Runtime) -> dict:
+        """One epoch: this share in its own seeded order, one chunk per global step."""
+        seed = int(torch.randint(2**62, (1,), generator=generator))  # the same everywhere
+        order = torch.randperm(len(src), generator=torch.Generator().manual_seed(seed + self.rank))
+        chunks = [order[s * self.batch:(s + 1) * self.batch] for s in range(self.steps)]
+        stats = run_steps(net, src, chunks, cfg, opt, sched, scaler, rt, self.sync)
+        average_buffers(net)
+        return stats
 
 
 def _epochs(n: int, phase: str, progress: bool) -> Any:
@@ -394,10 +634,13 @@ def available_ram() -> int:
         return 4 << 30
 
 
-def plan_cache(mode: str | bool, nbytes: int, rt: Runtime, max_gb: float | None) -> str:
+def plan_cache(mode: str | bool, nbytes: int, rt: Runtime, max_gb: float | None,
+               processes: int = 1) -> str:
     """Where cached features live: 'device' (GPU memory), 'cpu', 'disk' or 'off'.
 
     ``mode`` is ``train.cache``; YAML turns a bare ``off`` into False (and ``on`` into True).
+    ``nbytes`` is this process's share; ``processes`` caching alike on this machine share its
+    RAM (each has its own GPU).
     """
     mode = {False: "off", True: "auto"}.get(mode, mode) if isinstance(mode, bool) else mode
     if mode in ("off", "disk"):
@@ -407,7 +650,8 @@ def plan_cache(mode: str | bool, nbytes: int, rt: Runtime, max_gb: float | None)
         free, _ = torch.cuda.mem_get_info(rt.device)
         if nbytes <= (budget if budget is not None else 0.5 * free):
             return "device"
-    if mode == "memory" or nbytes <= (budget if budget is not None else 0.25 * available_ram()):
+    ram = 0.25 * available_ram() / max(1, processes)
+    if mode == "memory" or nbytes <= (budget if budget is not None else ram):
         return "cpu"
     return "disk"
 
@@ -504,10 +748,12 @@ def _progress(it: Any, progress: bool, desc: str, items: int, batch_size: int) -
     return tqdm(it, desc=desc, unit="batch", leave=False, total=math.ceil(items / batch_size))
 
 
-def state_digest(module: nn.Module) -> str:
-    """A short hash of a module's weights: cached features belong to exactly these weights."""
+def state_digest(module: nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """A short hash of a module's weights (or of a state dict): cached features belong to
+    exactly these weights; processes that trained together hold the same ones."""
     h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    state = module.state_dict() if isinstance(module, nn.Module) else module
+    for name, tensor in sorted(state.items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
