@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError
+from .runtime import resolve_device
 
 _BLOCK_ELEMENTS = 1 << 24  # (rows x centres) distances computed at once
 
@@ -42,7 +43,7 @@ def kmeans(features: Any, k: int, n_init: int = 4, max_iter: int = 300, tol: flo
     ``tol`` is relative to the mean feature variance (as in scikit-learn): Lloyd stops when
     the centres move less than that in squared distance.
     """
-    dev = torch.device(device) if device is not None else _default_device()
+    dev = resolve_device("auto" if device is None else str(device))
     x = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor)
                         else features).to(dev, torch.float32)
     _check(x, k, n_init)
@@ -298,9 +299,6 @@ def _check(x: torch.Tensor, k: int, n_init: int) -> None:
     if not bool(torch.isfinite(x).all()):
         raise DataError("features contain NaN or infinity; re-extract them (check fp16 overflow)")
 
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 if __name__ == "__main__":

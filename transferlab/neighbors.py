@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError
+from .runtime import resolve_device
 
 METRICS = ("cosine", "euclidean")
 # Elements of one (queries x rows) distance block; bounds memory of a search step.
@@ -32,7 +33,7 @@ def nearest(source: Any, queries: np.ndarray, k: int, metric: str = "cosine",
     """
     metric = _check_metric(metric)
     check_k(k)
-    dev = torch.device(device) if device is not None else _default_device()
+    dev = resolve_device("auto" if device is None else str(device))
     q = _as_queries(queries, dtype, dev)
     best_d = torch.empty(q.shape[0], 0, dtype=dtype, device=dev)
     best_i = torch.empty(q.shape[0], 0, dtype=torch.int64, device=dev)
@@ -136,9 +137,6 @@ def _check_metric(metric: str) -> str:
         raise DataError(f"unknown metric '{metric}'; use one of {', '.join(METRICS)}")
     return metric
 
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def store_nearest(store: Any, vectors_or_paths: np.ndarray | Sequence[str], k: int = 5,

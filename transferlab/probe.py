@@ -25,6 +25,7 @@ import torch
 
 from .errors import ConfigError, DataError, StoreError
 from .neighbors import nearest
+from .runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def fit_logistic(features: Any, labels: Any, l2s: Sequence[float] = DEFAULT_L2, 
     validation data); ties go to the first listed. A strength stops when its max |gradient|
     is below ``tol`` (as scikit-learn's lbfgs), its loss stops changing, or no step helps.
     """
-    dev = torch.device(device) if device is not None else _default_device()
+    dev = resolve_device("auto" if device is None else str(device))
     x = _as_tensor(features, dtype, dev)
     y_raw = _as_tensor(labels, torch.int64, dev)
     l2 = _check_l2s(l2s, dtype, dev)
@@ -487,9 +488,6 @@ def _views(store: Any) -> np.ndarray:
 def _store_name(store: Any) -> str:
     return str(getattr(store, "dir", None) or getattr(store, "path", None) or "<store>")
 
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 if __name__ == "__main__":
