@@ -59,7 +59,7 @@ def kernel_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    env["MPLBACKEND"] = "Agg"
+    env.pop("MPLBACKEND", None)  # the kernel's own inline backend, as in Jupyter
     env.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network
     env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
     return env
@@ -98,7 +98,8 @@ def check_png(path: Path) -> None:
 
 
 def test_notebooks_found():
-    assert NOTEBOOKS == ["01_extract_search_probe.ipynb"]
+    assert NOTEBOOKS == ["01_extract_search_probe.ipynb", "02_mnist_split.ipynb",
+                         "03_finetune_folder.ipynb"]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -129,3 +130,39 @@ def test_01_extract_search_probe(tmp_path):
     assert summary["knn_val_acc"] >= 0.6, summary
     assert 0.0 <= summary["nmi"] <= 1.0 and summary["purity"] >= 1 / 3, summary
     print(f"01_extract_search_probe: {seconds:.1f} s")
+
+
+@pytest.mark.slow
+def test_02_mnist_split(tmp_path):
+    nb, probe, seconds = execute("02_mnist_split.ipynb", tmp_path, {"FAST": True})
+    check_common(nb, probe)
+    out = tmp_path / "outputs" / "02_mnist_split"
+    summary = json.loads((out / "summary.json").read_text())
+    for png in ("class_columns.png", "pca.png", "training_curves.png"):
+        check_png(out / png)
+    assert summary["data"] == "mnist-5k"
+    acc = summary["accuracy"]
+    assert set(acc) == {"pretrain", "head-only", "probe"}, acc
+    # even 2 + 2 epochs on the 5,000 bundled digits give > 95 %; 90 % leaves room
+    assert all(a >= 0.9 for a in acc.values()), acc
+    table = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert re.search(r"head-only\s+2000\s+2\s+0\.9\d+", table), "accuracy table not shown"
+    assert sum(pred == str(true) for pred, true in summary["predictions"]) >= 8, summary
+    print(f"02_mnist_split: {seconds:.1f} s")
+
+
+@pytest.mark.slow
+def test_03_finetune_folder(tmp_path):
+    nb, probe, seconds = execute("03_finetune_folder.ipynb", tmp_path, {"FAST": True})
+    check_common(nb, probe)
+    out = tmp_path / "outputs" / "03_finetune_folder"
+    summary = json.loads((out / "summary.json").read_text())
+    for png in ("training_curves.png", "predictions.png"):
+        check_png(out / png)
+    assert Path(tmp_path / summary["checkpoint"]).is_file()
+    assert summary["held_out"] == "validation"
+    # random weights, but the classes differ in colour too: well above chance (1/3)
+    assert summary["held_out_accuracy"] >= 0.6, summary
+    correct, total = map(int, summary["new_images_correct"].split("/"))
+    assert total == 6 and correct >= 4, summary
+    print(f"03_finetune_folder: {seconds:.1f} s")
