@@ -1,0 +1,25 @@
+"""Every benchmark script runs in its --quick mode and prints its table (no speed asserted)."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+SCRIPTS = ["extract_efficiency", "vs_baselines", "memory", "cpu_defaults", "finetune_cache"]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_quick_mode_prints_a_table(name, tmp_path, capsys):
+    try:
+        module = importlib.import_module(f"benchmarks.{name}")
+    except ModuleNotFoundError as exc:  # finetune_cache needs transferlab.finetune
+        pytest.skip(f"benchmarks.{name} cannot be imported here: {exc}")
+    results = module.main(["--quick", "--device", "cpu", "--bench-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "machine:" in out
+    assert "### " in out
+    header = next(line for line in out.splitlines() if line.startswith("| "))
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert len(rows) >= 2, out  # header + at least one measured row
+    assert header.count("|") == rows[-1].count("|")
+    assert results
