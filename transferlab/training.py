@@ -52,7 +52,17 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs, targets, sour
 # ---------------------------------------------------------------------------------------
 
 
-class TensorSource:
+class ChunkedSource:
+    """A source whose ``steps`` turn chunks of positions into batches (None if empty)."""
+
+    def steps(self, chunks: Sequence[torch.Tensor]) -> Iterator[Batch | None]:
+        raise NotImplementedError
+
+    def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[Batch]:
+        return _present(self.steps(chunked(order, batch_size)))
+
+
+class TensorSource(ChunkedSource):
     """Inputs held in one tensor (``kind`` 'images': uint8 NCHW; 'features': base outputs)."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, kind: str, device: torch.device,
@@ -73,9 +83,6 @@ class TensorSource:
         rows = self.rows[pos] if self.rows is not None else pos
         return TensorSource(self.x, self.y, self.kind, self.device, rows)
 
-    def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[Batch]:
-        return _present(self.steps(chunked(order, batch_size)))
-
     def steps(self, chunks: Sequence[torch.Tensor]) -> Iterator[Batch | None]:
         """One batch per chunk of positions (None for an empty chunk)."""
         for pos in chunks:
@@ -87,7 +94,7 @@ class TensorSource:
                    self.y[idx].to(self.device, non_blocking=True), pos)
 
 
-class ArraySource:
+class ArraySource(ChunkedSource):
     """Cached features on disk: any numpy-indexable (rows, dim) array, read batch by batch."""
 
     kind = "features"
@@ -108,9 +115,6 @@ class ArraySource:
         pos = np.asarray(positions, np.int64)
         return ArraySource(self.array, self.rows[pos], self.y[pos], self.shape, self.device)
 
-    def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[Batch]:
-        return _present(self.steps(chunked(order, batch_size)))
-
     def steps(self, chunks: Sequence[torch.Tensor]) -> Iterator[Batch | None]:
         """One batch per chunk of positions (None for an empty chunk)."""
         for pos in chunks:
@@ -124,7 +128,7 @@ class ArraySource:
                    y.to(self.device), pos)
 
 
-class LoaderSource:
+class LoaderSource(ChunkedSource):
     """Images of an ``ImageDataset`` (its transform gives uint8 CHW tensors) via a DataLoader.
 
     Undecodable files are dropped from their batch and collected in ``failures``.
@@ -150,9 +154,6 @@ class LoaderSource:
         pos = np.asarray(positions, np.int64)
         return LoaderSource(self.dataset.subset(pos), self.y[pos], self.device,
                             self.num_workers, self.seed)
-
-    def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[Batch]:
-        return _present(self.steps(chunked(order, batch_size)))
 
     def steps(self, chunks: Sequence[torch.Tensor]) -> Iterator[Batch | None]:
         """One batch per chunk of positions; None for an empty chunk or one whose every
