@@ -177,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--alloc-rounds", type=int, default=2,
                    help="rounds of the malloc comparison (0 = skip it)")
+    p.add_argument("--alloc-only", action="store_true",
+                   help="only the malloc comparison (skip grids 1 and 2)")
     p.add_argument("--alloc-child", choices=["default", "tuned"], help=argparse.SUPPRESS)
     p.add_argument("--alloc-batches", default="4,16,32", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -208,10 +210,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     alloc_rows: list[dict] = []
     for model in models:
         out = bench / "stores" / "cpu_defaults"
-        rows = run_forward(model, data, out, forward_grid(batches, cores, bf16_batch), rounds,
-                           fimages)
-        rows += run_e2e(model, data, out, e2e_grid(cores, e2e_batches, 1 if args.quick else 2),
-                        rounds, images)
+        rows = [] if args.alloc_only else run_forward(
+            model, data, out, forward_grid(batches, cores, bf16_batch), rounds, fimages)
+        if not args.alloc_only:
+            rows += run_e2e(model, data, out,
+                            e2e_grid(cores, e2e_batches, 1 if args.quick else 2), rounds, images)
         if alloc_rounds:
             alloc_rows += run_alloc(model, data, bench / "stores" / "cpu_alloc", alloc_rounds,
                                     images, alloc_batches)
@@ -220,17 +223,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         all_rows += rows
         print(f"after {model}: {load_line()}")
     print()
-    print(table("CPU settings (img/s of the reported measurement; 'vs auto' = over the "
-                "automatic setting's, measured in the same rounds)",
-                ["model", "mode", "batch", "channels_last", "precision", "workers", "threads",
-                 "img/s", "others %", "vs auto", "all measurements"],
-                [[r["model"], r["mode"] + (" (auto)" if r["default"] else ""), r["batch"],
-                  "on" if r["cl"] else "off", r["precision"], r["workers"], r["threads"],
-                  r["ips"], r["others"], r["vs_default"],
-                  " ".join(f"{x:.1f}/{f * 100:.0f}%" for x, f in zip(r["rounds"], r["foreign"]))]
-                 for r in all_rows]))
-    print(busy_note())
-    print("all measurements: img/s / others % of every round (and retry) of that row.")
+    if all_rows:
+        print(table("CPU settings (img/s of the reported measurement; 'vs auto' = over the "
+                    "automatic setting's, measured in the same rounds)",
+                    ["model", "mode", "batch", "channels_last", "precision", "workers", "threads",
+                     "img/s", "others %", "vs auto", "all measurements"],
+                    [[r["model"], r["mode"] + (" (auto)" if r["default"] else ""), r["batch"],
+                      "on" if r["cl"] else "off", r["precision"], r["workers"], r["threads"],
+                      r["ips"], r["others"], r["vs_default"],
+                      " ".join(f"{x:.1f}/{f * 100:.0f}%" for x, f in zip(r["rounds"], r["foreign"]))]
+                     for r in all_rows]))
+        print(busy_note())
+        print("all measurements: img/s / others % of every round (and retry) of that row.")
     if alloc_rows:
         print()
         print(table("glibc malloc as is vs tuned (mallopt M_MMAP_THRESHOLD = M_TRIM_THRESHOLD "

@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(busy_note())
     print("ratio: end-to-end / forward of the reported measurements; median ratio: of the "
           "per-round ratios (forward and end-to-end alternate, round by round, whatever the "
-          "load). decode ms/img: one thread, "
+          "load). decode ms/img: one thread, PIL path (the default), "
           "decode + resize + crop. serial bound: 1 / (1 + decode time x forward img/s), the "
           "best ratio when decoding and the forward pass take turns in one process.")
     write_json(args.json, {"machine": machine_line(device), "results": results})
