@@ -52,13 +52,11 @@ def test_vit_token_and_avg_pools():
         assert torch.equal(ext(x), tokens)
     prefix = model.num_prefix_tokens
     ext_avg = make_extractor(timm_model("test_vit")[0], "stage:-1", "avg", size)
-    blocks_out = torch.nn.Sequential()  # reference: run by hand to the last block
     m = timm_model("test_vit")[0]
     with torch.no_grad():
         h = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
         h = m.blocks(h)
         assert torch.allclose(ext_avg(x), h[:, prefix:].mean(1), atol=1e-6)
-    del blocks_out
 
 
 def test_layer_cut_equals_torchvision_feature_extractor():
