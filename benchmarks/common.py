@@ -459,24 +459,3 @@ def busy_note(quiet: float = QUIET) -> str:
 
 def others(s: Sample, quiet: float = QUIET) -> str:
     return f"{s.foreign * 100:.0f}%" + ("" if s.foreign <= quiet else "*")
-
-
-def tune_malloc(threshold: int = 1 << 30) -> bool:
-    """glibc only: serve big blocks from the heap and never trim it (``mallopt``).
-
-    By default glibc maps every block above a (dynamic, <= 32 MiB) threshold with ``mmap``
-    and unmaps it on free, so each batch's activation tensors are page-faulted in (and zeroed
-    by the kernel) again; on the 2-core VM of BENCHMARKS.md that was 20-45% of a CPU forward
-    pass. Returns False where it cannot be applied (not glibc).
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, threshold)) and bool(mallopt(m_trim_threshold,
-                                                                       threshold))

@@ -16,8 +16,9 @@ of the machine (``common.sample``), and its ratio to the automatic setting's:
    automatic thread split (cores - workers) and with all cores for torch (oversubscribed),
    plus the best forward batch sizes with workers 0.
 
-3. glibc malloc as is vs ``common.tune_malloc()`` (big blocks from the heap, no trimming),
-   each in a fresh process: forward at batch 4, 16, 32 and end to end.
+3. glibc malloc as is (``runtime.tune_malloc=false``) vs ``runtime.tune_malloc()`` (the
+   default: big blocks from the heap, no trimming), each in a fresh process: forward at
+   batch 4, 16, 32 and end to end.
 
 Combinations dominated in grid 1 (channels_last off, bf16) are not repeated in grid 2.
 """
@@ -37,7 +38,8 @@ if __package__ in (None, ""):
 from benchmarks.common import (Forward, Sample, base_parser, busy_note, cpu_cores,  # noqa: E402
                                extract_config, folder_stats, jpeg_folder, load_line,
                                machine_line, others, pick, rounds_of, run_extract_ips, table,
-                               tune_malloc, write_json)
+                               write_json)
+from transferlab.runtime import tune_malloc  # noqa: E402
 
 
 def settings(batch: int | None = None, cl: bool | None = None, precision: str = "fp32",
@@ -124,14 +126,15 @@ def alloc_child(model: str, data: Path, out: Path, mode: str, images: int,
                 batches: list[int]) -> dict:
     """In a fresh process: forward at ``batches`` and end-to-end (automatic settings)."""
     tuned = tune_malloc() if mode == "tuned" else False
+    malloc = [f"runtime.tune_malloc={str(mode == 'tuned').lower()}"]
     result = {"mode": mode, "applied": tuned, "forward": {}}
     for b in batches:
-        f = Forward(extract_config(data, out, model, settings(b)))
+        f = Forward(extract_config(data, out, model, settings(b) + malloc))
         result["forward"][b] = f.images_per_second(0.0, warmup=2,
                                                    min_steps=max(2, images // b))
         del f
-    cfg = extract_config(data, out, model, settings() + [f"data.limit={images}"])
-    run_extract_ips(extract_config(data, out, model, settings() + ["data.limit=16"]))
+    cfg = extract_config(data, out, model, settings() + malloc + [f"data.limit={images}"])
+    run_extract_ips(extract_config(data, out, model, settings() + malloc + ["data.limit=16"]))
     result["e2e"], res = run_extract_ips(cfg)
     result["batch"] = res.store.meta["runtime"]["batch_size"]
     return result

@@ -90,6 +90,7 @@ class RuntimeConfig:
     channels_last: bool | None = None  # null = on for conv nets
     compile: bool = False  # torch.compile the extractor
     threads: int | None = None  # torch intra-op threads on CPU; null = chosen
+    tune_malloc: bool = True  # CPU, glibc: reuse freed activation memory (BENCHMARKS.md)
     gpu_decode: bool = False  # decode JPEGs on the GPU in batches (CPU fallback)
     seed: int = 0
     progress: bool = True  # show progress bars

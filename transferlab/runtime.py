@@ -24,6 +24,7 @@ class Runtime:
     channels_last: bool
     num_workers: int
     threads: int
+    tune_malloc: bool = False  # CPU only: keep freed activation memory in the heap
 
     @property
     def is_cuda(self) -> bool:
@@ -42,7 +43,7 @@ class Runtime:
     def to_dict(self) -> dict:
         return {"device": str(self.device), "precision": self.precision,
                 "channels_last": self.channels_last, "num_workers": self.num_workers,
-                "threads": self.threads}
+                "threads": self.threads, "tune_malloc": self.tune_malloc}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,13 +89,38 @@ def resolve_runtime(cfg: RuntimeConfig, conv_net: bool = True) -> Runtime:
         workers = cfg.num_workers if cfg.num_workers is not None else max(0, cores // 4)
         threads = cfg.threads or max(1, cores - workers)
     channels_last = conv_net if cfg.channels_last is None else cfg.channels_last
-    return Runtime(device, precision, channels_last, workers, threads)
+    malloc = cfg.tune_malloc and device.type == "cpu"
+    return Runtime(device, precision, channels_last, workers, threads, malloc)
+
+
+def tune_malloc(threshold: int = 1 << 30) -> bool:
+    """glibc only: serve big blocks from the heap and never trim it (``mallopt``).
+
+    By default glibc maps every block above a (dynamic, <= 32 MiB) threshold with ``mmap``
+    and unmaps it on free, so each batch's activation tensors are page-faulted in (and zeroed
+    by the kernel) again: 20-45% of a CPU forward pass on the 2-core machine of
+    BENCHMARKS.md. The cost: freed memory stays with the process until it exits. Returns
+    False where it cannot be applied (not glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, threshold)) and bool(mallopt(m_trim_threshold,
+                                                                       threshold))
 
 
 def apply_runtime(rt: Runtime) -> None:
-    """Process-wide settings: CPU threads, cuDNN autotuning, TF32 matmuls."""
+    """Process-wide settings: CPU threads and allocator, cuDNN autotuning, TF32 matmuls."""
     if rt.device.type == "cpu":
         torch.set_num_threads(rt.threads)
+        if rt.tune_malloc:
+            tune_malloc()
     else:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -1,0 +1,71 @@
+"""Runtime resolution: what 'auto' becomes on this machine, and the CPU allocator switch."""
+from __future__ import annotations
+
+import ctypes.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from transferlab.config import RuntimeConfig
+from transferlab.errors import ConfigError
+from transferlab.runtime import default_batch_size, resolve_runtime
+
+
+def test_cpu_auto_choices():
+    rt = resolve_runtime(RuntimeConfig(device="cpu"))
+    assert rt.device == torch.device("cpu")
+    assert rt.precision == "fp32"
+    assert rt.channels_last is True
+    assert rt.tune_malloc is True
+    assert rt.num_workers + rt.threads >= 1
+    assert default_batch_size(rt, None) == 16
+    assert default_batch_size(rt, 3) == 3
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        default_batch_size(rt, 0)
+
+
+def test_tune_malloc_switch_off():
+    rt = resolve_runtime(RuntimeConfig(device="cpu", tune_malloc=False, channels_last=False))
+    assert rt.tune_malloc is False and rt.channels_last is False
+    assert rt.to_dict()["tune_malloc"] is False
+
+
+def test_fp16_on_cpu_is_refused():
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        resolve_runtime(RuntimeConfig(device="cpu", precision="fp16"))
+
+
+FAULTS = """
+import json, resource, torch
+from transferlab.config import RuntimeConfig
+from transferlab.runtime import apply_runtime, resolve_runtime
+
+def faults_per_batch():
+    for _ in range(8):  # the heap settles after a few rounds
+        x = torch.ones(16 << 20)  # 64 MiB, above glibc's largest mmap threshold (32 MiB)
+        del x
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        x = torch.ones(16 << 20)
+        del x
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+
+plain = faults_per_batch()
+apply_runtime(resolve_runtime(RuntimeConfig(device="cpu", threads=1)))
+print(json.dumps({"plain": plain, "tuned": faults_per_batch()}))
+"""
+
+
+@pytest.mark.skipif(not ctypes.util.find_library("c") or sys.platform != "linux",
+                    reason="mallopt is glibc-only")
+def test_apply_runtime_keeps_big_blocks_in_the_heap():
+    """A 64 MiB tensor freed and allocated again is page-faulted in each time by default
+    (16384 pages of 4 KiB); after apply_runtime on CPU the settled heap block is reused."""
+    out = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True,
+                         check=True)
+    faults = json.loads(out.stdout.strip().splitlines()[-1])
+    assert faults["plain"] > 8000, faults
+    assert faults["tuned"] < 0.1 * faults["plain"], faults
