@@ -322,10 +322,35 @@ def test_interrupt_leaves_the_last_epoch_checkpoint_loadable(tmp_path, monkeypat
 
     monkeypatch.setattr(ft, "save_classifier", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        run_finetune(tiny(tmp_path, "train.epochs=5"))
+        run_finetune(tiny(tmp_path, "train.epochs=5", "output.save_interval_s=0"))
     model = load_model(tmp_path / "run" / "model.safetensors")
     assert model.meta["epoch"] == 2
     assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("interval, saves", [(0, 5), (3600, 1)])
+def test_checkpoints_are_rewritten_at_most_every_save_interval(tmp_path, monkeypatch, interval,
+                                                               saves):
+    """Fast epochs (cached features) must not each rewrite the whole frozen base: with an
+    hour between writes only the final checkpoint is written; 0 writes after every epoch."""
+    import transferlab.finetune as ft
+
+    epochs = []
+    real = ft.save_classifier
+
+    def counting(path, base, head, meta):
+        epochs.append(meta["epoch"])
+        return real(path, base, head, meta)
+
+    monkeypatch.setattr(ft, "save_classifier", counting)
+    run_finetune(tiny(tmp_path, "train.epochs=4", f"output.save_interval_s={interval}"))
+    assert len(epochs) == saves and epochs[-1] == 4
+    assert load_model(tmp_path / "run" / "model.safetensors").meta["epoch"] == 4
+
+
+def test_negative_save_interval_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="output.save_interval_s must be >= 0"):
+        run_finetune(tiny(tmp_path, "output.save_interval_s=-1"))
 
 
 def test_partial_unfreeze_trains_only_the_last_layers(tmp_path):

@@ -191,7 +191,8 @@ class FinetuneOutputConfig:
     """Where checkpoints, metrics and the resolved config are written."""
 
     dir: str = "outputs/finetune"
-    save_every_epoch: bool = True  # rewrite the checkpoint (atomically) after every epoch
+    save_every_epoch: bool = True  # rewrite the checkpoint (atomically) after epochs ...
+    save_interval_s: float = 60.0  # ... at most this often (0 = every epoch); always at the end
 
 
 @dataclass

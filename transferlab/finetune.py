@@ -11,8 +11,9 @@ Stages, each a section of ``FinetuneConfig``:
    training items (the "explicit approach").
 
 Everything lands in ``output.dir``: ``config.yaml`` (resolved), ``pretrain.safetensors``,
-``model.safetensors`` (rewritten atomically after every epoch, so Ctrl-C keeps the last good
-one), ``metrics.jsonl`` (one line per epoch), ``metrics.json`` (the closing table),
+``model.safetensors`` (rewritten atomically after an epoch at most every
+``output.save_interval_s`` seconds and at the end, so a killed run keeps the last good one),
+``metrics.jsonl`` (one line per epoch), ``metrics.json`` (the closing table),
 ``confusion.json`` / ``confusion.csv``.
 
 Under ``torchrun --nproc_per_node=N`` every process takes a seeded share of the training
@@ -45,7 +46,8 @@ from .extractor import model_in_chans
 from .heads import cut_with_head, head_description
 from .model_io import BACKBONE_FORMAT, classifier_meta, read_meta, save_classifier
 from .preprocess import PreprocessSpec, resolve_preprocess
-from .runtime import Runtime, apply_runtime, resolve_runtime, seed_everything
+from .runtime import (Runtime, apply_runtime, default_batch_size, resolve_runtime,
+                      seed_everything)
 from .training import (LoaderSource, Network, Source, TensorSource, base_layers,
                        cache_features, check_train_config, evaluate, fit, plan_cache,
                        state_digest, unfreeze_last)
@@ -427,6 +429,7 @@ class Context:
     out: Path
     metrics: MetricsLog
     info: DistInfo = field(default_factory=DistInfo)
+    last_save: float = field(default_factory=time.perf_counter)  # of the last checkpoint
 
     @property
     def main(self) -> bool:
@@ -444,7 +447,21 @@ class Context:
 
     @property
     def eval_batch(self) -> int:
-        return self.cfg.runtime.batch_size or (256 if self.rt.is_cuda else 128)
+        """Batch of the no-grad passes (caching, evaluation): extraction's (BENCHMARKS.md)."""
+        return default_batch_size(self.rt, self.cfg.runtime.batch_size)
+
+    def checkpoint_due(self) -> bool:
+        """Whether to rewrite the checkpoint after this epoch: at most every
+        ``output.save_interval_s`` seconds, so fast epochs (cached features) are not
+        dominated by rewriting a large frozen base; the final write always happens."""
+        out = self.cfg.output
+        if not (out.save_every_epoch and self.main):
+            return False
+        now = time.perf_counter()
+        if now - self.last_save < out.save_interval_s:
+            return False
+        self.last_save = now
+        return True
 
 
 def run_pretrain(ctx: Context) -> tuple[StageResult, Path]:
@@ -470,7 +487,7 @@ def run_pretrain(ctx: Context) -> tuple[StageResult, Path]:
 
     def on_epoch(record: dict) -> None:
         ctx.metrics.write({"stage": "pretrain", **record})
-        if cfg.output.save_every_epoch and ctx.main:
+        if ctx.checkpoint_due():
             save_pretrain(path, model, {**meta, "epoch": record["epoch"], "metrics": record})
 
     reseed_per_process(ctx)
@@ -624,7 +641,7 @@ def cache(ctx: Context, net: Network, src: Source, where: str, keys: list[str],
 def epoch_saver(ctx: Context, run: HeadRun) -> Any:
     def on_epoch(record: dict) -> None:
         ctx.metrics.write({"stage": "head", **record})
-        if ctx.cfg.output.save_every_epoch and ctx.main:
+        if ctx.checkpoint_due():
             save_classifier(ctx.out / MODEL_FILE, run.net.base, run.net.head,
                             {**run.meta, "epoch": record["epoch"], "metrics": record})
     return on_epoch
@@ -760,7 +777,9 @@ def preflight(cfg: FinetuneConfig) -> None:
     for ok, key, value in ((cfg.probe.samples >= 0, "probe.samples", cfg.probe.samples),
                            (u.layers >= 0, "unfreeze.layers", u.layers),
                            (u.epochs >= 0, "unfreeze.epochs", u.epochs),
-                           (u.lr_mult > 0, "unfreeze.lr_mult", u.lr_mult)):
+                           (u.lr_mult > 0, "unfreeze.lr_mult", u.lr_mult),
+                           (cfg.output.save_interval_s >= 0, "output.save_interval_s",
+                            cfg.output.save_interval_s)):
         if not ok:
             raise ConfigError(f"{key} must be {'> 0' if key.endswith('mult') else '>= 0'}, "
                               f"got {value}")
