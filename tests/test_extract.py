@@ -171,16 +171,32 @@ def test_features_equal_a_direct_extractor_computation(messy):
     assert np.abs(raw - store.get("special/exif6.jpg")).max() > 5 * 2e-3 * scale
 
 
-def test_rerun_of_a_finished_store_skips_everything_and_changes_nothing(messy, tmp_path):
+def test_rerun_of_a_finished_store_retries_only_the_failures_and_changes_nothing(messy,
+                                                                                 tmp_path):
     import shutil
 
     copy = tmp_path / "store"
     shutil.copytree(messy["store"], copy)
     result = run_extract(load_config(messy["store"] / "config.yaml",
                                      [f"output.dir={copy}"], ExtractConfig))
-    assert (result.written, result.failed) == (0, 0)
-    assert result.skipped == len(messy["written"]) + len(messy["failures"])
+    assert (result.written, result.failed) == (0, len(messy["failures"]))  # still broken
+    assert result.skipped == len(messy["written"])
     same_store(result.store, FeatureStore.open(messy["store"]))
+
+
+def test_a_fixed_file_is_extracted_on_the_rerun_and_leaves_the_failures(tmp_path):
+    make_image_tree(tmp_path / "data", per_class=2, unicode_name=False)
+    broken = tmp_path / "data" / "cat" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    first = run_extract(make_cfg(tmp_path / "data", tmp_path / "o"))
+    assert [k for k, _ in first.store.failures] == ["cat/broken.jpg"]
+    save(random_image(40, 30, seed=7), broken)
+    again = run_extract(make_cfg(tmp_path / "data", tmp_path / "o"))
+    assert (again.written, again.failed, again.skipped) == (1, 0, first.written)
+    assert again.store.failures == [] and len(again.store) == first.written + 1
+    fresh = run_extract(make_cfg(tmp_path / "data", tmp_path / "fresh"))
+    np.testing.assert_allclose(again.store.get("cat/broken.jpg"),
+                               fresh.store.get("cat/broken.jpg"), atol=2e-3)
 
 
 def test_a_folder_of_only_bad_files_gives_an_empty_store_not_a_crash(tmp_path):

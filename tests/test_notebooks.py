@@ -87,6 +87,9 @@ def check_common(nb, probe: dict) -> None:
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "error"]
     assert not errors, errors
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                   for o in c.outputs)
+    assert "IProgress not found" not in text, "progress bars warn without ipywidgets"
     assert probe["executable"] == sys.executable, "kernel runs another Python than pytest"
     assert Path(probe["transferlab"]).resolve().is_relative_to(ROOT / "transferlab"), \
         f"kernel imported transferlab from {probe['transferlab']}, not this checkout"

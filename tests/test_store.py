@@ -201,7 +201,7 @@ def test_abandoned_run_with_leftovers_resumes_identically(tmp_path, data, refere
         FeatureStore.open(out)
     writer = StoreWriter(out, FP, dtype="float32", shard_size=5)
     assert not list(shards.glob("*.tmp")) and not (shards / "shard-00002.npy").exists()
-    first_ten = {keys[i] for i in range(12) if i not in FAILED} | {keys[3], keys[11]}
+    first_ten = {keys[i] for i in range(12) if i not in FAILED}  # failed ones: retried
     assert writer.done_keys == first_ten
     writer.abort()
     run(out, keys, labels, feats).close({"backbone": "resnet18"})
@@ -350,6 +350,24 @@ def test_open_errors(tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(StoreError, match="not a feature store"):
         FeatureStore.open(tmp_path / "plain")
+
+
+def test_failed_keys_are_retried_and_dropped_once_read(tmp_path, data):
+    keys, labels, feats = data
+    out = tmp_path / "s"
+    run(out, keys, labels, feats).close()  # keys 3, 11 and 22 fail
+    writer = StoreWriter(out, FP, dtype="float32", shard_size=5)
+    assert {keys[i] for i in FAILED}.isdisjoint(writer.done_keys)
+    writer.add([keys[3]], labels[[3]], feats[[3]])  # fixed since
+    writer.add_failures([(keys[11], FAILED[11]), (keys[22], "corrupt: other")])
+    store = writer.close()
+    assert store.failures == [(keys[11], FAILED[11]), (keys[22], "corrupt: other")]
+    assert store.get(keys[3]).tolist() == feats[3].tolist()
+    log = (out / "shards" / "failures.jsonl").read_text().splitlines()
+    assert len(log) == 4  # the unchanged failure of key 11 is not logged twice
+    with StoreWriter(out, FP, dtype="float32", shard_size=5) as again:  # the log agrees
+        assert keys[3] in again.done_keys and keys[11] not in again.done_keys
+        assert again.close().failures == store.failures
 
 
 def test_empty_store(tmp_path):

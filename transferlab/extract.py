@@ -355,9 +355,9 @@ def build_loader(cfg: ExtractConfig, todo: ImageDataset, positions: list[int],
 
 
 def progress_bar(total: int, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
+    from .progress import tqdm_bar
 
-    return tqdm(total=total, unit="img", disable=not enabled, dynamic_ncols=True,
+    return tqdm_bar(total=total, unit="img", disable=not enabled, dynamic_ncols=True,
                 desc="extract")
 
 

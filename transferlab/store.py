@@ -30,7 +30,8 @@ Reading without transferlab::
 Resuming: ``StoreWriter`` reopens a store written with the same fingerprint, drops
 unfinished temporary files and exposes ``done_keys``; a run that skips those keys and feeds
 the rest in the same order produces a store identical, row for row, to an uninterrupted one,
-because a shard is written only when it holds exactly ``shard_size`` rows. Pickle is offered
+because a shard is written only when it holds exactly ``shard_size`` rows. Items that failed
+are not done: a rerun tries them again and lists them only if they fail again. Pickle is offered
 as an export only; nothing here ever unpickles.
 """
 from __future__ import annotations
@@ -188,12 +189,15 @@ class StoreWriter:
 
     @property
     def done_keys(self) -> frozenset[str]:
-        """Keys finished (rows or failure on disk) when the writer opened: the runner skips
-        these. A snapshot, cheap to test membership on; ``is_done`` gives the live state."""
+        """Keys whose rows were on disk when the writer opened: the runner skips these.
+        Keys that failed before are not done: a rerun tries them again (the file may have
+        been fixed). A snapshot, cheap to test membership on; ``is_done`` gives the live
+        state."""
         return self._done_at_open
 
     def is_done(self, key: str) -> bool:
-        """True once ``key``'s rows are in a shard (or it failed) in this or an earlier run."""
+        """True once ``key``'s rows are in a shard (in this or an earlier run) or it failed
+        in this run."""
         return key in self._done
 
     @property
@@ -222,6 +226,8 @@ class StoreWriter:
         if not keep.all():
             keys, labels, views, feats = ([keys[i] for i in np.flatnonzero(keep)], labels[keep],
                                           views[keep], feats[keep])
+        for key in keys:  # it failed in an earlier run and has been read now
+            self._failures.pop(key, None)
         self._buf_feats.append(feats.astype(self.dtype))  # a copy: callers may reuse buffers
         self._buf_keys += keys
         self._buf_labels.append(labels)
@@ -233,10 +239,11 @@ class StoreWriter:
         """Record items that could not be read; they are persisted at once."""
         self._check_open()
         items = [(str(k), " ".join(str(r).split())) for k, r in failures if k not in self._done]
-        if items:
-            self._failures += items
-            self._done.update(k for k, _ in items)
-            self._submit(lambda: self._append_failures(items))
+        self._done.update(k for k, _ in items)
+        new = [(k, r) for k, r in items if self._failures.get(k) != r]  # not logged yet
+        self._failures.update(items)
+        if new:
+            self._submit(lambda: self._append_failures(new))
 
     def close(self, meta: dict | None = None) -> FeatureStore:
         """Write the last shard, the index, failures and ``meta.json``; return the reader.
@@ -331,9 +338,9 @@ class StoreWriter:
             if not number.isdigit() or int(number) >= len(self._parts):  # unfinished/gap
                 path.unlink()
         self._rows = sum(p["rows"] for p in self._parts)
-        self._failures = self._read_failure_log()
         self._done, self._partial = self._done_from_parts()
-        self._done.update(k for k, _ in self._failures)
+        # failed keys stay to do (retried); one read since then has rows: not a failure
+        self._failures = {k: r for k, r in self._read_failure_log() if k not in self._done}
 
     def _finished_part(self, n: int) -> dict | None:
         part = _read_json(self.dir / SHARDS / f"{shard_name(n)}.json")
@@ -487,7 +494,7 @@ class StoreWriter:
     def _write_failures_csv(self, f: Any) -> None:
         out = csv.writer(f, lineterminator="\n")
         out.writerow(["key", "reason"])
-        out.writerows(self._failures)
+        out.writerows(self._failures.items())
 
     def _meta(self, meta: dict) -> dict:
         keys = {k for p in self._parts for k in p["keys"]}

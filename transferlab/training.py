@@ -610,9 +610,9 @@ class SharedSteps:
 def _epochs(n: int, phase: str, progress: bool) -> Any:
     if not progress:
         return range(n)
-    from tqdm.auto import tqdm
+    from .progress import tqdm_bar
 
-    return tqdm(range(n), desc=phase, unit="epoch", leave=False)
+    return tqdm_bar(range(n), desc=phase, unit="epoch", leave=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -744,9 +744,10 @@ def _cache_memmap(net: Network, src: Source, rt: Runtime, batch_size: int,
 def _progress(it: Any, progress: bool, desc: str, items: int, batch_size: int) -> Any:
     if not progress:
         return it
-    from tqdm.auto import tqdm
+    from .progress import tqdm_bar
 
-    return tqdm(it, desc=desc, unit="batch", leave=False, total=math.ceil(items / batch_size))
+    return tqdm_bar(it, desc=desc, unit="batch", leave=False,
+                    total=math.ceil(items / batch_size))
 
 
 def state_digest(module: nn.Module | Mapping[str, torch.Tensor]) -> str:
