@@ -209,6 +209,18 @@ def test_a_folder_of_only_bad_files_gives_an_empty_store_not_a_crash(tmp_path):
     assert {k for k, _ in result.store.failures} == expected
 
 
+def test_a_rerun_after_deleting_files_keeps_their_rows_and_says_so(tmp_path):
+    make_image_tree(tmp_path / "data", per_class=2, unicode_name=False)
+    first = run_extract(make_cfg(tmp_path / "data", tmp_path / "o"))
+    gone = sorted(first.store.keys)[0]
+    (tmp_path / "data" / gone).unlink()
+    again = run_extract(make_cfg(tmp_path / "data", tmp_path / "o"))
+    assert (again.written, again.skipped, again.stale) == (0, first.written - 1, 1)
+    assert gone in again.store.keys and first.stale == 0
+    assert "1 stored items are not in this run's data" in again.summary()
+    assert "not in this run's data" not in first.summary()
+
+
 def test_the_same_root_named_relatively_resumes_the_store(tmp_path, monkeypatch):
     make_image_tree(tmp_path / "data", per_class=1, unicode_name=False)
     first = run_extract(make_cfg(tmp_path / "data", tmp_path / "o"))

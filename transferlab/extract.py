@@ -48,6 +48,7 @@ class ExtractResult:
     seconds: float  # whole run, model building included
     loop_seconds: float  # reading, computing and writing only
     out_dir: Path
+    stale: int = 0  # stored keys (rows or failures) not in this run's data: deleted files?
 
     @property
     def images_per_second(self) -> float:
@@ -57,7 +58,11 @@ class ExtractResult:
         return (f"{self.written} images written, {self.failed} failed, {self.skipped} skipped "
                 f"(already done) in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s)"
                 f"; store: {self.out_dir} ({len(self.store)} rows, "
-                f"{self.store.features.shape[1]}-d {self.store.dtype})")
+                f"{self.store.features.shape[1]}-d {self.store.dtype})"
+                + (f"; {self.stale} stored items are not in this run's data (deleted or moved "
+                   "files? another data.limit or data.classes?): kept; output.overwrite=true "
+                   "rebuilds the store"
+                   if self.stale else ""))
 
 
 # ---------------------------------------------------------------------------------------
@@ -296,7 +301,12 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
     if info.enabled:
         counts, store = merge_ranks(out_dir, info, counts, meta, len(full))
         loop_seconds = time.time() - loop_started
-    return ExtractResult(store, *counts, time.time() - started, loop_seconds, out_dir)
+    stale = len(stored_keys(store) - set(full.keys))
+    return ExtractResult(store, *counts, time.time() - started, loop_seconds, out_dir, stale)
+
+
+def stored_keys(store: FeatureStore) -> set[str]:
+    return set(store.keys) | {key for key, _ in store.failures}
 
 
 def rank_dir(out_dir: Path, info: DistInfo) -> Path:
