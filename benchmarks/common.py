@@ -213,8 +213,8 @@ class Forward:
     """The ceiling: the extractor's forward pass on a synthetic batch already on the device.
 
     Built exactly as ``run_extract`` builds its model (same extractor, runtime resolution,
-    threads, channels_last, precision, compile), so end-to-end / forward isolates the cost
-    of reading, decoding, resizing, copying and writing.
+    threads, BatchNorm folding, channels_last, precision, compile), so end-to-end / forward
+    isolates the cost of reading, decoding, resizing, copying and writing.
     """
 
     def __init__(self, cfg, batch_size: int | None = None):
@@ -231,7 +231,8 @@ class Forward:
         self.rt = resolve_runtime(cfg.runtime, conv_net)
         apply_runtime(self.rt)
         self.batch_size = batch_size or default_batch_size(self.rt, cfg.runtime.batch_size)
-        self.model = prepare_model(bundle.extractor, self.rt, cfg.runtime.compile)
+        self.model = prepare_model(bundle.extractor, self.rt, cfg.runtime.compile,
+                                   bundle.spec.input_size if cfg.runtime.fold_bn else None)
         self.spec = bundle.spec
         x = torch.randn(self.batch_size, *bundle.spec.input_size, device=self.rt.device)
         if self.rt.channels_last:

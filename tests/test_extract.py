@@ -209,6 +209,17 @@ def test_a_folder_of_only_bad_files_gives_an_empty_store_not_a_crash(tmp_path):
     assert {k for k, _ in result.store.failures} == expected
 
 
+def test_folding_batchnorm_leaves_the_features_as_they_were(tmp_path):
+    make_image_tree(tmp_path / "data", per_class=2, unicode_name=False)
+    folded = run_extract(make_cfg(tmp_path / "data", tmp_path / "a", "output.dtype=float32"))
+    plain = run_extract(make_cfg(tmp_path / "data", tmp_path / "b", "output.dtype=float32",
+                                 "runtime.fold_bn=false"))
+    assert folded.store.keys == plain.store.keys
+    want = np.asarray(plain.store.features)
+    np.testing.assert_allclose(folded.store.features, want, rtol=0,
+                               atol=1e-4 * np.abs(want).max())
+
+
 def test_a_rerun_after_deleting_files_keeps_their_rows_and_says_so(tmp_path):
     make_image_tree(tmp_path / "data", per_class=2, unicode_name=False)
     first = run_extract(make_cfg(tmp_path / "data", tmp_path / "o"))
@@ -328,7 +339,11 @@ def test_keyboard_interrupt_leaves_a_store_that_resumes_identically(messy, tmp_p
     sizes.clear()
     run_extract(load_config(messy["store"] / "config.yaml", [f"output.dir={tmp_path / 'ref'}"],
                             ExtractConfig))
-    assert resumed == sizes[-len(resumed):]  # the same batches, whole
+    # the same batches, whole: the rest of the run plus the earlier ones with a failed file
+    # (tried again); in the uninterrupted run's order
+    rest = iter(sizes)
+    assert all(any(n == m for m in rest) for n in resumed), (resumed, sizes)
+    assert resumed[-1] == sizes[-1]
 
 
 def test_a_transform_error_is_a_failure_not_a_crash(tmp_path):

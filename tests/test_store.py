@@ -274,7 +274,7 @@ def test_sigkill_then_resume_is_identical(tmp_path, data, reference):
 
 def test_reopening_a_finished_store(reference, data):
     writer = StoreWriter(reference, FP, dtype="float32", shard_size=5)
-    assert writer.done_keys == set(data[0])
+    assert writer.done_keys == {k for i, k in enumerate(data[0]) if i not in FAILED}
     before = store_files(reference)
     writer.add(data[0][:2], data[1][:2], data[2][:2])  # already stored: ignored
     assert writer.close({}).meta["rows"] == 20

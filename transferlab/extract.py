@@ -185,8 +185,16 @@ def file_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def prepare_model(extractor: nn.Module, rt: Runtime, compile_model: bool) -> nn.Module:
-    model = extractor.to(rt.device)
+def prepare_model(extractor: nn.Module, rt: Runtime, compile_model: bool = False,
+                  fold_input: Sequence[int] | None = None) -> nn.Module:
+    """The extractor ready to run: BatchNorm folded (checked on an input of ``fold_input``
+    size; None: not folded), on the device, channels_last, compiled."""
+    model = extractor
+    if fold_input is not None:
+        from .fusion import fold_batchnorm
+
+        model = fold_batchnorm(model, fold_input)
+    model = model.to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile_model:
@@ -215,9 +223,10 @@ class FeatureComputer:
     """
 
     def __init__(self, extractor: nn.Module, spec: PreprocessSpec, rt: Runtime,
-                 compile_model: bool = False):
+                 compile_model: bool = False, fold_bn: bool = False):
         self.rt = rt
-        self.model = prepare_model(extractor, rt, compile_model)
+        self.model = prepare_model(extractor, rt, compile_model,
+                                   spec.input_size if fold_bn else None)
         self.normalize = DeviceNormalize(spec.mean, spec.std).to(rt.device)
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
@@ -288,7 +297,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
         positions = resume_positions(dataset.keys, done, batch_size)
         loader, prepare = build_loader(cfg, dataset.subset(positions), positions, spec, rt,
                                        batch_size)
-        compute = FeatureComputer(bundle.extractor, spec, rt, cfg.runtime.compile)
+        compute = FeatureComputer(bundle.extractor, spec, rt, cfg.runtime.compile,
+                                  cfg.runtime.fold_bn)
         loop_started = time.time()
         bar = progress_bar(len(dataset) - skipped, progress and info.is_main)
         with bar:
@@ -452,7 +462,7 @@ def embed_images(meta: dict, paths: Sequence[str | Path], batch_size: int = 16) 
     bundle = bundle_from_meta(meta)
     cfg = from_dict(ExtractConfig, meta["config"], "store metadata")
     rt = resolve_runtime(RuntimeConfig())  # this machine's device, not the writer's
-    compute = FeatureComputer(bundle.extractor, bundle.spec, rt)
+    compute = FeatureComputer(bundle.extractor, bundle.spec, rt, fold_bn=cfg.runtime.fold_bn)
     transform = build_transform(bundle.spec, normalize=False)
     spec = bundle.spec
     rows = []
