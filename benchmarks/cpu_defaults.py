@@ -11,7 +11,8 @@ of the machine (``common.sample``), and its ratio to the automatic setting's:
 1. forward only (synthetic batch, no data): batch {1, 4, 8, 16, 32} x channels_last
    {on, off} in fp32 with the automatic thread count; bf16 autocast at one batch size only
    (it is dominated by far on CPUs without bf16 units, which the first run confirmed);
-   threads {1, cores} at the automatic batch size.
+   threads {1, cores} at the automatic batch size; BatchNorm folding off
+   (``runtime.fold_bn=false``) at the automatic settings.
 2. end to end (``run_extract`` over ~500x375 JPEGs): DataLoader workers {0, 1, 2} with the
    automatic thread split (cores - workers) and with all cores for torch (oversubscribed),
    plus the best forward batch sizes with workers 0.
@@ -43,8 +44,11 @@ from transferlab.runtime import tune_malloc  # noqa: E402
 
 
 def settings(batch: int | None = None, cl: bool | None = None, precision: str = "fp32",
-             workers: int | None = None, threads: int | None = None) -> list[str]:
+             workers: int | None = None, threads: int | None = None,
+             fold: bool | None = None) -> list[str]:
     out = ["runtime.device=cpu", f"runtime.precision={precision}"]
+    if fold is not None:
+        out.append(f"runtime.fold_bn={str(fold).lower()}")
     if batch is not None:
         out.append(f"runtime.batch_size={batch}")
     if cl is not None:
@@ -60,7 +64,9 @@ def forward_grid(batches: list[int], cores: int, bf16_batch: int) -> list[dict]:
     grid = [dict(batch=b, cl=cl) for b in batches for cl in (True, False)]
     grid.append(dict(batch=bf16_batch, cl=True, precision="bf16"))
     grid += [dict(threads=t) for t in sorted({1, cores})]
-    return [{"precision": "fp32", "batch": None, "cl": None, "threads": None, **g} for g in grid]
+    grid.append(dict(fold=False))
+    return [{"precision": "fp32", "batch": None, "cl": None, "threads": None, "fold": None, **g}
+            for g in grid]
 
 
 def e2e_grid(cores: int, batches: list[int], max_workers: int = 2) -> list[dict]:
@@ -76,7 +82,7 @@ def run_forward(model: str, data: Path, out: Path, grid: list[dict], rounds: int
     cases: dict[str, Forward] = {}
     for i, g in enumerate(grid):
         cfg = extract_config(data, out, model, settings(g["batch"], g["cl"], g["precision"],
-                                                        threads=g["threads"]))
+                                                        threads=g["threads"], fold=g["fold"]))
         cases[str(i)] = Forward(cfg)
     cases["auto"] = Forward(extract_config(data, out, model, settings()))
 
@@ -86,14 +92,17 @@ def run_forward(model: str, data: Path, out: Path, grid: list[dict], rounds: int
                         None)
 
     samples = rounds_of({k: measure(f) for k, f in cases.items()}, rounds)
+    folds = {str(i): g["fold"] is not False for i, g in enumerate(grid)}
     return [result_row("forward", cases[k].batch_size, cases[k].rt.to_dict(), "-",
-                       samples[k], samples["auto"], rounds, k == "auto") for k in cases]
+                       samples[k], samples["auto"], rounds, k == "auto", folds.get(k, True))
+            for k in cases]
 
 
 def result_row(mode: str, batch: int, rt: dict, workers, got: list[Sample],
-               base: list[Sample], rounds: int, default: bool) -> dict:
+               base: list[Sample], rounds: int, default: bool, fold: bool = True) -> dict:
     s, b = pick(got), pick(base)
     return {"mode": mode, "batch": batch, "cl": rt["channels_last"], "precision": rt["precision"],
+            "fold_bn": fold,
             "workers": workers, "threads": rt["threads"], "ips": s.value, "others": others(s),
             "vs_default": s.value / b.value, "default": default,
             "rounds": [x.value for x in got], "foreign": [x.foreign for x in got]}
@@ -202,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     else:
         models, rounds, images, fimages = (args.models.split(","), args.rounds, args.images,
                                            args.forward_images)
-        batches, e2e_batches, bf16_batch = [1, 4, 8, 16, 32], [4, 8], 4
+        batches, e2e_batches, bf16_batch = [1, 4, 8, 16, 32], [4, 8, 32], 4
         alloc_rounds, alloc_batches = args.alloc_rounds, [4, 16, 32]
         data = jpeg_folder(bench, max(images, 128))
     import torch
@@ -229,10 +238,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if all_rows:
         print(table("CPU settings (img/s of the reported measurement; 'vs auto' = over the "
                     "automatic setting's, measured in the same rounds)",
-                    ["model", "mode", "batch", "channels_last", "precision", "workers", "threads",
-                     "img/s", "others %", "vs auto", "all measurements"],
+                    ["model", "mode", "batch", "channels_last", "precision", "fold_bn", "workers",
+                     "threads", "img/s", "others %", "vs auto", "all measurements"],
                     [[r["model"], r["mode"] + (" (auto)" if r["default"] else ""), r["batch"],
-                      "on" if r["cl"] else "off", r["precision"], r["workers"], r["threads"],
+                      "on" if r["cl"] else "off", r["precision"], "on" if r["fold_bn"] else "off",
+                      r["workers"], r["threads"],
                       r["ips"], r["others"], r["vs_default"],
                       " ".join(f"{x:.1f}/{f * 100:.0f}%" for x, f in zip(r["rounds"], r["foreign"]))]
                      for r in all_rows]))

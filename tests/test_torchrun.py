@@ -1,14 +1,14 @@
 """Real ``torchrun`` launches with the gloo backend and two CPU processes."""
 from __future__ import annotations
 
-import os
-import signal
+import contextlib
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import yaml
 
@@ -24,6 +24,18 @@ ATOL = 1e-3  # float16 rows computed in other batch compositions (see test_resum
 def torchrun(*args: str, nproc: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc_per_node={nproc}", *args]
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and its workers, no cleanup. torchrun starts every worker in a
+    session of its own, so killing the launcher's process group would leave them running."""
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()
+    for worker in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
+    proc.wait()
+    psutil.wait_procs(workers, timeout=30)
 
 
 def write_config(tmp_path: Path, data_root: Path, out: Path) -> Path:
@@ -61,22 +73,23 @@ def test_two_process_extraction_equals_single_process(tmp_path):
 
 
 def test_killed_torchrun_extraction_resumes(tmp_path):
-    make_tree(tmp_path / "imgs", 160)
+    make_tree(tmp_path / "imgs", 480)  # 30 shards: the kill lands long before the end
     out = tmp_path / "dist"
     config = write_config(tmp_path, tmp_path / "imgs", out)
     command = torchrun("-m", "transferlab.extract", str(config))
     proc = subprocess.Popen(command, env=env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.DEVNULL)
     shards = out / "ranks" / "world-2"
     deadline = time.time() + 240
-    while time.time() < deadline and len(list(shards.glob("rank-*/shards/shard-*.json"))) < 2:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, no cleanup
-    proc.wait()
+    while time.time() < deadline and not list(shards.glob("rank-*/shards/shard-*.json")):
+        time.sleep(0.02)
+    kill_tree(proc)
     assert not (out / "meta.json").exists()
+    done_at_kill = 16 * len(list(shards.glob("rank-*/shards/shard-*.json")))
+    assert 0 < done_at_kill < 480
     again = subprocess.run(command, env=env(), cwd=REPO, capture_output=True, text=True,
                            timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     skipped = int(again.stdout.split(" skipped")[0].rsplit(" ", 1)[-1])
-    assert skipped > 0
+    assert skipped == done_at_kill  # finished shards are kept, the rest is computed now
     assert_same_rows(FeatureStore.open(out), single_process_store(config, tmp_path / "single"))

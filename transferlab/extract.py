@@ -289,7 +289,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
     writer = StoreWriter(rank_dir(out_dir, info), prints, cfg.output.dtype,
                          cfg.output.shard_size, cfg.output.overwrite)
     with writer:  # on any exception: abort, keeping finished shards for a resume
-        save_config(cfg, out_dir / "config.yaml")
+        if info.is_main:  # one writer: ranks racing on one file lose each other's rename
+            save_config(cfg, out_dir / "config.yaml")
         # no rows: sets the store's width now (also when every image fails) and checks it
         writer.add([], [], np.zeros((0, bundle.extractor.feature_dim), np.float32))
         done = writer.done_keys
