@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .atomicfile import temporary_path
 from .errors import ModelError
 
 META_KEY = "transferlab"
@@ -23,10 +24,14 @@ def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], meta: dict
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

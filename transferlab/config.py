@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from .atomicfile import atomic_write_text
 from .errors import ConfigError
 
 T = TypeVar("T")
@@ -385,7 +385,5 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent writers never share it
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, text)
     return path

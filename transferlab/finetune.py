@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomicfile import atomic_write_text
 from .backbones import Backbone, build_backbone, resolve_source
 from .config import (DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig, from_dict,
                      save_config, to_dict)
@@ -264,9 +265,7 @@ def write_confusion(out: Path, matrix: np.ndarray, names: list[str], held_out: s
     """confusion.json ({classes, matrix, held_out}) and confusion.csv (rows: true class)."""
     data = {"held_out": held_out, "classes": names, "matrix": matrix.tolist(),
             "rows": "true class", "columns": "predicted class"}
-    tmp = out / "confusion.json.tmp"
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    tmp.replace(out / "confusion.json")
+    atomic_write_text(out / "confusion.json", json.dumps(data, indent=1))
     lines = [",".join(["true\\predicted", *names])]
     lines += [",".join([names[i], *map(str, row)]) for i, row in enumerate(matrix)]
     (out / "confusion.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -831,9 +830,7 @@ def write_summary(result: FinetuneResult, rt: Runtime) -> Path:
                if result.pretrain_checkpoint else None,
                "stages": [dataclasses.asdict(s) for s in result.stages]}
     path = result.output_dir / "metrics.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(summary, indent=1))
     return path
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomicfile import atomic_write
 from .config import IMAGE_EXTENSIONS
 from .errors import ConfigError, DataError
 from .model_io import Classifier, load_model
@@ -109,10 +110,7 @@ def run_predict(checkpoint: str | Path, paths: Sequence[str | Path], out: str | 
         return result
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        write_csv(result.predictions, f)
-    tmp.replace(out)
+    atomic_write(out, lambda f: write_csv(result.predictions, f), fsync=False)
     return result
 
 

@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomicfile import atomic_write
 from .errors import StoreError
 
 try:
@@ -78,21 +79,8 @@ def shard_name(n: int) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w",
-                  fsync: bool = True) -> None:
-    """Write via ``path.tmp`` then ``os.replace``: readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    kwargs = {"encoding": "utf-8", "newline": ""} if "b" not in mode else {}
-    with open(tmp, mode, **kwargs) as f:
-        write(f)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, data: Any) -> None:
-    _atomic_write(path, lambda f: json.dump(data, f, indent=1, ensure_ascii=False, default=str))
+    atomic_write(path, lambda f: json.dump(data, f, indent=1, ensure_ascii=False, default=str))
 
 
 def _read_json(path: Path) -> Any:
@@ -258,7 +246,7 @@ class StoreWriter:
         try:
             self._raise_if_failed()
             self._write_index()
-            _atomic_write(self.dir / FAILURES, self._write_failures_csv, fsync=self.fsync)
+            atomic_write(self.dir / FAILURES, self._write_failures_csv, fsync=self.fsync)
             _write_json(self.dir / META, self._meta(meta or {}))
         finally:
             self._closed = True
@@ -379,7 +367,7 @@ class StoreWriter:
                 clean = False
                 break
         if not clean:  # a kill in the middle of a line: keep the complete ones
-            _atomic_write(path, lambda f: f.writelines(_failure_lines(items)), fsync=self.fsync)
+            atomic_write(path, lambda f: f.writelines(_failure_lines(items)), fsync=self.fsync)
         return items
 
     # ---- adding ---------------------------------------------------------------------------
@@ -468,7 +456,7 @@ class StoreWriter:
 
     def _write_shard(self, n: int, shard: np.ndarray, part: dict) -> None:
         base = self.dir / SHARDS / shard_name(n)
-        _atomic_write(base.with_suffix(".npy"), lambda f: np.save(f, shard), "wb", self.fsync)
+        atomic_write(base.with_suffix(".npy"), lambda f: np.save(f, shard), "wb", self.fsync)
         _write_json(base.with_suffix(".json"), part)  # last: marks the shard finished
 
     def _append_failures(self, items: list[tuple[str, str]]) -> None:
@@ -489,7 +477,7 @@ class StoreWriter:
                 for key, label, view in zip(part["keys"], part["labels"], part["views"]):
                     out.writerow([key, label, row, view])
                     row += 1
-        _atomic_write(self.dir / INDEX, write, fsync=self.fsync)
+        atomic_write(self.dir / INDEX, write, fsync=self.fsync)
 
     def _write_failures_csv(self, f: Any) -> None:
         out = csv.writer(f, lineterminator="\n")
@@ -730,7 +718,7 @@ class FeatureStore:
         rows = np.flatnonzero(self.views == view)
         feats = self.features[rows]
         data = {self.paths[r]: feats[i] for i, r in enumerate(rows)}
-        _atomic_write(path, lambda f: pickle.dump(data, f, protocol=4), "wb")
+        atomic_write(path, lambda f: pickle.dump(data, f, protocol=4), "wb")
         return path
 
     def _missing_message(self, key: str) -> str:
@@ -828,9 +816,9 @@ def merge_stores(target: str | os.PathLike, parts: Sequence[str | os.PathLike],
     shards = [{"file": (s.dir / sh["file"]).relative_to(target).as_posix(), "rows": sh["rows"]}
               for s in stores for sh in s.meta["shards"]]
     keys = [k for s in stores for k in s.paths]
-    _atomic_write(target / INDEX, lambda f: _write_merged_index(f, stores))
+    atomic_write(target / INDEX, lambda f: _write_merged_index(f, stores))
     failures = [item for s in stores for item in s.failures]
-    _atomic_write(target / FAILURES, lambda f: csv.writer(f, lineterminator="\n").writerows(
+    atomic_write(target / FAILURES, lambda f: csv.writer(f, lineterminator="\n").writerows(
         [["key", "reason"], *failures]))
     _write_json(target / FINGERPRINT, {"fingerprint": first["fingerprint"],
                                        "dtype": first["dtype"]})
