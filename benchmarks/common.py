@@ -78,7 +78,12 @@ def cpu_cores() -> int:
 
 
 def machine(device: torch.device) -> dict[str, Any]:
-    info = {"cpu": cpu_model(), "cores": cpu_cores(), "torch": torch.__version__,
+    from transferlab.runtime import cpu_has_bf16_units
+
+    # the model name alone does not tell CPUs apart ("Intel(R) Xeon(R) Processor" with and
+    # without AMX): bf16 speed depends on the units
+    isa = torch.backends.cpu.get_cpu_capability() + (" + AMX" if cpu_has_bf16_units() else "")
+    info = {"cpu": cpu_model(), "cores": cpu_cores(), "isa": isa, "torch": torch.__version__,
             "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -88,7 +93,8 @@ def machine(device: torch.device) -> dict[str, Any]:
 def machine_line(device: torch.device) -> str:
     m = machine(device)
     gpu = f", GPU: {m['gpu']}" if "gpu" in m else ", no GPU"
-    return f"machine: {m['cpu']} ({m['cores']} cores){gpu}; torch {m['torch']}; device {m['device']}"
+    return (f"machine: {m['cpu']} ({m['cores']} cores, {m['isa']}){gpu}; torch {m['torch']}; "
+            f"device {m['device']}")
 
 
 # ---------------------------------------------------------------------------------------

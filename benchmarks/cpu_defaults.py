@@ -9,8 +9,8 @@ quiet). Each row reports the best measurement taken while other processes used a
 of the machine (``common.sample``), and its ratio to the automatic setting's:
 
 1. forward only (synthetic batch, no data): batch {1, 4, 8, 16, 32} x channels_last
-   {on, off} in fp32 with the automatic thread count; bf16 autocast at one batch size only
-   (it is dominated by far on CPUs without bf16 units, which the first run confirmed);
+   {on, off} at the automatic precision (bf16 on CPUs with AMX, else fp32) with the
+   automatic thread count; the other precision at every batch size (channels_last on);
    threads {1, cores} at the automatic batch size; BatchNorm folding off
    (``runtime.fold_bn=false``) at the automatic settings.
 2. end to end (``run_extract`` over ~500x375 JPEGs): DataLoader workers {0, 1, 2} with the
@@ -21,7 +21,8 @@ of the machine (``common.sample``), and its ratio to the automatic setting's:
    default: big blocks from the heap, no trimming), each in a fresh process: forward at
    batch 4, 16, 32 and end to end.
 
-Combinations dominated in grid 1 (channels_last off, bf16) are not repeated in grid 2.
+Combinations dominated in grid 1 (channels_last off, the slower precision) are not
+repeated in grid 2.
 """
 from __future__ import annotations
 
@@ -40,13 +41,16 @@ from benchmarks.common import (Forward, Sample, base_parser, busy_note, cpu_core
                                extract_config, folder_stats, jpeg_folder, load_line,
                                machine_line, others, pick, rounds_of, run_extract_ips, table,
                                write_json)
-from transferlab.runtime import tune_malloc  # noqa: E402
+from transferlab.runtime import cpu_has_bf16_units, resolve_precision, tune_malloc  # noqa: E402
 
 
-def settings(batch: int | None = None, cl: bool | None = None, precision: str = "fp32",
+def settings(batch: int | None = None, cl: bool | None = None, precision: str | None = None,
              workers: int | None = None, threads: int | None = None,
              fold: bool | None = None) -> list[str]:
-    out = ["runtime.device=cpu", f"runtime.precision={precision}"]
+    """key=value overrides; None leaves a setting automatic."""
+    out = ["runtime.device=cpu"]
+    if precision is not None:
+        out.append(f"runtime.precision={precision}")
     if fold is not None:
         out.append(f"runtime.fold_bn={str(fold).lower()}")
     if batch is not None:
@@ -60,12 +64,12 @@ def settings(batch: int | None = None, cl: bool | None = None, precision: str = 
     return out
 
 
-def forward_grid(batches: list[int], cores: int, bf16_batch: int) -> list[dict]:
+def forward_grid(batches: list[int], cores: int, other_precision: str) -> list[dict]:
     grid = [dict(batch=b, cl=cl) for b in batches for cl in (True, False)]
-    grid.append(dict(batch=bf16_batch, cl=True, precision="bf16"))
+    grid += [dict(batch=b, cl=True, precision=other_precision) for b in batches]
     grid += [dict(threads=t) for t in sorted({1, cores})]
     grid.append(dict(fold=False))
-    return [{"precision": "fp32", "batch": None, "cl": None, "threads": None, "fold": None, **g}
+    return [{"precision": None, "batch": None, "cl": None, "threads": None, "fold": None, **g}
             for g in grid]
 
 
@@ -87,9 +91,8 @@ def run_forward(model: str, data: Path, out: Path, grid: list[dict], rounds: int
     cases["auto"] = Forward(extract_config(data, out, model, settings()))
 
     def measure(f: Forward):
-        n = images if f.rt.precision == "fp32" else min(images, 2 * f.batch_size)
-        return lambda: (f.images_per_second(0.0, warmup=1, min_steps=max(1, n // f.batch_size)),
-                        None)
+        return lambda: (f.images_per_second(0.0, warmup=1,
+                                            min_steps=max(1, images // f.batch_size)), None)
 
     samples = rounds_of({k: measure(f) for k, f in cases.items()}, rounds)
     folds = {str(i): g["fold"] is not False for i, g in enumerate(grid)}
@@ -205,17 +208,21 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     cores = cpu_cores()
     if args.quick:
         models, rounds, images, fimages = ["test_resnet"], 1, 8, 8
-        batches, e2e_batches, bf16_batch = [4], [], 4
+        batches, e2e_batches = [4], []
         alloc_rounds, alloc_batches = 0, [4]
         data = jpeg_folder(bench, 8, size=(96, 72))
     else:
         models, rounds, images, fimages = (args.models.split(","), args.rounds, args.images,
                                            args.forward_images)
-        batches, e2e_batches, bf16_batch = [1, 4, 8, 16, 32], [4, 8, 32], 4
+        batches, e2e_batches = [1, 4, 8, 16, 32], [4, 8, 32]
         alloc_rounds, alloc_batches = args.alloc_rounds, [4, 16, 32]
         data = jpeg_folder(bench, max(images, 128))
     import torch
+    auto = resolve_precision("auto", torch.device("cpu"))
+    other = "fp32" if auto == "bf16" else "bf16"
     print(machine_line(torch.device("cpu")))
+    print(f"automatic precision here: {auto} (bf16 matrix units: "
+          f"{'yes' if cpu_has_bf16_units() else 'no'})")
     print(f"data: {data} ({folder_stats(data)})")
     print(f"before: {load_line()}")
     all_rows: list[dict] = []
@@ -223,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for model in models:
         out = bench / "stores" / "cpu_defaults"
         rows = [] if args.alloc_only else run_forward(
-            model, data, out, forward_grid(batches, cores, bf16_batch), rounds, fimages)
+            model, data, out, forward_grid(batches, cores, other), rounds, fimages)
         if not args.alloc_only:
             rows += run_e2e(model, data, out,
                             e2e_grid(cores, e2e_batches, 1 if args.quick else 2), rounds, images)

@@ -31,7 +31,9 @@ from transferlab.store import FeatureStore
 
 BASE = {"model": {"name": "test_resnet", "pretrained": False},
         "preprocess": {"input_size": [32, 32]},  # timm's center crop: short side 33, crop 32
-        "runtime": {"batch_size": 4, "num_workers": 0, "threads": 1, "progress": False},
+        # fp32: the tests compare with reference computations ('auto' is bf16 on AMX CPUs)
+        "runtime": {"batch_size": 4, "num_workers": 0, "threads": 1, "progress": False,
+                    "precision": "fp32"},
         "output": {"shard_size": 8}}
 
 
@@ -218,6 +220,19 @@ def test_folding_batchnorm_leaves_the_features_as_they_were(tmp_path):
     want = np.asarray(plain.store.features)
     np.testing.assert_allclose(folded.store.features, want, rtol=0,
                                atol=1e-4 * np.abs(want).max())
+
+
+def test_bf16_autocast_features_are_the_fp32_features_within_bf16_rounding(tmp_path):
+    make_image_tree(tmp_path / "data", per_class=2, unicode_name=False)
+    half = run_extract(make_cfg(tmp_path / "data", tmp_path / "bf16", "output.dtype=float32",
+                                "runtime.precision=bf16"))
+    full = run_extract(make_cfg(tmp_path / "data", tmp_path / "fp32", "output.dtype=float32"))
+    assert half.store.meta["runtime"]["precision"] == "bf16"
+    want = np.asarray(full.store.features)
+    got = np.asarray(half.store.features)
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=0, atol=0.02 * scale)  # bf16: 8-bit mantissa
+    assert np.abs(got - want).max() > 0  # autocast really ran in bf16
 
 
 def test_a_rerun_after_deleting_files_keeps_their_rows_and_says_so(tmp_path):

@@ -172,7 +172,9 @@ def test_frozen_base_is_bit_identical_after_training(tmp_path, cache):
 
 @pytest.mark.parametrize("cache", ["memory", "disk"])
 def test_cached_and_uncached_training_give_the_same_head(tmp_path, cache):
-    common = ["head.dropout=0.3", "train.epochs=3", "train.val_split=0.2"]
+    # fp32: under bf16 autocast the base rounds differently in other batch shapes
+    common = ["head.dropout=0.3", "train.epochs=3", "train.val_split=0.2",
+              "runtime.precision=fp32"]
     cached = run_finetune(tiny(tmp_path, *common, f"train.cache={cache}", name="cached"))
     plain = run_finetune(tiny(tmp_path, *common, "train.cache=off", name="plain"))
     assert cached.stage("head-only").details["cache"] == ("cpu" if cache == "memory" else "disk")

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from transferlab.config import RuntimeConfig
+from transferlab import runtime
 from transferlab.errors import ConfigError
 from transferlab.runtime import default_batch_size, resolve_runtime
 
 
-def test_cpu_auto_choices():
+def test_cpu_auto_choices(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_has_bf16_units", lambda: False)
     rt = resolve_runtime(RuntimeConfig(device="cpu"))
     assert rt.device == torch.device("cpu")
     assert rt.precision == "fp32"
@@ -25,6 +27,22 @@ def test_cpu_auto_choices():
     assert default_batch_size(rt, 3) == 3
     with pytest.raises(ConfigError, match="batch_size must be >= 1"):
         default_batch_size(rt, 0)
+
+
+def test_cpu_auto_precision_is_bf16_with_bf16_matrix_units(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_has_bf16_units", lambda: True)
+    assert resolve_runtime(RuntimeConfig(device="cpu")).precision == "bf16"
+    assert resolve_runtime(RuntimeConfig(device="cpu", precision="fp32")).precision == "fp32"
+
+
+def test_bf16_units_are_only_claimed_on_a_cpu_with_amx():
+    """AMX shows as amx_tile in /proc/cpuinfo (Linux). The reverse need not hold: a kernel
+    may refuse the process the AMX state, and then bf16 is not chosen."""
+    try:
+        flags = open("/proc/cpuinfo", encoding="utf-8").read().split()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    assert not runtime.cpu_has_bf16_units() or "amx_tile" in flags
 
 
 def test_tune_malloc_switch_off():

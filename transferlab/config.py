@@ -85,7 +85,7 @@ class RuntimeConfig:
     """Hardware use. 'auto' values are chosen from the device at run time."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, AMX CPUs
     batch_size: int | None = None  # null = chosen for the device
     num_workers: int | None = None  # data loading processes; null = chosen for the machine
     channels_last: bool | None = None  # null = on for conv nets
