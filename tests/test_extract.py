@@ -9,6 +9,7 @@ import contextlib
 import csv
 import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -373,6 +374,45 @@ def test_a_transform_error_is_a_failure_not_a_crash(tmp_path):
     item = views[0]
     assert item["image"] is None
     assert item["error"] == "transform-failed: ValueError: odd image"
+
+
+def test_threaded_batch_decoding_equals_reading_one_by_one(messy):
+    """The main-process loader decodes a batch in threads: same items, order, failures and
+    pixels as one by one, and the process's warning filters are left as they were."""
+    from transferlab.datasets import build_dataset
+
+    cfg = load_config(messy["store"] / "config.yaml", [], ExtractConfig)
+    spec = extractor_from_config(cfg.model, cfg.preprocess).spec
+    base = build_dataset(cfg.data, None, "RGB", spec.scale_size())
+    one, threaded = (ViewsDataset(base, spec, 0, 0, decode_threads=n) for n in (1, 3))
+    filters = list(warnings.filters)
+    indices = list(range(len(base)))[::-1]  # any order: the batch keeps it
+    got, want = threaded.__getitems__(indices), one.__getitems__(indices)
+    assert warnings.filters == filters
+    assert [g["key"] for g in got] == [base.keys[i] for i in indices]
+    assert [g["error"] for g in got] == [w["error"] for w in want]
+    assert any(w["error"] for w in want) and any(w["image"] is not None for w in want)
+    for g, w in zip(got, want):
+        assert (g["image"] is None) == (w["image"] is None)
+        if w["image"] is not None:
+            assert torch.equal(g["image"], w["image"])
+
+
+def test_extraction_decodes_in_threads_only_without_loader_workers(tmp_path):
+    from transferlab.datasets import build_dataset
+    from transferlab.extract import build_loader
+    from transferlab.runtime import resolve_runtime
+
+    make_image_tree(tmp_path / "data", per_class=2, unicode_name=False)
+    for workers, threads in ((0, 2), (1, 1)):
+        cfg = make_cfg(tmp_path / "data", tmp_path / "o", "runtime.threads=2",
+                       f"runtime.num_workers={workers}")
+        spec = extractor_from_config(cfg.model, cfg.preprocess).spec
+        data = build_dataset(cfg.data, None, "RGB", spec.scale_size())
+        loader, _ = build_loader(cfg, data, list(range(len(data))), spec,
+                                 resolve_runtime(cfg.runtime), 4)
+        assert loader.dataset.decode_threads == threads
+        assert sum(len(b["key"]) for b in loader) == len(data)
 
 
 # ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import random
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .cli import config_parser, load_cli_config, run_cli
 from .config import ExtractConfig, RuntimeConfig, from_dict, save_config, to_dict
 from .errors import ConfigError
 from .datasets import ImageDataset, build_dataset, collate_skip_errors
 from .extractor import ExtractorBundle, extractor_from_config
-from .imageio import load_image
+from .imageio import decoding_threads_quiet, load_image
 from .preprocess import DeviceNormalize, PreprocessSpec, build_transform
 from .runtime import Runtime, apply_runtime, default_batch_size, resolve_runtime, seed_everything
 from .distributed import (DistInfo, barrier, dist_info, init_distributed, part_range,
@@ -71,14 +72,22 @@ class ExtractResult:
 
 
 class ViewsDataset(Dataset):
-    """Wraps an untransformed dataset; item image = (1 + views, C, H, W) uint8 tensor."""
+    """Wraps an untransformed dataset; item image = (1 + views, C, H, W) uint8 tensor.
 
-    def __init__(self, base: ImageDataset, spec: PreprocessSpec, views: int, seed: int):
+    ``decode_threads`` > 1: a batch read in the main process (no loader workers) is decoded
+    by that many threads (PIL releases the GIL), between forward passes, on the cores the
+    forward pass uses; measured in BENCHMARKS.md. Augmented views seed the global RNGs per
+    key, so with views the items are read one by one.
+    """
+
+    def __init__(self, base: ImageDataset, spec: PreprocessSpec, views: int, seed: int,
+                 decode_threads: int = 1):
         self.base = base
         self.plain = build_transform(spec, normalize=False)
         self.augment = build_transform(spec, normalize=False, augment=True) if views else None
         self.views = views
         self.seed = seed
+        self.decode_threads = decode_threads
 
     def __len__(self) -> int:
         return len(self.base)
@@ -93,6 +102,14 @@ class ViewsDataset(Dataset):
         except Exception as exc:  # noqa: BLE001 - one odd image must not kill a worker
             item["image"], item["error"] = None, transform_failure(exc)
         return item
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """A batch for the DataLoader, in the order of ``indices``."""
+        threads = min(self.decode_threads, len(indices))
+        if threads < 2 or self.views or get_worker_info() is not None:
+            return [self[i] for i in indices]
+        with decoding_threads_quiet(), ThreadPoolExecutor(threads, "decode") as pool:
+            return list(pool.map(self.__getitem__, indices))
 
     def transform(self, image: Any, key: str) -> torch.Tensor:
         tensors = [self.plain(image)]
@@ -364,7 +381,8 @@ def build_loader(cfg: ExtractConfig, todo: ImageDataset, positions: list[int],
     the step (if any) that finishes its batches in the main process (GPU decoding)."""
     batches = aligned_batches(positions, batch_size)
     if not cfg.runtime.gpu_decode:
-        views = ViewsDataset(todo, spec, cfg.output.views, cfg.runtime.seed)
+        threads = rt.threads if rt.num_workers == 0 else 1  # workers decode in parallel
+        views = ViewsDataset(todo, spec, cfg.output.views, cfg.runtime.seed, threads)
         return make_loader(views, batches, rt), None
     from .gpudecode import BatchDecoder, RawJpegDataset, collate_raw
 

@@ -22,6 +22,7 @@ Conversions (documented once, here):
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -114,8 +115,7 @@ def decode_image(fp: io.BufferedIOBase | io.BytesIO, mode: str = "RGB",
     if not head:
         raise ImageDecodeError(EMPTY, "zero-byte file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # bomb, EXIF and palette warnings are handled here
+        with _warnings_ignored():  # bomb, EXIF and palette warnings are handled here
             with Image.open(fp) as im:
                 _check_size(im, max_pixels)
                 _apply_draft(im, mode, draft_size)
@@ -137,6 +137,35 @@ def decode_image(fp: io.BufferedIOBase | io.BytesIO, mode: str = "RGB",
         raise ImageDecodeError(TOO_LARGE, "out of memory while decoding") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
         raise _decoder_error(exc) from None
+
+
+_held_for_threads = 0  # > 0 while decoding_threads_quiet() holds the filters
+
+
+@contextlib.contextmanager
+def decoding_threads_quiet():
+    """Ignore warnings while a pool of threads decodes: enter it once, in the thread that
+    starts the pool. ``warnings.catch_warnings`` swaps process-wide state, so threads that
+    each entered it would restore each other's filters (and could leave every warning of
+    the process ignored); inside this block ``decode_image`` skips its own."""
+    global _held_for_threads
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _held_for_threads += 1
+        try:
+            yield
+        finally:
+            _held_for_threads -= 1
+
+
+@contextlib.contextmanager
+def _warnings_ignored():
+    if _held_for_threads:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def to_mode(im: Image.Image, mode: str) -> Image.Image:
