@@ -296,8 +296,8 @@ def steady_cpu_per_image(stamps: list) -> float | None:
 
 
 def decode_ms(files: Sequence[Path], spec, count: int = 32) -> float:
-    """Milliseconds per image to decode + resize + crop to uint8 in one process, one thread
-    (what each DataLoader worker, or the main process with 0 workers, spends per image)."""
+    """Milliseconds per image to decode + resize + crop to uint8 on one thread (what each
+    DataLoader worker, or each decoding thread of the main process, spends per image)."""
     from transferlab.imageio import load_image
     from transferlab.preprocess import build_transform
 
