@@ -61,7 +61,7 @@ def resolve_device(name: str) -> torch.device:
 
 def cpu_has_bf16_units() -> bool:
     """True when this CPU multiplies bf16 matrices in hardware (Intel AMX, usable by this
-    process): there bf16 autocast runs conv nets 2-2.3x faster than fp32; without such
+    process): there bf16 autocast runs conv nets about 3x faster than fp32; without such
     units it runs them 2-3x slower (BENCHMARKS.md, section 5)."""
     check = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: may go away
     try:
