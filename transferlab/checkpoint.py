@@ -7,12 +7,11 @@ ever needed to restore it.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from .atomicfile import temporary_path
+from .atomicfile import replaced
 from .errors import ModelError
 
 META_KEY = "transferlab"
@@ -24,14 +23,9 @@ def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], meta: dict
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    try:
+    with replaced(path) as tmp:
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+@functools.cache  # the CPU does not change while the process runs
 def cpu_has_bf16_units() -> bool:
     """True when this CPU multiplies bf16 matrices in hardware (Intel AMX, usable by this
     process): there bf16 autocast runs conv nets about 3x faster than fp32; without such
