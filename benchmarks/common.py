@@ -78,7 +78,7 @@ def cpu_cores() -> int:
 
 
 def machine(device: torch.device) -> dict[str, Any]:
-    from transferlab.runtime import cpu_has_bf16_units
+    from transferlab.runtime.device import cpu_has_bf16_units
 
     # the model name alone does not tell CPUs apart ("Intel(R) Xeon(R) Processor" with and
     # without AMX): bf16 speed depends on the units
@@ -226,10 +226,10 @@ class Forward:
     def __init__(self, cfg, batch_size: int | None = None):
         from torch import nn
 
-        from transferlab.extract import prepare_model
-        from transferlab.extractor import extractor_from_config
-        from transferlab.runtime import (apply_runtime, default_batch_size, resolve_runtime,
-                                         seed_everything)
+        from transferlab.extract.compute import prepare_model
+        from transferlab.models.extractor import extractor_from_config
+        from transferlab.runtime.device import (apply_runtime, default_batch_size,
+                                                resolve_runtime, seed_everything)
 
         seed_everything(cfg.runtime.seed)
         bundle = extractor_from_config(cfg.model, cfg.preprocess)
@@ -258,7 +258,7 @@ class Forward:
                 min_steps: int = 2) -> tuple[float, float]:
         """(images/s, CPU seconds per image) over at least ``min_steps`` timed batches."""
         """Batches until ``seconds`` have passed (at least ``min_steps``) after a warmup."""
-        from transferlab.runtime import apply_runtime
+        from transferlab.runtime.device import apply_runtime
 
         apply_runtime(self.rt)  # threads: another measurement may have changed them
         for _ in range(warmup):
@@ -278,7 +278,7 @@ def run_extract_ips(cfg, stamps: list | None = None) -> tuple[float, Any]:
 
     ``stamps``, when given, receives ``(wall, cpu, images_done)`` after every batch.
     """
-    from transferlab.extract import run_extract
+    from transferlab.extract.run import run_extract
 
     clear_store(Path(cfg.output.dir))
     on_batch = None
@@ -298,8 +298,8 @@ def steady_cpu_per_image(stamps: list) -> float | None:
 def decode_ms(files: Sequence[Path], spec, count: int = 32) -> float:
     """Milliseconds per image to decode + resize + crop to uint8 on one thread (what each
     DataLoader worker, or each decoding thread of the main process, spends per image)."""
-    from transferlab.imageio import load_image
-    from transferlab.preprocess import build_transform
+    from transferlab.data.imageio import load_image
+    from transferlab.data.preprocess import build_transform
 
     transform = build_transform(spec, normalize=False)
     files = list(files)[:count]

@@ -41,7 +41,7 @@ from benchmarks.common import (Forward, Sample, base_parser, busy_note, cpu_core
                                extract_config, folder_stats, jpeg_folder, load_line,
                                machine_line, others, pick, rounds_of, run_extract_ips, table,
                                write_json)
-from transferlab.runtime import cpu_has_bf16_units, resolve_precision, tune_malloc  # noqa: E402
+from transferlab.runtime.device import cpu_has_bf16_units, resolve_precision, tune_malloc
 
 
 def settings(batch: int | None = None, cl: bool | None = None, precision: str | None = None,

@@ -44,7 +44,7 @@ def finetune_config(data: Path, out: Path, model: str, epochs: int, cache: str,
 
 
 def run_finetune_timed(cfg) -> dict:
-    from transferlab.finetune import run_finetune
+    from transferlab.finetune.run import run_finetune
 
     clear_store(Path(cfg.output.dir))
     started = time.perf_counter()

@@ -39,7 +39,7 @@ def child(args) -> None:
     import resource
 
     from benchmarks.common import clear_store
-    from transferlab.extract import run_extract
+    from transferlab.extract.run import run_extract
 
     extra = [f"preprocess.input_size=[{args.input_size},{args.input_size}]",
              f"runtime.device={args.device_type}", *args.set]

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from transferlab.atomicfile import atomic_write, atomic_write_text, temporary_path
+from transferlab.runtime.atomicfile import atomic_write, atomic_write_text, temporary_path
 
 
 def write_many(path: str, text: str, times: int) -> None:

@@ -5,10 +5,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from transferlab.backbones import build_backbone, resolve_source
-from transferlab.checkpoint import save_checkpoint
 from transferlab.config import ModelConfig
 from transferlab.errors import ModelError
+from transferlab.models.backbones import build_backbone, resolve_source
+from transferlab.models.checkpoint import save_checkpoint
 
 
 def same_outputs(a: nn.Module, b: nn.Module, shape) -> bool:
@@ -128,10 +128,10 @@ def test_plain_safetensors_is_not_a_checkpoint(tmp_path):
 def test_finetuned_classifier_checkpoint_as_backbone(tmp_path):
     """A fine-tune's model.safetensors is a backbone: cut 'head' gives its base features."""
     from transferlab.config import HeadConfig
-    from transferlab.heads import cut_with_head
-    from transferlab.model_io import classifier_meta, save_classifier
-    from transferlab.preprocess import resolve_preprocess
-    from transferlab.extractor import extractor_from_config
+    from transferlab.data.preprocess import resolve_preprocess
+    from transferlab.models.classifier import classifier_meta, save_classifier
+    from transferlab.models.extractor import extractor_from_config
+    from transferlab.models.heads import cut_with_head
 
     torch.manual_seed(0)
     arch = build_backbone(ModelConfig(name="lenet"))

@@ -100,7 +100,7 @@ def test_nmi_edge_cases():
 
 
 def make_store(path, x, labels, keys=None, views=None):
-    from transferlab.store import StoreWriter
+    from transferlab.store.writer import StoreWriter
 
     if keys is None:
         keys = [f"dir,{lab}/img ü {i}.png" for i, lab in enumerate(labels)]  # csv-hostile names

@@ -6,9 +6,9 @@ import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import transferlab
-from transferlab.cuts import CutSpec, list_cut_points, make_extractor, parse_cut
 from transferlab.errors import CutError
-from transferlab.models import lenet
+from transferlab.models.builtin import lenet
+from transferlab.models.cuts import CutSpec, list_cut_points, make_extractor, parse_cut
 
 # CNN, ViT and ConvNeXt families (and more), random weights, small inputs
 TIMM_MODELS = ["test_resnet", "test_efficientnet", "test_convnext", "test_vit", "test_vit2",

@@ -12,9 +12,15 @@ from PIL import Image
 
 from tests.imagegen import UNICODE_NAME, make_flat_folder, make_image_tree, make_messy_tree
 from transferlab.config import DataConfig
-from transferlab.datasets import (DEBIAN_FASHION_MNIST, MNIST_5K, ImageDataset, build_dataset,
-                                  collate_skip_errors, find_idx_files, from_arrays, make_loader,
-                                  mnist_5k_split, read_idx)
+from transferlab.data.datasets import (
+    DEBIAN_FASHION_MNIST,
+    MNIST_5K,
+    ImageDataset,
+    collate_skip_errors,
+    from_arrays,
+    make_loader,
+)
+from transferlab.data.sources import build_dataset, find_idx_files, mnist_5k_split, read_idx
 from transferlab.errors import DataError
 
 

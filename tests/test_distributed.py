@@ -2,9 +2,12 @@
 import numpy as np
 import pytest
 
-from transferlab.distributed import dist_info, part_range
 from transferlab.errors import StoreError
-from transferlab.store import FeatureStore, StoreWriter, check_fingerprint, merge_stores
+from transferlab.runtime.distributed import dist_info, part_range
+from transferlab.store.format import check_fingerprint
+from transferlab.store.merge import merge_stores
+from transferlab.store.reader import FeatureStore
+from transferlab.store.writer import StoreWriter
 
 
 def test_part_range_covers_everything_once():

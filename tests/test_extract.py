@@ -18,17 +18,17 @@ import torch
 import yaml
 from PIL import Image
 
-from tests.imagegen import (add_bad_files, make_image_tree, make_messy_tree, random_image,
-                           save)
+from tests.imagegen import add_bad_files, make_image_tree, make_messy_tree, random_image, save
 from transferlab.cli import run_cli
 from transferlab.config import ExtractConfig, load_config, to_dict
+from transferlab.data.imageio import load_image
 from transferlab.errors import ConfigError, StoreError
-from transferlab.extract import (ViewsDataset, aligned_batches, main, resume_positions,
-                                 run_extract)
-from transferlab.extractor import extractor_from_config
-from transferlab.imageio import load_image
-from transferlab.runtime import seed_everything
-from transferlab.store import FeatureStore
+from transferlab.extract.__main__ import main
+from transferlab.extract.batches import ViewsDataset, aligned_batches, resume_positions
+from transferlab.extract.run import run_extract
+from transferlab.models.extractor import extractor_from_config
+from transferlab.runtime.device import seed_everything
+from transferlab.store.reader import FeatureStore
 
 BASE = {"model": {"name": "test_resnet", "pretrained": False},
         "preprocess": {"input_size": [32, 32]},  # timm's center crop: short side 33, crop 32
@@ -326,7 +326,7 @@ def test_keyboard_interrupt_leaves_a_store_that_resumes_identically(messy, tmp_p
                                                                      monkeypatch):
     """KeyboardInterrupt from inside the loop: finished shards stay; the rerun feeds the model
     exactly the batches the uninterrupted run did and ends identical, value for value."""
-    from transferlab import extract
+    from transferlab.extract import compute as extract
 
     cfg = load_config(messy["store"] / "config.yaml", [f"output.dir={tmp_path / 's'}"],
                       ExtractConfig)
@@ -365,7 +365,7 @@ def test_keyboard_interrupt_leaves_a_store_that_resumes_identically(messy, tmp_p
 def test_a_transform_error_is_a_failure_not_a_crash(tmp_path):
     make_image_tree(tmp_path / "data", per_class=1, unicode_name=False)
     cfg = make_cfg(tmp_path / "data", tmp_path / "o")
-    from transferlab.datasets import build_dataset
+    from transferlab.data.sources import build_dataset
 
     seed_everything(0)
     spec = extractor_from_config(cfg.model, cfg.preprocess).spec
@@ -379,7 +379,7 @@ def test_a_transform_error_is_a_failure_not_a_crash(tmp_path):
 def test_threaded_batch_decoding_equals_reading_one_by_one(messy):
     """The main-process loader decodes a batch in threads: same items, order, failures and
     pixels as one by one, and the process's warning filters are left as they were."""
-    from transferlab.datasets import build_dataset
+    from transferlab.data.sources import build_dataset
 
     cfg = load_config(messy["store"] / "config.yaml", [], ExtractConfig)
     spec = extractor_from_config(cfg.model, cfg.preprocess).spec
@@ -399,9 +399,9 @@ def test_threaded_batch_decoding_equals_reading_one_by_one(messy):
 
 
 def test_extraction_decodes_in_threads_only_without_loader_workers(tmp_path):
-    from transferlab.datasets import build_dataset
-    from transferlab.extract import build_loader
-    from transferlab.runtime import resolve_runtime
+    from transferlab.data.sources import build_dataset
+    from transferlab.extract.run import build_loader
+    from transferlab.runtime.device import resolve_runtime
 
     make_image_tree(tmp_path / "data", per_class=2, unicode_name=False)
     for workers, threads in ((0, 2), (1, 1)):
@@ -450,7 +450,7 @@ def test_gpu_decode_store_refuses_pil_rows(messy, gpu_decoded):
 
 
 def test_read_jpeg_sends_awkward_files_to_pil(messy):
-    from transferlab.gpudecode import read_jpeg
+    from transferlab.data.gpudecode import read_jpeg
 
     root = messy["root"]
     assert read_jpeg(root / "good/cat/0000.jpg", 10**8) is not None
@@ -464,7 +464,7 @@ def test_read_jpeg_sends_awkward_files_to_pil(messy):
 
 def test_decoder_rejections_fall_back_to_the_pil_path_exactly(messy, monkeypatch):
     """Files the batched decoder rejects are decoded by PIL: features equal the PIL store's."""
-    from transferlab.gpudecode import BatchDecoder
+    from transferlab.data.gpudecode import BatchDecoder
 
     monkeypatch.setattr(BatchDecoder, "decode", lambda self, data: [None] * len(data))
     cfg = load_config(messy["store"] / "config.yaml",
@@ -479,9 +479,9 @@ def test_decoder_rejections_fall_back_to_the_pil_path_exactly(messy, monkeypatch
 def test_tensor_resize_crop_matches_timm_geometry(tmp_path, resize, crop_pct):
     from torchvision.io import decode_jpeg
 
-    from transferlab.gpudecode import BatchDecoder
-    from transferlab.preprocess import build_transform, resolve_preprocess
     from transferlab.config import PreprocessConfig
+    from transferlab.data.gpudecode import BatchDecoder
+    from transferlab.data.preprocess import build_transform, resolve_preprocess
 
     spec = resolve_preprocess({"interpolation": "bicubic"}, PreprocessConfig(
         resize=resize, input_size=[40, 40], crop_pct=crop_pct))

@@ -10,15 +10,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from transferlab.checkpoint import read_checkpoint, save_checkpoint
 from transferlab.config import FinetuneConfig, TrainConfig, load_config
 from transferlab.errors import ConfigError, DataError, ModelError
-from transferlab.finetune import main, run_finetune
-from transferlab.heads import HeadError
-from transferlab.model_io import load_model
+from transferlab.finetune.__main__ import main
+from transferlab.finetune.run import run_finetune
+from transferlab.models.checkpoint import read_checkpoint, save_checkpoint
+from transferlab.models.classifier import load_model
+from transferlab.models.heads import HeadError
 from transferlab.models.lenet import lenet
-from transferlab.runtime import resolve_runtime
-from transferlab.training import (Network, TensorSource, fit, make_optimizer, make_scheduler)
+from transferlab.runtime.device import resolve_runtime
+from transferlab.training.loop import fit, make_optimizer, make_scheduler
+from transferlab.training.network import Network
+from transferlab.training.sources import TensorSource
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT / "transferlab" / "data" / "mnist_5k.npz"
@@ -85,8 +88,8 @@ def test_mnist_split_experiment_on_the_bundled_digits(tmp_path, capsys):
     # the pretrain checkpoint is a backbone checkpoint that model.source=checkpoint reuses
     state, meta = read_checkpoint(out / "pretrain.safetensors")
     assert meta["backbone"]["name"] == "lenet" and meta["backbone"]["num_classes"] == 5
-    from transferlab.backbones import build_backbone
     from transferlab.config import ModelConfig
+    from transferlab.models.backbones import build_backbone
     rebuilt = build_backbone(ModelConfig(name=str(out / "pretrain.safetensors"),
                                          source="checkpoint")).model
     assert torch.equal(rebuilt[0].weight, state["0.weight"])
@@ -120,7 +123,7 @@ def write_idx(path, array):
 def test_mnist_split_uses_mnist_files_on_disk_with_the_original_epochs(tmp_path, capsys):
     """MNIST idx files under data.root (here the bundled digits in that format): no fallback,
     3 pretrain epochs and 1 head-only epoch as in the original experiment."""
-    from transferlab.datasets import mnist_5k_split
+    from transferlab.data.sources import mnist_5k_split
 
     with np.load(MNIST) as data:
         images, labels = data["images"], data["labels"]
@@ -201,11 +204,11 @@ def test_augmentation_runs_the_frozen_base_every_step_without_cache(tmp_path):
 def test_in_memory_pixels_equal_the_decoded_and_transformed_images():
     """The fast path for array datasets skips PIL and transforms: it must give the same
     pixels as the generic path."""
-    from transferlab.backbones import build_backbone
     from transferlab.config import DataConfig, ModelConfig
-    from transferlab.datasets import build_dataset
-    from transferlab.finetune import array_pixels
-    from transferlab.preprocess import build_transform, resolve_preprocess
+    from transferlab.data.preprocess import build_transform, resolve_preprocess
+    from transferlab.data.sources import build_dataset
+    from transferlab.finetune.data import array_pixels
+    from transferlab.models.backbones import build_backbone
 
     spec = resolve_preprocess(build_backbone(ModelConfig(name="lenet")).data_config)
     ds = build_dataset(DataConfig(source="mnist-5k", classes=[3, 8]), image_mode="L")
@@ -218,7 +221,7 @@ def test_in_memory_pixels_equal_the_decoded_and_transformed_images():
 
 def test_the_cached_base_runs_once_whatever_the_number_of_epochs(tmp_path, monkeypatch):
     """Work, not wall time (the machine may be busy): count the frozen base's forward calls."""
-    from transferlab.cuts import FrozenExtractor
+    from transferlab.models.cuts import FrozenExtractor
 
     calls = []
     real = FrozenExtractor.forward
@@ -231,18 +234,6 @@ def test_the_cached_base_runs_once_whatever_the_number_of_epochs(tmp_path, monke
     calls.clear()
     run_finetune(tiny(tmp_path, "train.epochs=4", "train.cache=off", name="off"))
     assert sum(calls) == 4 * 1200 + 300  # every epoch, plus the test set once
-
-
-def test_disk_cache_without_a_feature_store_uses_a_memory_mapped_npy(tmp_path, monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "transferlab.store", None)  # import fails
-    cached = run_finetune(tiny(tmp_path, "train.cache=disk", name="npy"))
-    plain = run_finetune(tiny(tmp_path, "train.cache=off", name="plain"))
-    assert (tmp_path / "npy" / "cache" / "train" / "features.npy").is_file()
-    a, b = head_tensors(cached.checkpoint), head_tensors(plain.checkpoint)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
 def test_same_seed_same_result_and_another_seed_differs(tmp_path):
@@ -288,7 +279,7 @@ def test_checkpoint_round_trip_gives_identical_predictions(tmp_path):
 
 
 def _mnist_test_rows(labels, digits=(5, 7)):
-    from transferlab.datasets import mnist_5k_split
+    from transferlab.data.sources import mnist_5k_split
 
     rows = mnist_5k_split(labels, "test")
     return rows[(labels[rows] >= digits[0]) & (labels[rows] <= digits[1])]
@@ -311,7 +302,7 @@ def test_outputs_metrics_lines_confusion_csv_and_config(tmp_path):
 
 
 def test_interrupt_leaves_the_last_epoch_checkpoint_loadable(tmp_path, monkeypatch):
-    import transferlab.finetune as ft
+    import transferlab.finetune.stages as ft
 
     calls = {"n": 0}
     real = ft.save_classifier
@@ -335,7 +326,7 @@ def test_checkpoints_are_rewritten_at_most_every_save_interval(tmp_path, monkeyp
                                                                saves):
     """Fast epochs (cached features) must not each rewrite the whole frozen base: with an
     hour between writes only the final checkpoint is written; 0 writes after every epoch."""
-    import transferlab.finetune as ft
+    import transferlab.finetune.stages as ft
 
     epochs = []
     real = ft.save_classifier
@@ -405,7 +396,7 @@ def test_schedules_cosine_reaches_zero_and_step_decays():
 def test_early_stopping_stops_and_restores_the_best_epoch():
     """Random labels: validation loss rises as the head memorises, so training stops."""
     from transferlab.config import RuntimeConfig
-    from transferlab.preprocess import PreprocessSpec
+    from transferlab.data.preprocess import PreprocessSpec
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 32, generator=g)
@@ -422,7 +413,7 @@ def test_early_stopping_stops_and_restores_the_best_epoch():
     assert res.stopped_early and res.epochs_run < 40
     best = min(r["val_loss"] for r in res.history)
     assert res.history[res.best_epoch - 1]["val_loss"] == best
-    from transferlab.training import evaluate
+    from transferlab.training.loop import evaluate
     assert evaluate(net, val, 64, rt).loss == pytest.approx(best, rel=1e-5)
 
 

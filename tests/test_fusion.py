@@ -5,7 +5,7 @@ import timm
 import torch
 from torch import nn
 
-from transferlab.fusion import fold_batchnorm
+from transferlab.models.fusion import fold_batchnorm
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -4,9 +4,15 @@ import torch
 from torch import nn
 
 from transferlab.config import HeadConfig
-from transferlab.cuts import make_extractor, parse_cut
-from transferlab.heads import (HeadError, build_head, check_head_fits, cut_with_head, keep_head,
-                               reinit_last_linear)
+from transferlab.models.cuts import make_extractor, parse_cut
+from transferlab.models.heads import (
+    HeadError,
+    build_head,
+    check_head_fits,
+    cut_with_head,
+    keep_head,
+    reinit_last_linear,
+)
 from transferlab.models.lenet import lenet
 
 

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from tests.imagegen import add_bad_files, add_special_images, random_image
+from transferlab.data.imageio import REASONS, ImageDecodeError, decode_image, load_image
 from transferlab.errors import DataError
-from transferlab.imageio import REASONS, ImageDecodeError, decode_image, load_image
 
 
 @pytest.fixture(scope="module")

@@ -109,7 +109,7 @@ def image_store(tmp_path, n=12, d=8, views=None):
     """A store whose keys are real image files under a data root recorded in its meta."""
     from PIL import Image
 
-    from transferlab.store import StoreWriter
+    from transferlab.store.writer import StoreWriter
 
     rng = np.random.default_rng(5)
     root = tmp_path / "data"
@@ -180,7 +180,7 @@ def test_search_by_store_key_and_errors(tmp_path, monkeypatch, capsys):
 
 
 def test_store_nearest_dedupes_views(tmp_path):
-    from transferlab.store import StoreWriter
+    from transferlab.store.writer import StoreWriter
 
     x = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]], dtype=np.float32)
     keys = ["a.png", "b.png", "c.png"]
@@ -199,7 +199,7 @@ def test_search_end_to_end_embeds_with_the_stores_backbone(tmp_path, capsys):
     """Extract a tiny store with the built-in LeNet, then query with its own image files."""
     from tests.imagegen import make_image_tree
     from transferlab.config import ExtractConfig, load_config
-    from transferlab.extract import run_extract
+    from transferlab.extract.run import run_extract
     from transferlab.search import main
 
     keys = make_image_tree(tmp_path / "data", per_class=3)
@@ -218,7 +218,7 @@ def test_search_end_to_end_embeds_with_the_stores_backbone(tmp_path, capsys):
 
 
 def test_store_nearest_method_matches_brute_force(tmp_path):
-    from transferlab.store import StoreWriter
+    from transferlab.store.writer import StoreWriter
 
     rng = np.random.default_rng(3)
     feats = rng.normal(size=(40, 6)).astype(np.float32)

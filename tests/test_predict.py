@@ -10,8 +10,8 @@ from PIL import Image
 
 from transferlab.cli import run_cli
 from transferlab.config import FinetuneConfig, load_config
-from transferlab.finetune import run_finetune
-from transferlab.model_io import load_model
+from transferlab.finetune.run import run_finetune
+from transferlab.models.classifier import load_model
 from transferlab.predict import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def test_missing_path_is_a_one_line_error(trained, tmp_path, capsys):
 
 
 def test_a_backbone_checkpoint_without_class_names_is_refused(tmp_path, capsys):
-    from transferlab.checkpoint import save_checkpoint
+    from transferlab.models.checkpoint import save_checkpoint
     from transferlab.models.lenet import lenet
 
     ckpt = save_checkpoint(tmp_path / "bb.safetensors", lenet().state_dict(),
@@ -113,8 +113,8 @@ def test_a_backbone_checkpoint_without_class_names_is_refused(tmp_path, capsys):
 
 
 def test_plain_safetensors_file_is_not_a_classifier(tmp_path, capsys):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     img = write_digits(tmp_path / "i", digits=(0,), per_class=1)[0]

@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 
 import transferlab
-from transferlab.backbones import build_backbone
 from transferlab.config import ModelConfig, PreprocessConfig
+from transferlab.data.preprocess import DeviceNormalize, build_transform, resolve_preprocess
 from transferlab.errors import ConfigError
-from transferlab.preprocess import DeviceNormalize, build_transform, resolve_preprocess
+from transferlab.models.backbones import build_backbone
 
 
 def photo(w=500, h=375, mode="RGB"):

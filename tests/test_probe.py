@@ -152,7 +152,7 @@ def test_stratified_split_is_seeded_and_per_class():
 
 
 def make_store(path, x, labels, class_names=None, views=None, keys=None):
-    from transferlab.store import StoreWriter
+    from transferlab.store.writer import StoreWriter
 
     if keys is None:
         keys = [f"class{lab}/img_{i:03d}.png" for i, lab in enumerate(labels)]
@@ -163,7 +163,7 @@ def make_store(path, x, labels, class_names=None, views=None, keys=None):
 
 def test_probe_cli_prints_table(tmp_path, capsys):
     from transferlab.probe import main, run_probe
-    from transferlab.store import FeatureStore
+    from transferlab.store.reader import FeatureStore
 
     x, y = gaussian_clusters(n_per_class=30, classes=(0, 1, 2))
     make_store(tmp_path / "s", x, y, class_names=["a", "b", "c"])

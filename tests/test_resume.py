@@ -23,8 +23,8 @@ from torch import nn
 from tests.imagegen import add_bad_files, random_image, save
 from tests.test_extract import same_store, summary_counts
 from transferlab.config import ExtractConfig, load_config
-from transferlab.extract import run_extract
-from transferlab.store import FeatureStore
+from transferlab.extract.run import run_extract
+from transferlab.store.reader import FeatureStore
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = {"model": {"name": "test_resnet", "pretrained": False},

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from transferlab.config import RuntimeConfig
-from transferlab import runtime
 from transferlab.errors import ConfigError
-from transferlab.runtime import default_batch_size, resolve_runtime
+from transferlab.runtime import device as runtime
+from transferlab.runtime.device import default_batch_size, resolve_runtime
 
 
 def test_cpu_auto_choices(monkeypatch):
@@ -59,7 +59,7 @@ def test_fp16_on_cpu_is_refused():
 FAULTS = """
 import json, resource, torch
 from transferlab.config import RuntimeConfig
-from transferlab.runtime import apply_runtime, resolve_runtime
+from transferlab.runtime.device import apply_runtime, resolve_runtime
 
 def faults_per_batch():
     for _ in range(8):  # the heap settles after a few rounds

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from transferlab.errors import StoreError
-from transferlab.store import FeatureStore, StoreWriter
+from transferlab.store.reader import FeatureStore
+from transferlab.store.writer import StoreWriter
 
 FP = {"backbone": "resnet18", "cut": "head", "preprocess": {"size": [224, 224]}, "views": 0}
 DIM = 5

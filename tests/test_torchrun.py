@@ -14,8 +14,8 @@ import yaml
 
 from tests.test_resume import CONFIG, REPO, env, make_tree
 from transferlab.config import ExtractConfig, load_config
-from transferlab.extract import run_extract
-from transferlab.store import FeatureStore
+from transferlab.extract.run import run_extract
+from transferlab.store.reader import FeatureStore
 
 pytestmark = pytest.mark.slow
 ATOL = 1e-3  # float16 rows computed in other batch compositions (see test_resume)

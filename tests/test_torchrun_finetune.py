@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from tests.test_resume import REPO, env
-from transferlab.checkpoint import read_checkpoint
 from transferlab.config import FinetuneConfig, load_config
-from transferlab.finetune import run_finetune
-from transferlab.training import state_digest
+from transferlab.finetune.run import run_finetune
+from transferlab.models.checkpoint import read_checkpoint
+from transferlab.training.network import state_digest
 
 pytestmark = pytest.mark.slow
 
@@ -133,8 +133,8 @@ def test_two_process_pretrain_unfreeze_and_disk_cache(tmp_path):
 
 GRAD_SCRIPT = """
 import torch, torch.distributed as dist
-from transferlab.distributed import init_distributed
-from transferlab.training import GradSync
+from transferlab.runtime.distributed import init_distributed
+from transferlab.training.parallel import GradSync
 
 info = init_distributed("cpu")
 torch.manual_seed(0)

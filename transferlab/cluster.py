@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError
-from .runtime import resolve_device
+from .runtime.device import resolve_device
 
 _BLOCK_ELEMENTS = 1 << 24  # (rows x centres) distances computed at once
 
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(argv: Sequence[str] | None) -> None:
-    from .store import FeatureStore
+    from .store.reader import FeatureStore
 
     args = build_parser().parse_args(argv)
     store = FeatureStore.open(args.store)

@@ -16,8 +16,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from .atomicfile import atomic_write_text
 from .errors import ConfigError
+from .runtime.atomicfile import atomic_write_text
 
 T = TypeVar("T")
 

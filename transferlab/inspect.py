@@ -6,13 +6,13 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .backbones import build_backbone
 from .cli import run_cli
 from .config import ModelConfig, PreprocessConfig
-from .cuts import list_cut_points, make_extractor
+from .data.preprocess import resolve_preprocess
 from .errors import CutError
-from .extractor import model_in_chans
-from .preprocess import resolve_preprocess
+from .models.backbones import build_backbone
+from .models.cuts import list_cut_points, make_extractor
+from .models.extractor import model_in_chans
 
 
 def describe(name: str, source: str = "auto", all_modules: bool = False,

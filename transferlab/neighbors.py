@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError
-from .runtime import resolve_device
+from .runtime.device import resolve_device
 
 METRICS = ("cosine", "euclidean")
 # Elements of one (queries x rows) distance block; bounds memory of a search step.
@@ -199,7 +199,7 @@ def query_vectors(store: Any, vectors_or_paths: np.ndarray | Sequence[str]) -> n
 
 def embed_query_images(meta: dict, paths: list[str]) -> np.ndarray:
     """Embed image files through the extractor described by a store's metadata."""
-    from .extract import embed_images  # imported lazily: heavy, and optional for search
+    from .extract.compute import embed_images
 
     return np.asarray(embed_images(meta, list(paths)), dtype=np.float32)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,12 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomicfile import atomic_write
 from .config import IMAGE_EXTENSIONS
 from .errors import ConfigError, DataError
-from .model_io import Classifier, load_model
-
-log = logging.getLogger(__name__)
+from .models.classifier import Classifier, load_model
+from .runtime.atomicfile import atomic_write
 
 
 @dataclass
@@ -48,7 +45,7 @@ class PredictResult:
 def collect_images(paths: Sequence[str | Path],
                    extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
     """Image files named by ``paths``: files as given, folders searched recursively (sorted)."""
-    from .datasets import scan_folder
+    from .data.sources import scan_folder
 
     files: list[str] = []
     for p in map(Path, paths):
@@ -69,9 +66,9 @@ def collect_images(paths: Sequence[str | Path],
 def predict_files(model: Classifier, files: Sequence[str], batch_size: int = 32,
                   num_workers: int = 0) -> PredictResult:
     """Decode ``files`` (robustly: bad files become failures) and classify them."""
-    from .datasets import FileReader, ImageDataset, make_loader
-    from .imageio import DEFAULT_MAX_PIXELS
-    from .preprocess import build_transform
+    from .data.datasets import FileReader, ImageDataset, make_loader
+    from .data.imageio import DEFAULT_MAX_PIXELS
+    from .data.preprocess import build_transform
 
     spec = model.preprocess
     ds = ImageDataset(FileReader(None, files, DEFAULT_MAX_PIXELS), files, np.full(len(files), -1),

@@ -25,7 +25,7 @@ import torch
 
 from .errors import ConfigError, DataError, StoreError
 from .neighbors import nearest
-from .runtime import resolve_device
+from .runtime.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(argv: Sequence[str] | None) -> None:
-    from .store import FeatureStore
+    from .store.reader import FeatureStore
 
     args = build_parser().parse_args(argv)
     if args.knn < 0:

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(argv: Sequence[str] | None) -> None:
-    from .store import FeatureStore
+    from .store.reader import FeatureStore
 
     args = build_parser().parse_args(argv)
     check_k(args.k)

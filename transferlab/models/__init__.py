@@ -1,13 +1,12 @@
-"""Built-in models, by name. Each factory takes ``num_classes`` and ``in_chans``."""
-from __future__ import annotations
+"""Models: a backbone from any source, cut into a frozen extractor, with a head.
 
-from collections.abc import Callable
-
-from torch import nn
-
-from .lenet import LENET_DATA_CONFIG, lenet
-
-BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {"lenet": lenet}
-BUILTIN_DATA_CONFIGS: dict[str, dict] = {"lenet": LENET_DATA_CONFIG}
-
-__all__ = ["BUILTIN_MODELS", "BUILTIN_DATA_CONFIGS", "lenet"]
+- ``builtin`` / ``lenet``: the built-in models by name.
+- ``backbones``: build a backbone (timm, torchvision, built-in, checkpoint, module:callable).
+- ``weights``: load a weights file (safetensors, or torch.load with weights_only=True).
+- ``checkpoint``: the safetensors checkpoint file with its JSON metadata.
+- ``classifier``: fine-tuned classifiers saved and loaded (``load_model``).
+- ``cuts``: cut specs -> ``FrozenExtractor``; ``list_cut_points``.
+- ``fusion``: frozen BatchNorm folded into the convolution before it.
+- ``heads``: linear / MLP / keep heads on a cut.
+- ``extractor``: backbone + cut + preprocessing in one call (``build_extractor``).
+"""

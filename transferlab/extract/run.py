@@ -7,12 +7,8 @@ at any moment and rerun the same command: it continues where the last finished s
 from __future__ import annotations
 
 import hashlib
-import logging
-import random
 import time
-import zlib
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,22 +16,28 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader
 
-from .cli import config_parser, load_cli_config, run_cli
-from .config import ExtractConfig, RuntimeConfig, from_dict, save_config, to_dict
-from .errors import ConfigError
-from .datasets import ImageDataset, build_dataset, collate_skip_errors
-from .extractor import ExtractorBundle, extractor_from_config
-from .imageio import decoding_threads_quiet, load_image
-from .preprocess import DeviceNormalize, PreprocessSpec, build_transform
-from .runtime import Runtime, apply_runtime, default_batch_size, resolve_runtime, seed_everything
-from .distributed import (DistInfo, barrier, dist_info, init_distributed, part_range,
-                          shutdown)
-from .store import (FeatureStore, StoreWriter, check_fingerprint, library_versions,
-                    merge_stores)
-
-log = logging.getLogger(__name__)
+from ..config import ExtractConfig, save_config, to_dict
+from ..data.datasets import ImageDataset
+from ..data.preprocess import PreprocessSpec
+from ..data.sources import build_dataset
+from ..errors import ConfigError
+from ..models.extractor import ExtractorBundle, extractor_from_config
+from ..runtime.device import (
+    Runtime,
+    apply_runtime,
+    default_batch_size,
+    resolve_runtime,
+    seed_everything,
+)
+from ..runtime.distributed import DistInfo, barrier, init_distributed, part_range
+from ..store.format import check_fingerprint, library_versions
+from ..store.merge import merge_stores
+from ..store.reader import FeatureStore
+from ..store.writer import StoreWriter
+from .batches import ViewsDataset, aligned_batches, make_loader, resume_positions
+from .compute import FeatureComputer, Pending
 
 
 @dataclass
@@ -65,97 +67,6 @@ class ExtractResult:
                    "rebuilds the store"
                    if self.stale else ""))
 
-
-# ---------------------------------------------------------------------------------------
-# Views: the plain image plus N augmented ones, seeded per key (so resumes are identical)
-# ---------------------------------------------------------------------------------------
-
-
-class ViewsDataset(Dataset):
-    """Wraps an untransformed dataset; item image = (1 + views, C, H, W) uint8 tensor.
-
-    ``decode_threads`` > 1: a batch read in the main process (no loader workers) is decoded
-    by that many threads (PIL releases the GIL), between forward passes, on the cores the
-    forward pass uses; measured in BENCHMARKS.md. Augmented views seed the global RNGs per
-    key, so with views the items are read one by one.
-    """
-
-    def __init__(self, base: ImageDataset, spec: PreprocessSpec, views: int, seed: int,
-                 decode_threads: int = 1):
-        self.base = base
-        self.plain = build_transform(spec, normalize=False)
-        self.augment = build_transform(spec, normalize=False, augment=True) if views else None
-        self.views = views
-        self.seed = seed
-        self.decode_threads = decode_threads
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item = self.base[i]
-        if item["error"] is not None:  # collate drops it; no need to transform the placeholder
-            item["image"] = None
-            return item
-        try:
-            item["image"] = self.transform(item["image"], item["key"])
-        except Exception as exc:  # noqa: BLE001 - one odd image must not kill a worker
-            item["image"], item["error"] = None, transform_failure(exc)
-        return item
-
-    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        """A batch for the DataLoader, in the order of ``indices``."""
-        threads = min(self.decode_threads, len(indices))
-        if threads < 2 or self.views or get_worker_info() is not None:
-            return [self[i] for i in indices]
-        with decoding_threads_quiet(), ThreadPoolExecutor(threads, "decode") as pool:
-            return list(pool.map(self.__getitem__, indices))
-
-    def transform(self, image: Any, key: str) -> torch.Tensor:
-        tensors = [self.plain(image)]
-        if self.views:
-            seed = zlib.crc32(key.encode("utf-8")) ^ self.seed
-            random.seed(seed)
-            torch.manual_seed(seed)
-            tensors += [self.augment(image) for _ in range(self.views)]
-        return torch.stack(tensors)
-
-
-def transform_failure(exc: BaseException) -> str:
-    """The failures-list reason of an image that decoded but could not be transformed."""
-    return " ".join(f"transform-failed: {type(exc).__name__}: {exc}".split())[:200]
-
-
-def resume_positions(keys: Sequence[str], done: frozenset[str] | set[str],
-                     batch_size: int) -> list[int]:
-    """Dataset positions to read: every batch (``position // batch_size``) holding an item
-    that is not done, whole.
-
-    Finished items of such a batch are computed again (the writer drops their rows), so a
-    resumed run feeds the model the very batches an uninterrupted run did: on a CPU a kernel
-    may round differently for another batch composition, and resumed features must be
-    identical, not just close.
-    """
-    groups = sorted({i // batch_size for i, key in enumerate(keys) if key not in done})
-    n = len(keys)
-    return [p for g in groups for p in range(g * batch_size, min((g + 1) * batch_size, n))]
-
-
-def aligned_batches(positions: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Batches of dataset indices grouped by ``position // batch_size`` in the full dataset.
-
-    A resumed run then computes the same batches as an uninterrupted one (kernels may round
-    differently for other batch compositions), so its features are identical.
-    """
-    batches: list[list[int]] = []
-    last = None
-    for j, pos in enumerate(positions):
-        group = pos // batch_size
-        if group != last:
-            batches.append([])
-            last = group
-        batches[-1].append(j)
-    return batches
 
 
 # ---------------------------------------------------------------------------------------
@@ -201,77 +112,6 @@ def file_hash(path: str | Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
-
-def prepare_model(extractor: nn.Module, rt: Runtime, compile_model: bool = False,
-                  fold_input: Sequence[int] | None = None) -> nn.Module:
-    """The extractor ready to run: BatchNorm folded (checked on an input of ``fold_input``
-    size; None: not folded), on the device, channels_last, compiled."""
-    model = extractor
-    if fold_input is not None:
-        from .fusion import fold_batchnorm
-
-        model = fold_batchnorm(model, fold_input)
-    model = model.to(rt.device)
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if compile_model:
-        model = torch.compile(model)
-    return model
-
-
-def make_loader(dataset: Dataset, batches: list[list[int]], rt: Runtime,
-                collate_fn: Callable[[list], dict] = collate_skip_errors) -> DataLoader:
-    kwargs: dict[str, Any] = {}
-    if rt.num_workers > 0:
-        kwargs.update(prefetch_factor=4, persistent_workers=False)
-    return DataLoader(dataset, batch_sampler=batches, num_workers=rt.num_workers,
-                      pin_memory=rt.is_cuda, collate_fn=collate_fn, **kwargs)
-
-
-Pending = tuple[torch.Tensor, Any]  # feature rows (on the host once ready), CUDA event or None
-
-
-class FeatureComputer:
-    """uint8 batches -> float32 feature rows on the host (normalise on the device, AMP).
-
-    ``start`` launches a batch and, on CUDA, queues the copy of its rows into pinned host
-    memory; ``finish`` waits for them. The runner starts batch i + 1 before finishing batch i,
-    so the GPU computes while the host stores rows and fetches the next batch.
-    """
-
-    def __init__(self, extractor: nn.Module, spec: PreprocessSpec, rt: Runtime,
-                 compile_model: bool = False, fold_bn: bool = False):
-        self.rt = rt
-        self.model = prepare_model(extractor, rt, compile_model,
-                                   spec.input_size if fold_bn else None)
-        self.normalize = DeviceNormalize(spec.mean, spec.std).to(rt.device)
-
-    def __call__(self, images: torch.Tensor) -> np.ndarray:
-        return self.finish(self.start(images))
-
-    @torch.inference_mode()
-    def start(self, images: torch.Tensor) -> Pending:
-        x = images.to(self.rt.device, non_blocking=True)
-        x = self.normalize(x)
-        if self.rt.channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with self.rt.autocast():
-            out = self.model(x)
-        out = out.float().flatten(1)
-        if not out.is_cuda:
-            return out, None
-        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-        host.copy_(out, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return host, ready
-
-    @staticmethod
-    def finish(pending: Pending) -> np.ndarray:
-        rows, ready = pending
-        if ready is not None:
-            ready.synchronize()
-        return rows.numpy()
 
 
 def run_extract(cfg: ExtractConfig, progress: bool = False,
@@ -366,7 +206,7 @@ def merge_ranks(out_dir: Path, info: DistInfo, counts: tuple[int, int, int], met
 
 
 def check_gpu_decode(cfg: ExtractConfig, spec: PreprocessSpec) -> None:
-    from .gpudecode import check_spec
+    from ..data.gpudecode import check_spec
 
     if cfg.output.views:
         raise ConfigError("runtime.gpu_decode works on plain images only; set output.views=0 "
@@ -384,7 +224,7 @@ def build_loader(cfg: ExtractConfig, todo: ImageDataset, positions: list[int],
         threads = rt.threads if rt.num_workers == 0 else 1  # workers decode in parallel
         views = ViewsDataset(todo, spec, cfg.output.views, cfg.runtime.seed, threads)
         return make_loader(views, batches, rt), None
-    from .gpudecode import BatchDecoder, RawJpegDataset, collate_raw
+    from ..data.gpudecode import BatchDecoder, RawJpegDataset, collate_raw
 
     raw = RawJpegDataset(todo, spec, cfg.data.max_image_pixels)
     decoder = BatchDecoder(spec, rt.device, cfg.data.max_image_pixels)
@@ -394,7 +234,7 @@ def build_loader(cfg: ExtractConfig, todo: ImageDataset, positions: list[int],
 
 
 def progress_bar(total: int, enabled: bool) -> Any:
-    from .progress import tqdm_bar
+    from ..runtime.progress import tqdm_bar
 
     return tqdm_bar(total=total, unit="img", disable=not enabled, dynamic_ncols=True,
                 desc="extract")
@@ -464,51 +304,4 @@ def store_meta(cfg: ExtractConfig, bundle: ExtractorBundle, rt: Runtime, dataset
             "elapsed_seconds": round(seconds, 3)}
 
 
-# ---------------------------------------------------------------------------------------
-# Embedding a few images with a store's own model (search queries, notebooks)
-# ---------------------------------------------------------------------------------------
 
-
-def bundle_from_meta(meta: dict) -> ExtractorBundle:
-    """Rebuild the extractor a store was written with, from its metadata."""
-    cfg = from_dict(ExtractConfig, meta["config"], "store metadata")
-    seed_everything(cfg.runtime.seed)  # same random-init weights as the run that wrote it
-    return extractor_from_config(cfg.model, cfg.preprocess)
-
-
-def embed_images(meta: dict, paths: Sequence[str | Path], batch_size: int = 16) -> np.ndarray:
-    """Features of image files, computed exactly as the store of ``meta`` computed its rows."""
-    bundle = bundle_from_meta(meta)
-    cfg = from_dict(ExtractConfig, meta["config"], "store metadata")
-    rt = resolve_runtime(RuntimeConfig())  # this machine's device, not the writer's
-    compute = FeatureComputer(bundle.extractor, bundle.spec, rt, fold_bn=cfg.runtime.fold_bn)
-    transform = build_transform(bundle.spec, normalize=False)
-    spec = bundle.spec
-    rows = []
-    for chunk in chunks(list(paths), batch_size):
-        images = [transform(load_image(p, spec.image_mode, spec.scale_size(),
-                                       cfg.data.max_image_pixels)) for p in chunk]
-        rows.append(compute(torch.stack(images)))
-    return np.concatenate(rows) if rows else np.zeros((0, bundle.extractor.feature_dim), np.float32)
-
-
-def chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = config_parser("python -m transferlab.extract",
-                           "Extract frozen features of every image into a feature store.")
-    args = parser.parse_args(argv)
-    cfg = load_cli_config(args, ExtractConfig)
-    try:
-        result = run_extract(cfg, progress=cfg.runtime.progress)
-    finally:
-        shutdown()
-    if dist_info().is_main:
-        print(result.summary())
-
-
-if __name__ == "__main__":
-    raise SystemExit(run_cli(main))

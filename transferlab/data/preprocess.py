@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .config import PreprocessConfig
-from .errors import ConfigError
+from ..config import PreprocessConfig
+from ..errors import ConfigError
 
 IMAGENET_DEFAULTS = {"input_size": (3, 224, 224), "interpolation": "bicubic",
                      "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .atomicfile import replaced
-from .errors import ModelError
+from ..errors import ModelError
+from ..runtime.atomicfile import replaced
 
 META_KEY = "transferlab"
 

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..config import ModelConfig, PreprocessConfig
+from ..data.preprocess import PreprocessSpec, build_transform, resolve_preprocess
 from .backbones import Backbone, build_backbone
-from .config import ModelConfig, PreprocessConfig
 from .cuts import FrozenExtractor, make_extractor
-from .preprocess import PreprocessSpec, build_transform, resolve_preprocess
 
 
 @dataclass

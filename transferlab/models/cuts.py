@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CutError
+from ..errors import CutError
 
 CUT_KINDS = ("head", "first", "drop", "layer", "stage")
 POOLS = ("avg", "max", "avgmax", "token", "none")

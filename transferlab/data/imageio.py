@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import DataError
+from ..errors import DataError
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default warning threshold (~ 9459 x 9459)
 MODES = ("RGB", "L")

@@ -12,9 +12,9 @@ import copy
 import torch
 from torch import nn
 
-from .config import HeadConfig
+from ..config import HeadConfig
+from ..errors import ModelError
 from .cuts import CLASSIFIER_ATTRS, CutSpec, FrozenExtractor, is_timm_model
-from .errors import ModelError
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 

@@ -15,9 +15,9 @@ from typing import Any
 
 from torch import nn
 
-from .config import ModelConfig
-from .errors import ModelError
-from .models import BUILTIN_DATA_CONFIGS, BUILTIN_MODELS
+from ..config import ModelConfig
+from ..errors import ModelError
+from .builtin import BUILTIN_DATA_CONFIGS, BUILTIN_MODELS
 from .weights import load_state_dict_file, load_weights_into
 
 
@@ -189,7 +189,7 @@ def build_from_checkpoint(cfg: ModelConfig) -> Backbone:
     weights) or a fine-tuned classifier (its ``base`` then ``head``; cut ``head`` gives the
     base's features)."""
     from .checkpoint import read_checkpoint
-    from .model_io import FORMAT as CLASSIFIER_FORMAT
+    from .classifier import FORMAT as CLASSIFIER_FORMAT
 
     state, meta = read_checkpoint(cfg.name)
     if meta.get("format") == CLASSIFIER_FORMAT:
@@ -207,7 +207,7 @@ def build_from_checkpoint(cfg: ModelConfig) -> Backbone:
 
 
 def classifier_backbone(path: str) -> Backbone:
-    from .model_io import load_model
+    from .classifier import load_model
 
     model = load_model(path)
     spec = model.preprocess

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelError
+from ..errors import ModelError
 
 # Checkpoint dicts nest the state dict under one of these keys (timm train.py, DDP, lightning...)
 NESTED_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module", "net")

@@ -22,10 +22,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..config import HeadConfig, ModelConfig
+from ..data.preprocess import DeviceNormalize, PreprocessSpec, build_transform
+from ..errors import ModelError
 from .checkpoint import read_checkpoint, save_checkpoint
-from .config import HeadConfig, ModelConfig
-from .errors import ModelError
-from .preprocess import DeviceNormalize, PreprocessSpec, build_transform
 
 FORMAT = "transferlab.classifier"
 BACKBONE_FORMAT = "transferlab.backbone"
@@ -70,7 +70,7 @@ class Classifier(nn.Module):
                                  f"{tuple(images.shape)} (call the model itself on normalised "
                                  "float input)")
             return images
-        from .imageio import load_image
+        from ..data.imageio import load_image
 
         tf = build_transform(self.preprocess, normalize=False)
         mode, draft = self.preprocess.image_mode, self.preprocess.scale_size()
@@ -189,8 +189,8 @@ def load_part(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, pa
 
 
 def _load_backbone_classifier(path: Path, meta: dict) -> Classifier:
+    from ..data.preprocess import resolve_preprocess
     from .backbones import build_backbone
-    from .preprocess import resolve_preprocess
 
     names = meta.get("class_names")
     if not names:

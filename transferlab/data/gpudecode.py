@@ -31,8 +31,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import ConfigError
 from .datasets import ImageDataset
-from .errors import ConfigError
 from .imageio import ImageDecodeError, load_image
 from .preprocess import PreprocessSpec, build_transform
 

@@ -1,0 +1,208 @@
+"""Datasets: image folders, file lists, torchvision datasets and the bundled 5,000 MNIST digits.
+
+Every item has a **key**, its path relative to the data root with '/' separators (never a
+bare file name: two folders may both hold ``0001.jpg``). Keys name rows in feature stores and
+let an interrupted run skip finished items.
+
+``build_dataset(cfg)`` returns an ``ImageDataset`` whatever the source. Items are decoded by
+``transferlab.imageio.load_image``; a file that cannot be decoded does not raise: its sample
+carries ``error='reason: detail'`` and a black placeholder image, and
+``collate_skip_errors`` drops it from the batch and reports it, so one bad file never kills
+a DataLoader worker.
+
+Sources (``DataConfig.source``):
+
+- ``folder``: ``root`` scanned recursively for ``extensions`` (case-insensitive; hidden files
+  and folders skipped); keys sorted. When every image lies inside an immediate sub-folder of
+  ``root``, the sub-folder names are the classes (sorted, label = position); else labels -1.
+- ``list``: ``list_file`` with one path per line (blank and ``#`` lines skipped), or a
+  ``.csv``/``.tsv`` with a header naming ``path_column`` and optionally ``label_column``
+  (class names or integers). Relative paths are relative to ``root``, or to the list file's
+  folder when ``root`` is null. Absolute paths under that base get relative keys; others
+  keep their absolute path as key. File order is kept.
+- ``torchvision``: MNIST, FashionMNIST, KMNIST, CIFAR10, CIFAR100 via ``torchvision.datasets``
+  (keys ``train/000123``). MNIST-style datasets are read directly from idx files (``.gz`` or
+  not) when ``root`` holds them, e.g. Debian's ``/usr/share/datasets/fashion-mnist`` (used for
+  FashionMNIST when ``root`` is null).
+- ``mnist-5k``: the bundled ``transferlab/data/mnist_5k.npz``; per class, every fifth digit
+  (positions 4, 9, 14, ... within the class, in file order) is test, the rest train:
+  4,000 train and 1,000 test. Keys ``mnist-5k/train/00042`` carry the row in the file.
+
+``classes`` keeps only the listed labels (names or integers; labels are not renumbered) and
+``limit`` keeps the first N items after that.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import DataError
+from .imageio import ImageDecodeError, load_image
+
+MNIST_5K = Path(__file__).parent / "mnist_5k.npz"
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+PLACEHOLDER_SIZE = (32, 32)
+
+Transform = Callable[[Image.Image], Any]
+
+
+# ---------------------------------------------------------------------------------------
+# Readers: how item i becomes a PIL image (files on disk, or rows of an in-memory array)
+# ---------------------------------------------------------------------------------------
+
+
+class FileReader:
+    """Decodes ``base / key`` (or the absolute key) with ``load_image``."""
+
+    def __init__(self, base: Path | None, keys: Sequence[str], max_pixels: int | None):
+        self.base = base
+        self.keys = list(keys)
+        self.max_pixels = max_pixels
+
+    def path(self, i: int) -> Path:
+        key = self.keys[i]
+        return Path(key) if self.base is None or os.path.isabs(key) else self.base / key
+
+    def load(self, i: int, mode: str, draft_size: tuple[int, int] | None) -> Image.Image:
+        return load_image(self.path(i), mode, draft_size, self.max_pixels)
+
+
+class ArrayReader:
+    """Rows of a uint8 array, (N, H, W) grey or (N, H, W, 3) colour, as PIL images."""
+
+    def __init__(self, images: np.ndarray):
+        if images.dtype != np.uint8 or images.ndim not in (3, 4):
+            raise DataError(f"in-memory images must be uint8 (N, H, W[, 3]), got {images.dtype} "
+                            f"{images.shape}; convert them with .astype(np.uint8)")
+        self.images = images
+
+    def path(self, i: int) -> None:
+        return None
+
+    def load(self, i: int, mode: str, draft_size: tuple[int, int] | None) -> Image.Image:
+        im = Image.fromarray(np.ascontiguousarray(self.images[i]))
+        return im if im.mode == mode else im.convert(mode)
+
+
+# ---------------------------------------------------------------------------------------
+# The dataset
+# ---------------------------------------------------------------------------------------
+
+
+class ImageDataset(Dataset):
+    """Keys, integer labels (-1 unknown) and class names over a reader; see module docstring.
+
+    ``dataset[i]`` is ``dict(image, label, key, index, error)``; ``index`` is the position in
+    this dataset (after ``subset``) and ``error`` is None or ``'reason: detail'``.
+    """
+
+    def __init__(self, reader: FileReader | ArrayReader, keys: Sequence[str],
+                 labels: Sequence[int] | np.ndarray, class_names: list[str] | None = None,
+                 transform: Transform | None = None, image_mode: str = "RGB",
+                 draft_size: tuple[int, int] | None = None, rows: np.ndarray | None = None):
+        self.reader = reader
+        self.keys = list(keys)
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if len(self.labels) != len(self.keys):
+            raise DataError(f"{len(self.keys)} keys but {len(self.labels)} labels; give one "
+                            "label per item (-1 when unknown)")
+        self.rows = np.arange(len(self.keys)) if rows is None else np.asarray(rows, np.int64)
+        self.class_names = class_names
+        self.transform = transform
+        self.image_mode = image_mode
+        self.draft_size = draft_size
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            image, error = self.load_image(i), None
+        except ImageDecodeError as exc:
+            image, error = self.placeholder(), exc.short()
+        if self.transform is not None:
+            image = self.transform(image)
+        return {"image": image, "label": int(self.labels[i]), "key": self.keys[i],
+                "index": int(i), "error": error}
+
+    def load_image(self, i: int) -> Image.Image:
+        """The decoded, untransformed image of item ``i``; raises ``ImageDecodeError``."""
+        return self.reader.load(int(self.rows[i]), self.image_mode, self.draft_size)
+
+    def path(self, i: int) -> Path | None:
+        """The file of item ``i`` (None for in-memory datasets)."""
+        return self.reader.path(int(self.rows[i]))
+
+    def placeholder(self) -> Image.Image:
+        """A black image standing in for a file that failed, so transforms still apply."""
+        return Image.new(self.image_mode, tuple(self.draft_size or PLACEHOLDER_SIZE))
+
+    def subset(self, indices: Iterable[int] | np.ndarray) -> ImageDataset:
+        """The items at ``indices`` (in that order), sharing reader and transform."""
+        idx = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices,
+                         dtype=np.int64).reshape(-1)
+        return ImageDataset(self.reader, [self.keys[i] for i in idx], self.labels[idx],
+                            self.class_names, self.transform, self.image_mode,
+                            self.draft_size, self.rows[idx])
+
+    def without_keys(self, done: Iterable[str]) -> ImageDataset:
+        """The items whose key is not in ``done`` (order kept): what a resumed run still needs."""
+        done = set(done)
+        return self.subset([i for i, key in enumerate(self.keys) if key not in done])
+
+    def __repr__(self) -> str:
+        classes = f", {len(self.class_names)} classes" if self.class_names else ""
+        return f"ImageDataset({len(self)} items{classes}, mode={self.image_mode})"
+
+
+def from_arrays(images: np.ndarray, labels: Sequence[int] | np.ndarray | None = None,
+                keys: Sequence[str] | None = None, class_names: list[str] | None = None,
+                transform: Transform | None = None, image_mode: str = "RGB",
+                prefix: str = "") -> ImageDataset:
+    """An ``ImageDataset`` over in-memory uint8 images (MNIST/CIFAR-style arrays)."""
+    images = np.asarray(images)
+    n = len(images)
+    keys = list(keys) if keys is not None else [f"{prefix}{i:06d}" for i in range(n)]
+    labels = np.full(n, -1, np.int64) if labels is None else np.asarray(labels, np.int64)
+    return ImageDataset(ArrayReader(images), keys, labels, class_names, transform, image_mode)
+
+
+# ---------------------------------------------------------------------------------------
+# Batching
+# ---------------------------------------------------------------------------------------
+
+
+def collate_skip_errors(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Collate good samples; failed ones go to ``failures`` as (key, reason) pairs.
+
+    Returns ``image`` (stacked tensor, a list when images are not tensors, None when every
+    sample failed), ``label`` and ``index`` (int64 tensors), ``key`` (list) and ``failures``.
+    """
+    good = [s for s in batch if s["error"] is None]
+    failures = [(s["key"], s["error"]) for s in batch if s["error"] is not None]
+    images: Any = [s["image"] for s in good]
+    if images and all(isinstance(im, torch.Tensor) for im in images):
+        images = torch.stack(images)
+    return {"image": images if good else None,
+            "label": torch.tensor([s["label"] for s in good], dtype=torch.int64),
+            "index": torch.tensor([s["index"] for s in good], dtype=torch.int64),
+            "key": [s["key"] for s in good], "failures": failures}
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, num_workers: int = 0,
+                pin_memory: bool = False, **kwargs: Any) -> DataLoader:
+    """A DataLoader in dataset order that skips (and reports) undecodable files."""
+    if num_workers > 0:
+        kwargs.setdefault("prefetch_factor", 4)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      pin_memory=pin_memory, collate_fn=collate_skip_errors, **kwargs)
+
+
+

@@ -1,0 +1,120 @@
+"""The items of a run: views seeded per key, resume positions, aligned batches."""
+from __future__ import annotations
+
+import random
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from ..data.datasets import ImageDataset, collate_skip_errors
+from ..data.imageio import decoding_threads_quiet
+from ..data.preprocess import PreprocessSpec, build_transform
+from ..runtime.device import Runtime
+
+# ---------------------------------------------------------------------------------------
+# Views: the plain image plus N augmented ones, seeded per key (so resumes are identical)
+# ---------------------------------------------------------------------------------------
+
+
+class ViewsDataset(Dataset):
+    """Wraps an untransformed dataset; item image = (1 + views, C, H, W) uint8 tensor.
+
+    ``decode_threads`` > 1: a batch read in the main process (no loader workers) is decoded
+    by that many threads (PIL releases the GIL), between forward passes, on the cores the
+    forward pass uses; measured in BENCHMARKS.md. Augmented views seed the global RNGs per
+    key, so with views the items are read one by one.
+    """
+
+    def __init__(self, base: ImageDataset, spec: PreprocessSpec, views: int, seed: int,
+                 decode_threads: int = 1):
+        self.base = base
+        self.plain = build_transform(spec, normalize=False)
+        self.augment = build_transform(spec, normalize=False, augment=True) if views else None
+        self.views = views
+        self.seed = seed
+        self.decode_threads = decode_threads
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.base[i]
+        if item["error"] is not None:  # collate drops it; no need to transform the placeholder
+            item["image"] = None
+            return item
+        try:
+            item["image"] = self.transform(item["image"], item["key"])
+        except Exception as exc:  # noqa: BLE001 - one odd image must not kill a worker
+            item["image"], item["error"] = None, transform_failure(exc)
+        return item
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """A batch for the DataLoader, in the order of ``indices``."""
+        threads = min(self.decode_threads, len(indices))
+        if threads < 2 or self.views or get_worker_info() is not None:
+            return [self[i] for i in indices]
+        with decoding_threads_quiet(), ThreadPoolExecutor(threads, "decode") as pool:
+            return list(pool.map(self.__getitem__, indices))
+
+    def transform(self, image: Any, key: str) -> torch.Tensor:
+        tensors = [self.plain(image)]
+        if self.views:
+            seed = zlib.crc32(key.encode("utf-8")) ^ self.seed
+            random.seed(seed)
+            torch.manual_seed(seed)
+            tensors += [self.augment(image) for _ in range(self.views)]
+        return torch.stack(tensors)
+
+
+def transform_failure(exc: BaseException) -> str:
+    """The failures-list reason of an image that decoded but could not be transformed."""
+    return " ".join(f"transform-failed: {type(exc).__name__}: {exc}".split())[:200]
+
+
+def resume_positions(keys: Sequence[str], done: frozenset[str] | set[str],
+                     batch_size: int) -> list[int]:
+    """Dataset positions to read: every batch (``position // batch_size``) holding an item
+    that is not done, whole.
+
+    Finished items of such a batch are computed again (the writer drops their rows), so a
+    resumed run feeds the model the very batches an uninterrupted run did: on a CPU a kernel
+    may round differently for another batch composition, and resumed features must be
+    identical, not just close.
+    """
+    groups = sorted({i // batch_size for i, key in enumerate(keys) if key not in done})
+    n = len(keys)
+    return [p for g in groups for p in range(g * batch_size, min((g + 1) * batch_size, n))]
+
+
+def aligned_batches(positions: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Batches of dataset indices grouped by ``position // batch_size`` in the full dataset.
+
+    A resumed run then computes the same batches as an uninterrupted one (kernels may round
+    differently for other batch compositions), so its features are identical.
+    """
+    batches: list[list[int]] = []
+    last = None
+    for j, pos in enumerate(positions):
+        group = pos // batch_size
+        if group != last:
+            batches.append([])
+            last = group
+        batches[-1].append(j)
+    return batches
+
+
+
+def make_loader(dataset: Dataset, batches: list[list[int]], rt: Runtime,
+                collate_fn: Callable[[list], dict] = collate_skip_errors) -> DataLoader:
+    kwargs: dict[str, Any] = {}
+    if rt.num_workers > 0:
+        kwargs.update(prefetch_factor=4, persistent_workers=False)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=rt.num_workers,
+                      pin_memory=rt.is_cuda, collate_fn=collate_fn, **kwargs)
+
+
+

@@ -1,0 +1,117 @@
+"""The compute engine: a frozen extractor prepared for the runtime, rows off the device."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import ExtractConfig, RuntimeConfig, from_dict
+from ..data.imageio import load_image
+from ..data.preprocess import DeviceNormalize, PreprocessSpec, build_transform
+from ..models.extractor import ExtractorBundle, extractor_from_config
+from ..runtime.device import Runtime, resolve_runtime, seed_everything
+
+
+def prepare_model(extractor: nn.Module, rt: Runtime, compile_model: bool = False,
+                  fold_input: Sequence[int] | None = None) -> nn.Module:
+    """The extractor ready to run: BatchNorm folded (checked on an input of ``fold_input``
+    size; None: not folded), on the device, channels_last, compiled."""
+    model = extractor
+    if fold_input is not None:
+        from ..models.fusion import fold_batchnorm
+
+        model = fold_batchnorm(model, fold_input)
+    model = model.to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile_model:
+        model = torch.compile(model)
+    return model
+
+
+
+Pending = tuple[torch.Tensor, Any]  # feature rows (on the host once ready), CUDA event or None
+
+
+class FeatureComputer:
+    """uint8 batches -> float32 feature rows on the host (normalise on the device, AMP).
+
+    ``start`` launches a batch and, on CUDA, queues the copy of its rows into pinned host
+    memory; ``finish`` waits for them. The runner starts batch i + 1 before finishing batch i,
+    so the GPU computes while the host stores rows and fetches the next batch.
+    """
+
+    def __init__(self, extractor: nn.Module, spec: PreprocessSpec, rt: Runtime,
+                 compile_model: bool = False, fold_bn: bool = False):
+        self.rt = rt
+        self.model = prepare_model(extractor, rt, compile_model,
+                                   spec.input_size if fold_bn else None)
+        self.normalize = DeviceNormalize(spec.mean, spec.std).to(rt.device)
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        return self.finish(self.start(images))
+
+    @torch.inference_mode()
+    def start(self, images: torch.Tensor) -> Pending:
+        x = images.to(self.rt.device, non_blocking=True)
+        x = self.normalize(x)
+        if self.rt.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.rt.autocast():
+            out = self.model(x)
+        out = out.float().flatten(1)
+        if not out.is_cuda:
+            return out, None
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return host, ready
+
+    @staticmethod
+    def finish(pending: Pending) -> np.ndarray:
+        rows, ready = pending
+        if ready is not None:
+            ready.synchronize()
+        return rows.numpy()
+
+
+
+# ---------------------------------------------------------------------------------------
+# Embedding a few images with a store's own model (search queries, notebooks)
+# ---------------------------------------------------------------------------------------
+
+
+def bundle_from_meta(meta: dict) -> ExtractorBundle:
+    """Rebuild the extractor a store was written with, from its metadata."""
+    cfg = from_dict(ExtractConfig, meta["config"], "store metadata")
+    seed_everything(cfg.runtime.seed)  # same random-init weights as the run that wrote it
+    return extractor_from_config(cfg.model, cfg.preprocess)
+
+
+def embed_images(meta: dict, paths: Sequence[str | Path], batch_size: int = 16) -> np.ndarray:
+    """Features of image files, computed exactly as the store of ``meta`` computed its rows."""
+    bundle = bundle_from_meta(meta)
+    cfg = from_dict(ExtractConfig, meta["config"], "store metadata")
+    rt = resolve_runtime(RuntimeConfig())  # this machine's device, not the writer's
+    compute = FeatureComputer(bundle.extractor, bundle.spec, rt, fold_bn=cfg.runtime.fold_bn)
+    transform = build_transform(bundle.spec, normalize=False)
+    spec = bundle.spec
+    rows = []
+    for chunk in chunks(list(paths), batch_size):
+        images = [transform(load_image(p, spec.image_mode, spec.scale_size(),
+                                       cfg.data.max_image_pixels)) for p in chunk]
+        rows.append(compute(torch.stack(images)))
+    return np.concatenate(rows) if rows else np.zeros((0, bundle.extractor.feature_dim), np.float32)
+
+
+def chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+

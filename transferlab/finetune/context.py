@@ -1,0 +1,53 @@
+"""The state of one fine-tuning run that every stage shares: config, runtime, outputs, rank."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import FinetuneConfig
+from ..runtime.device import Runtime, default_batch_size
+from ..runtime.distributed import DistInfo
+from .outputs import MetricsLog
+
+
+@dataclass
+class Context:
+    cfg: FinetuneConfig
+    rt: Runtime
+    out: Path
+    metrics: MetricsLog
+    info: DistInfo = field(default_factory=DistInfo)
+    last_save: float = field(default_factory=time.perf_counter)  # of the last checkpoint
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the outputs (rank 0, or the only process)."""
+        return self.info.is_main
+
+    @property
+    def progress(self) -> bool:
+        return self.cfg.runtime.progress and self.main
+
+    @property
+    def worker_seed(self) -> int:
+        """Seed of the loader workers (random augmentation): one stream per process."""
+        return self.cfg.runtime.seed + 7919 * self.info.rank
+
+    @property
+    def eval_batch(self) -> int:
+        """Batch of the no-grad passes (caching, evaluation): extraction's (BENCHMARKS.md)."""
+        return default_batch_size(self.rt, self.cfg.runtime.batch_size)
+
+    def checkpoint_due(self) -> bool:
+        """Whether to rewrite the checkpoint after this epoch: at most every
+        ``output.save_interval_s`` seconds, so fast epochs (cached features) are not
+        dominated by rewriting a large frozen base; the final write always happens."""
+        out = self.cfg.output
+        if not (out.save_every_epoch and self.main):
+            return False
+        now = time.perf_counter()
+        if now - self.last_save < out.save_interval_s:
+            return False
+        self.last_save = now
+        return True

@@ -1,0 +1,115 @@
+"""Several processes (torchrun); each helper is the identity in a single process."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import RuntimeConfig
+from ..runtime.device import Runtime
+from ..runtime.distributed import DistInfo, part_range
+from ..training.network import state_digest
+from ..training.sources import Source
+from .context import Context
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------
+# Several processes (torchrun); each helper is the identity in a single process
+# ---------------------------------------------------------------------------------------
+
+
+def share_runtime(rt: Runtime, cfg: RuntimeConfig, info: DistInfo) -> Runtime:
+    """Each process on its own GPU; the processes of a machine share its cores, so each
+    takes its part of the automatic thread (CPU) and loader worker counts."""
+    if not info.enabled:
+        return rt
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
+    changes: dict[str, Any] = {}
+    if rt.is_cuda and rt.device.index is None:
+        changes["device"] = torch.device("cuda", torch.cuda.current_device())
+    if not rt.is_cuda and cfg.threads is None:
+        changes["threads"] = max(1, rt.threads // local)
+    if cfg.num_workers is None:
+        changes["num_workers"] = max(min(rt.num_workers, 1), rt.num_workers // local)
+    return replace(rt, **changes)
+
+
+def share_rows(count: int, info: DistInfo, seed: int) -> np.ndarray | None:
+    """This process's share of ``count`` training items: a seeded random partition (every
+    share draws from every class, also from data sorted by class), sorted; None alone."""
+    if not info.enabled:
+        return None
+    perm = np.random.default_rng(seed).permutation(count)
+    return np.sort(perm[info.rank::info.world_size])
+
+
+def part_rows(count: int, info: DistInfo) -> np.ndarray | None:
+    """This process's contiguous part of ``count`` items to evaluate (rank order = source
+    order once gathered); None alone."""
+    if not info.enabled:
+        return None
+    return np.arange(*part_range(count, info.rank, info.world_size))
+
+
+def take(src: Source | None, rows: np.ndarray | None) -> Source | None:
+    return src if src is None or rows is None else src.subset(rows)
+
+
+def total(ctx: Context, count: int) -> int:
+    """``count`` summed over the processes."""
+    return int(sum(gather(ctx, count)))
+
+
+def gather(ctx: Context, obj: Any) -> list:
+    """Every process's ``obj``, in rank order, in every process."""
+    if not ctx.info.enabled:
+        return [obj]
+    out: list[Any] = [None] * ctx.info.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def gather_to_main(ctx: Context, obj: Any) -> list | None:
+    """Every process's ``obj``, in rank order, in rank 0 (None in the others)."""
+    if not ctx.info.enabled:
+        return [obj]
+    out: list[Any] | None = [None] * ctx.info.world_size if ctx.main else None
+    torch.distributed.gather_object(obj, out, dst=0)
+    return out
+
+
+def from_main(ctx: Context, obj: Any) -> Any:
+    """Rank 0's ``obj`` in every process."""
+    if not ctx.info.enabled:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def reseed_per_process(ctx: Context) -> None:
+    """Once the models are built alike, give each process its own random stream (dropout)."""
+    if ctx.info.enabled:
+        torch.manual_seed(ctx.cfg.runtime.seed * 1_000_003 + ctx.info.rank)
+
+
+def check_replicas(ctx: Context, module: torch.nn.Module, what: str) -> str | None:
+    """Every process must end with the same trained weights: compare their digests."""
+    if not ctx.info.enabled:
+        return None
+    digest = state_digest(module)
+    log.info("rank %d of %d: %s weights sha256 %s", ctx.info.rank, ctx.info.world_size, what,
+             digest)
+    digests = gather(ctx, digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"the {what} weights differ between processes after training "
+                           f"({digests}); please report this")
+    return digest
+
+
+

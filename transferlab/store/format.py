@@ -1,0 +1,148 @@
+"""Feature store: a directory of .npy shards plus a CSV index, readable with numpy alone.
+
+Layout::
+
+    <store>/
+      meta.json              written last by a finished run (its presence = complete store):
+                             caller's metadata (backbone, cut, preprocessing, versions, config,
+                             elapsed time ...) plus format, version, fingerprint, dtype, dim,
+                             rows, num_keys, num_failures, shard_size and
+                             shards = [{"file": "shards/shard-00000.npy", "rows": 4096}, ...]
+      index.csv              key,label,row,view - one line per feature row, in row order
+                             (key: path relative to the data root; label -1 when unknown)
+      failures.csv           key,reason - items that could not be read
+      fingerprint.json       what the features depend on (backbone, cut, preprocessing,
+                             dtype, views); a run with another fingerprint is refused
+      shards/shard-00000.npy float16/float32 array (rows, dim); every shard but the last of a
+                             run holds exactly shard_size rows; never rewritten once finished
+      shards/shard-00000.json  the shard's keys/labels/views; written after the .npy, so its
+                             presence marks the shard finished (used to resume)
+      shards/failures.jsonl  failures as they happen, one JSON [key, reason] per line
+      .lock                  held (flock) by the one process writing the store
+
+Reading without transferlab::
+
+    import csv, json, numpy as np
+    meta = json.load(open("store/meta.json"))
+    feats = np.concatenate([np.load(f"store/{s['file']}", mmap_mode="r") for s in meta["shards"]])
+    rows = list(csv.DictReader(open("store/index.csv", newline="", encoding="utf-8")))
+
+Resuming: ``StoreWriter`` reopens a store written with the same fingerprint, drops
+unfinished temporary files and exposes ``done_keys``; a run that skips those keys and feeds
+the rest in the same order produces a store identical, row for row, to an uninterrupted one,
+because a shard is written only when it holds exactly ``shard_size`` rows. Items that failed
+are not done: a rerun tries them again and lists them only if they fail again. Pickle is offered
+as an export only; nothing here ever unpickles.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import StoreError
+from ..runtime.atomicfile import atomic_write
+
+FORMAT = "transferlab-feature-store"
+VERSION = 1
+DTYPES = ("float16", "float32")
+META, INDEX, FAILURES, FINGERPRINT = "meta.json", "index.csv", "failures.csv", "fingerprint.json"
+SHARDS, FAILURE_LOG, LOCK = "shards", "failures.jsonl", ".lock"
+RESERVED_META = ("format", "version", "fingerprint", "dtype", "dim", "rows", "num_keys",
+                 "num_failures", "shard_size", "shards", "written_at")
+
+
+def shard_name(n: int) -> str:
+    return f"shard-{n:05d}"
+
+
+# ---------------------------------------------------------------------------------------
+# Small file helpers
+# ---------------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write(path, lambda f: json.dump(data, f, indent=1, ensure_ascii=False, default=str))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _normalized(data: Any) -> Any:
+    """JSON round trip, so tuples/lists and numpy scalars compare the way they are stored."""
+    return json.loads(json.dumps(data, sort_keys=True, default=str))
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def _differences(old: Any, new: Any, limit: int = 4) -> str:
+    a, b = _flatten(old), _flatten(new)
+    diffs = [f"{k}: stored {a.get(k)!r}, now {b.get(k)!r}"
+             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return "; ".join(diffs[:limit]) + (" ..." if len(diffs) > limit else "")
+
+
+def _npy_rows(path: Path) -> tuple[int, int] | None:
+    """(rows, dim) of a complete 2-D .npy file, or None if it is missing or damaged."""
+    try:
+        shape = np.load(path, mmap_mode="r", allow_pickle=False).shape  # checks the size too
+    except (OSError, ValueError, EOFError):
+        return None
+    return (int(shape[0]), int(shape[1])) if len(shape) == 2 else None
+
+
+def library_versions() -> dict[str, str]:
+    """Versions worth recording beside features (missing libraries are left out)."""
+    out = {"python": platform.python_version(), "numpy": np.__version__}
+    for name in ("torch", "torchvision", "timm", "PIL"):
+        with contextlib.suppress(Exception):
+            out[name] = __import__(name).__version__
+    return out
+
+
+
+def check_fingerprint(directory: str | os.PathLike, fingerprint: dict, dtype: str,
+                      overwrite: bool = False) -> None:
+    """Refuse (or wipe, with ``overwrite``) a store at ``directory`` written otherwise."""
+    directory = Path(directory)
+    wanted = _normalized({"fingerprint": fingerprint, "dtype": str(np.dtype(dtype))})
+    stored = _read_json(directory / FINGERPRINT)
+    if stored is None or stored == wanted:
+        return
+    if not overwrite:
+        raise StoreError(f"the store {directory} was written with another configuration "
+                         f"({_differences(stored, wanted)}); use another output.dir, or set "
+                         "output.overwrite=true to replace it")
+    wipe_store(directory)
+
+
+
+def wipe_store(directory: str | os.PathLike) -> None:
+    """Delete a store's own files (shards, index, meta, failures); other files are kept."""
+    directory = Path(directory)
+    shards = directory / SHARDS
+    if shards.is_dir():
+        for path in shards.iterdir():
+            path.unlink()
+        shards.rmdir()
+    for name in (META, INDEX, FAILURES, FINGERPRINT):
+        (directory / name).unlink(missing_ok=True)
+
+
+
