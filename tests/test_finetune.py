@@ -11,12 +11,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from transferlab.config import FinetuneConfig, TrainConfig, load_config
-from transferlab.errors import ConfigError, DataError, ModelError
+from transferlab.errors import ConfigError, DataError, HeadError, ModelError
 from transferlab.finetune.__main__ import main
 from transferlab.finetune.run import run_finetune
 from transferlab.models.checkpoint import read_checkpoint, save_checkpoint
 from transferlab.models.classifier import load_model
-from transferlab.models.heads import HeadError
 from transferlab.models.lenet import lenet
 from transferlab.runtime.device import resolve_runtime
 from transferlab.training.loop import fit, make_optimizer, make_scheduler

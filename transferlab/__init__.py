@@ -32,7 +32,7 @@ _EXPORTS = {
     # runners
     "ExtractResult": "extract.run", "run_extract": "extract.run", "embed_images": "extract.compute",
     "run_finetune": "finetune.run", "FinetuneResult": "finetune.outputs",
-    "load_model": "models.classifier", "Classifier": "models.classifier", "HeadError": "models.heads",
+    "load_model": "models.classifier", "Classifier": "models.classifier", "HeadError": "errors",
     # downstream
     "ProbeResult": "probe", "fit_logistic": "probe", "knn_accuracy": "probe",
     "run_probe": "probe", "KMeansResult": "cluster", "kmeans": "cluster",

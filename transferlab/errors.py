@@ -18,6 +18,10 @@ class ModelError(TransferlabError):
     """A backbone cannot be built: unknown name, weights missing or not matching."""
 
 
+class HeadError(ModelError):
+    """A head does not fit the base's output, or cannot be built for this model and cut."""
+
+
 class CutError(TransferlabError):
     """A cut point does not exist in the model; the message lists the valid ones."""
 
@@ -28,3 +32,7 @@ class DataError(TransferlabError):
 
 class StoreError(TransferlabError):
     """A feature store is missing, corrupt or was written with another configuration."""
+
+
+class MissingDependencyError(TransferlabError, ImportError):
+    """An optional extra is not installed; the message names the pip command."""

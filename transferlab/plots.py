@@ -14,14 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DataError, TransferlabError
+from .errors import DataError, MissingDependencyError
 
 _MAX_SCATTER_POINTS = 20000
 _EXACT_PCA_MAX_DIMS = 4096
-
-
-class MissingDependencyError(TransferlabError, ImportError):
-    """An optional extra is not installed; the message names the pip command."""
 
 
 def _figure(width: float, height: float) -> Any:

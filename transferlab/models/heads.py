@@ -13,14 +13,10 @@ import torch
 from torch import nn
 
 from ..config import HeadConfig
-from ..errors import ModelError
+from ..errors import HeadError
 from .cuts import CLASSIFIER_ATTRS, CutSpec, FrozenExtractor, is_timm_model
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-
-
-class HeadError(ModelError):
-    """A head does not fit the base's output, or cannot be built for this model and cut."""
 
 
 def build_head(cfg: HeadConfig, in_features: int, num_classes: int) -> nn.Sequential:
