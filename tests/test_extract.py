@@ -19,7 +19,6 @@ import yaml
 from PIL import Image
 
 from tests.imagegen import add_bad_files, make_image_tree, make_messy_tree, random_image, save
-from transferlab.cli import run_cli
 from transferlab.config import ExtractConfig, load_config, to_dict
 from transferlab.data.imageio import load_image
 from transferlab.errors import ConfigError, StoreError
@@ -56,7 +55,7 @@ def cli(*argv: str) -> tuple[int, str, str]:
     """Run the real entry point in-process: (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = run_cli(main, [str(a) for a in argv])
+        code = main([str(a) for a in argv])
     return code, out.getvalue(), err.getvalue()
 
 

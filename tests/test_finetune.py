@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from transferlab.config import FinetuneConfig, TrainConfig, load_config
 from transferlab.errors import ConfigError, DataError, HeadError, ModelError
-from transferlab.finetune.__main__ import main
+from transferlab.finetune.__main__ import command
 from transferlab.finetune.run import run_finetune
 from transferlab.models.checkpoint import read_checkpoint, save_checkpoint
 from transferlab.models.classifier import load_model
@@ -67,7 +67,7 @@ def test_mnist_split_experiment_on_the_bundled_digits(tmp_path, capsys):
     """The whole configs/mnist_split.yaml: no full MNIST here, so it falls back to the bundle."""
     out = tmp_path / "mnist"
     start = time.perf_counter()
-    result = main([str(ROOT / "configs" / "mnist_split.yaml"), f"output.dir={out}",
+    result = command([str(ROOT / "configs" / "mnist_split.yaml"), f"output.dir={out}",
                    f"data.root={tmp_path / 'no_mnist'}", "runtime.progress=false"])
     elapsed = time.perf_counter() - start
     printed = capsys.readouterr().out
@@ -132,7 +132,7 @@ def test_mnist_split_uses_mnist_files_on_disk_with_the_original_epochs(tmp_path,
         rows = mnist_5k_split(labels, split)
         write_idx(root / f"{prefix}-images-idx3-ubyte", images[rows])
         write_idx(root / f"{prefix}-labels-idx1-ubyte", labels[rows])
-    result = main([str(ROOT / "configs" / "mnist_split.yaml"), f"data.root={root}",
+    result = command([str(ROOT / "configs" / "mnist_split.yaml"), f"data.root={root}",
                    f"output.dir={tmp_path / 'out'}", "runtime.progress=false"])
     printed = capsys.readouterr().out
     assert "torchvision MNIST" in printed and "not available" not in printed
@@ -439,7 +439,7 @@ def test_amp_training_on_cuda(tmp_path, cuda, precision):
 def test_folder_finetune_config_on_a_generated_folder(tmp_path):
     root = write_digit_folder(tmp_path / "images", per_class=10, classes=(1, 4, 8))
     out = tmp_path / "out"
-    result = main([str(ROOT / "configs" / "folder_finetune.yaml"), f"data.root={root}",
+    result = command([str(ROOT / "configs" / "folder_finetune.yaml"), f"data.root={root}",
                    "model.name=test_resnet", "model.pretrained=false",
                    "preprocess.input_size=[32, 32]", "train.epochs=3", "train.batch_size=8",
                    "runtime.progress=false", f"output.dir={out}"])
@@ -508,11 +508,11 @@ def test_checkpoint_from_another_model(tmp_path):
 
 
 def test_cli_prints_one_line_error_and_exits_2(tmp_path, capsys):
-    from transferlab.cli import run_cli
+    from transferlab.finetune.__main__ import main
 
     start = time.perf_counter()
-    code = run_cli(main, [str(ROOT / "configs" / "mnist_split.yaml"), "data.source=mnist-5k",
-                          "data.classes=[7]", f"output.dir={tmp_path}"])
+    code = main([str(ROOT / "configs" / "mnist_split.yaml"), "data.source=mnist-5k",
+                 "data.classes=[7]", f"output.dir={tmp_path}"])
     assert time.perf_counter() - start < 5  # checked before any training
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: data: only one class (7)")

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferlab.cli import run_cli
 from transferlab.config import FinetuneConfig, load_config
 from transferlab.finetune.run import run_finetune
 from transferlab.models.classifier import load_model
@@ -74,7 +73,7 @@ def test_files_and_folders_mixed_and_bad_files_skipped(trained, tmp_path, capsys
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     out = tmp_path / "p.csv"
-    code = run_cli(main, [str(ckpt), str(images[0]), str(tmp_path / "b"), str(images[1]),
+    code = main([str(ckpt), str(images[0]), str(tmp_path / "b"), str(images[1]),
                           "--out", str(out)])
     assert code == 0
     rows = read_rows(out)
@@ -96,7 +95,7 @@ def test_csv_to_stdout_from_the_command_line(trained, tmp_path):
 
 def test_missing_path_is_a_one_line_error(trained, tmp_path, capsys):
     ckpt, _ = trained
-    code = run_cli(main, [str(ckpt), str(tmp_path / "nothing_here.png")])
+    code = main([str(ckpt), str(tmp_path / "nothing_here.png")])
     err = capsys.readouterr().err
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
 
@@ -108,7 +107,7 @@ def test_a_backbone_checkpoint_without_class_names_is_refused(tmp_path, capsys):
     ckpt = save_checkpoint(tmp_path / "bb.safetensors", lenet().state_dict(),
                            {"backbone": {"name": "lenet", "source": "builtin"}})
     img = write_digits(tmp_path / "i", digits=(0,), per_class=1)[0]
-    code = run_cli(main, [str(ckpt), str(img)])
+    code = main([str(ckpt), str(img)])
     assert code == 2 and "backbone checkpoint without class names" in capsys.readouterr().err
 
 
@@ -118,5 +117,5 @@ def test_plain_safetensors_file_is_not_a_classifier(tmp_path, capsys):
 
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     img = write_digits(tmp_path / "i", digits=(0,), per_class=1)[0]
-    code = run_cli(main, [str(tmp_path / "plain.safetensors"), str(img)])
+    code = main([str(tmp_path / "plain.safetensors"), str(img)])
     assert code == 2 and "not a transferlab checkpoint" in capsys.readouterr().err

@@ -22,8 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .cli import run_cli
 from .errors import ConfigError, DataError
 from .runtime.device import resolve_device
+from .store.reader import FeatureStore
 
 _BLOCK_ELEMENTS = 1 << 24  # (rows x centres) distances computed at once
 
@@ -237,7 +239,7 @@ def format_report(report: ClusterReport, k: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m transferlab.cluster",
+    p = argparse.ArgumentParser(prog="transferlab cluster",
                                 description="k-means clustering of a feature store.")
     p.add_argument("store", help="feature store directory")
     p.add_argument("-k", type=int, required=True, help="number of clusters")
@@ -251,9 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _main(argv: Sequence[str] | None) -> None:
-    from .store.reader import FeatureStore
-
+def command(argv: Sequence[str] | None = None) -> None:
+    """Parse, run, print; user mistakes raise TransferlabError."""
     args = build_parser().parse_args(argv)
     store = FeatureStore.open(args.store)
     report = run_cluster(store, args.k, n_init=args.n_init, seed=args.seed,
@@ -283,10 +284,8 @@ def plot_clusters(store: Any, report: ClusterReport, out_dir: Path) -> list[Path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (2 with one line on stderr for user mistakes)."""
-    from .cli import run_cli
-
-    return run_cli(_main, argv)
+    """Entry point: the exit code (2 with one line on stderr for a user mistake)."""
+    return run_cli(command, argv)
 
 
 def _check(x: torch.Tensor, k: int, n_init: int) -> None:

@@ -43,8 +43,9 @@ def head_shape(model: nn.Module, input_size: Sequence[int]) -> str:
         return f"(not available: {exc})"
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m transferlab.inspect",
+def command(argv: Sequence[str] | None = None) -> None:
+    """Parse and print the cut points; user mistakes raise TransferlabError."""
+    parser = argparse.ArgumentParser(prog="transferlab inspect",
                                      description="List the cut points of a model.")
     parser.add_argument("model", help="timm / torchvision / built-in name, checkpoint or module:callable")
     parser.add_argument("--source", default="auto",
@@ -55,5 +56,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("\n".join(describe(args.model, args.source, args.all, args.input_size)))
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: the exit code (2 with one line on stderr for a user mistake)."""
+    return run_cli(command, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(main())

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli import run_cli
 from .config import IMAGE_EXTENSIONS
 from .errors import ConfigError, DataError
 from .models.classifier import Classifier, load_model
@@ -112,7 +113,7 @@ def run_predict(checkpoint: str | Path, paths: Sequence[str | Path], out: str | 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m transferlab.predict",
+    p = argparse.ArgumentParser(prog="transferlab predict",
                                 description="Classify images with a fine-tuned checkpoint.")
     p.add_argument("checkpoint", help="model.safetensors written by transferlab.finetune")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
@@ -123,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> PredictResult:
+def command(argv: Sequence[str] | None = None) -> PredictResult:
+    """Parse, predict, write the CSV; user mistakes raise TransferlabError."""
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -138,7 +140,10 @@ def main(argv: Sequence[str] | None = None) -> PredictResult:
     return result
 
 
-if __name__ == "__main__":
-    from .cli import run_cli
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: the exit code (2 with one line on stderr for a user mistake)."""
+    return run_cli(command, argv)
 
-    sys.exit(run_cli(main))
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,9 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .cli import run_cli
 from .errors import ConfigError, DataError, StoreError
 from .neighbors import nearest
 from .runtime.device import resolve_device
+from .store.reader import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +408,7 @@ def format_report(report: ProbeReport) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m transferlab.probe",
+    p = argparse.ArgumentParser(prog="transferlab probe",
                                 description="Linear (L2 sweep) and kNN probes on a feature store.")
     p.add_argument("store", help="feature store directory")
     p.add_argument("--test", metavar="STORE2", help="test store (default: a validation split)")
@@ -421,9 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _main(argv: Sequence[str] | None) -> None:
-    from .store.reader import FeatureStore
-
+def command(argv: Sequence[str] | None = None) -> None:
+    """Parse, run, print; user mistakes raise TransferlabError."""
     args = build_parser().parse_args(argv)
     if args.knn < 0:
         raise ConfigError(f"--knn must be 0 (skip) or more, got {args.knn}")
@@ -451,10 +452,8 @@ def plot_probe(store: Any, report: ProbeReport, out_dir: Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (2 with one line on stderr for user mistakes)."""
-    from .cli import run_cli
-
-    return run_cli(_main, argv)
+    """Entry point: the exit code (2 with one line on stderr for a user mistake)."""
+    return run_cli(command, argv)
 
 
 def _as_tensor(x: Any, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:

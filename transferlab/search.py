@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from .cli import run_cli
 from .neighbors import METRICS, check_k, query_vectors, store_search
+from .store.reader import FeatureStore
 
 
 def data_root(meta: dict) -> Path | None:
@@ -38,7 +40,7 @@ def format_hits(store: Any, query: str, hits: list[tuple[int, float]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m transferlab.search",
+    p = argparse.ArgumentParser(prog="transferlab search",
                                 description="Exact nearest stored images of query images.")
     p.add_argument("store", help="feature store directory")
     p.add_argument("queries", nargs="+", metavar="QUERY_IMAGE",
@@ -50,9 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _main(argv: Sequence[str] | None) -> None:
-    from .store.reader import FeatureStore
-
+def command(argv: Sequence[str] | None = None) -> None:
+    """Parse, run, print; user mistakes raise TransferlabError."""
     args = build_parser().parse_args(argv)
     check_k(args.k)
     store = FeatureStore.open(args.store)
@@ -81,10 +82,8 @@ def plot_search(store: Any, queries: Sequence[str], hits: list[list[tuple[int, f
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (2 with one line on stderr for user mistakes)."""
-    from .cli import run_cli
-
-    return run_cli(_main, argv)
+    """Entry point: the exit code (2 with one line on stderr for a user mistake)."""
+    return run_cli(command, argv)
 
 
 if __name__ == "__main__":

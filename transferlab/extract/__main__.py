@@ -1,4 +1,4 @@
-"""``python -m transferlab.extract CONFIG [key=value ...]``."""
+"""``transferlab extract CONFIG [key=value ...]`` (also ``python -m transferlab.extract``)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -6,11 +6,12 @@ from collections.abc import Sequence
 from ..cli import config_parser, load_cli_config, run_cli
 from ..config import ExtractConfig
 from ..runtime.distributed import dist_info, shutdown
-from .run import run_extract
+from .run import ExtractResult, run_extract
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = config_parser("python -m transferlab.extract",
+def command(argv: Sequence[str] | None = None) -> ExtractResult:
+    """Parse, extract, print the summary; user mistakes raise TransferlabError."""
+    parser = config_parser("transferlab extract",
                            "Extract frozen features of every image into a feature store.")
     args = parser.parse_args(argv)
     cfg = load_cli_config(args, ExtractConfig)
@@ -20,8 +21,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         shutdown()
     if dist_info().is_main:
         print(result.summary())
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: the exit code (2 with one line on stderr for a user mistake)."""
+    return run_cli(command, argv)
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
-
+    raise SystemExit(main())

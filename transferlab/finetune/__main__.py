@@ -1,18 +1,18 @@
-"""``python -m transferlab.finetune CONFIG [key=value ...]``."""
+"""``transferlab finetune CONFIG [key=value ...]`` (also ``python -m transferlab.finetune``)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..cli import config_parser, load_cli_config, run_cli
 from ..config import FinetuneConfig
 from ..runtime.distributed import dist_info, shutdown
 from .outputs import FinetuneResult
 from .run import run_finetune
 
 
-def main(argv: Sequence[str] | None = None) -> FinetuneResult:
-    from ..cli import config_parser, load_cli_config
-
-    parser = config_parser("python -m transferlab.finetune",
+def command(argv: Sequence[str] | None = None) -> FinetuneResult:
+    """Parse, fine-tune, print the closing table; user mistakes raise TransferlabError."""
+    parser = config_parser("transferlab finetune",
                            "Fine-tune a head on a frozen, cut backbone (optionally after "
                            "pretraining the backbone), with an optional logistic probe.")
     args = parser.parse_args(argv)
@@ -28,10 +28,10 @@ def main(argv: Sequence[str] | None = None) -> FinetuneResult:
     return result
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: the exit code (2 with one line on stderr for a user mistake)."""
+    return run_cli(command, argv)
+
+
 if __name__ == "__main__":
-    import sys
-
-    from ..cli import run_cli
-
-    sys.exit(run_cli(main))
-
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""One command-line convention: ``transferlab COMMAND`` == ``python -m transferlab.COMMAND``."""
+from __future__ import annotations
+
+import importlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from transferlab.__main__ import COMMANDS, main
+
+MODULES = {"extract": "transferlab.extract.__main__", "finetune": "transferlab.finetune.__main__",
+           "predict": "transferlab.predict", "inspect": "transferlab.inspect",
+           "probe": "transferlab.probe", "search": "transferlab.search",
+           "cluster": "transferlab.cluster"}
+
+
+def console_script() -> str | None:
+    """The installed `transferlab` next to this interpreter (pip install puts it there)."""
+    here = Path(sys.executable).parent / "transferlab"
+    return str(here) if here.exists() else shutil.which("transferlab")
+
+
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in MODULES:
+        assert f"  {name} " in out
+    assert set(COMMANDS) == set(MODULES)
+
+
+def test_no_command_is_a_usage_error(capsys):
+    assert main([]) == 2
+    assert "usage: transferlab COMMAND" in capsys.readouterr().err
+
+
+def test_unknown_command_is_one_line_with_a_close_match(capsys):
+    assert main(["finetnue", "x.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: unknown command 'finetnue'; did you mean 'finetune'?\n"
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_every_command_has_the_same_entry_points(name):
+    """Each command module: command(argv) raises on user mistakes, main(argv) -> exit code."""
+    module = importlib.import_module(MODULES[name])
+    assert callable(module.command) and callable(module.main)
+    assert COMMANDS[name][1]() is module.main
+
+
+@pytest.mark.parametrize("name, argv", [("probe", ["{tmp}/missing"]),
+                                        ("cluster", ["{tmp}/missing", "-k", "2"]),
+                                        ("search", ["{tmp}/missing", "q.png"]),
+                                        ("extract", ["{tmp}/missing.yaml"]),
+                                        ("finetune", ["{tmp}/missing.yaml"]),
+                                        ("predict", ["{tmp}/missing.safetensors", "q.png"])])
+def test_every_command_answers_a_mistake_with_one_line_and_exit_2(name, argv, tmp_path, capsys):
+    code = main([name, *(a.format(tmp=tmp_path) for a in argv)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_console_script_and_module_give_the_same_output():
+    script = console_script()
+    if script is None:
+        pytest.skip("the transferlab console script is not installed (pip install -e .)")
+    a = subprocess.run([script, "inspect", "lenet"], capture_output=True, text=True, timeout=120)
+    b = subprocess.run([sys.executable, "-m", "transferlab.inspect", "lenet"],
+                       capture_output=True, text=True, timeout=120)
+    assert a.returncode == b.returncode == 0
+    assert a.stdout == b.stdout and "first:" in a.stdout
+    c = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)
+    assert c.returncode == 0 and "extract" in c.stdout
