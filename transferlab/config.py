@@ -29,10 +29,13 @@ class ModelConfig:
     """Which backbone, with which weights, cut where."""
 
     # timm name, torchvision name, built-in name (lenet), transferlab checkpoint path,
-    # or 'package.module:callable' returning an nn.Module.
+    # Hugging Face Hub repository through timm (hf-hub:ORG/NAME) or a timm model folder
+    # (config.json + model.safetensors, read with its weights), or 'package.module:callable'.
     name: str = "resnet50"
-    # Where `name` comes from; 'auto' tries built-in, checkpoint, callable, timm, torchvision.
-    source: Literal["auto", "timm", "torchvision", "builtin", "checkpoint", "callable"] = "auto"
+    # Where `name` comes from; 'auto' tries built-in, checkpoint, hub, callable, timm,
+    # torchvision.
+    source: Literal["auto", "timm", "torchvision", "builtin", "checkpoint", "callable",
+                    "hub"] = "auto"
     pretrained: bool = False  # download (or use the cached) hub weights of the library
     weights: str | None = None  # local .safetensors / .pth / .pt / .bin file
     # head | first:N | drop:N | layer:NAME | stage:I  (see transferlab.cuts)

@@ -49,7 +49,7 @@ def command(argv: Sequence[str] | None = None) -> None:
                                      description="List the cut points of a model.")
     parser.add_argument("model", help="timm / torchvision / built-in name, checkpoint or module:callable")
     parser.add_argument("--source", default="auto",
-                        choices=["auto", "timm", "torchvision", "builtin", "checkpoint", "callable"])
+                        choices=["auto", "timm", "torchvision", "builtin", "checkpoint", "callable", "hub"])
     parser.add_argument("--all", action="store_true", help="list every module, not only depth <= 2")
     parser.add_argument("--input-size", type=int, nargs="+", help="H W or C H W")
     args = parser.parse_args(argv)

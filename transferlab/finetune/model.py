@@ -8,6 +8,7 @@ from ..config import ModelConfig
 from ..data.preprocess import PreprocessSpec, resolve_preprocess
 from ..errors import ModelError
 from ..models.backbones import Backbone, build_backbone, resolve_source
+from ..models import hub
 from ..models.classifier import read_meta
 from ..models.extractor import model_in_chans
 
@@ -22,6 +23,8 @@ def resolve_arch(cfg: ModelConfig) -> dict:
     if source == "checkpoint":
         meta = read_meta(cfg.name) or {}
         arch = dict(meta.get("backbone") or {})
+    elif source == "hub":  # timm's registry name and config.json's arguments: no Hub needed
+        arch = {**dataclasses.asdict(cfg), **hub.recorded_architecture(cfg)}
     else:
         arch = {**dataclasses.asdict(cfg), "source": source}
     return {**arch, "pretrained": False, "weights": None}

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ModelError
+from . import hub
 from .builtin import BUILTIN_DATA_CONFIGS, BUILTIN_MODELS
 from .weights import load_state_dict_file, load_weights_into
 
@@ -54,6 +55,8 @@ def resolve_source(name: str, source: str = "auto") -> str:
         return "builtin"
     if name.endswith((".safetensors",)) or Path(name).is_file():
         return "checkpoint"
+    if hub.is_hub_name(name) or hub.is_model_folder(name):
+        return "hub"
     if ":" in name and "/" not in name.split(":", 1)[0]:
         return "callable"
     if name in timm_names() or is_timm_pretrained_tag(name):
@@ -81,7 +84,8 @@ def build_backbone(cfg: ModelConfig) -> Backbone:
     """Build the model of ``cfg`` with its weights (hub download, local file or random)."""
     source = resolve_source(cfg.name, cfg.source)
     builder = {"timm": build_timm, "torchvision": build_torchvision, "builtin": build_builtin,
-               "checkpoint": build_from_checkpoint, "callable": build_callable}.get(source)
+               "checkpoint": build_from_checkpoint, "callable": build_callable,
+               "hub": build_hub}.get(source)
     if builder is None:
         raise ModelError(f"unknown model source '{source}'")
     backbone = builder(cfg)
@@ -121,6 +125,12 @@ def build_timm(cfg: ModelConfig) -> Backbone:
         raise ModelError(f"timm could not build '{cfg.name}': {exc}") from None
     data_config = dict(timm.data.resolve_model_data_config(model))
     return Backbone(model, cfg.name, "timm", data_config)
+
+
+def build_hub(cfg: ModelConfig) -> Backbone:
+    """A Hugging Face Hub repository (hf-hub:ORG/NAME) or a timm model folder, through timm."""
+    model = hub.create(cfg, model_kwargs(cfg))
+    return Backbone(model, cfg.name, "hub", hub.data_config(model))
 
 
 def build_torchvision(cfg: ModelConfig) -> Backbone:
