@@ -119,3 +119,16 @@ def test_plain_safetensors_file_is_not_a_classifier(tmp_path, capsys):
     img = write_digits(tmp_path / "i", digits=(0,), per_class=1)[0]
     code = main([str(tmp_path / "plain.safetensors"), str(img)])
     assert code == 2 and "not a transferlab checkpoint" in capsys.readouterr().err
+
+
+def test_csv_round_trips_file_names_with_line_breaks_commas_and_quotes():
+    import io
+
+    from transferlab.predict import Prediction, write_csv
+
+    names = ['a\rb.png', 'c\nd.png', 'e,f.png', 'g"h.png', 'plain.png']
+    out = io.StringIO()
+    write_csv([Prediction(n, "cls\r", 0.5) for n in names], out)
+    rows = list(csv.reader(io.StringIO(out.getvalue(), newline="")))
+    assert rows[0] == ["path", "class", "probability"]
+    assert [r[0] for r in rows[1:]] == names and all(r[1] == "cls\r" for r in rows[1:])

@@ -46,6 +46,10 @@ class ModelConfig:
     num_classes: int | None = None  # classes of the model as built (built-ins, untrained models)
     in_chans: int | None = None  # input channels as built; null = the model's default
     kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the model factory
+    # A checkpoint named by `name` records its architecture; it is rebuilt only from timm,
+    # torchvision or the built-ins unless this is true (then a 'module:callable' it names runs:
+    # set it only for checkpoints you trust, like Hugging Face's trust_remote_code).
+    trust_code: bool = False
 
 
 @dataclass

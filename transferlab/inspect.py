@@ -10,15 +10,15 @@ from .cli import run_cli
 from .config import ModelConfig, PreprocessConfig
 from .data.preprocess import resolve_preprocess
 from .errors import CutError
-from .models.backbones import build_backbone
+from .models.backbones import SOURCES, build_backbone
 from .models.cuts import list_cut_points, make_extractor
 from .models.extractor import model_in_chans
 
 
 def describe(name: str, source: str = "auto", all_modules: bool = False,
-             input_size: list[int] | None = None) -> list[str]:
+             input_size: list[int] | None = None, trust_code: bool = False) -> list[str]:
     """Lines describing the model's preprocessing and every cut point (random weights)."""
-    backbone = build_backbone(ModelConfig(name=name, source=source))
+    backbone = build_backbone(ModelConfig(name=name, source=source, trust_code=trust_code))
     spec = resolve_preprocess(backbone.data_config, PreprocessConfig(input_size=input_size),
                               model_in_chans(backbone.model))
     lines = [f"{name} ({backbone.source}), input {spec.input_size}, "
@@ -47,13 +47,16 @@ def command(argv: Sequence[str] | None = None) -> None:
     """Parse and print the cut points; user mistakes raise TransferlabError."""
     parser = argparse.ArgumentParser(prog="transferlab inspect",
                                      description="List the cut points of a model.")
-    parser.add_argument("model", help="timm / torchvision / built-in name, checkpoint or module:callable")
-    parser.add_argument("--source", default="auto",
-                        choices=["auto", "timm", "torchvision", "builtin", "checkpoint", "callable", "hub"])
+    parser.add_argument("model",
+                        help="timm / torchvision / built-in name, checkpoint or module:callable")
+    parser.add_argument("--source", default="auto", choices=SOURCES)
+    parser.add_argument("--trust-code", action="store_true",
+                        help="let a trusted checkpoint name a module:callable to run")
     parser.add_argument("--all", action="store_true", help="list every module, not only depth <= 2")
     parser.add_argument("--input-size", type=int, nargs="+", help="H W or C H W")
     args = parser.parse_args(argv)
-    print("\n".join(describe(args.model, args.source, args.all, args.input_size)))
+    print("\n".join(describe(args.model, args.source, args.all, args.input_size,
+                               args.trust_code)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .cli import run_cli
 from .config import IMAGE_EXTENSIONS
 from .errors import ConfigError, DataError
 from .models.classifier import Classifier, load_model
 from .runtime.atomicfile import atomic_write
+from .runtime.device import resolve_device
 
 
 @dataclass
@@ -89,19 +89,21 @@ def predict_files(model: Classifier, files: Sequence[str], batch_size: int = 32,
 
 def write_csv(predictions: Sequence[Prediction], out: io.TextIOBase) -> None:
     writer = csv.writer(out, lineterminator="\n")
+    # with a "\n" terminator QUOTE_MINIMAL leaves a "\r" unquoted, and csv.reader takes it
+    # for a line end: such rows are written with every field quoted
+    quoted = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_ALL)
     writer.writerow(["path", "class", "probability"])
     for p in predictions:
-        writer.writerow([p.path, p.label, f"{p.probability:.6f}"])
+        row = [p.path, p.label, f"{p.probability:.6f}"]
+        (quoted if "\r" in p.path + p.label else writer).writerow(row)
 
 
 def run_predict(checkpoint: str | Path, paths: Sequence[str | Path], out: str | Path | None,
-                batch_size: int = 32, device: str = "auto", num_workers: int = 0
-                ) -> PredictResult:
+                batch_size: int = 32, device: str = "auto", num_workers: int = 0,
+                trust_code: bool = False) -> PredictResult:
     """Load ``checkpoint``, classify the images under ``paths`` and write the CSV to ``out``
-    (atomically; stdout when None)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(checkpoint, device)
+    (atomically; stdout when None). ``trust_code`` lets a trusted checkpoint name code to run."""
+    model = load_model(checkpoint, resolve_device(device), trust_code)
     result = predict_files(model, collect_images(paths), batch_size, num_workers)
     if out is None:
         write_csv(result.predictions, sys.stdout)
@@ -121,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--workers", type=int, default=0, help="decoding processes")
+    p.add_argument("--trust-code", action="store_true",
+                   help="let a trusted checkpoint name a module:callable to run")
     return p
 
 
@@ -130,7 +134,7 @@ def command(argv: Sequence[str] | None = None) -> PredictResult:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     result = run_predict(args.checkpoint, args.paths, args.out, args.batch_size, args.device,
-                         args.workers)
+                         args.workers, args.trust_code)
     for path, reason in result.failures:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if args.out:

@@ -52,6 +52,12 @@ class PreprocessSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_data_config(self) -> dict:
+        """This spec in timm's data-config terms (what a backbone reports)."""
+        return {"input_size": self.input_size, "interpolation": self.interpolation,
+                "mean": self.mean, "std": self.std, "crop_pct": self.crop_pct,
+                "crop_mode": self.crop_mode}
+
 
 def resolve_preprocess(data_config: dict, cfg: PreprocessConfig | None = None,
                        model_in_chans: int | None = None) -> PreprocessSpec:

@@ -9,7 +9,7 @@ from ..data.preprocess import PreprocessSpec, resolve_preprocess
 from ..errors import ModelError
 from ..models.backbones import Backbone, build_backbone, resolve_source
 from ..models import hub
-from ..models.classifier import read_meta
+from ..models.checkpoint import read_meta
 from ..models.extractor import model_in_chans
 
 # ---------------------------------------------------------------------------------------

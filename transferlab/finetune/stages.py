@@ -14,7 +14,8 @@ import torch
 from ..config import DataConfig, to_dict
 from ..data.preprocess import PreprocessSpec
 from ..errors import ConfigError
-from ..models.classifier import BACKBONE_FORMAT, classifier_meta, save_classifier
+from ..models.checkpoint import BACKBONE_FORMAT
+from ..models.classifier import classifier_meta, save_classifier
 from ..models.heads import cut_with_head, head_description
 from ..runtime.device import seed_everything
 from ..runtime.distributed import barrier

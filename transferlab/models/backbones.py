@@ -1,227 +1,51 @@
 """Build a backbone from any source and load its weights.
 
 Sources: timm (any ``timm.list_models()`` name), torchvision (``get_model`` names),
-built-in models (``lenet``), a transferlab checkpoint (``.safetensors`` written by
-transferlab), or ``package.module:callable`` returning an ``nn.Module``.
+built-in models (``lenet``), the Hub through timm, ``package.module:callable`` returning an
+``nn.Module`` (the plain builders of ``library``), or a transferlab checkpoint (``.safetensors``
+written by transferlab): this dispatcher sits above the builders and the classifier format, so
+imports run one way (library <- recorded <- classifier <- backbones).
 """
 from __future__ import annotations
 
-import difflib
-import functools
-import importlib
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-from torch import nn
-
 from ..config import ModelConfig
 from ..errors import ModelError
-from . import hub
-from .builtin import BUILTIN_DATA_CONFIGS, BUILTIN_MODELS
+from .checkpoint import CLASSIFIER_FORMAT, read_checkpoint
+from .classifier import classifier_from_checkpoint
+from .library import Backbone, build_library, resolve_source
+from .recorded import rebuild_backbone
 from .weights import load_state_dict_file, load_weights_into
 
+# every value of model.source (``inspect --source`` takes them from here)
+SOURCES = ("auto", "timm", "torchvision", "builtin", "checkpoint", "callable", "hub")
 
-@dataclass
-class Backbone:
-    """A built model and what is known about it (source, data config of its weights)."""
-
-    model: nn.Module
-    name: str
-    source: str
-    # timm-style data config: input_size, interpolation, mean, std, crop_pct, crop_mode
-    data_config: dict = field(default_factory=dict)
-
-
-@functools.lru_cache(maxsize=1)
-def timm_names() -> frozenset[str]:
-    import timm
-
-    return frozenset(timm.list_models())
-
-
-@functools.lru_cache(maxsize=1)
-def torchvision_names() -> frozenset[str]:
-    import torchvision
-
-    return frozenset(torchvision.models.list_models())
-
-
-def resolve_source(name: str, source: str = "auto") -> str:
-    """Which library builds ``name``; 'auto' prefers built-in, checkpoint, callable, timm."""
-    if source != "auto":
-        return source
-    if name in BUILTIN_MODELS:
-        return "builtin"
-    if name.endswith((".safetensors",)) or Path(name).is_file():
-        return "checkpoint"
-    if hub.is_hub_name(name) or hub.is_model_folder(name):
-        return "hub"
-    if ":" in name and "/" not in name.split(":", 1)[0]:
-        return "callable"
-    if name in timm_names() or is_timm_pretrained_tag(name):
-        return "timm"
-    if name in torchvision_names():
-        return "torchvision"
-    raise ModelError(unknown_model_message(name))
-
-
-def is_timm_pretrained_tag(name: str) -> bool:
-    """timm accepts 'arch.tag' names (e.g. resnet50.a1_in1k)."""
-    return "." in name and name.split(".", 1)[0] in timm_names()
-
-
-def unknown_model_message(name: str) -> str:
-    candidates = sorted(set(BUILTIN_MODELS) | timm_names() | torchvision_names())
-    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
-    hint = f" Closest names: {', '.join(close)}." if close else ""
-    return (f"unknown model '{name}'.{hint} Use a timm name (timm.list_models()), a torchvision "
-            f"name (torchvision.models.list_models()), a built-in ({', '.join(BUILTIN_MODELS)}), "
-            "a transferlab checkpoint path, or 'package.module:callable'.")
+__all__ = ["SOURCES", "Backbone", "build_backbone", "build_from_checkpoint", "resolve_source"]
 
 
 def build_backbone(cfg: ModelConfig) -> Backbone:
-    """Build the model of ``cfg`` with its weights (hub download, local file or random)."""
+    """Build the model of ``cfg`` with its weights (hub download, local file or random).
+
+    A checkpoint's recorded architecture runs code only with ``cfg.trust_code``."""
     source = resolve_source(cfg.name, cfg.source)
-    builder = {"timm": build_timm, "torchvision": build_torchvision, "builtin": build_builtin,
-               "checkpoint": build_from_checkpoint, "callable": build_callable,
-               "hub": build_hub}.get(source)
-    if builder is None:
-        raise ModelError(f"unknown model source '{source}'")
-    backbone = builder(cfg)
+    if source == "checkpoint":
+        backbone = build_from_checkpoint(cfg.name, cfg.trust_code)
+    else:
+        backbone = build_library(cfg, source)
     if cfg.weights:
         load_weights_into(backbone.model, load_state_dict_file(cfg.weights), cfg.weights)
     return backbone
 
 
-def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
-    kwargs = dict(cfg.kwargs)
-    if cfg.num_classes is not None:
-        kwargs["num_classes"] = cfg.num_classes
-    if cfg.in_chans is not None:
-        kwargs["in_chans"] = cfg.in_chans
-    return kwargs
-
-
-def fetch_failed(name: str, exc: Exception) -> ModelError:
-    return ModelError(
-        f"could not fetch the pretrained weights of '{name}' ({type(exc).__name__}: "
-        f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). Without network access, "
-        f"download the weights file elsewhere and set 'model.weights: PATH' "
-        f"(.safetensors, .pth, .pt or .bin) with 'model.pretrained: false'.")
-
-
-def build_timm(cfg: ModelConfig) -> Backbone:
-    import timm
-
-    if cfg.name not in timm_names() and not is_timm_pretrained_tag(cfg.name):
-        raise ModelError(unknown_model_message(cfg.name))
-    pretrained = cfg.pretrained and not cfg.weights
-    try:
-        model = timm.create_model(cfg.name, pretrained=pretrained, **model_kwargs(cfg))
-    except (OSError, RuntimeError, ValueError) as exc:
-        if pretrained:
-            raise fetch_failed(cfg.name, exc) from None
-        raise ModelError(f"timm could not build '{cfg.name}': {exc}") from None
-    data_config = dict(timm.data.resolve_model_data_config(model))
-    return Backbone(model, cfg.name, "timm", data_config)
-
-
-def build_hub(cfg: ModelConfig) -> Backbone:
-    """A Hugging Face Hub repository (hf-hub:ORG/NAME) or a timm model folder, through timm."""
-    model = hub.create(cfg, model_kwargs(cfg))
-    return Backbone(model, cfg.name, "hub", hub.data_config(model))
-
-
-def build_torchvision(cfg: ModelConfig) -> Backbone:
-    import torchvision
-
-    if cfg.name not in torchvision_names():
-        raise ModelError(unknown_model_message(cfg.name))
-    kwargs = model_kwargs(cfg)
-    kwargs.pop("in_chans", None)
-    weights = "DEFAULT" if cfg.pretrained and not cfg.weights else None
-    try:
-        model = torchvision.models.get_model(cfg.name, weights=weights, **kwargs)
-    except (OSError, RuntimeError) as exc:
-        if weights:
-            raise fetch_failed(cfg.name, exc) from None
-        raise ModelError(f"torchvision could not build '{cfg.name}': {exc}") from None
-    return Backbone(model, cfg.name, "torchvision", torchvision_data_config(cfg.name))
-
-
-def torchvision_data_config(name: str) -> dict:
-    """The eval preprocessing of the model's default weights, in timm's data-config terms."""
-    import torchvision
-
-    try:
-        weights = torchvision.models.get_model_weights(name).DEFAULT
-        tf = weights.transforms()
-    except (ValueError, AttributeError, TypeError):
-        return {}
-    crop = tf.crop_size[0]
-    resize = tf.resize_size[0] if tf.resize_size else crop
-    return {"input_size": (3, crop, crop), "interpolation": tf.interpolation.value,
-            "mean": tuple(tf.mean), "std": tuple(tf.std), "crop_pct": crop / resize,
-            "crop_mode": "center"}
-
-
-def build_builtin(cfg: ModelConfig) -> Backbone:
-    if cfg.name not in BUILTIN_MODELS:
-        raise ModelError(unknown_model_message(cfg.name))
-    if cfg.pretrained and not cfg.weights:
-        raise ModelError(f"built-in model '{cfg.name}' has no published weights: train it "
-                         "(python -m transferlab.finetune) or set 'model.weights: PATH'")
-    model = BUILTIN_MODELS[cfg.name](**model_kwargs(cfg))
-    data_config = dict(BUILTIN_DATA_CONFIGS.get(cfg.name, {}))
-    if cfg.in_chans:
-        data_config["input_size"] = (cfg.in_chans, *data_config["input_size"][1:])
-    return Backbone(model, cfg.name, "builtin", data_config)
-
-
-def build_callable(cfg: ModelConfig) -> Backbone:
-    module_name, _, attr = cfg.name.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ModelError(f"cannot import '{cfg.name}' ({exc}); write it as "
-                         "'package.module:callable' with the module on PYTHONPATH") from None
-    model = factory(**model_kwargs(cfg))
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"'{cfg.name}' returned {type(model).__name__}, not a torch.nn.Module")
-    data_config = dict(getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-                       or {})
-    return Backbone(model, cfg.name, "callable", data_config)
-
-
-def build_from_checkpoint(cfg: ModelConfig) -> Backbone:
+def build_from_checkpoint(path: str, trust_code: bool = False) -> Backbone:
     """A transferlab checkpoint: a backbone (rebuild the recorded architecture, load its
     weights) or a fine-tuned classifier (its ``base`` then ``head``; cut ``head`` gives the
     base's features)."""
-    from .checkpoint import read_checkpoint
-    from .classifier import FORMAT as CLASSIFIER_FORMAT
-
-    state, meta = read_checkpoint(cfg.name)
+    state, meta = read_checkpoint(path)
     if meta.get("format") == CLASSIFIER_FORMAT:
-        return classifier_backbone(cfg.name)
-    arch = meta.get("backbone")
-    if not isinstance(arch, dict):
-        raise ModelError(f"{cfg.name} is not a transferlab backbone or classifier checkpoint "
+        model = classifier_from_checkpoint(path, state, meta, trust_code)
+        return Backbone(model, path, "checkpoint", model.preprocess.to_data_config())
+    if not isinstance(meta.get("backbone"), dict):
+        raise ModelError(f"{path} is not a transferlab backbone or classifier checkpoint "
                          "(no 'backbone' entry in its metadata); load plain weights with "
                          "'model.weights: PATH'")
-    arch_cfg = ModelConfig(**{**arch, "pretrained": False, "weights": None})
-    backbone = build_backbone(arch_cfg)
-    load_weights_into(backbone.model, state, cfg.name)
-    return Backbone(backbone.model, cfg.name, "checkpoint",
-                    meta.get("data_config") or backbone.data_config)
-
-
-def classifier_backbone(path: str) -> Backbone:
-    from .classifier import load_model
-
-    model = load_model(path)
-    spec = model.preprocess
-    data_config = {"input_size": spec.input_size, "interpolation": spec.interpolation,
-                   "mean": spec.mean, "std": spec.std, "crop_pct": spec.crop_pct,
-                   "crop_mode": spec.crop_mode}
-    return Backbone(model, path, "checkpoint", data_config)
+    return rebuild_backbone(path, state, meta, trust_code)

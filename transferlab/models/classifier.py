@@ -8,7 +8,8 @@ pickle or network: ``arch`` (the backbone's ModelConfig, random-init), ``cut``, 
 ``config``, and the stage/epoch/metrics it was saved at.
 
 ``load_model`` also accepts the backbone checkpoints written by the pretrain stage (a whole
-model with its own classifier and class names).
+model with its own classifier and class names). The format constants and the metadata reading
+live in ``checkpoint``; what the metadata names is rebuilt within the rules of ``recorded``.
 """
 from __future__ import annotations
 
@@ -22,13 +23,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..config import HeadConfig, ModelConfig
-from ..data.preprocess import DeviceNormalize, PreprocessSpec, build_transform
+from ..config import HeadConfig
+from ..data.imageio import load_image
+from ..data.preprocess import DeviceNormalize, PreprocessSpec, build_transform, resolve_preprocess
 from ..errors import ModelError
-from .checkpoint import read_checkpoint, save_checkpoint
-
-FORMAT = "transferlab.classifier"
-BACKBONE_FORMAT = "transferlab.backbone"
+from .checkpoint import CLASSIFIER_FORMAT, read_checkpoint, save_checkpoint
+from .heads import cut_with_head
+from .library import build_library
+from .recorded import rebuild_backbone, recorded_arch, spec_from_meta
+from .weights import load_weights_into
 
 ImageLike = Image.Image | str | os.PathLike
 
@@ -70,8 +73,6 @@ class Classifier(nn.Module):
                                  f"{tuple(images.shape)} (call the model itself on normalised "
                                  "float input)")
             return images
-        from ..data.imageio import load_image
-
         tf = build_transform(self.preprocess, normalize=False)
         mode, draft = self.preprocess.image_mode, self.preprocess.scale_size()
         out = []
@@ -111,7 +112,7 @@ def classifier_meta(arch: dict, cut: str, pool: str | None, head_cfg: HeadConfig
                     in_features: int, class_names: Sequence[str], spec: PreprocessSpec,
                     **extra: Any) -> dict:
     """Metadata of a classifier checkpoint (see the module docstring)."""
-    return {"format": FORMAT, "arch": arch, "cut": str(cut), "pool": pool,
+    return {"format": CLASSIFIER_FORMAT, "arch": arch, "cut": str(cut), "pool": pool,
             "head": {**dataclasses.asdict(head_cfg), "in_features": in_features,
                      "num_classes": len(class_names)},
             "class_names": list(class_names), "preprocess": spec.to_dict(), **extra}
@@ -129,45 +130,50 @@ def save_classifier(path: str | Path, base: nn.Module, head: nn.Module, meta: di
 # ---------------------------------------------------------------------------------------
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
-    """Rebuild a fine-tuned classifier (or a pretrain-stage backbone) in eval mode."""
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               trust_code: bool = False) -> Classifier:
+    """Rebuild a fine-tuned classifier (or a pretrain-stage backbone) in eval mode.
+
+    The architecture the file records is rebuilt only from timm, torchvision or the built-ins;
+    ``trust_code=True`` lets a trusted file name a ``module:callable`` to run."""
     state, meta = read_checkpoint(path)
-    if meta.get("format") == FORMAT:
-        model = _load_classifier(Path(path), state, meta)
-    elif isinstance(meta.get("backbone"), dict):
-        model = _load_backbone_classifier(Path(path), meta)
-    else:
-        raise ModelError(f"{path} is a transferlab checkpoint but not a classifier (format "
-                         f"{meta.get('format')!r}); load_model reads the model.safetensors "
-                         "written by python -m transferlab.finetune")
-    return model.to(device).eval()
+    return classifier_from_checkpoint(path, state, meta, trust_code).to(device).eval()
 
 
-def spec_from_meta(data: dict, path: Path) -> PreprocessSpec:
+def classifier_from_checkpoint(path: str | Path, state: dict[str, torch.Tensor], meta: dict,
+                               trust_code: bool = False) -> Classifier:
+    """The classifier of an already read checkpoint (tensors and metadata)."""
+    if meta.get("format") == CLASSIFIER_FORMAT:
+        return _load_classifier(Path(path), state, meta, trust_code)
+    if isinstance(meta.get("backbone"), dict):
+        return _load_backbone_classifier(Path(path), state, meta, trust_code)
+    raise ModelError(f"{path} is a transferlab checkpoint but not a classifier (format "
+                     f"{meta.get('format')!r}); load_model reads the model.safetensors "
+                     "written by python -m transferlab.finetune")
+
+
+def _head_meta(meta: dict, path: Path) -> tuple[HeadConfig, int, list[str], str]:
+    """(head config, class count, class names, cut) of a classifier's metadata."""
     try:
-        return PreprocessSpec(**{k: tuple(v) if isinstance(v, list) else v
-                                 for k, v in data.items()})
-    except TypeError as exc:
-        raise ModelError(f"{path}: unreadable preprocessing metadata ({exc})") from None
-
-
-def _load_classifier(path: Path, state: dict[str, torch.Tensor], meta: dict) -> Classifier:
-    from .backbones import build_backbone
-    from .heads import cut_with_head
-
-    try:
-        arch = ModelConfig(**meta["arch"])
         head_meta = dict(meta["head"])
         num_classes = int(head_meta.pop("num_classes"))
         head_meta.pop("in_features", None)
-        head_cfg = HeadConfig(**head_meta)
-        class_names = list(meta["class_names"])
+        names = meta["class_names"]
+        if not isinstance(names, list) or not isinstance(meta["cut"], str):
+            raise TypeError("class_names must be a list and cut a string")
+        return HeadConfig(**head_meta), num_classes, [str(n) for n in names], meta["cut"]
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{path}: incomplete classifier metadata ({exc}); was it written by "
                          "an older or newer transferlab?") from None
-    spec = spec_from_meta(meta["preprocess"], path)
-    backbone = build_backbone(arch)
-    base, head = cut_with_head(backbone.model, meta["cut"], meta.get("pool"), spec.input_size,
+
+
+def _load_classifier(path: Path, state: dict[str, torch.Tensor], meta: dict,
+                     trust_code: bool) -> Classifier:
+    arch = recorded_arch(meta.get("arch"), f"checkpoint {path}", trust_code)
+    head_cfg, num_classes, class_names, cut = _head_meta(meta, path)
+    spec = spec_from_meta(meta.get("preprocess"), str(path))
+    backbone = build_library(arch, arch.source)
+    base, head = cut_with_head(backbone.model, cut, meta.get("pool"), spec.input_size,
                                head_cfg, num_classes, arch.name)
     load_part(base, state, "base.", path, arch.name)
     load_part(head, state, "head.", path, arch.name)
@@ -177,8 +183,6 @@ def _load_classifier(path: Path, state: dict[str, torch.Tensor], meta: dict) -> 
 def load_part(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, path: Path,
               model_name: str) -> None:
     """Strictly load ``prefix*`` tensors; a mismatch means the checkpoint is of another model."""
-    from .weights import load_weights_into
-
     part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     try:
         load_weights_into(module, part, path)
@@ -188,34 +192,14 @@ def load_part(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, pa
                          f"from another model or was altered. {exc}") from None
 
 
-def _load_backbone_classifier(path: Path, meta: dict) -> Classifier:
-    from ..data.preprocess import resolve_preprocess
-    from .backbones import build_backbone
-
+def _load_backbone_classifier(path: Path, state: dict[str, torch.Tensor], meta: dict,
+                              trust_code: bool) -> Classifier:
     names = meta.get("class_names")
-    if not names:
+    if not names or not isinstance(names, list):
         raise ModelError(f"{path} is a backbone checkpoint without class names; fine-tune a "
                          "head on it (model.name: PATH, model.source: checkpoint) to get a "
                          "classifier")
-    backbone = build_backbone(ModelConfig(name=str(path), source="checkpoint"))
-    spec = (spec_from_meta(meta["preprocess"], path) if meta.get("preprocess")
+    backbone = rebuild_backbone(path, state, meta, trust_code)
+    spec = (spec_from_meta(meta["preprocess"], str(path)) if meta.get("preprocess") is not None
             else resolve_preprocess(backbone.data_config))
-    return Classifier(nn.Identity(), backbone.model, names, spec, meta)
-
-
-
-def read_meta(path: str | Path) -> dict | None:
-    """The transferlab metadata of a safetensors file without loading its tensors (None when
-    it has none)."""
-    import json
-
-    from safetensors import safe_open
-
-    from .checkpoint import META_KEY
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(META_KEY)
-    except Exception:  # not a safetensors file: not ours
-        return None
-    return json.loads(raw) if raw else None
+    return Classifier(nn.Identity(), backbone.model, [str(n) for n in names], spec, meta)

@@ -14,7 +14,14 @@ from torch import nn
 
 from ..config import HeadConfig
 from ..errors import HeadError
-from .cuts import CLASSIFIER_ATTRS, CutSpec, FrozenExtractor, is_timm_model
+from .cuts import (
+    CLASSIFIER_ATTRS,
+    CutSpec,
+    FrozenExtractor,
+    is_timm_model,
+    make_extractor,
+    parse_cut,
+)
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -141,8 +148,6 @@ def cut_with_head(model: nn.Module, cut: str | CutSpec, pool: str | None,
 
     A kept head is copied before the model is cut (the head cut removes the classifier).
     """
-    from .cuts import make_extractor, parse_cut
-
     spec = parse_cut(cut)
     if num_classes < 2:
         raise HeadError(f"a classifier head needs at least 2 classes, got {num_classes}")

@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import ModelError
+from .checkpoint import one_line
 
+PICKLE_SUFFIXES = (".pkl", ".pickle")
 # Checkpoint dicts nest the state dict under one of these keys (timm train.py, DDP, lightning...)
 NESTED_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module", "net")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -19,19 +22,21 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"weights file not found: {path}")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelError(f"{path} is a pickle file, which transferlab never loads (unpickling "
+                         "runs code); save the weights with safetensors (save_file("
+                         "model.state_dict(), 'w.safetensors')) or torch.save(state_dict)")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types
-            raise ModelError(f"cannot read safetensors file {path}: {exc}") from None
+            raise ModelError(f"cannot read safetensors file {path}: {one_line(exc)}") from None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling refused or corrupt file
-        raise ModelError(f"cannot read weights file {path} with weights_only=True ({exc}); "
-                         "save plain tensors (model.state_dict()) or convert it to "
-                         ".safetensors") from None
+    except Exception as exc:  # unpickling refused or corrupt file; torch's message spans lines
+        raise ModelError(f"cannot read weights file {path} with weights_only=True "
+                         f"({one_line(exc)}); save plain tensors (model.state_dict()) or "
+                         "convert it to .safetensors") from None
     return unwrap_state_dict(data, path)
 
 

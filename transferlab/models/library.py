@@ -1,0 +1,192 @@
+"""The plain library builders: timm, torchvision, the built-ins, the Hub (through timm) and
+``package.module:callable``. Nothing here reads a transferlab checkpoint: the dispatcher that
+treats a checkpoint as a backbone source (``backbones``) sits above this module.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import ModelError
+from . import hub
+from .builtin import BUILTIN_DATA_CONFIGS, BUILTIN_MODELS
+
+
+@dataclass
+class Backbone:
+    """A built model and what is known about it (source, data config of its weights)."""
+
+    model: nn.Module
+    name: str
+    source: str
+    # timm-style data config: input_size, interpolation, mean, std, crop_pct, crop_mode
+    data_config: dict = field(default_factory=dict)
+
+
+@functools.lru_cache(maxsize=1)
+def timm_names() -> frozenset[str]:
+    import timm
+
+    return frozenset(timm.list_models())
+
+
+@functools.lru_cache(maxsize=1)
+def torchvision_names() -> frozenset[str]:
+    import torchvision
+
+    return frozenset(torchvision.models.list_models())
+
+
+def resolve_source(name: str, source: str = "auto") -> str:
+    """Which library builds ``name``; 'auto' prefers built-in, checkpoint, callable, timm."""
+    if source != "auto":
+        return source
+    if name in BUILTIN_MODELS:
+        return "builtin"
+    if name.endswith((".safetensors",)) or Path(name).is_file():
+        return "checkpoint"
+    if hub.is_hub_name(name) or hub.is_model_folder(name):
+        return "hub"
+    if ":" in name and "/" not in name.split(":", 1)[0]:
+        return "callable"
+    if name in timm_names() or is_timm_pretrained_tag(name):
+        return "timm"
+    if name in torchvision_names():
+        return "torchvision"
+    raise ModelError(unknown_model_message(name))
+
+
+def is_timm_pretrained_tag(name: str) -> bool:
+    """timm accepts 'arch.tag' names (e.g. resnet50.a1_in1k)."""
+    return "." in name and name.split(".", 1)[0] in timm_names()
+
+
+def unknown_model_message(name: str) -> str:
+    candidates = sorted(set(BUILTIN_MODELS) | timm_names() | torchvision_names())
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
+    hint = f" Closest names: {', '.join(close)}." if close else ""
+    return (f"unknown model '{name}'.{hint} Use a timm name (timm.list_models()), a torchvision "
+            f"name (torchvision.models.list_models()), a built-in ({', '.join(BUILTIN_MODELS)}), "
+            "a transferlab checkpoint path, or 'package.module:callable'.")
+
+
+def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    kwargs = dict(cfg.kwargs)
+    if cfg.num_classes is not None:
+        kwargs["num_classes"] = cfg.num_classes
+    if cfg.in_chans is not None:
+        kwargs["in_chans"] = cfg.in_chans
+    return kwargs
+
+
+def fetch_failed(name: str, exc: Exception) -> ModelError:
+    return ModelError(
+        f"could not fetch the pretrained weights of '{name}' ({type(exc).__name__}: "
+        f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). Without network access, "
+        f"download the weights file elsewhere and set 'model.weights: PATH' "
+        f"(.safetensors, .pth, .pt or .bin) with 'model.pretrained: false'.")
+
+
+def build_timm(cfg: ModelConfig) -> Backbone:
+    import timm
+
+    if cfg.name not in timm_names() and not is_timm_pretrained_tag(cfg.name):
+        raise ModelError(unknown_model_message(cfg.name))
+    pretrained = cfg.pretrained and not cfg.weights
+    try:
+        model = timm.create_model(cfg.name, pretrained=pretrained, **model_kwargs(cfg))
+    except (OSError, RuntimeError, ValueError) as exc:
+        if pretrained:
+            raise fetch_failed(cfg.name, exc) from None
+        raise ModelError(f"timm could not build '{cfg.name}': {exc}") from None
+    data_config = dict(timm.data.resolve_model_data_config(model))
+    return Backbone(model, cfg.name, "timm", data_config)
+
+
+def build_hub(cfg: ModelConfig) -> Backbone:
+    """A Hugging Face Hub repository (hf-hub:ORG/NAME) or a timm model folder, through timm."""
+    model = hub.create(cfg, model_kwargs(cfg))
+    return Backbone(model, cfg.name, "hub", hub.data_config(model))
+
+
+def build_torchvision(cfg: ModelConfig) -> Backbone:
+    import torchvision
+
+    if cfg.name not in torchvision_names():
+        raise ModelError(unknown_model_message(cfg.name))
+    kwargs = model_kwargs(cfg)
+    kwargs.pop("in_chans", None)
+    weights = "DEFAULT" if cfg.pretrained and not cfg.weights else None
+    try:
+        model = torchvision.models.get_model(cfg.name, weights=weights, **kwargs)
+    except (OSError, RuntimeError) as exc:
+        if weights:
+            raise fetch_failed(cfg.name, exc) from None
+        raise ModelError(f"torchvision could not build '{cfg.name}': {exc}") from None
+    return Backbone(model, cfg.name, "torchvision", torchvision_data_config(cfg.name))
+
+
+def torchvision_data_config(name: str) -> dict:
+    """The eval preprocessing of the model's default weights, in timm's data-config terms."""
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        tf = weights.transforms()
+    except (ValueError, AttributeError, TypeError):
+        return {}
+    crop = tf.crop_size[0]
+    resize = tf.resize_size[0] if tf.resize_size else crop
+    return {"input_size": (3, crop, crop), "interpolation": tf.interpolation.value,
+            "mean": tuple(tf.mean), "std": tuple(tf.std), "crop_pct": crop / resize,
+            "crop_mode": "center"}
+
+
+def build_builtin(cfg: ModelConfig) -> Backbone:
+    if cfg.name not in BUILTIN_MODELS:
+        raise ModelError(unknown_model_message(cfg.name))
+    if cfg.pretrained and not cfg.weights:
+        raise ModelError(f"built-in model '{cfg.name}' has no published weights: train it "
+                         "(python -m transferlab.finetune) or set 'model.weights: PATH'")
+    model = BUILTIN_MODELS[cfg.name](**model_kwargs(cfg))
+    data_config = dict(BUILTIN_DATA_CONFIGS.get(cfg.name, {}))
+    if cfg.in_chans:
+        data_config["input_size"] = (cfg.in_chans, *data_config["input_size"][1:])
+    return Backbone(model, cfg.name, "builtin", data_config)
+
+
+def build_callable(cfg: ModelConfig) -> Backbone:
+    module_name, _, attr = cfg.name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ModelError(f"cannot import '{cfg.name}' ({exc}); write it as "
+                         "'package.module:callable' with the module on PYTHONPATH") from None
+    model = factory(**model_kwargs(cfg))
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"'{cfg.name}' returned {type(model).__name__}, not a torch.nn.Module")
+    data_config = dict(getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+                       or {})
+    return Backbone(model, cfg.name, "callable", data_config)
+
+
+LIBRARY_BUILDERS: dict[str, Callable[[ModelConfig], Backbone]] = {
+    "timm": build_timm, "torchvision": build_torchvision, "builtin": build_builtin,
+    "hub": build_hub, "callable": build_callable}
+
+
+def build_library(cfg: ModelConfig, source: str) -> Backbone:
+    """``cfg`` built by the library of ``source`` (no checkpoint, no weights file)."""
+    builder = LIBRARY_BUILDERS.get(source)
+    if builder is None:
+        raise ModelError(f"unknown model source '{source}'; use one of "
+                         f"{', '.join(LIBRARY_BUILDERS)} or checkpoint")
+    return builder(cfg)
