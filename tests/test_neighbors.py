@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import transferlab
 from transferlab.errors import DataError
 from transferlab.neighbors import nearest, store_nearest
 
@@ -127,9 +128,9 @@ def image_store(tmp_path, n=12, d=8, views=None):
 def fake_embedder(monkeypatch, table):
     calls = []
 
-    def embed(meta, paths):
+    def embed(store, paths, trust_code=False):
         calls.append(list(paths))
-        assert meta["config"]["data"]["root"]  # the store's own metadata is passed on
+        assert store.meta["config"]["data"]["root"]  # the store's own metadata is passed on
         return np.stack([table[p] for p in paths])
 
     monkeypatch.setattr("transferlab.neighbors.embed_query_images", embed)
@@ -192,7 +193,7 @@ def test_store_nearest_dedupes_views(tmp_path):
     hits = store_nearest(store, np.array([[1.0, 0.0]]), k=3)
     assert [key for key, _ in hits[0]] == ["a.png", "c.png", "b.png"]
     assert hits[0][0][1] == pytest.approx(0.0, abs=1e-6)
-    assert store.nearest(np.array([[1.0, 0.0]]), k=3) == hits  # the FeatureStore method
+    assert transferlab.store_nearest(store, np.array([[1.0, 0.0]]), k=3) == hits  # public API
 
 
 def test_search_end_to_end_embeds_with_the_stores_backbone(tmp_path, capsys):
@@ -217,7 +218,7 @@ def test_search_end_to_end_embeds_with_the_stores_backbone(tmp_path, capsys):
     assert [hits[0][0] for hits in got] == [keys[1], keys[4]]
 
 
-def test_store_nearest_method_matches_brute_force(tmp_path):
+def test_store_nearest_matches_brute_force(tmp_path):
     from transferlab.store.writer import StoreWriter
 
     rng = np.random.default_rng(3)
@@ -228,9 +229,9 @@ def test_store_nearest_method_matches_brute_force(tmp_path):
         store = writer.close({})
     query = rng.normal(size=(2, 6)).astype(np.float32)
     d = np.linalg.norm(query[:, None] - feats[None], axis=2)
-    hits = store.nearest(query, k=3, metric="euclidean")
+    hits = transferlab.store_nearest(store, query, k=3, metric="euclidean")
     for q in range(2):
         order = np.argsort(d[q], kind="stable")[:3]
         assert [key for key, _ in hits[q]] == [keys[i] for i in order]
         assert np.allclose([dist for _, dist in hits[q]], d[q][order], atol=1e-5)
-    assert store.nearest(["img/005.jpg"], k=1)[0][0][0] == "img/005.jpg"
+    assert store_nearest(store, ["img/005.jpg"], k=1)[0][0][0] == "img/005.jpg"

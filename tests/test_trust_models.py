@@ -2,7 +2,9 @@
 malformed metadata and pickle files are one-line errors."""
 import json
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -158,3 +160,124 @@ def test_pickle_refusal_is_one_line(tmp_path, suffix):
         build_backbone(ModelConfig(name="lenet", weights=str(path)))
     message = str(exc.value)
     assert "\n" not in message and ("safetensors" in message)
+
+
+# ---------------------------------------------------------------------------------------
+# Stores: meta.json names the model the queries are embedded with
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lenet_store(tmp_path_factory):
+    """A tiny fp32 LeNet store of its own images (float32 rows)."""
+    from tests.imagegen import make_image_tree
+    from transferlab.config import ExtractConfig, load_config
+    from transferlab.extract.run import run_extract
+
+    tmp = tmp_path_factory.mktemp("store")
+    keys = make_image_tree(tmp / "data", per_class=2)
+    cfg = load_config(None, [f"data.root={tmp / 'data'}", "model.name=lenet",
+                             f"output.dir={tmp / 'store'}", "runtime.num_workers=0",
+                             "runtime.progress=false", "output.dtype=float32",
+                             "runtime.precision=fp32"], ExtractConfig)
+    run_extract(cfg)
+    return tmp, keys
+
+
+def copy_store(lenet_store, tmp_path, change):
+    import shutil
+
+    tmp, keys = lenet_store
+    store_dir = shutil.copytree(tmp / "store", tmp_path / "store")
+    meta_path = store_dir / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    change(meta)
+    meta_path.write_text(json.dumps(meta))
+    return store_dir, [str(tmp / "data" / k) for k in keys]
+
+
+def test_store_naming_a_callable_is_refused(lenet_store, tmp_path, evil, capsys):
+    from transferlab.extract.compute import embed_images
+    from transferlab.neighbors import store_nearest
+    from transferlab.search import main as search_main
+    from transferlab.store.reader import FeatureStore
+
+    def change(meta):
+        meta["config"]["model"].update(name="evilmod_trust:make", kwargs={"marker": str(evil)})
+        meta["config"]["preprocess"]["input_size"] = [1, 28, 28]  # a callable has no data config
+
+    store_dir, images = copy_store(lenet_store, tmp_path, change)
+    err = one_line_exit_2(search_main([str(store_dir), images[0]]), capsys)
+    assert "evilmod_trust:make" in err and "--trust-code" in err
+    store = FeatureStore.open(store_dir)
+    with pytest.raises(ModelError, match="trust_code=True"):
+        store_nearest(store, [images[0]], k=1)
+    with pytest.raises(ModelError, match="trust_code=True"):
+        embed_images(store.meta, [images[0]])
+    assert not evil.exists()
+    assert search_main([str(store_dir), images[0], "--trust-code", "-k", "1"]) == 0
+    assert evil.exists()
+
+
+@pytest.mark.parametrize("weights", ["/etc/hostname", "../outside.safetensors"])
+def test_store_weights_path_outside_the_store_is_refused(lenet_store, tmp_path, capsys, weights):
+    from transferlab.search import main as search_main
+
+    store_dir, images = copy_store(lenet_store, tmp_path,
+                                   lambda m: m["config"]["model"].update(weights=weights))
+    err = one_line_exit_2(search_main([str(store_dir), images[0]]), capsys)
+    assert weights in err and "outside its own directory" in err
+
+
+def test_queries_are_embedded_as_the_store_computed_its_rows(lenet_store, tmp_path):
+    """fp32 store: a query of its own image is its stored row (fp32 tolerance), even where
+    this machine's default precision is bf16 (AMX CPUs)."""
+    from transferlab.extract.compute import embed_images
+    from transferlab.neighbors import store_nearest
+    from transferlab.runtime.device import resolve_precision
+    from transferlab.store.reader import FeatureStore
+
+    def change(meta):  # the recorded compute settings win over the configured 'auto'
+        meta["config"]["runtime"]["precision"] = "auto"
+        meta["compute"] = {"precision": "fp32", "fold_bn": True, "channels_last": False,
+                           "device": "cpu"}
+
+    store_dir, images = copy_store(lenet_store, tmp_path, change)
+    store = FeatureStore.open(store_dir)
+    got = embed_images(store.meta, images[:2], root=store_dir)
+    for image, vec in zip(images[:2], got):
+        row = store.get(str(Path(image).relative_to(lenet_store[0] / "data")))
+        assert np.allclose(vec, np.asarray(row).reshape(-1), rtol=1e-5, atol=1e-6)
+    hits = store_nearest(store, images[:1], k=1)
+    assert hits[0][0][1] == pytest.approx(0.0, abs=1e-6)
+    if resolve_precision("auto", torch.device("cpu")) == "bf16":
+        store.meta["compute"]["precision"] = "bf16"
+        bf16 = embed_images(store.meta, images[:1], root=store_dir)
+        assert not np.allclose(bf16[0], got[0], rtol=1e-5, atol=1e-6)  # the test can fail
+
+
+def test_plot_never_opens_keys_outside_the_data_root(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    from transferlab.search import plot_search
+    from transferlab.store.writer import StoreWriter
+
+    root = tmp_path / "data"
+    root.mkdir()
+    PILImage.new("RGB", (8, 8)).save(root / "in.png")
+    secret = tmp_path / "secret.png"
+    PILImage.new("RGB", (8, 8)).save(secret)
+    (root / "link.png").symlink_to(secret)
+    keys = ["in.png", "../secret.png", str(secret), "C:/secret.png", "link.png"]
+    with StoreWriter(tmp_path / "s", {"t": 1}, dtype="float32", shard_size=8) as writer:
+        writer.add(keys, [-1] * 5, np.eye(5, dtype=np.float32))
+        store = writer.close({"data_root": str(root)})
+    opened = []
+    real_open = PILImage.open
+    monkeypatch.setattr(PILImage, "open", lambda p, *a, **k: opened.append(str(p))
+                        or real_open(p, *a, **k))
+    plot_search(store, [str(root / "in.png")], [[(r, 0.0) for r in range(5)]],
+                tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").is_file()
+    assert str(root / "in.png") in opened
+    assert not [p for p in opened if "secret" in p or "link" in p]

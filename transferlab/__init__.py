@@ -37,6 +37,7 @@ _EXPORTS = {
     "ProbeResult": "probe", "fit_logistic": "probe", "knn_accuracy": "probe",
     "run_probe": "probe", "KMeansResult": "cluster", "kmeans": "cluster",
     "run_cluster": "cluster", "nearest": "neighbors",
+    "store_nearest": "neighbors",
 }
 _SUBMODULES = {"plots"}
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError
+from .extract.compute import embed_images
 from .runtime.device import resolve_device
 
 METRICS = ("cosine", "euclidean")
@@ -140,14 +141,16 @@ def _check_metric(metric: str) -> str:
 
 
 def store_nearest(store: Any, vectors_or_paths: np.ndarray | Sequence[str], k: int = 5,
-                  metric: str = "cosine") -> list[list[tuple[str, float]]]:
+                  metric: str = "cosine", trust_code: bool = False
+                  ) -> list[list[tuple[str, float]]]:
     """Nearest stored items for each query, as ``[(key, distance), ...]`` per query.
 
     Queries are feature vectors, keys of the store (their stored vectors are used), or image
-    files (embedded with the store's own backbone, cut and preprocessing). A key stored with
-    several views appears once, at its closest view.
+    files (embedded with the store's own backbone, cut and preprocessing; ``trust_code`` lets a
+    trusted store's metadata name code to run). A key stored with several views appears once,
+    at its closest view.
     """
-    hits = store_search(store, query_vectors(store, vectors_or_paths), k, metric)
+    hits = store_search(store, query_vectors(store, vectors_or_paths, trust_code), k, metric)
     keys = store.paths
     return [[(keys[row], dist) for row, dist in q] for q in hits]
 
@@ -171,7 +174,8 @@ def store_search(store: Any, vectors: np.ndarray, k: int, metric: str = "cosine"
     return out
 
 
-def query_vectors(store: Any, vectors_or_paths: np.ndarray | Sequence[str]) -> np.ndarray:
+def query_vectors(store: Any, vectors_or_paths: np.ndarray | Sequence[str],
+                  trust_code: bool = False) -> np.ndarray:
     """Turn vectors, store keys or image paths into a (Q, D) float32 array."""
     if isinstance(vectors_or_paths, (np.ndarray, torch.Tensor)):
         return np.atleast_2d(np.asarray(vectors_or_paths, dtype=np.float32))
@@ -189,7 +193,7 @@ def query_vectors(store: Any, vectors_or_paths: np.ndarray | Sequence[str]) -> n
             raise DataError(f"query '{p}' is neither an image file nor a key of the store; "
                             f"pass an existing image path or a stored key{example}")
     if files:
-        embedded = iter(embed_query_images(store.meta, files))
+        embedded = iter(embed_query_images(store, files, trust_code))
     for n, item in enumerate(items):
         row = position.get(item)
         vec = store.features[row] if row is not None else next(embedded)
@@ -197,11 +201,11 @@ def query_vectors(store: Any, vectors_or_paths: np.ndarray | Sequence[str]) -> n
     return np.stack(out)  # type: ignore[arg-type]
 
 
-def embed_query_images(meta: dict, paths: list[str]) -> np.ndarray:
+def embed_query_images(store: Any, paths: list[str], trust_code: bool = False) -> np.ndarray:
     """Embed image files through the extractor described by a store's metadata."""
-    from .extract.compute import embed_images
-
-    return np.asarray(embed_images(meta, list(paths)), dtype=np.float32)
+    root = getattr(store, "dir", None)
+    return np.asarray(embed_images(store.meta, list(paths), root=root, trust_code=trust_code),
+                      dtype=np.float32)
 
 
 def _as_list(items: Iterable[Any] | str) -> list[Any]:

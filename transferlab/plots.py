@@ -192,9 +192,11 @@ def _show_image(ax: Any, path: str | Path, title: str) -> None:
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
 
 
-def _load_thumbnail(path: str | Path, size: int = 256) -> np.ndarray | None:
+def _load_thumbnail(path: str | Path | None, size: int = 256) -> np.ndarray | None:
     from PIL import Image, ImageOps
 
+    if path is None:  # a path the caller refused to open (outside the data root)
+        return None
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .cli import run_cli
+from .models.recorded import escapes
 from .neighbors import METRICS, check_k, query_vectors, store_search
 from .store.reader import FeatureStore
 
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=METRICS, default="cosine")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
     p.add_argument("--plot", metavar="PNG", help="write a grid of queries and neighbours")
+    p.add_argument("--trust-code", action="store_true",
+                   help="let a trusted store's metadata name a module:callable to run")
     return p
 
 
@@ -57,7 +60,7 @@ def command(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     check_k(args.k)
     store = FeatureStore.open(args.store)
-    vectors = query_vectors(store, args.queries)
+    vectors = query_vectors(store, args.queries, args.trust_code)
     hits = store_search(store, vectors, args.k, args.metric, device=args.device)
     print("\n\n".join(format_hits(store, q, h) for q, h in zip(args.queries, hits)))
     if args.plot:
@@ -66,19 +69,25 @@ def command(argv: Sequence[str] | None = None) -> None:
 
 def plot_search(store: Any, queries: Sequence[str], hits: list[list[tuple[int, float]]],
                 out: str | Path) -> Path:
-    """Grid of each query and its neighbours; keys are resolved against the data root."""
+    """Grid of each query and its neighbours; keys are resolved inside the data root."""
     from .plots import plot_neighbors
 
     root = data_root(store.meta)
     keys = store.paths
-
-    def resolve(key: str) -> Path:
-        return root / key if root is not None else Path(key)
-
-    query_paths = [Path(q) if Path(q).is_file() else resolve(q) for q in queries]
-    return plot_neighbors(query_paths, [[resolve(keys[r]) for r, _ in h] for h in hits],
+    query_paths = [Path(q) if Path(q).is_file() else key_path(root, q) for q in queries]
+    return plot_neighbors(query_paths, [[key_path(root, keys[r]) for r, _ in h] for h in hits],
                           [[d for _, d in h] for h in hits], out,
                           names=[[keys[r] for r, _ in h] for h in hits])
+
+
+def key_path(root: Path | None, key: str) -> Path | None:
+    """The file of a store key, or None when the key (read from the store, so written by
+    anyone) would leave the data root: absolute, a drive, '..', or a link out of it."""
+    base = (root if root is not None else Path.cwd()).resolve()
+    if escapes(key):
+        return None
+    path = base / key
+    return path if path.resolve().is_relative_to(base) else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

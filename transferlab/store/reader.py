@@ -180,18 +180,6 @@ class FeatureStore:
         for start in range(0, len(self), rows):
             yield start, self.features[start:start + rows]
 
-    def nearest(self, vectors_or_paths: Any, k: int = 5,
-                metric: str = "cosine") -> list[list[tuple[str, float]]]:
-        """The k nearest stored keys of each query, as ``[(key, distance), ...]``.
-
-        Queries are feature vectors (Q, D), store keys, or image files (embedded with this
-        store's own backbone, cut and preprocessing). Exact search in chunks over the
-        memory-mapped shards, so stores larger than RAM work.
-        """
-        from ..neighbors import store_nearest
-
-        return store_nearest(self, vectors_or_paths, k, metric)
-
     def to_torch(self, dtype: Any = None) -> Any:
         """All features as one torch tensor (float32 unless ``dtype``); loads everything."""
         import torch
