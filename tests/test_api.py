@@ -26,3 +26,13 @@ def test_command_module_runs_without_import_warnings():
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "first:7 (6)" in proc.stdout
+
+
+def test_build_extractor_unpacks_and_declares_its_preprocessing():
+    built = transferlab.build_extractor("lenet", cut="first:7")
+    extractor, transform = built
+    assert isinstance(built.spec, transferlab.PreprocessSpec) and built.spec.input_size == (1, 28, 28)
+    assert not hasattr(extractor, "preprocess")  # no undeclared attribute on the module
+    from PIL import Image
+
+    assert extractor(transform(Image.new("L", (28, 28)))[None]).shape == (1, 800)

@@ -1,7 +1,7 @@
 """One call from a model name (or config) to a frozen extractor and its preprocessing."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from torch import nn
@@ -43,21 +43,35 @@ def extractor_from_config(model_cfg: ModelConfig,
     return ExtractorBundle(extractor, spec, backbone)
 
 
+@dataclass(frozen=True)
+class BuiltExtractor:
+    """What ``build_extractor`` returns: unpacks as ``extractor, transform``; ``spec`` is the
+    resolved preprocessing (declared here rather than set on the module)."""
+
+    extractor: FrozenExtractor
+    transform: Callable
+    spec: PreprocessSpec
+
+    def __iter__(self) -> Iterator:
+        return iter((self.extractor, self.transform))
+
+
 def build_extractor(name: str, cut: str = "head", pool: str | None = None,
                     pretrained: bool = False, weights: str | None = None, source: str = "auto",
-                    preprocess: PreprocessConfig | dict | None = None,
-                    **model_kwargs) -> tuple[FrozenExtractor, Callable]:
+                    preprocess: PreprocessConfig | dict | None = None, trust_code: bool = False,
+                    **model_kwargs) -> BuiltExtractor:
     """Notebook entry point: ``extractor, transform = build_extractor("legacy_xception")``.
 
     ``extractor`` is an ``nn.Module`` whose parameters are frozen and which stays in eval
     mode; ``transform`` maps a PIL image to the normalised tensor the weights expect.
     ``model_kwargs`` (num_classes, in_chans, or factory kwargs) go to the model factory.
+    ``trust_code`` lets a trusted checkpoint named by ``name`` run the code it records.
     """
     known = {k: model_kwargs.pop(k) for k in ("num_classes", "in_chans") if k in model_kwargs}
     model_cfg = ModelConfig(name=name, source=source, pretrained=pretrained, weights=weights,
-                            cut=cut, pool=pool, kwargs=model_kwargs, **known)
+                            cut=cut, pool=pool, kwargs=model_kwargs, trust_code=trust_code,
+                            **known)
     if isinstance(preprocess, dict):
         preprocess = PreprocessConfig(**preprocess)
     bundle = extractor_from_config(model_cfg, preprocess)
-    bundle.extractor.preprocess = bundle.spec
-    return bundle.extractor, bundle.transform()
+    return BuiltExtractor(bundle.extractor, bundle.transform(), bundle.spec)
