@@ -24,6 +24,10 @@ import numpy as np
 
 from .cli import run_cli
 from .config import IMAGE_EXTENSIONS
+from .data.datasets import FileReader, ImageDataset, make_loader
+from .data.imageio import DEFAULT_MAX_PIXELS
+from .data.preprocess import build_transform
+from .data.sources import scan_folder
 from .errors import ConfigError, DataError
 from .models.classifier import Classifier, load_model
 from .runtime.atomicfile import atomic_write
@@ -46,8 +50,6 @@ class PredictResult:
 def collect_images(paths: Sequence[str | Path],
                    extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
     """Image files named by ``paths``: files as given, folders searched recursively (sorted)."""
-    from .data.sources import scan_folder
-
     files: list[str] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -67,10 +69,6 @@ def collect_images(paths: Sequence[str | Path],
 def predict_files(model: Classifier, files: Sequence[str], batch_size: int = 32,
                   num_workers: int = 0) -> PredictResult:
     """Decode ``files`` (robustly: bad files become failures) and classify them."""
-    from .data.datasets import FileReader, ImageDataset, make_loader
-    from .data.imageio import DEFAULT_MAX_PIXELS
-    from .data.preprocess import build_transform
-
     spec = model.preprocess
     ds = ImageDataset(FileReader(None, files, DEFAULT_MAX_PIXELS), files, np.full(len(files), -1),
                       transform=build_transform(spec, normalize=False),
