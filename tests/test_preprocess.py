@@ -62,10 +62,11 @@ def test_overrides_and_grayscale_conversion():
 
 
 def test_lenet_reads_grayscale_digits_in_unit_range():
-    extractor, transform = transferlab.build_extractor("lenet", cut="first:7")
+    built = transferlab.build_extractor("lenet", cut="first:7")
+    _, transform = built
     digit = Image.fromarray(np.full((28, 28), 255, np.uint8), "L")
     assert torch.equal(transform(digit), torch.ones(1, 28, 28))
-    assert extractor.preprocess.channels == 1
+    assert built.spec.channels == 1  # the declared preprocessing of build_extractor's result
 
 
 def test_uint8_transform_plus_device_normalize_equals_float_transform():
