@@ -1,6 +1,7 @@
 """Work splitting and store merging for torchrun runs (the launches are in test_torchrun)."""
 import numpy as np
 import pytest
+import torch
 
 from transferlab.errors import StoreError
 from transferlab.runtime.distributed import dist_info, part_range
@@ -66,3 +67,54 @@ def test_check_fingerprint_refuses_then_overwrites(tmp_path):
         check_fingerprint(tmp_path / "s", {"m": 2}, "float32")
     check_fingerprint(tmp_path / "s", {"m": 2}, "float32", overwrite=True)
     assert not (tmp_path / "s" / "meta.json").exists()
+
+
+def test_rank_dir_is_the_root_alone_and_a_world_keyed_part_under_torchrun(tmp_path):
+    from transferlab.runtime.distributed import DistInfo, rank_dir
+
+    assert rank_dir(tmp_path, DistInfo()) == tmp_path
+    assert rank_dir(tmp_path, DistInfo(1, 3)) == tmp_path / "ranks" / "world-3" / "rank-00001"
+    assert rank_dir(tmp_path, DistInfo(1, 2)) != rank_dir(tmp_path, DistInfo(1, 3))
+
+
+def test_gathers_are_the_identity_in_one_process():
+    from transferlab.runtime.distributed import (
+        all_gather,
+        all_reduce_values,
+        from_main,
+        gather_to_main,
+        part_sizes,
+    )
+
+    assert all_gather({"a": 1}) == [{"a": 1}] and gather_to_main(3) == [3]
+    assert from_main("x") == "x"
+    assert all_reduce_values([1.5, 2.0], torch.device("cpu")) == [1.5, 2.0]
+    assert part_sizes(10, 3) == [4, 3, 3] and part_sizes(2, 3) == [1, 1, 0]
+    assert part_sizes(10, 3) == [b - a for a, b in (part_range(10, r, 3) for r in range(3))]
+
+
+def test_derive_seed_gives_distinct_reproducible_streams():
+    from transferlab.runtime.device import derive_seed
+
+    assert derive_seed(5) == 5  # the run's own seed: unchanged
+    assert derive_seed(0, "process", 1) == derive_seed(0, "process", 1)
+    seeds = {derive_seed(s, kind, r) for s in (0, 1, 7919) for kind in ("process", "workers")
+             for r in range(4)}
+    assert len(seeds) == 24  # no stream of one run is a stream (or the seed) of another
+    assert all(0 <= s < 2**63 for s in seeds)
+    torch.Generator().manual_seed(derive_seed(-3, "loader", 2))  # a valid torch seed
+
+
+def test_frozen_forward_records_no_graph_and_autocasts():
+    from transferlab.config import RuntimeConfig
+    from transferlab.runtime.device import frozen_forward, resolve_runtime
+
+    layer = torch.nn.Linear(4, 2)
+    x = torch.randn(3, 4)
+    with frozen_forward():
+        out = layer(x)
+    assert out.is_inference() and not out.requires_grad
+    bf16 = resolve_runtime(RuntimeConfig(device="cpu", precision="bf16"))
+    with frozen_forward(bf16):
+        assert layer(x).dtype == torch.bfloat16
+    assert layer(x).requires_grad  # outside: autograd as usual

@@ -522,3 +522,103 @@ def test_cli_prints_one_line_error_and_exits_2(tmp_path, capsys):
 def test_unknown_fallback_key_fails_before_training(tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'train.epoch' in the 'fallback' section"):
         run_finetune(tiny(tmp_path, "fallback={train: {epoch: 3}}"))
+
+
+def test_a_second_run_into_a_locked_output_dir_fails_at_once(tmp_path, capsys, monkeypatch):
+    """Another process writing the directory holds its lock (here: another open file, as a
+    second process would): the run exits 2 with one line and writes nothing there."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from transferlab.finetune.__main__ import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"f = open({str(out / '.lock')!r}, 'a')\n"
+        "fcntl.flock(f.fileno(), fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.perf_counter()
+        code = main([str(ROOT / "configs" / "mnist_split.yaml"), "data.source=mnist-5k",
+                     f"output.dir={out}", "runtime.progress=false"])
+        assert time.perf_counter() - start < 10  # refused before any training
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: another run is writing {out}") and "output.dir" in err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no metrics.jsonl, no config
+    # released with its holder: the same directory works now, and stays locked during the run
+    from transferlab.finetune.outputs import MetricsLog
+
+    held, write = [], MetricsLog.write
+
+    def write_and_try_the_lock(self, record):
+        with open(out / ".lock", "a") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                held.append(record["epoch"])
+        write(self, record)
+
+    monkeypatch.setattr(MetricsLog, "write", write_and_try_the_lock)
+    run_finetune(tiny(tmp_path, "train.epochs=1"))
+    assert held == [1] and (out / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_an_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    from transferlab.finetune.__main__ import main
+
+    (tmp_path / "run").write_text("my notes")
+    code = main([str(ROOT / "configs" / "mnist_split.yaml"), "data.source=mnist-5k",
+                 f"output.dir={tmp_path / 'run'}", "runtime.progress=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "is a file, not a directory; choose another output.dir" in err
+    assert (tmp_path / "run").read_text() == "my notes"
+
+
+def test_probe_val_fraction_errors_name_the_config_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"^probe.val_fraction must be between 0 and 1 "
+                                          r"\(exclusive\), got 1.5; try 0.2$") as exc:
+        run_finetune(tiny(tmp_path, "probe.samples=50", "probe.val_fraction=1.5"))
+    assert "--" not in str(exc.value)
+
+
+def test_the_train_config_is_checked_once_per_run(tmp_path, monkeypatch):
+    import transferlab.finetune.run as run_module
+
+    calls = []
+    real = run_module.check_train_config
+    monkeypatch.setattr(run_module, "check_train_config",
+                        lambda cfg, where="train", world_size=1: calls.append(where) or
+                        real(cfg, where, world_size))
+    run_finetune(tiny(tmp_path, "train.epochs=1", "unfreeze.layers=1", "unfreeze.epochs=1"))
+    assert calls == ["train"]
+    import inspect
+
+    from transferlab.finetune import stages
+    from transferlab.training import loop
+
+    assert "check_train_config" not in inspect.getsource(stages)
+    assert "check_train_config(" not in inspect.getsource(loop.fit)
+
+
+def test_the_cut_lists_its_layers_and_the_dataset_its_pixels():
+    from transferlab.config import DataConfig
+    from transferlab.data.sources import build_dataset
+    from transferlab.models.cuts import make_extractor
+
+    cut = make_extractor(lenet(num_classes=10), "first:4", None, (1, 28, 28))
+    assert [n for n, _ in cut.layers((1, 28, 28))] == ["0", "1", "2", "3"]
+    ds = build_dataset(DataConfig(source="mnist-5k", classes=[3]), image_mode="L")
+    px = ds.subset([0, 5]).pixels((28, 28))
+    assert px.shape == (2, 1, 28, 28) and px.dtype == np.uint8
+    assert np.array_equal(px[1, 0], np.asarray(ds.load_image(5)))
+    assert ds.pixels((32, 32)) is None

@@ -36,7 +36,8 @@ PRETRAIN = ["pretrain.enabled=true", "pretrain.classes=[0, 1, 2, 3, 4]",
             "pretrain.train.epochs=2", "pretrain.train.optimizer=adam",
             "pretrain.train.lr=0.003", "pretrain.train.schedule=cosine", "head.type=keep",
             "unfreeze.layers=1", "unfreeze.epochs=1", "train.cache=disk", "probe.samples=0"]
-OUTPUTS = {"config.yaml", "model.safetensors", "metrics.json", "metrics.jsonl",
+# .lock: held by rank 0 while the run writes (a second run into the directory fails at once)
+OUTPUTS = {".lock", "config.yaml", "model.safetensors", "metrics.json", "metrics.jsonl",
            "confusion.json", "confusion.csv"}
 DIGEST = re.compile(r"rank (\d) of 2: (.+) weights sha256 (\S+)")
 

@@ -152,6 +152,15 @@ class ImageDataset(Dataset):
                             self.class_names, self.transform, self.image_mode,
                             self.draft_size, self.rows[idx])
 
+    def pixels(self, size: tuple[int, int]) -> np.ndarray | None:
+        """uint8 (N, C, H, W) pixels of the items when they are held in memory at ``size``
+        (H, W), untransformed; None for files or another size."""
+        images = getattr(self.reader, "images", None)
+        if images is None or images.shape[1:3] != tuple(size):
+            return None
+        arr = images[self.rows]
+        return arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
+
     def without_keys(self, done: Iterable[str]) -> ImageDataset:
         """The items whose key is not in ``done`` (order kept): what a resumed run still needs."""
         done = set(done)

@@ -18,6 +18,7 @@ from ..models.recorded import checked_model, contained_path
 from ..runtime.device import (
     DTYPES,
     Runtime,
+    frozen_forward,
     resolve_precision,
     resolve_runtime,
     seed_everything,
@@ -63,15 +64,16 @@ class FeatureComputer:
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         return self.finish(self.start(images))
 
-    @torch.inference_mode()
     def start(self, images: torch.Tensor) -> Pending:
+        with frozen_forward(self.rt):
+            return self._start(images)
+
+    def _start(self, images: torch.Tensor) -> Pending:
         x = images.to(self.rt.device, non_blocking=True)
         x = self.normalize(x)
         if self.rt.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        with self.rt.autocast():
-            out = self.model(x)
-        out = out.float().flatten(1)
+        out = self.model(x).float().flatten(1)
         if not out.is_cuda:
             return out, None
         host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)

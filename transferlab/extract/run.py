@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -31,7 +30,14 @@ from ..runtime.device import (
     resolve_runtime,
     seed_everything,
 )
-from ..runtime.distributed import DistInfo, barrier, init_distributed, part_range
+from ..runtime.distributed import (
+    DistInfo,
+    all_gather,
+    barrier,
+    init_distributed,
+    part_range,
+    rank_dir,
+)
 from ..store.format import check_fingerprint, library_versions
 from ..store.merge import merge_stores
 from ..store.reader import FeatureStore
@@ -177,22 +183,10 @@ def stored_keys(store: FeatureStore) -> set[str]:
     return set(store.keys) | {key for key, _ in store.failures}
 
 
-def rank_dir(out_dir: Path, info: DistInfo) -> Path:
-    """Where this process writes: the store itself, or its own part under torchrun.
-
-    Parts are keyed by world size too: a rerun with another process count starts afresh
-    instead of mixing differently split parts.
-    """
-    if not info.enabled:
-        return out_dir
-    return out_dir / "ranks" / f"world-{info.world_size}" / f"rank-{info.rank:05d}"
-
-
 def merge_ranks(out_dir: Path, info: DistInfo, counts: tuple[int, int, int], meta: dict,
                 total: int) -> tuple[tuple[int, int, int], FeatureStore]:
     """After every rank has closed its part, rank 0 writes the merged index and metadata."""
-    gathered: list[Any] = [None] * info.world_size
-    torch.distributed.all_gather_object(gathered, counts)
+    gathered = all_gather(counts)
     summed = tuple(int(sum(c[i] for c in gathered)) for i in range(3))
     if info.is_main:
         parts = [rank_dir(out_dir, DistInfo(r, info.world_size)) for r in range(info.world_size)]

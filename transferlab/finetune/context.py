@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import FinetuneConfig
-from ..runtime.device import Runtime, default_batch_size
+from ..runtime.device import Runtime, default_batch_size, derive_seed
 from ..runtime.distributed import DistInfo
 from .outputs import MetricsLog
 
@@ -32,7 +32,7 @@ class Context:
     @property
     def worker_seed(self) -> int:
         """Seed of the loader workers (random augmentation): one stream per process."""
-        return self.cfg.runtime.seed + 7919 * self.info.rank
+        return derive_seed(self.cfg.runtime.seed, "workers", self.info.rank)
 
     @property
     def eval_batch(self) -> int:

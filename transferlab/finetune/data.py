@@ -73,7 +73,7 @@ def resolve_data(cfg: FinetuneConfig) -> tuple[FinetuneConfig, str]:
     return fallback, note
 
 
-def load_labelled(data_cfg: DataConfig, classes: list | None, where: str,
+def labelled_data(data_cfg: DataConfig, classes: list | None, where: str,
                   known: list[int] | None = None) -> LabelledData:
     """The items of ``classes`` with labels; clear errors for empty, unlabelled or one-class
     data. ``known`` maps labels to the class indices of a training set (test data)."""
@@ -115,13 +115,10 @@ def class_name(ds: Any, label: int) -> str:
 def array_pixels(ds: Any, spec: PreprocessSpec) -> torch.Tensor | None:
     """uint8 (N, C, H, W) pixels of an in-memory array dataset already at the input size (its
     preprocessing is then the identity), else None."""
-    images = getattr(getattr(ds, "reader", None), "images", None)
-    rows = getattr(ds, "rows", None)
     c, h, w = spec.input_size
-    if images is None or rows is None or spec.crop_pct != 1.0 or images.shape[1:3] != (h, w):
+    arr = ds.pixels((h, w)) if spec.crop_pct == 1.0 else None
+    if arr is None:
         return None
-    arr = images[rows]
-    arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
     if arr.shape[1] != c:
         if not (arr.shape[1] == 1 and c == 3):
             return None  # RGB -> L uses PIL's weights: take the generic path

@@ -7,8 +7,8 @@ from typing import Any
 from ..config import ModelConfig
 from ..data.preprocess import PreprocessSpec, resolve_preprocess
 from ..errors import ModelError
-from ..models.backbones import Backbone, build_backbone, resolve_source
 from ..models import hub
+from ..models.backbones import Backbone, build_backbone, resolve_source
 from ..models.checkpoint import read_meta
 from ..models.extractor import model_in_chans
 

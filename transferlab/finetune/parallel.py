@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from ..config import RuntimeConfig
-from ..runtime.device import Runtime
-from ..runtime.distributed import DistInfo, part_range
+from ..runtime.device import Runtime, derive_seed
+from ..runtime.distributed import DistInfo, all_gather, part_range
 from ..training.network import state_digest
 from ..training.sources import Source
 from .context import Context
@@ -60,42 +60,15 @@ def take(src: Source | None, rows: np.ndarray | None) -> Source | None:
     return src if src is None or rows is None else src.subset(rows)
 
 
-def total(ctx: Context, count: int) -> int:
+def total(count: int) -> int:
     """``count`` summed over the processes."""
-    return int(sum(gather(ctx, count)))
-
-
-def gather(ctx: Context, obj: Any) -> list:
-    """Every process's ``obj``, in rank order, in every process."""
-    if not ctx.info.enabled:
-        return [obj]
-    out: list[Any] = [None] * ctx.info.world_size
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def gather_to_main(ctx: Context, obj: Any) -> list | None:
-    """Every process's ``obj``, in rank order, in rank 0 (None in the others)."""
-    if not ctx.info.enabled:
-        return [obj]
-    out: list[Any] | None = [None] * ctx.info.world_size if ctx.main else None
-    torch.distributed.gather_object(obj, out, dst=0)
-    return out
-
-
-def from_main(ctx: Context, obj: Any) -> Any:
-    """Rank 0's ``obj`` in every process."""
-    if not ctx.info.enabled:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
+    return int(sum(all_gather(count)))
 
 
 def reseed_per_process(ctx: Context) -> None:
     """Once the models are built alike, give each process its own random stream (dropout)."""
     if ctx.info.enabled:
-        torch.manual_seed(ctx.cfg.runtime.seed * 1_000_003 + ctx.info.rank)
+        torch.manual_seed(derive_seed(ctx.cfg.runtime.seed, "process", ctx.info.rank))
 
 
 def check_replicas(ctx: Context, module: torch.nn.Module, what: str) -> str | None:
@@ -105,7 +78,7 @@ def check_replicas(ctx: Context, module: torch.nn.Module, what: str) -> str | No
     digest = state_digest(module)
     log.info("rank %d of %d: %s weights sha256 %s", ctx.info.rank, ctx.info.world_size, what,
              digest)
-    digests = gather(ctx, digest)
+    digests = all_gather(digest)
     if len(set(digests)) != 1:
         raise RuntimeError(f"the {what} weights differ between processes after training "
                            f"({digests}); please report this")

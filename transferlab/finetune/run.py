@@ -24,8 +24,10 @@ alone writes the outputs. The weights end identical in every process (checked).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,13 +35,14 @@ from ..config import FinetuneConfig, save_config
 from ..errors import ConfigError
 from ..runtime.atomicfile import atomic_write_text
 from ..runtime.device import Runtime, apply_runtime, resolve_runtime
-from ..runtime.distributed import barrier, dist_info, init_distributed
+from ..runtime.distributed import DistInfo, barrier, dist_info, from_main, init_distributed
+from ..runtime.lock import acquire_dir_lock
 from ..training.loop import check_train_config
 from .context import Context
-from .data import load_labelled, resolve_data, test_config
+from .data import labelled_data, resolve_data, test_config
 from .outputs import MODEL_FILE, FinetuneResult, MetricsLog
 from .parallel import share_runtime
-from .stages import run_head, run_pretrain, run_probe
+from .stages import run_head, run_pretrain, run_probe_stage
 
 # ---------------------------------------------------------------------------------------
 # Entry points
@@ -50,16 +53,12 @@ def preflight(cfg: FinetuneConfig) -> None:
     """Check settings and labelled data before any training, so mistakes fail in seconds."""
     from ..models.heads import build_head
 
-    check_train_config(cfg.train)
     world = dist_info().world_size
-    for key, tcfg in (("train", cfg.train), ("pretrain.train", cfg.pretrain.train)):
-        if tcfg.batch_size < world and (key == "train" or cfg.pretrain.enabled):
-            raise ConfigError(f"{key}.batch_size={tcfg.batch_size} is smaller than the {world} "
-                              "processes; it is the global batch, split across them: raise it")
+    check_train_config(cfg.train, "train", world)  # the one check: fit trusts it
     if cfg.pretrain.enabled:
-        check_train_config(cfg.pretrain.train, "pretrain.train")
-        load_labelled(cfg.data, cfg.pretrain.classes, "pretrain")
-    load_labelled(cfg.data, cfg.data.classes, "data")
+        check_train_config(cfg.pretrain.train, "pretrain.train", world)
+        labelled_data(cfg.data, cfg.pretrain.classes, "pretrain")
+    labelled_data(cfg.data, cfg.data.classes, "data")
     test_config(cfg)
     if cfg.head.type != "keep":
         build_head(replace(cfg.head, in_features=None), 1, 2)
@@ -73,13 +72,17 @@ def preflight(cfg: FinetuneConfig) -> None:
         if not ok:
             raise ConfigError(f"{key} must be {'> 0' if key.endswith('mult') else '>= 0'}, "
                               f"got {value}")
+    if cfg.probe.samples > 0 and len(cfg.probe.l2) > 1 and not 0 < cfg.probe.val_fraction < 1:
+        raise ConfigError(f"probe.val_fraction must be between 0 and 1 (exclusive), got "
+                          f"{cfg.probe.val_fraction}; try 0.2")
 
 
 def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Run every configured stage; see the module docstring for what is written where.
 
     Under torchrun every process calls it (it joins the process group); rank 0 writes the
-    outputs and every process returns the same result once they are written.
+    outputs and every process returns the same result once they are written. ``output.dir``
+    is locked for the run: a second run into it fails at once.
     """
     info = init_distributed(cfg.runtime.device)
     rt = share_runtime(resolve_runtime(cfg.runtime), cfg.runtime, info)
@@ -87,8 +90,32 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     cfg, note = resolve_data(cfg)
     preflight(cfg)
     out = Path(cfg.output.dir)
+    with output_lock(out, info):
+        return run_stages(cfg, rt, out, note, info)
+
+
+@contextlib.contextmanager
+def output_lock(out: Path, info: DistInfo) -> Iterator[None]:
+    """Rank 0 holds ``out``'s lock; every process fails alike when another run holds it."""
+    handle, refused = None, None
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            handle = acquire_dir_lock(out)
+        except ConfigError as exc:
+            refused = str(exc)
+    refused = from_main(refused)  # the other ranks must not wait for a rank 0 that stopped
+    if refused is not None:
+        raise ConfigError(refused)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def run_stages(cfg: FinetuneConfig, rt: Runtime, out: Path, note: str,
+               info: DistInfo) -> FinetuneResult:
+    if info.is_main:
         save_config(cfg, out / "config.yaml")
     metrics = MetricsLog(out / "metrics.jsonl" if info.is_main else None)
     ctx = Context(cfg, rt, out, metrics, info)
@@ -104,7 +131,7 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     stage, run = run_head(ctx)
     stages.append(stage)
     if cfg.probe.samples > 0:
-        stages.append(run_probe(ctx, run))
+        stages.append(run_probe_stage(ctx, run))
     result = FinetuneResult(stages, out, out / MODEL_FILE, pretrain_path, note, cfg,
                             ctx.metrics.records)
     if info.is_main:

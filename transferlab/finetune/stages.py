@@ -17,14 +17,14 @@ from ..errors import ConfigError
 from ..models.checkpoint import BACKBONE_FORMAT
 from ..models.classifier import classifier_meta, save_classifier
 from ..models.heads import cut_with_head, head_description
-from ..runtime.device import seed_everything
-from ..runtime.distributed import barrier
+from ..runtime.device import frozen_forward, seed_everything
+from ..runtime.distributed import all_gather, barrier, from_main, gather_to_main, rank_dir
 from ..training.cache import cache_features, plan_cache
-from ..training.loop import check_train_config, evaluate, fit
+from ..training.loop import evaluate, fit
 from ..training.network import Network, base_layers, state_digest, unfreeze_last
 from ..training.sources import Source
 from .context import Context
-from .data import LabelledData, image_source, load_labelled, split, test_config
+from .data import LabelledData, image_source, labelled_data, split, test_config
 from .model import build_model, resolve_arch
 from .outputs import (
     MODEL_FILE,
@@ -35,9 +35,6 @@ from .outputs import (
 )
 from .parallel import (
     check_replicas,
-    from_main,
-    gather,
-    gather_to_main,
     part_rows,
     reseed_per_process,
     share_rows,
@@ -55,7 +52,7 @@ def run_pretrain(ctx: Context) -> tuple[StageResult, Path]:
     cfg, rt = ctx.cfg, ctx.rt
     t0 = time.perf_counter()
     gen = seed_everything(cfg.runtime.seed)
-    data = load_labelled(cfg.data, cfg.pretrain.classes, "pretrain")
+    data = labelled_data(cfg.data, cfg.pretrain.classes, "pretrain")
     model_cfg = replace(cfg.model, num_classes=len(data.labels))
     backbone, spec = build_model(model_cfg, cfg.preprocess)
     model = backbone.model.requires_grad_(True)
@@ -85,7 +82,7 @@ def run_pretrain(ctx: Context) -> tuple[StageResult, Path]:
         save_pretrain(path, model, {**meta, "epoch": result.epochs_run,
                                     "test_accuracy": held[1] if held else None})
     barrier()  # the head stage of every process reads the checkpoint rank 0 wrote
-    stage = StageResult("pretrain", total(ctx, len(train_src)), result.epochs_run,
+    stage = StageResult("pretrain", total(len(train_src)), result.epochs_run,
                         held[1] if held else None, time.perf_counter() - t0,
                         held[0] if held else None, {"classes": data.class_names})
     return stage, path
@@ -108,11 +105,11 @@ def held_out_eval(ctx: Context, net: Network, test_cfg: DataConfig | None,
                   ) -> tuple[str, float, Any] | None:
     """(which, accuracy, EvalResult) on the test data, else on the validation split."""
     if test_src is None and test_cfg is not None:
-        test = load_labelled(test_cfg, classes, "test", known=train.labels)
+        test = labelled_data(test_cfg, classes, "test", known=train.labels)
         test_src = image_source(test, spec, ctx.rt, False, ctx.worker_seed)
         test_src = take(test_src, part_rows(len(test_src), ctx.info))
     src, which = (test_src, "test") if test_src is not None else (val_src, "validation")
-    if src is None or not total(ctx, len(src)):
+    if src is None or not total(len(src)):
         return None
     res = evaluate(net, src, ctx.eval_batch, ctx.rt)
     return which, res.accuracy, res
@@ -136,8 +133,7 @@ def run_head(ctx: Context) -> tuple[StageResult, HeadRun]:
     cfg, rt = ctx.cfg, ctx.rt
     t0 = time.perf_counter()
     gen = seed_everything(cfg.runtime.seed)
-    check_train_config(cfg.train)
-    data = load_labelled(cfg.data, cfg.data.classes, "data")
+    data = labelled_data(cfg.data, cfg.data.classes, "data")
     backbone, spec = build_model(cfg.model, cfg.preprocess)
     base, head = cut_with_head(backbone.model, cfg.model.cut, cfg.model.pool, spec.input_size,
                                cfg.head, len(data.labels), cfg.model.name)
@@ -159,7 +155,7 @@ def run_head(ctx: Context) -> tuple[StageResult, HeadRun]:
                "head": head_description(head),
                "feature_shape": list(base.output_shape), "epoch_seconds":
                [r["seconds"] for r in fit_res.history]}
-    train_samples = total(ctx, len(train_src))
+    train_samples = total(len(train_src))
     if cfg.unfreeze.layers > 0 and cfg.unfreeze.epochs > 0:
         epochs += run_unfreeze(ctx, run, gen, details)
     if ctx.info.enabled:
@@ -183,7 +179,7 @@ def prepare_head_run(ctx: Context, net: Network, data: LabelledData,
     train_rows = share_rows(len(train_all), ctx.info, seed)
     train_all = take(train_all, train_rows)
     test_cfg = test_config(cfg)
-    test_data = load_labelled(test_cfg, cfg.data.classes, "test", known=data.labels) \
+    test_data = labelled_data(test_cfg, cfg.data.classes, "test", known=data.labels) \
         if test_cfg is not None else None
     test = image_source(test_data, spec, rt, False, ctx.worker_seed) \
         if test_data is not None else None
@@ -217,9 +213,7 @@ def cache(ctx: Context, net: Network, src: Source, where: str, keys: list[str],
     ``cache/ranks/world-N/rank-R`` as the parts of an extraction do."""
     fingerprint = {**digest, "data": {k: getattr(data_cfg, k) for k in
                                       ("source", "root", "list_file", "dataset", "split")}}
-    folder = ctx.out / "cache"
-    if ctx.info.enabled:
-        folder = folder / "ranks" / f"world-{ctx.info.world_size}" / f"rank-{ctx.info.rank:05d}"
+    folder = rank_dir(ctx.out / "cache", ctx.info)
     return cache_features(net, src, where, ctx.rt, ctx.eval_batch, net.base.output_shape,
                           keys, folder / name, fingerprint, ctx.progress)
 
@@ -248,7 +242,7 @@ def run_unfreeze(ctx: Context, run: HeadRun, gen: torch.Generator, details: dict
     images = take(images, share_rows(len(images), ctx.info, seed))
     train_src, val_src = split(images, cfg.train.val_split, seed)
     if run.test is not None and run.test.kind == "features":
-        test_data = load_labelled(test_config(cfg), cfg.data.classes, "test",
+        test_data = labelled_data(test_config(cfg), cfg.data.classes, "test",
                                   known=run.data.labels)
         test = image_source(test_data, run.spec, rt, False, ctx.worker_seed)
         run.test = take(test, part_rows(len(test), ctx.info))
@@ -274,7 +268,7 @@ def finish_head(ctx: Context, run: HeadRun, held: tuple | None, epochs: int) -> 
     save_classifier(ctx.out / MODEL_FILE, run.net.base, run.net.head, meta)
 
 
-def run_probe(ctx: Context, run: HeadRun) -> StageResult:
+def run_probe_stage(ctx: Context, run: HeadRun) -> StageResult:
     """Logistic regression on frozen base features of ``probe.samples`` training items.
 
     Under torchrun the items are drawn from every process's share; their features (and
@@ -284,7 +278,7 @@ def run_probe(ctx: Context, run: HeadRun) -> StageResult:
 
     cfg, pcfg = ctx.cfg, ctx.cfg.probe
     t0 = time.perf_counter()
-    sizes = gather(ctx, len(run.train_all))
+    sizes = all_gather(len(run.train_all))
     offset = sum(sizes[:ctx.info.rank])
     n = min(pcfg.samples, sum(sizes))
     rng = np.random.default_rng(cfg.runtime.seed)
@@ -293,7 +287,7 @@ def run_probe(ctx: Context, run: HeadRun) -> StageResult:
     train = gathered_features(ctx, run.net, run.train_all.subset(mine))
     test = gathered_features(ctx, run.net, run.test) if run.test is not None else None
     if not ctx.main:
-        return from_main(ctx, None)
+        return from_main(None)
     x, y = train
     l2s = list(pcfg.l2)
     if len(l2s) > 1:
@@ -307,7 +301,7 @@ def run_probe(ctx: Context, run: HeadRun) -> StageResult:
         acc, which = res.accuracy(*test)[0], "test"
     stage = StageResult("probe", n, None, acc, time.perf_counter() - t0, which,
                         {"l2": l2s[0], "features_cached": run.train_all.kind == "features"})
-    return from_main(ctx, stage)
+    return from_main(stage)
 
 
 def gathered_features(ctx: Context, net: Network, src: Source
@@ -316,7 +310,7 @@ def gathered_features(ctx: Context, net: Network, src: Source
     if not ctx.info.enabled:
         return features_of(ctx, net, src)
     x, y = features_of(ctx, net, src) if len(src) else (None, None)
-    parts = gather_to_main(ctx, (x.cpu().numpy(), y) if x is not None else None)
+    parts = gather_to_main((x.cpu().numpy(), y) if x is not None else None)
     if parts is None:
         return None
     parts = [p for p in parts if p is not None]
@@ -330,7 +324,7 @@ def features_of(ctx: Context, net: Network, src: Source) -> tuple[torch.Tensor, 
     net.eval()
     for x, y, _ in src.batches(torch.arange(len(src)), ctx.eval_batch):
         if src.kind == "images":
-            with torch.inference_mode(), ctx.rt.autocast():
+            with frozen_forward(ctx.rt):
                 x = net.base(net.prepare(x))
         xs.append(x.float().flatten(1))
         ys.append(y.cpu())

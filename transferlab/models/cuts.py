@@ -197,6 +197,20 @@ class FrozenExtractor(nn.Module):
         """Length of the flattened output vector."""
         return int(torch.Size(self.output_shape).numel())
 
+    def layers(self, input_size: Sequence[int]) -> list[tuple[str, nn.Module]] | None:
+        """The top-level layers this cut keeps, in call order; None for a cut at an FX graph
+        node (its layers are not modules of the model)."""
+        body = self.body
+        if isinstance(body, nn.Sequential):
+            return list(body.named_children())
+        if isinstance(body, FxNode):
+            return None
+        model = getattr(body, "model", body)  # TapModule / TimmHead / Features wrap a model
+        names = top_level_layers(model, trace_modules(model, input_size))
+        if isinstance(body, TapModule):  # layers up to the tapped one
+            names = names[:names.index(body.module_name.split(".")[0]) + 1]
+        return [(n, model.get_submodule(n)) for n in names]
+
 
 # ---------------------------------------------------------------------------------------
 # Tracing: which layers run, in which order, with which output shapes

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,6 +147,23 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def derive_seed(seed: int, *stream: int | str) -> int:
+    """The seed of one random stream of a run (a process, a pass): one rule everywhere, so
+    streams never collide (``seed + rank`` of one stream would be another run's seed)."""
+    if not stream:
+        return seed
+    key = repr((seed, *stream)).encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1  # fits int64
+
+
+@contextlib.contextmanager
+def frozen_forward(rt: Runtime | None = None) -> Iterator[None]:
+    """How a frozen base runs: no autograd record (``inference_mode``) under ``rt``'s AMP
+    autocast (None: the caller's autocast, if any, applies)."""
+    with torch.inference_mode(), (rt.autocast() if rt is not None else contextlib.nullcontext()):
+        yield
 
 
 def default_batch_size(rt: Runtime, requested: int | None) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,10 +34,14 @@ class DistInfo:
 
 
 def dist_info() -> DistInfo:
-    """This process's place in a torchrun job (rank 0 of 1 outside torchrun)."""
+    """This process's place in a torchrun job (rank 0 of 1 outside torchrun): the joined
+    process group when there is one, else what torchrun's variables announce."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(),
+                        int(os.environ.get("LOCAL_RANK") or 0))
     try:
-        return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                        int(os.environ.get("LOCAL_RANK", 0)))
+        return DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                        int(os.environ.get("LOCAL_RANK", "0")))
     except ValueError:
         raise ConfigError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by "
                           "torchrun)") from None
@@ -66,6 +72,61 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def rank_dir(root: Path, info: DistInfo) -> Path:
+    """Where this process writes: ``root`` itself, or its own part under torchrun.
+
+    Parts are keyed by world size too: a rerun with another process count starts afresh
+    instead of mixing differently split parts.
+    """
+    if not info.enabled:
+        return root
+    return root / "ranks" / f"world-{info.world_size}" / f"rank-{info.rank:05d}"
+
+
+def _joined() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_gather(obj: Any) -> list:
+    """Every process's ``obj``, in rank order, in every process (``[obj]`` alone)."""
+    if not _joined():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_to_main(obj: Any) -> list | None:
+    """Every process's ``obj``, in rank order, in rank 0 (None in the others)."""
+    if not _joined():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def from_main(obj: Any) -> Any:
+    """Rank 0's ``obj`` in every process."""
+    if not _joined():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_values(values: list[float], device: torch.device, op: Any = None) -> list[float]:
+    """``values`` summed (or reduced with ``op``) over the processes, as Python floats."""
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    if _joined():
+        dist.all_reduce(t, op=op if op is not None else dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def part_sizes(count: int, world_size: int) -> list[int]:
+    """How ``count`` items split over ``world_size`` processes (as ``part_range`` splits)."""
+    return [b - a for a, b in (part_range(count, r, world_size) for r in range(world_size))]
 
 
 def part_range(count: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..runtime.device import Runtime
+from ..runtime.device import Runtime, frozen_forward
 from ..store.writer import StoreWriter
 from .network import Network
 from .sources import ArraySource, LoaderSource, Source, TensorSource
@@ -57,12 +57,12 @@ def plan_cache(mode: str | bool, nbytes: int, rt: Runtime, max_gb: float | None,
     return "disk"
 
 
-def extract(net: Network, src: Source, positions: torch.Tensor, batch_size: int,
-            rt: Runtime) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def frozen_features(net: Network, src: Source, positions: torch.Tensor, batch_size: int,
+                    rt: Runtime) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(features, positions) batches of the frozen base, under inference mode and autocast."""
     net.eval()
     for x, _, pos in src.batches(positions, batch_size):
-        with torch.inference_mode(), rt.autocast():
+        with frozen_forward(rt):
             out = net.base(net.prepare(x)) if net.base is not None else net.prepare(x)
         yield out.float(), pos
 
@@ -83,7 +83,7 @@ def cache_features(net: Network, src: Source, where: str, rt: Runtime, batch_siz
     buf = torch.empty((len(src), *feature_shape), dtype=torch.float32, device=device,
                       pin_memory=where == "cpu" and rt.is_cuda)
     done = torch.zeros(len(src), dtype=torch.bool)
-    for feats, pos in _progress(extract(net, src, torch.arange(len(src)), batch_size, rt),
+    for feats, pos in _progress(frozen_features(net, src, torch.arange(len(src)), batch_size, rt),
                                 progress, "caching features", len(src), batch_size):
         buf[pos.to(device)] = feats.to(device)
         done[pos] = True
@@ -103,7 +103,7 @@ def _cache_on_disk(net: Network, src: Source, rt: Runtime, batch_size: int,
     try:
         done = writer.done_keys
         todo = torch.tensor([i for i, k in enumerate(keys) if k not in done], dtype=torch.int64)
-        for feats, pos in _progress(extract(net, src, todo, batch_size, rt), progress,
+        for feats, pos in _progress(frozen_features(net, src, todo, batch_size, rt), progress,
                                     "caching features", len(todo), batch_size):
             p = pos.numpy()
             writer.add([keys[i] for i in p], src.targets[p], feats.flatten(1))

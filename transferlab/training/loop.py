@@ -14,16 +14,10 @@ import torch.nn.functional as F
 
 from ..config import TrainConfig
 from ..errors import ConfigError, DataError
-from ..runtime.device import Runtime
+from ..runtime.device import Runtime, derive_seed
+from ..runtime.distributed import all_gather, all_reduce_values, dist_info, part_sizes
 from .network import Network
-from .parallel import (
-    GradSync,
-    all_reduce_values,
-    average_buffers,
-    broadcast_trainable,
-    process_group,
-    share_sizes,
-)
+from .parallel import GradSync, average_buffers, broadcast_trainable
 from .sources import LoaderSource, Source, chunked
 
 # ---------------------------------------------------------------------------------------
@@ -31,8 +25,11 @@ from .sources import LoaderSource, Source, chunked
 # ---------------------------------------------------------------------------------------
 
 
-def check_train_config(cfg: TrainConfig, where: str = "train") -> None:
-    """Reject values no optimiser can use, naming the key."""
+def check_train_config(cfg: TrainConfig, where: str = "train", world_size: int = 1) -> None:
+    """Reject values no optimiser can use, naming the key (``fit`` trusts a checked config).
+
+    ``world_size`` processes split every global batch: each needs at least one item.
+    """
     checks = [(cfg.epochs >= 0, "epochs", ">= 0"), (cfg.batch_size >= 1, "batch_size", ">= 1"),
               (cfg.lr > 0, "lr", "> 0"), (cfg.weight_decay >= 0, "weight_decay", ">= 0"),
               (0 <= cfg.label_smoothing < 1, "label_smoothing", "in [0, 1)"),
@@ -45,6 +42,10 @@ def check_train_config(cfg: TrainConfig, where: str = "train") -> None:
     if cfg.early_stopping and cfg.val_split <= 0:
         raise ConfigError(f"{where}.early_stopping needs a validation split: set "
                           f"{where}.val_split (e.g. 0.1) or {where}.early_stopping=0")
+    if cfg.batch_size < world_size:
+        raise ConfigError(f"{where}.batch_size={cfg.batch_size} is smaller than the "
+                          f"{world_size} processes; it is the global batch, split across them: "
+                          "raise it")
 
 
 def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -62,11 +63,11 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig,
     total = max(1, cfg.epochs * steps_per_epoch)
     every = max(1, cfg.step_epochs * steps_per_epoch)
     if cfg.schedule == "cosine":
-        factor = lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
+        factor = lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
     elif cfg.schedule == "step":
-        factor = lambda step: cfg.step_gamma ** (step // every)  # noqa: E731
+        factor = lambda step: cfg.step_gamma ** (step // every)
     else:
-        factor = lambda step: 1.0  # noqa: E731
+        factor = lambda step: 1.0
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
@@ -157,7 +158,7 @@ def evaluate(net: Network, src: Source, batch_size: int, rt: Runtime) -> EvalRes
             preds.append(logits.argmax(1).cpu())
             targets.append(y.cpu())
             positions.append(pos)
-    if process_group()[1] > 1:
+    if dist_info().world_size > 1:
         return _gather_eval(losses, preds, targets, positions, len(src))
     if not preds:
         return EvalResult(float("nan"), float("nan"), np.zeros(0, np.int64),
@@ -175,8 +176,7 @@ def _gather_eval(losses: list, preds: list, targets: list, positions: list,
             torch.cat(preds).numpy() if preds else empty,
             torch.cat(targets).numpy() if targets else empty,
             torch.cat(positions).numpy() if positions else empty, size)
-    parts: list[Any] = [None] * process_group()[1]
-    dist.all_gather_object(parts, mine)
+    parts = all_gather(mine)
     offsets = np.cumsum([0] + [p[4] for p in parts])
     pred = np.concatenate([p[1] for p in parts])
     tgt = np.concatenate([p[2] for p in parts])
@@ -205,9 +205,9 @@ def fit(net: Network, train_src: Source, val_src: Source | None, cfg: TrainConfi
 
     The shuffle order comes from ``generator`` only, so cached and uncached runs see the same
     batches. With early stopping the best epoch's weights are restored at the end. Under a
-    process group the sources hold this process's share (see ``SharedSteps``).
+    process group the sources hold this process's share (see ``SharedSteps``). ``cfg`` is
+    one that ``check_train_config`` accepted.
     """
-    check_train_config(cfg, "train" if phase != "pretrain" else "pretrain.train")
     shared = SharedSteps.plan(net, train_src, val_src, cfg, rt, groups, phase)
     steps = shared.steps if shared else max(1, math.ceil(len(train_src) / cfg.batch_size))
     opt = make_optimizer(groups, cfg)
@@ -216,7 +216,7 @@ def fit(net: Network, train_src: Source, val_src: Source | None, cfg: TrainConfi
     result, best_loss, best_state, bad = FitResult(), math.inf, None, 0
     has_val = shared.has_val if shared else val_src is not None and len(val_src) > 0
     start = time.perf_counter()
-    for epoch in _epochs(cfg.epochs, phase, progress and process_group()[0] == 0):
+    for epoch in _epochs(cfg.epochs, phase, progress and dist_info().is_main):
         t0 = time.perf_counter()
         if shared:
             stats = shared.epoch(net, train_src, generator, cfg, opt, sched, scaler, rt)
@@ -263,14 +263,10 @@ class SharedSteps:
     @classmethod
     def plan(cls, net: Network, train_src: Source, val_src: Source | None, cfg: TrainConfig,
              rt: Runtime, groups: list[dict], phase: str) -> SharedSteps | None:
-        rank, world = process_group()
+        rank, world = dist_info().rank, dist_info().world_size
         if world == 1:
             return None
-        if cfg.batch_size < world:
-            where = "pretrain.train" if phase == "pretrain" else "train"
-            raise ConfigError(f"{where}.batch_size={cfg.batch_size} is smaller than the {world} "
-                              "processes; it is the global batch, split across them: raise it")
-        sizes = share_sizes(cfg.batch_size, world)
+        sizes = part_sizes(cfg.batch_size, world)  # >= 1 each: check_train_config(world=...)
         local = math.ceil(len(train_src) / sizes[rank])
         steps, n_val = all_reduce_values([-local, -(len(val_src) if val_src else 0)],
                                          rt.device, dist.ReduceOp.MIN)  # -max, -max
@@ -283,7 +279,7 @@ class SharedSteps:
               opt: torch.optim.Optimizer, sched: Any, scaler: Any, rt: Runtime) -> dict:
         """One epoch: this share in its own seeded order, one chunk per global step."""
         seed = int(torch.randint(2**62, (1,), generator=generator))  # the same everywhere
-        order = torch.randperm(len(src), generator=torch.Generator().manual_seed(seed + self.rank))
+        order = torch.randperm(len(src), generator=torch.Generator().manual_seed(derive_seed(seed, self.rank)))
         chunks = [order[s * self.batch:(s + 1) * self.batch] for s in range(self.steps)]
         stats = run_steps(net, src, chunks, cfg, opt, sched, scaler, rt, self.sync)
         average_buffers(net)

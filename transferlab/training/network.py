@@ -9,6 +9,7 @@ from torch import nn
 
 from ..data.preprocess import DeviceNormalize, PreprocessSpec
 from ..errors import ConfigError
+from ..runtime.device import frozen_forward
 
 # ---------------------------------------------------------------------------------------
 # The trained network
@@ -47,7 +48,7 @@ class Network(nn.Module):
             return x
         if self.base_trainable:
             return self.base(x)
-        with torch.inference_mode():
+        with frozen_forward():  # under the caller's autocast
             out = self.base(x)
         return out.clone()  # a normal tensor the head may save for backward
 
@@ -85,21 +86,9 @@ def unfreeze_last(net: Network, layers: Sequence[tuple[str, nn.Module]], count: 
 
 def base_layers(base: nn.Module, input_size: Sequence[int]) -> list[tuple[str, nn.Module]]:
     """Top-level layers of a cut base that hold parameters, in call order (what
-    ``unfreeze.layers`` counts from the end)."""
-    from ..models.cuts import top_level_layers, trace_modules
-
-    body = getattr(base, "body", base)
-    if isinstance(body, nn.Sequential):
-        named = list(body.named_children())
-    elif hasattr(body, "graph_module"):
+    ``unfreeze.layers`` counts from the end); the cut knows its layers."""
+    layers = base.layers(input_size)
+    if layers is None:
         raise ConfigError("unfreeze.layers is not available for a layer cut at a graph node; "
                           "cut at a module name (layer:NAME) or use first:N / head")
-    else:
-        model = getattr(body, "model", body)  # TapModule / TimmHead / Features wrap a model
-        names = top_level_layers(model, trace_modules(model, input_size))
-        limit = getattr(body, "module_name", None)
-        if limit:
-            names = names[:names.index(limit.split(".")[0]) + 1]
-        named = [(n, model.get_submodule(n)) for n in names]
-    return [(n, m) for n, m in named if any(True for _ in m.parameters())]
-
+    return [(n, m) for n, m in layers if any(True for _ in m.parameters())]

@@ -2,24 +2,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..runtime.distributed import dist_info
 from .network import Network
 
 # ---------------------------------------------------------------------------------------
 # Several processes (torchrun)
 # ---------------------------------------------------------------------------------------
-
-
-def process_group() -> tuple[int, int]:
-    """(rank, world size) of the process group this process trains in; (0, 1) alone."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def trainable_modules(net: Network) -> list[nn.Module]:
@@ -87,7 +80,7 @@ def broadcast_trainable(net: Network, params: Sequence[torch.Tensor]) -> None:
 def average_buffers(net: Network) -> None:
     """Mean of the floating buffers (BatchNorm running statistics) of the trained modules over
     the processes, each having seen its own batches; integer counters come from rank 0."""
-    _, world = process_group()
+    world = dist_info().world_size
     with torch.no_grad():
         for module in trainable_modules(net):
             for b in module.buffers():
@@ -96,20 +89,3 @@ def average_buffers(net: Network) -> None:
                     b.div_(world)
                 else:
                     dist.broadcast(b, 0)
-
-
-def all_reduce_values(values: Sequence[float], device: torch.device,
-                      op: Any = None) -> list[float]:
-    """``values`` summed (or reduced with ``op``) over the processes, as Python floats."""
-    t = torch.tensor(list(values), dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=op if op is not None else dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-def share_sizes(count: int, world: int) -> list[int]:
-    """How ``count`` items split over ``world`` processes (sizes differ by at most one)."""
-    base, extra = divmod(count, world)
-    return [base + (1 if r < extra else 0) for r in range(world)]
-
-
-

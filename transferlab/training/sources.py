@@ -144,10 +144,11 @@ class LoaderSource(ChunkedSource):
         from torch.utils.data import DataLoader
 
         from ..data.datasets import collate_skip_errors
+        from ..runtime.device import derive_seed
 
         sampler = [pos.tolist() for pos in chunks if len(pos)]
         self._calls += 1  # worker seeds differ per pass, but not with the global RNG
-        gen = torch.Generator().manual_seed(self.seed * 1000 + self._calls)
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "loader", self._calls))
         extra = {"prefetch_factor": 4} if self.num_workers > 0 else {}
         loader = iter(DataLoader(self.dataset, batch_sampler=sampler,
                                  num_workers=self.num_workers, collate_fn=collate_skip_errors,

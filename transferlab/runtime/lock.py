@@ -1,0 +1,45 @@
+"""One writer per output directory: a non-blocking ``flock`` on its ``.lock`` file."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not on POSIX: no lock, as the store writer
+    fcntl = None  # type: ignore[assignment]
+
+from ..errors import ConfigError
+
+LOCK_FILE = ".lock"
+
+
+def acquire_dir_lock(directory: Path, key: str = "output.dir") -> object:
+    """Create ``directory`` and hold its lock (released when the returned handle closes).
+
+    Another process holding it is a one-line error naming the directory and the fix, so two
+    runs never interleave their outputs.
+    """
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"{key} {directory} is a file, not a directory; choose another {key}")
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / LOCK_FILE, "a")  # noqa: SIM115 - held until the run ends
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise ConfigError(f"another run is writing {directory}; wait for it to finish or "
+                              f"set another {key}") from None
+    return handle
+
+
+@contextlib.contextmanager
+def dir_lock(directory: Path, key: str = "output.dir") -> Iterator[None]:
+    """``acquire_dir_lock`` for the duration of a ``with`` block."""
+    handle = acquire_dir_lock(directory, key)
+    try:
+        yield
+    finally:
+        handle.close()
