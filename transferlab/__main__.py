@@ -5,54 +5,33 @@ Each command is also ``python -m transferlab.COMMAND``; both spellings run the s
 from __future__ import annotations
 
 import difflib
+import importlib
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 
 
-def _extract() -> Callable[[Sequence[str] | None], int]:
-    from .extract.__main__ import main
-    return main
-
-
-def _finetune() -> Callable[[Sequence[str] | None], int]:
-    from .finetune.__main__ import main
-    return main
-
-
-def _predict() -> Callable[[Sequence[str] | None], int]:
-    from .predict import main
-    return main
-
-
-def _inspect() -> Callable[[Sequence[str] | None], int]:
-    from .inspect import main
-    return main
-
-
-def _probe() -> Callable[[Sequence[str] | None], int]:
-    from .probe import main
-    return main
-
-
-def _search() -> Callable[[Sequence[str] | None], int]:
-    from .search import main
-    return main
-
-
-def _cluster() -> Callable[[Sequence[str] | None], int]:
-    from .cluster import main
-    return main
+def _main_of(module: str) -> Callable[[Sequence[str] | None], int]:
+    """The ``main`` of one of the command modules below (a fixed table, never user input)."""
+    return importlib.import_module(module, __package__).main
 
 
 # name -> (what it does, its main); mains load on use so `transferlab --help` starts fast
 COMMANDS: dict[str, tuple[str, Callable[[], Callable[[Sequence[str] | None], int]]]] = {
-    "extract": ("features of every image into a resumable feature store", _extract),
-    "finetune": ("train a head on a frozen, cut backbone", _finetune),
-    "predict": ("class predictions of a fine-tuned checkpoint as CSV", _predict),
-    "inspect": ("valid cut points of a model, with output shapes", _inspect),
-    "probe": ("logistic-regression sweep and kNN accuracy on a labelled store", _probe),
-    "search": ("nearest stored images of query images", _search),
-    "cluster": ("k-means of a store; purity and NMI when labelled", _cluster),
+    "extract": ("features of every image into a resumable feature store",
+                partial(_main_of, ".extract.__main__")),
+    "finetune": ("train a head on a frozen, cut backbone",
+                 partial(_main_of, ".finetune.__main__")),
+    "predict": ("class predictions of a fine-tuned checkpoint as CSV",
+                partial(_main_of, ".predict")),
+    "inspect": ("valid cut points of a model, with output shapes",
+                partial(_main_of, ".inspect")),
+    "probe": ("logistic-regression sweep and kNN accuracy on a labelled store",
+              partial(_main_of, ".probe")),
+    "search": ("nearest stored images of query images",
+               partial(_main_of, ".search")),
+    "cluster": ("k-means of a store; purity and NMI when labelled",
+                partial(_main_of, ".cluster")),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 try:
     import fcntl
@@ -15,7 +16,21 @@ from ..errors import ConfigError
 LOCK_FILE = ".lock"
 
 
-def acquire_dir_lock(directory: Path, key: str = "output.dir") -> object:
+def try_lock(directory: Path) -> IO[str] | None:
+    """Create ``directory`` and take its ``.lock`` without waiting: the open handle (the lock
+    lasts until it is closed), or None when another process holds it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / LOCK_FILE, "a")  # noqa: SIM115 - held until the caller closes it
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            return None
+    return handle
+
+
+def acquire_dir_lock(directory: Path, key: str = "output.dir") -> IO[str]:
     """Create ``directory`` and hold its lock (released when the returned handle closes).
 
     Another process holding it is a one-line error naming the directory and the fix, so two
@@ -23,15 +38,10 @@ def acquire_dir_lock(directory: Path, key: str = "output.dir") -> object:
     """
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"{key} {directory} is a file, not a directory; choose another {key}")
-    directory.mkdir(parents=True, exist_ok=True)
-    handle = open(directory / LOCK_FILE, "a")  # noqa: SIM115 - held until the run ends
-    if fcntl is not None:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.close()
-            raise ConfigError(f"another run is writing {directory}; wait for it to finish or "
-                              f"set another {key}") from None
+    handle = try_lock(directory)
+    if handle is None:
+        raise ConfigError(f"another run is writing {directory}; wait for it to finish or "
+                          f"set another {key}")
     return handle
 
 

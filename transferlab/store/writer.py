@@ -15,11 +15,7 @@ import numpy as np
 
 from ..errors import StoreError
 from ..runtime.atomicfile import atomic_write
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no lock, one writer at a time is on you
-    fcntl = None
+from ..runtime.lock import try_lock
 from .format import (
     DTYPES,
     FAILURE_LOG,
@@ -27,7 +23,6 @@ from .format import (
     FINGERPRINT,
     FORMAT,
     INDEX,
-    LOCK,
     META,
     RESERVED_META,
     SHARDS,
@@ -186,15 +181,10 @@ class StoreWriter:
     # ---- opening: fingerprint, lock, recovery -------------------------------------------
 
     def _acquire_lock(self) -> Any:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        handle = open(self.dir / LOCK, "a")  # noqa: SIM115 - held until close/abort
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.close()
-                raise StoreError(f"another run is writing the store {self.dir}; wait for it or "
-                                 "use another output.dir") from None
+        handle = try_lock(self.dir)
+        if handle is None:
+            raise StoreError(f"another run is writing the store {self.dir}; wait for it or "
+                             "use another output.dir")
         return handle
 
     def _release_lock(self) -> None:
