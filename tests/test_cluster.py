@@ -125,7 +125,7 @@ def test_cluster_cli_writes_assignments_and_scores(tmp_path, capsys):
     with open(out_csv, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["key", "cluster"] and len(rows) == 61
-    assert [r[0] for r in rows[1:]] == store.paths
+    assert [r[0] for r in rows[1:]] == store.keys
     assert nmi(y, [int(r[1]) for r in rows[1:]]) == pytest.approx(1.0)
     for name in ("clusters_pca.png", "labels_pca.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"

@@ -46,7 +46,7 @@ def test_merged_store_reads_like_one_store(tmp_path):
     merged = merge_stores(tmp_path, [tmp_path / "ranks" / "rank-0", tmp_path / "ranks" / "rank-1"],
                           {"backbone": "m"})
     again = FeatureStore.open(tmp_path)
-    assert again.paths == keys
+    assert again.keys == keys
     assert np.array_equal(np.asarray(again.features), feats)
     assert again.get("k07").tolist() == feats[7].tolist()
     assert [k for k, _ in merged.failures] == ["bad-rank-0.jpg", "bad-rank-1.jpg"]

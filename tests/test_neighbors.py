@@ -67,7 +67,7 @@ def test_chunk_iterable_and_store_like_source():
     ref_d, ref_i = brute_force(x.astype(np.float32), q, 4, "cosine")
 
     class FakeStore:
-        paths = [f"dir/{n}.png" for n in range(90)]
+        keys = [f"dir/{n}.png" for n in range(90)]
         features = x
         meta: dict = {}
 
@@ -159,7 +159,7 @@ def test_search_cli_prints_neighbours_and_plots(tmp_path, monkeypatch, capsys):
         assert lines[0] == f"query: {q}"
         for rank, (dist, row) in enumerate(zip(dists, rows), 1):
             cls = "cat" if row % 2 else "dog"
-            assert lines[1 + rank].split() == [str(rank), f"{dist:.5f}", store.paths[row],
+            assert lines[1 + rank].split() == [str(rank), f"{dist:.5f}", store.keys[row],
                                                f"[{cls}]"]
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -82,7 +82,7 @@ def test_round_trip(tmp_path, data, dtype):
     assert len(store) == len(good) and store.features.shape == (len(good), DIM)
     assert store.features.dtype == np.dtype(dtype) and store.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(store.features[:], feats[good].astype(dtype))
-    assert store.paths == [keys[i] for i in good] and store.keys == store.paths
+    assert store.keys == [keys[i] for i in good]
     np.testing.assert_array_equal(store.labels, labels[good])
     assert store.labels.dtype == np.int64 and (store.views == 0).all()
     assert store.failures == [(keys[i], FAILED[i]) for i in sorted(FAILED)]
@@ -160,7 +160,7 @@ def test_iter_chunks_and_to_torch(reference):
 def test_row_lookup_by_key(reference, data):
     keys, _, feats = data
     store = FeatureStore.open(reference)
-    assert store.paths[store.row("a/0000.jpg")] == "a/0000.jpg"
+    assert store.keys[store.row("a/0000.jpg")] == "a/0000.jpg"
     assert store.row("b/0000.jpg") == 1  # same base name, other folder: distinct row
     with pytest.raises(KeyError, match=r"did you mean 'a/0004.jpg'"):
         store.row("0004.jpg")
@@ -175,12 +175,12 @@ def test_exports(reference, tmp_path):
     npz = store.export_npz(tmp_path / "feats.npz")
     with np.load(npz, allow_pickle=False) as data:
         np.testing.assert_array_equal(data["features"], store.features[:])
-        assert data["paths"].tolist() == store.paths
+        assert data["paths"].tolist() == store.keys
         np.testing.assert_array_equal(data["labels"], store.labels)
     path = store.export_pickle(tmp_path / "feats.pkl")
     with open(path, "rb") as f:
         exported = pickle.load(f)  # the test reads the export; the library never unpickles
-    assert list(exported) == store.paths
+    assert list(exported) == store.keys
     np.testing.assert_array_equal(exported["b/0002.jpg"], store.get("b/0002.jpg"))
 
 

@@ -202,7 +202,7 @@ def run_cluster(store: Any, k: int, n_init: int = 4, seed: int = 0, normalize: b
     pur = purity(labels[known], res.labels[known]) if known.any() else None
     score = nmi(labels[known], res.labels[known]) if known.any() else None
     sizes = np.bincount(res.labels, minlength=k).tolist()
-    keys = [store.paths[r] for r in rows]
+    keys = [store.keys[r] for r in rows]
     return ClusterReport(keys, rows, res.labels, res.inertia, sizes, pur, score,
                          int(known.sum()), res)
 
@@ -211,7 +211,7 @@ def plain_rows(store: Any) -> np.ndarray:
     """Rows holding view 0 (the un-augmented image) of each key."""
     views = getattr(store, "views", None)
     if views is None:
-        return np.arange(len(store.paths))
+        return np.arange(len(store.keys))
     return np.flatnonzero(np.asarray(views) == 0)
 
 

@@ -151,7 +151,7 @@ def store_nearest(store: Any, vectors_or_paths: np.ndarray | Sequence[str], k: i
     at its closest view.
     """
     hits = store_search(store, query_vectors(store, vectors_or_paths, trust_code), k, metric)
-    keys = store.paths
+    keys = store.keys
     return [[(keys[row], dist) for row, dist in q] for q in hits]
 
 
@@ -161,7 +161,7 @@ def store_search(store: Any, vectors: np.ndarray, k: int, metric: str = "cosine"
     views = getattr(store, "views", None)
     per_key = int(np.max(views)) + 1 if views is not None and len(views) else 1
     dist, idx = nearest(store, vectors, k * per_key, metric, device=device)
-    keys = store.paths
+    keys = store.keys
     out = []
     for rows, dists in zip(idx.tolist(), dist.tolist()):
         seen: set[str] = set()
@@ -183,13 +183,13 @@ def query_vectors(store: Any, vectors_or_paths: np.ndarray | Sequence[str],
     if not items:
         raise DataError("no queries given; pass feature vectors, store keys or image paths")
     position: dict[str, int] = {}
-    for row, key in enumerate(store.paths):
+    for row, key in enumerate(store.keys):
         position.setdefault(key, row)  # the first row of a key is its plain view
     out: list[np.ndarray | None] = [None] * len(items)
     files = [p for p in items if p not in position]
     for p in files:
         if not Path(p).is_file():
-            example = f" such as '{store.paths[0]}'" if len(store.paths) else ""
+            example = f" such as '{store.keys[0]}'" if len(store.keys) else ""
             raise DataError(f"query '{p}' is neither an image file nor a key of the store; "
                             f"pass an existing image path or a stored key{example}")
     if files:

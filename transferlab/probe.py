@@ -333,7 +333,7 @@ def _labelled(store: Any, plain_only: bool) -> tuple[np.ndarray, np.ndarray, np.
     if plain_only:
         keep &= views == 0
     rows = np.flatnonzero(keep)
-    keys = np.asarray(store.paths, dtype=object)[rows]
+    keys = np.asarray(store.keys, dtype=object)[rows]
     return load_features(store, rows), labels[rows], keys, views[rows]
 
 
@@ -481,7 +481,7 @@ def _check_xy(x: torch.Tensor, y: torch.Tensor) -> None:
 
 def _views(store: Any) -> np.ndarray:
     views = getattr(store, "views", None)
-    return np.zeros(len(store.paths), np.int64) if views is None else np.asarray(views)
+    return np.zeros(len(store.keys), np.int64) if views is None else np.asarray(views)
 
 
 def _store_name(store: Any) -> str:

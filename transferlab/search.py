@@ -36,7 +36,7 @@ def format_hits(store: Any, query: str, hits: list[tuple[int, float]]) -> str:
     for rank, (row, dist) in enumerate(hits, 1):
         label = int(labels[row])
         cls = "" if label < 0 else f"  [{names[label] if names and label < len(names) else label}]"
-        lines.append(f"{rank:>6}  {dist:>10.5f}  {store.paths[row]}{cls}")
+        lines.append(f"{rank:>6}  {dist:>10.5f}  {store.keys[row]}{cls}")
     return "\n".join(lines)
 
 
@@ -73,7 +73,7 @@ def plot_search(store: Any, queries: Sequence[str], hits: list[list[tuple[int, f
     from .plots import plot_neighbors
 
     root = data_root(store.meta)
-    keys = store.paths
+    keys = store.keys
     query_paths = [Path(q) if Path(q).is_file() else key_path(root, q) for q in queries]
     return plot_neighbors(query_paths, [[key_path(root, keys[r]) for r, _ in h] for h in hits],
                           [[d for _, d in h] for h in hits], out,

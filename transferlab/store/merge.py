@@ -34,7 +34,7 @@ def merge_stores(target: str | os.PathLike, parts: Sequence[str | os.PathLike],
     dims = {s.meta["dim"] for s in stores if s.meta.get("dim")}
     shards = [{"file": (s.dir / sh["file"]).relative_to(target).as_posix(), "rows": sh["rows"]}
               for s in stores for sh in s.meta["shards"]]
-    keys = [k for s in stores for k in s.paths]
+    keys = [k for s in stores for k in s.keys]
     atomic_write(target / INDEX, lambda f: _write_merged_index(f, stores))
     failures = [item for s in stores for item in s.failures]
     atomic_write(target / FAILURES, lambda f: csv.writer(f, lineterminator="\n").writerows(
@@ -55,7 +55,7 @@ def _write_merged_index(f: Any, stores: Sequence[FeatureStore]) -> None:
     out.writerow(["key", "label", "row", "view"])
     row = 0
     for store in stores:
-        for key, label, view in zip(store.paths, store.labels.tolist(), store.views.tolist()):
+        for key, label, view in zip(store.keys, store.labels.tolist(), store.views.tolist()):
             out.writerow([key, label, row, view])
             row += 1
 

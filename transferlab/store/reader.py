@@ -116,7 +116,7 @@ class FeatureStore:
                  views: np.ndarray, failures: list[tuple[str, str]]):
         self.dir = directory
         self.meta = meta
-        self.paths = keys
+        self.keys = keys
         self.labels = labels
         self.views = views
         self.failures = failures
@@ -138,10 +138,6 @@ class FeatureStore:
         return cls(directory, meta, keys, labels, views, _read_failures(directory / FAILURES))
 
     @property
-    def keys(self) -> list[str]:
-        return self.paths
-
-    @property
     def class_names(self) -> list[str] | None:
         return self.meta.get("class_names")
 
@@ -150,7 +146,7 @@ class FeatureStore:
         return self.features.dtype
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.keys)
 
     def __repr__(self) -> str:
         return (f"FeatureStore({str(self.dir)!r}, rows={len(self)}, dim={self.features.shape[1]}"
@@ -160,12 +156,12 @@ class FeatureStore:
         """The row holding ``key`` (and ``view``); KeyError naming a close key if absent."""
         if self._first_row is None:
             self._first_row = {}
-            for i, k in enumerate(self.paths):
+            for i, k in enumerate(self.keys):
                 self._first_row.setdefault(k, i)
         if key not in self._first_row:
             raise KeyError(self._missing_message(key))
         r = self._first_row[key]
-        while r < len(self.paths) and self.paths[r] == key:
+        while r < len(self.keys) and self.keys[r] == key:
             if self.views[r] == view:
                 return r
             r += 1
@@ -188,7 +184,7 @@ class FeatureStore:
     def export_npz(self, path: str | os.PathLike) -> Path:
         """Write ``features``, ``paths``, ``labels``, ``views`` to one .npz (no pickles)."""
         path = Path(path)
-        np.savez(path, features=np.asarray(self.features), paths=np.array(self.paths, dtype=str),
+        np.savez(path, features=np.asarray(self.features), paths=np.array(self.keys, dtype=str),
                  labels=self.labels, views=self.views)
         return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
 
@@ -198,15 +194,15 @@ class FeatureStore:
         path = Path(path)
         rows = np.flatnonzero(self.views == view)
         feats = self.features[rows]
-        data = {self.paths[r]: feats[i] for i, r in enumerate(rows)}
+        data = {self.keys[r]: feats[i] for i, r in enumerate(rows)}
         atomic_write(path, lambda f: pickle.dump(data, f, protocol=4), "wb")
         return path
 
     def _missing_message(self, key: str) -> str:
         name = key.rsplit("/", 1)[-1]
-        close = [k for k in self.paths if k.rsplit("/", 1)[-1] == name][:1]
+        close = [k for k in self.keys if k.rsplit("/", 1)[-1] == name][:1]
         if not close:
-            close = difflib.get_close_matches(key, self.paths[:20000], n=1, cutoff=0.6)
+            close = difflib.get_close_matches(key, self.keys[:20000], n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return (f"{key!r} is not in the store {self.dir}{hint} (keys are paths relative to the "
                 "data root)")
