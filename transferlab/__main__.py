@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, Callable[[], Callable[[Sequence[str] | None], int
                partial(_main_of, ".search")),
     "cluster": ("k-means of a store; purity and NMI when labelled",
                 partial(_main_of, ".cluster")),
+    "export": ("a store as Parquet, HDF5, .npz or pickle",
+               partial(_main_of, ".export")),
 }
 
 

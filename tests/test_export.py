@@ -1,0 +1,147 @@
+"""Parquet / HDF5 / npz / pickle exports read back equal to the store, in bounded chunks."""
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+
+import numpy as np
+import pytest
+
+from transferlab.export import main
+from transferlab.store.export import export_store, store_to_pandas
+from transferlab.store.reader import FeatureStore
+from transferlab.store.writer import StoreWriter
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+
+def multi_store(path, dtype="float16", n=23, dim=5):
+    """Several shards, a second view for every third key, unlabelled rows and failures."""
+    rng = np.random.default_rng(0)
+    keys, labels, views = [], [], []
+    for i in range(n):
+        for v in range(2 if i % 3 == 0 else 1):
+            keys.append(f"{'ab'[i % 2]}/ü{i:03d}.png")
+            labels.append(-1 if i % 5 == 4 else i % 2)
+            views.append(v)
+    feats = rng.normal(size=(len(keys), dim)).astype(dtype)
+    with StoreWriter(path, {"t": "export"}, dtype=dtype, shard_size=7) as writer:
+        writer.add(keys, labels, feats, views=views)
+        writer.add_failures([("bad/1.png", "cannot identify image"), ("bad/2.png", "truncated")])
+        store = writer.close({"class_names": ["a", "b"], "backbone": {"name": "lenet"}})
+    return store, feats
+
+
+def test_parquet_round_trip_in_row_groups(tmp_path):
+    store, feats = multi_store(tmp_path / "s")
+    assert len(store.features.files) > 2 and len(store.failures) == 2
+    out = export_store(store, tmp_path / "f.parquet", rows_per_chunk=8)
+    meta = pq.ParquetFile(out).metadata
+    assert meta.num_rows == len(store) == 31 and meta.num_row_groups == 4  # bounded chunks
+    table = pq.read_table(out)
+    assert table.schema.field("embedding").type == pa.list_(pa.float16(), 5)
+    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    assert emb.dtype == np.float16 and np.array_equal(emb, feats)  # exact, same dtype
+    assert table.column("key").to_pylist() == store.keys
+    assert table.column("label").to_pylist() == store.labels.tolist()
+    assert table.column("view").to_pylist() == store.views.tolist()
+    names = table.column("class_name").to_pylist()
+    assert names[:3] == ["a", "a", "b"] and names[store.labels.tolist().index(-1)] is None
+    assert json.loads(table.schema.metadata[b"transferlab"])["backbone"] == {"name": "lenet"}
+    pd = pytest.importorskip("pandas")
+    df = pd.read_parquet(out)
+    assert df["key"].tolist() == store.keys
+    assert np.array_equal(np.stack(df["embedding"].to_numpy()), feats)
+
+
+def test_hdf5_round_trip(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    store, feats = multi_store(tmp_path / "s", dtype="float32")
+    out = export_store(store, tmp_path / "f.h5", rows_per_chunk=8)
+    with h5py.File(out, "r") as f:
+        assert f["features"].chunks == (8, 5) and f["features"].dtype == np.float32
+        assert np.array_equal(f["features"][:], feats)
+        assert [k.decode() for k in f["keys"][:]] == store.keys
+        assert np.array_equal(f["labels"][:], store.labels)
+        assert np.array_equal(f["views"][:], store.views)
+        assert [c.decode() for c in f["class_names"][:]] == ["a", "b"]
+        assert f.attrs["rows"] == 31 and f.attrs["dtype"] == "float32"
+        assert json.loads(f.attrs["backbone"]) == {"name": "lenet"}
+
+
+def test_npz_and_pickle_through_the_cli(tmp_path, capsys):
+    store, feats = multi_store(tmp_path / "s", dtype="float32")
+    assert main([str(tmp_path / "s"), str(tmp_path / "f.npz")]) == 0
+    assert "wrote 31 rows" in capsys.readouterr().out
+    with np.load(tmp_path / "f.npz") as z:
+        assert np.array_equal(z["features"], feats) and z["paths"].tolist() == store.keys
+    assert main([str(tmp_path / "s"), str(tmp_path / "dump.bin"), "--format", "pickle"]) == 0
+    with open(tmp_path / "dump.bin", "rb") as f:
+        data = pickle.load(f)  # the test reads its own export; transferlab never does
+    assert len(data) == 23 and np.array_equal(data[store.keys[0]], feats[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dump.bin", "f.npz", "s"]
+
+
+def test_existing_output_refused_unless_overwrite(tmp_path, capsys):
+    multi_store(tmp_path / "s")
+    out = tmp_path / "f.parquet"
+    out.write_bytes(b"keep me")
+    assert main([str(tmp_path / "s"), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists" in err and "--overwrite" in err
+    assert out.read_bytes() == b"keep me"
+    assert main([str(tmp_path / "s"), str(out), "--overwrite"]) == 0
+    assert pq.ParquetFile(out).metadata.num_rows == 31
+
+
+def test_unknown_suffix_and_missing_store(tmp_path, capsys):
+    multi_store(tmp_path / "s")
+    assert main([str(tmp_path / "s"), str(tmp_path / "f.csv")]) == 2
+    assert "--format parquet|hdf5|npz|pickle" in capsys.readouterr().err
+    assert main([str(tmp_path / "nope"), str(tmp_path / "f.parquet")]) == 2
+    assert "no feature store" in capsys.readouterr().err
+    assert not (tmp_path / "f.parquet").exists()
+
+
+def test_killed_export_leaves_no_file(tmp_path, monkeypatch):
+    store, _ = multi_store(tmp_path / "s")
+    chunks = store.iter_chunks
+
+    def dying(rows=65536):
+        for n, item in enumerate(chunks(rows)):
+            if n == 2:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(store, "iter_chunks", dying)
+    with pytest.raises(KeyboardInterrupt):
+        export_store(store, tmp_path / "out" / "f.parquet", rows_per_chunk=4)
+    assert list((tmp_path / "out").iterdir()) == []  # neither the file nor its temporary
+
+
+@pytest.mark.parametrize("module, out, extra", [("pyarrow", "f.parquet", "parquet"),
+                                                ("h5py", "f.h5", "hdf5")])
+def test_missing_dependency_names_the_extra(tmp_path, monkeypatch, capsys, module, out, extra):
+    multi_store(tmp_path / "s")
+    monkeypatch.setitem(sys.modules, module, None)
+    assert main([str(tmp_path / "s"), str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f'pip install "transferlab[{extra}]"' in err
+    assert not (tmp_path / out).exists()
+
+
+def test_to_pandas_and_empty_store(tmp_path):
+    pytest.importorskip("pandas")
+    store, feats = multi_store(tmp_path / "s")
+    df = store_to_pandas(store)
+    assert df["key"].tolist() == store.keys and np.array_equal(np.stack(df["embedding"]), feats)
+    with pytest.raises(Exception, match="export it with"):
+        store_to_pandas(store, max_bytes=10)
+    with StoreWriter(tmp_path / "e", {"t": 1}, dtype="float32") as writer:
+        writer.add_failures([("x.png", "broken")])
+        empty = writer.close({})
+    out = export_store(FeatureStore.open(tmp_path / "e"), tmp_path / "e.parquet")
+    assert pq.read_table(out).num_rows == 0
+    assert empty.features.shape[0] == 0

@@ -1,0 +1,189 @@
+"""A store in the formats other tools read: Parquet (pandas, polars, DuckDB, Hugging Face
+``datasets``), HDF5 (h5py, MATLAB), .npz and the ``{key: vector}`` pickle.
+
+Parquet and HDF5 are written chunk by chunk from the memory-mapped shards (one chunk in RAM
+at a time) into a temporary sibling that is renamed over the target only when complete, so a
+killed export never leaves half a file under the final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, MissingDependencyError, StoreError
+from ..runtime.atomicfile import replaced
+
+FORMATS = ("parquet", "hdf5", "npz", "pickle")
+_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".h5": "hdf5", ".hdf5": "hdf5",
+             ".hdf": "hdf5", ".npz": "npz", ".pkl": "pickle", ".pickle": "pickle"}
+# One chunk (a Parquet row group, an HDF5 write) holds at most this many bytes of features.
+CHUNK_BYTES = 64 << 20
+MAX_ROWS_PER_CHUNK = 65536
+# to_pandas materialises every row; above this it points to the Parquet export instead.
+PANDAS_MAX_BYTES = 2 << 30
+
+
+def export_format(path: str | os.PathLike, format: str | None = None) -> str:
+    """The export format: ``format`` when given, else read from the file suffix."""
+    if format is not None:
+        if format not in FORMATS:
+            raise ConfigError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
+        return format
+    suffix = Path(path).suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise ConfigError(f"cannot tell the export format of {str(path)!r}; end it in "
+                          f"{', '.join(_SUFFIXES)} or pass --format {'|'.join(FORMATS)}")
+    return _SUFFIXES[suffix]
+
+
+def chunk_rows(store: Any, rows: int | None = None) -> int:
+    """Rows per chunk: ``rows`` if given, else as many as fit in ``CHUNK_BYTES``."""
+    if rows is not None:
+        if rows < 1:
+            raise ConfigError(f"rows per chunk must be at least 1, got {rows}")
+        return rows
+    row_bytes = max(1, store.features.shape[1] * store.features.dtype.itemsize)
+    return max(1, min(MAX_ROWS_PER_CHUNK, CHUNK_BYTES // row_bytes))
+
+
+def export_store(store: Any, path: str | os.PathLike, format: str | None = None,
+                 overwrite: bool = False, rows_per_chunk: int | None = None) -> Path:
+    """Write ``store`` to ``path`` as Parquet, HDF5, .npz or pickle; returns the path.
+
+    An existing ``path`` is refused unless ``overwrite``; the file appears only complete.
+    """
+    path = Path(path)
+    fmt = export_format(path, format)
+    if path.is_dir() or (path.exists() and not overwrite):
+        raise StoreError(f"{path} already exists; choose another path or pass --overwrite "
+                         "(overwrite=True) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "pickle":  # export_pickle writes atomically itself
+        return store.export_pickle(path)
+    with replaced(path) as tmp:
+        if fmt == "parquet":
+            write_parquet(store, tmp, rows_per_chunk)
+        elif fmt == "hdf5":
+            write_hdf5(store, tmp, rows_per_chunk)
+        else:
+            written = Path(store.export_npz(tmp))  # np.savez appends .npz to a bare name
+            if written != tmp:
+                os.replace(written, tmp)
+    return path
+
+
+def _pyarrow() -> tuple[Any, Any]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise MissingDependencyError('Parquet export needs pyarrow: pip install '
+                                     '"transferlab[parquet]"') from None
+    return pa, pq
+
+
+def parquet_schema(store: Any) -> Any:
+    """key, label, class_name, view, embedding (fixed-size list of the store's dtype); the
+    store's metadata rides along as JSON under the schema metadata key ``transferlab``."""
+    pa, _ = _pyarrow()
+    value = pa.float16() if store.features.dtype == np.float16 else pa.float32()
+    fields = [("key", pa.string()), ("label", pa.int64()), ("class_name", pa.string()),
+              ("view", pa.int64()),
+              ("embedding", pa.list_(value, int(store.features.shape[1])))]
+    meta = {"transferlab": json.dumps(store.meta, ensure_ascii=False, default=str)}
+    return pa.schema(fields, metadata=meta)
+
+
+def write_parquet(store: Any, path: str | os.PathLike, rows_per_chunk: int | None = None) -> None:
+    """One row group per chunk of the memory-mapped shards; never all rows in memory."""
+    pa, pq = _pyarrow()
+    schema = parquet_schema(store)
+    value_type = schema.field("embedding").type.value_type
+    names = class_name_column(store)
+    step = chunk_rows(store, rows_per_chunk)
+    with pq.ParquetWriter(str(path), schema) as writer:
+        for start, chunk in store.iter_chunks(rows=step):
+            stop = start + len(chunk)
+            flat = pa.array(np.ascontiguousarray(chunk).reshape(-1), type=value_type)
+            columns = [pa.array(store.keys[start:stop], pa.string()),
+                       pa.array(store.labels[start:stop], pa.int64()),
+                       pa.array(names[start:stop], pa.string()),
+                       pa.array(store.views[start:stop], pa.int64()),
+                       pa.FixedSizeListArray.from_arrays(flat, int(store.features.shape[1]))]
+            writer.write_table(pa.Table.from_arrays(columns, schema=schema),
+                               row_group_size=len(chunk))
+        if len(store) == 0:
+            writer.write_table(schema.empty_table())
+
+
+def class_name_column(store: Any) -> list[str | None]:
+    """Each row's class name (None when unlabelled or the store records no names)."""
+    names = store.class_names or []
+    return [names[y] if 0 <= y < len(names) else None for y in np.asarray(store.labels).tolist()]
+
+
+def _h5py() -> Any:
+    try:
+        import h5py
+    except ImportError:
+        raise MissingDependencyError('HDF5 export needs h5py: pip install '
+                                     '"transferlab[hdf5]"') from None
+    return h5py
+
+
+def write_hdf5(store: Any, path: str | os.PathLike, rows_per_chunk: int | None = None) -> None:
+    """Datasets ``features`` (chunked), ``keys``, ``labels``, ``views`` (and ``class_names``);
+    the store's metadata as attributes of the file (nested values as JSON strings)."""
+    h5py = _h5py()
+    rows, dim = store.features.shape
+    step = chunk_rows(store, rows_per_chunk)
+    with h5py.File(path, "w") as f:
+        chunks = (min(step, rows), dim) if rows and dim else None
+        feats = f.create_dataset("features", shape=(rows, dim), dtype=store.features.dtype,
+                                 chunks=chunks)
+        for start, chunk in store.iter_chunks(rows=step):
+            feats[start:start + len(chunk)] = chunk
+        f.create_dataset("keys", data=np.array(store.keys, dtype=object),
+                         dtype=h5py.string_dtype("utf-8"))
+        f.create_dataset("labels", data=np.asarray(store.labels, np.int64))
+        f.create_dataset("views", data=np.asarray(store.views, np.int64))
+        if store.class_names:
+            f.create_dataset("class_names", data=np.array(store.class_names, dtype=object),
+                             dtype=h5py.string_dtype("utf-8"))
+        for key, value in store.meta.items():
+            f.attrs[key] = hdf5_attribute(value)
+
+
+def hdf5_attribute(value: Any) -> Any:
+    """Numbers, booleans and strings as themselves; anything else (lists, dicts, None) as a
+    JSON string, which every HDF5 reader can show."""
+    if isinstance(value, (bool, int, float, str)) and not isinstance(value, np.generic):
+        return value
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def store_to_pandas(store: Any, max_bytes: int = PANDAS_MAX_BYTES) -> Any:
+    """A pandas DataFrame: key, label, class_name, view, embedding (one numpy row each).
+
+    Loads every feature; a store over ``max_bytes`` is refused (export it to Parquet and
+    read that lazily with polars, DuckDB or ``pyarrow.dataset`` instead).
+    """
+    try:
+        import pandas as pd
+    except ImportError:
+        raise MissingDependencyError("to_pandas needs pandas: pip install pandas") from None
+    rows, dim = store.features.shape
+    size = rows * dim * store.features.dtype.itemsize
+    if size > max_bytes:
+        raise StoreError(f"the store's features take {size / 2**30:.1f} GiB, too many for one "
+                         "DataFrame; export it with `python -m transferlab.export STORE "
+                         "OUT.parquet` and read that lazily")
+    features = np.asarray(store.features)
+    return pd.DataFrame({"key": list(store.keys), "label": np.asarray(store.labels, np.int64),
+                         "class_name": class_name_column(store),
+                         "view": np.asarray(store.views, np.int64),
+                         "embedding": list(features)})
