@@ -5,7 +5,7 @@ import torch
 
 from transferlab.errors import StoreError
 from transferlab.runtime.distributed import dist_info, part_range
-from transferlab.store.format import check_fingerprint
+from transferlab.store.owner import prepare_store
 from transferlab.store.merge import merge_stores
 from transferlab.store.reader import FeatureStore
 from transferlab.store.writer import StoreWriter
@@ -60,12 +60,12 @@ def test_merge_refuses_mixed_configurations(tmp_path):
         merge_stores(tmp_path, [tmp_path / "a", tmp_path / "b"])
 
 
-def test_check_fingerprint_refuses_then_overwrites(tmp_path):
+def test_prepare_store_refuses_then_overwrites(tmp_path):
     write_part(tmp_path / "s", ["x"], np.zeros((1, 2), np.float32), {"m": 1})
-    check_fingerprint(tmp_path / "s", {"m": 1}, "float32")  # same: fine
+    prepare_store(tmp_path / "s", {"m": 1}, "float32")  # same: fine
     with pytest.raises(StoreError, match="overwrite=true"):
-        check_fingerprint(tmp_path / "s", {"m": 2}, "float32")
-    check_fingerprint(tmp_path / "s", {"m": 2}, "float32", overwrite=True)
+        prepare_store(tmp_path / "s", {"m": 2}, "float32")
+    prepare_store(tmp_path / "s", {"m": 2}, "float32", overwrite=True)
     assert not (tmp_path / "s" / "meta.json").exists()
 
 

@@ -38,7 +38,8 @@ from ..runtime.distributed import (
     part_range,
     rank_dir,
 )
-from ..store.format import check_fingerprint, library_versions
+from ..store.format import library_versions
+from ..store.owner import prepare_store
 from ..store.merge import merge_stores
 from ..store.reader import FeatureStore
 from ..store.writer import StoreWriter
@@ -147,7 +148,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
     prints = fingerprint(cfg, bundle)
     if info.enabled:
         if info.is_main:  # the merged store must not mix with one written otherwise
-            check_fingerprint(out_dir, prints, cfg.output.dtype, cfg.output.overwrite)
+            prepare_store(out_dir, prints, cfg.output.dtype, cfg.output.overwrite)
         barrier()
     writer = StoreWriter(rank_dir(out_dir, info), prints, cfg.output.dtype,
                          cfg.output.shard_size, cfg.output.overwrite)

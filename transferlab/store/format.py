@@ -38,14 +38,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import platform
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import StoreError
 from ..runtime.atomicfile import atomic_write
 
 FORMAT = "transferlab-feature-store"
@@ -73,7 +71,7 @@ def _write_json(path: Path, data: Any) -> None:
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # a crafted 100k-deep file: unreadable
         return None
 
 
@@ -89,13 +87,6 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(value, f"{prefix}{key}."))
         return out
     return {prefix.rstrip("."): data}
-
-
-def _differences(old: Any, new: Any, limit: int = 4) -> str:
-    a, b = _flatten(old), _flatten(new)
-    diffs = [f"{k}: stored {a.get(k)!r}, now {b.get(k)!r}"
-             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return "; ".join(diffs[:limit]) + (" ..." if len(diffs) > limit else "")
 
 
 def _npy_rows(path: Path) -> tuple[int, int] | None:
@@ -114,35 +105,3 @@ def library_versions() -> dict[str, str]:
         with contextlib.suppress(Exception):
             out[name] = __import__(name).__version__
     return out
-
-
-
-def check_fingerprint(directory: str | os.PathLike, fingerprint: dict, dtype: str,
-                      overwrite: bool = False) -> None:
-    """Refuse (or wipe, with ``overwrite``) a store at ``directory`` written otherwise."""
-    directory = Path(directory)
-    wanted = _normalized({"fingerprint": fingerprint, "dtype": str(np.dtype(dtype))})
-    stored = _read_json(directory / FINGERPRINT)
-    if stored is None or stored == wanted:
-        return
-    if not overwrite:
-        raise StoreError(f"the store {directory} was written with another configuration "
-                         f"({_differences(stored, wanted)}); use another output.dir, or set "
-                         "output.overwrite=true to replace it")
-    wipe_store(directory)
-
-
-
-def wipe_store(directory: str | os.PathLike) -> None:
-    """Delete a store's own files (shards, index, meta, failures); other files are kept."""
-    directory = Path(directory)
-    shards = directory / SHARDS
-    if shards.is_dir():
-        for path in shards.iterdir():
-            path.unlink()
-        shards.rmdir()
-    for name in (META, INDEX, FAILURES, FINGERPRINT):
-        (directory / name).unlink(missing_ok=True)
-
-
-

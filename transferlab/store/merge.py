@@ -1,16 +1,14 @@
 """Merging the stores of several processes (torchrun) into one."""
 from __future__ import annotations
 
-import csv
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from ..errors import StoreError
-from ..runtime.atomicfile import atomic_write
-from .format import FAILURES, FINGERPRINT, INDEX, META, RESERVED_META, _write_json
+from .files import finished_meta, write_failures, write_index
+from .format import FAILURES, FINGERPRINT, INDEX, META, _write_json
+from .owner import fingerprint_record
 from .reader import FeatureStore
 
 
@@ -35,27 +33,14 @@ def merge_stores(target: str | os.PathLike, parts: Sequence[str | os.PathLike],
     shards = [{"file": (s.dir / sh["file"]).relative_to(target).as_posix(), "rows": sh["rows"]}
               for s in stores for sh in s.meta["shards"]]
     keys = [k for s in stores for k in s.keys]
-    atomic_write(target / INDEX, lambda f: _write_merged_index(f, stores))
+    write_index(target / INDEX, ((key, label, view) for s in stores
+                                 for key, label, view in zip(s.keys, s.labels.tolist(),
+                                                             s.views.tolist())))
     failures = [item for s in stores for item in s.failures]
-    atomic_write(target / FAILURES, lambda f: csv.writer(f, lineterminator="\n").writerows(
-        [["key", "reason"], *failures]))
-    _write_json(target / FINGERPRINT, {"fingerprint": first["fingerprint"],
-                                       "dtype": first["dtype"]})
-    own = {**{k: first[k] for k in RESERVED_META if k in first},
+    write_failures(target / FAILURES, failures)
+    _write_json(target / FINGERPRINT, fingerprint_record(first["fingerprint"], first["dtype"]))
+    own = {**{k: first[k] for k in ("fingerprint", "dtype", "shard_size") if k in first},
            "dim": dims.pop() if dims else None, "rows": len(keys), "num_keys": len(set(keys)),
-           "num_failures": len(failures), "shards": shards,
-           "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _write_json(target / META, {**{k: v for k, v in (meta or {}).items()
-                                   if k not in RESERVED_META}, **own})
+           "num_failures": len(failures), "shards": shards}
+    _write_json(target / META, finished_meta(meta or {}, own))
     return FeatureStore.open(target)
-
-
-def _write_merged_index(f: Any, stores: Sequence[FeatureStore]) -> None:
-    out = csv.writer(f, lineterminator="\n")
-    out.writerow(["key", "label", "row", "view"])
-    row = 0
-    for store in stores:
-        for key, label, view in zip(store.keys, store.labels.tolist(), store.views.tolist()):
-            out.writerow([key, label, row, view])
-            row += 1
-

@@ -1,7 +1,6 @@
 """Reading a finished feature store: memory-mapped shards, index, metadata."""
 from __future__ import annotations
 
-import csv
 import difflib
 import os
 import pickle
@@ -12,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StoreError
 from ..runtime.atomicfile import atomic_write
-from .format import FAILURES, FORMAT, INDEX, META, SHARDS, VERSION, _read_json
+from .files import read_failures, read_index, read_meta, shard_files
+from .format import FAILURES, INDEX
 
 # Reader
 # ---------------------------------------------------------------------------------------
@@ -112,15 +111,14 @@ class ShardedArray:
 class FeatureStore:
     """A finished store, opened lazily: features stay on disk until indexed."""
 
-    def __init__(self, directory: Path, meta: dict, keys: list[str], labels: np.ndarray,
-                 views: np.ndarray, failures: list[tuple[str, str]]):
+    def __init__(self, directory: Path, meta: dict, files: list[Path], keys: list[str],
+                 labels: np.ndarray, views: np.ndarray, failures: list[tuple[str, str]]):
         self.dir = directory
         self.meta = meta
         self.keys = keys
         self.labels = labels
         self.views = views
         self.failures = failures
-        files = [directory / s["file"] for s in meta["shards"]]
         counts = [int(s["rows"]) for s in meta["shards"]]
         self.features = ShardedArray(files, counts, int(meta.get("dim") or 0), meta["dtype"])
         self._first_row: dict[str, int] | None = None
@@ -129,13 +127,11 @@ class FeatureStore:
     def open(cls, directory: str | os.PathLike) -> FeatureStore:
         """Open the store at ``directory``; StoreError if missing, unfinished or damaged."""
         directory = Path(directory)
-        meta = _read_meta(directory)
-        keys, labels, views = _read_index(directory / INDEX, int(meta["rows"]))
-        for shard in meta["shards"]:
-            if not (directory / shard["file"]).is_file():
-                raise StoreError(f"{directory / shard['file']} is missing; the store is "
-                                 "damaged, rerun the extract with output.overwrite=true")
-        return cls(directory, meta, keys, labels, views, _read_failures(directory / FAILURES))
+        meta = read_meta(directory)
+        files = shard_files(directory, meta)
+        keys, labels, views = read_index(directory / INDEX, meta["rows"])
+        return cls(directory, meta, files, keys, labels, views,
+                   read_failures(directory / FAILURES))
 
     @property
     def class_names(self) -> list[str] | None:
@@ -206,50 +202,3 @@ class FeatureStore:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return (f"{key!r} is not in the store {self.dir}{hint} (keys are paths relative to the "
                 "data root)")
-
-
-def _read_meta(directory: Path) -> dict:
-    if not directory.is_dir():
-        raise StoreError(f"no feature store at {directory}; check the path or run "
-                         "`python -m transferlab.extract CONFIG` to create it")
-    meta_path = directory / META
-    if not meta_path.is_file():
-        if (directory / SHARDS).is_dir():
-            raise StoreError(f"the store {directory} is unfinished (the run was interrupted); "
-                             "rerun the same extract command to resume it")
-        raise StoreError(f"{directory} is not a feature store (no {META}); check the path")
-    meta = _read_json(meta_path)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise StoreError(f"{meta_path} is not a transferlab store's metadata; check the path")
-    if meta.get("version", 0) > VERSION:
-        raise StoreError(f"{directory} was written by a newer transferlab (format version "
-                         f"{meta['version']}); upgrade transferlab")
-    return meta
-
-
-def _read_index(path: Path, rows: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-    if not path.is_file():
-        raise StoreError(f"{path} is missing; the store is damaged, rerun the extract")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        next(reader, None)
-        records = list(reader)
-    if len(records) != rows:
-        raise StoreError(f"{path} lists {len(records)} rows but meta.json says {rows}; the "
-                         "store is damaged, rerun the extract")
-    keys = [r[0] for r in records]
-    labels = np.array([int(r[1]) for r in records], np.int64)
-    views = np.array([int(r[3]) for r in records], np.int64)
-    return keys, labels, views
-
-
-def _read_failures(path: Path) -> list[tuple[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        next(reader, None)
-        return [(r[0], r[1]) for r in reader if r]
-
-
-

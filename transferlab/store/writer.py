@@ -1,13 +1,8 @@
 """The writer of a feature store: shards, index, failures and meta, resumable."""
 from __future__ import annotations
 
-import csv
-import json
 import os
-import queue
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,27 +10,13 @@ import numpy as np
 
 from ..errors import StoreError
 from ..runtime.atomicfile import atomic_write
+from ..runtime.background import BackgroundJobs
 from ..runtime.lock import try_lock
-from .format import (
-    DTYPES,
-    FAILURE_LOG,
-    FAILURES,
-    FINGERPRINT,
-    FORMAT,
-    INDEX,
-    META,
-    RESERVED_META,
-    SHARDS,
-    VERSION,
-    _differences,
-    _normalized,
-    _npy_rows,
-    _read_json,
-    _write_json,
-    shard_name,
-    wipe_store,
-)
+from .files import finished_meta, write_failures, write_index
+from .format import DTYPES, FAILURE_LOG, FAILURES, INDEX, META, SHARDS, _write_json, shard_name
+from .owner import prepare_store, refuse_foreign
 from .reader import FeatureStore
+from .recovery import failure_lines, recover
 
 # Writer
 # ---------------------------------------------------------------------------------------
@@ -62,23 +43,23 @@ class StoreWriter:
         self.dtype = np.dtype(dtype)
         self.shard_size = int(shard_size)
         self.fsync = fsync
-        self._wanted = _normalized({"fingerprint": fingerprint, "dtype": self.dtype.name})
-        self._started = time.time()
+        self._fingerprint = fingerprint
         self._closed = False
+        refuse_foreign(self.dir)  # before the lock file is written into a user's folder
         self._lock = self._acquire_lock()
         try:
-            self._prepare(overwrite)
-            self._recover()
+            prepare_store(self.dir, fingerprint, self.dtype.name, overwrite)
+            (self.dir / SHARDS).mkdir(exist_ok=True)
+            state = recover(self.dir, fsync)
         except BaseException:
             self._release_lock()
             raise
+        self._parts, self.dim = state.parts, state.dim
+        self._done, self._partial, self._failures = state.done, state.partial, state.failures
         self._done_at_open = frozenset(self._done)
         self._reset_buffer()
         self._dirty = False
-        self._error: BaseException | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
-        self._thread = threading.Thread(target=self._worker, name="store-writer", daemon=True)
-        self._thread.start()
+        self._jobs = BackgroundJobs("store-writer", queue_size)
 
     # ---- public ------------------------------------------------------------------------
 
@@ -94,11 +75,6 @@ class StoreWriter:
         """True once ``key``'s rows are in a shard (in this or an earlier run) or it failed
         in this run."""
         return key in self._done
-
-    @property
-    def rows_written(self) -> int:
-        """Rows in finished or queued shards (not counting the buffer)."""
-        return self._rows
 
     def add(self, keys: Sequence[str], labels: Sequence[int] | np.ndarray, features: Any,
             views: Sequence[int] | np.ndarray | None = None) -> None:
@@ -149,12 +125,14 @@ class StoreWriter:
         self._check_open()
         if self._buf_keys:
             self._flush(len(self._buf_keys))
-        self._stop()
+        self._jobs.stop()
         try:
             self._raise_if_failed()
-            self._write_index()
-            atomic_write(self.dir / FAILURES, self._write_failures_csv, fsync=self.fsync)
-            _write_json(self.dir / META, self._meta(meta or {}))
+            write_index(self.dir / INDEX, ((k, label, v) for p in self._parts
+                                           for k, label, v in zip(p["keys"], p["labels"],
+                                                                  p["views"])), self.fsync)
+            write_failures(self.dir / FAILURES, self._failures.items(), self.fsync)
+            _write_json(self.dir / META, finished_meta(meta or {}, self._own_meta()))
         finally:
             self._closed = True
             self._release_lock()
@@ -169,16 +147,16 @@ class StoreWriter:
         if self._closed:
             return
         self._closed = True
-        self._stop()
+        self._jobs.stop()
         self._release_lock()
 
     def __enter__(self) -> StoreWriter:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.abort()  # no-op after close()
 
-    # ---- opening: fingerprint, lock, recovery -------------------------------------------
+    # ---- the lock -------------------------------------------------------------------------
 
     def _acquire_lock(self) -> Any:
         handle = try_lock(self.dir)
@@ -192,86 +170,6 @@ class StoreWriter:
             self._lock.close()
             self._lock = None
 
-    def _prepare(self, overwrite: bool) -> None:
-        """Refuse (or wipe, with ``overwrite``) a store written with another fingerprint."""
-        stored = _read_json(self.dir / FINGERPRINT)
-        has_store = any((self.dir / n).exists() for n in (META, INDEX, FAILURES, SHARDS))
-        if stored is None and not has_store or stored == self._wanted:
-            (self.dir / SHARDS).mkdir(exist_ok=True)
-            if stored is None:
-                _write_json(self.dir / FINGERPRINT, self._wanted)
-            return
-        if not overwrite:
-            why = _differences(stored, self._wanted) if stored is not None else \
-                "it has no readable fingerprint.json"
-            raise StoreError(f"the store {self.dir} was written with another configuration "
-                             f"({why}); use another output.dir, or set output.overwrite=true "
-                             "to replace it")
-        wipe_store(self.dir)
-        (self.dir / SHARDS).mkdir()
-        _write_json(self.dir / FINGERPRINT, self._wanted)
-
-    def _recover(self) -> None:
-        """Load finished shards' parts and logged failures; delete everything unfinished."""
-        shards = self.dir / SHARDS
-        for tmp in list(shards.glob("*.tmp")) + list(self.dir.glob("*.tmp")):
-            tmp.unlink(missing_ok=True)
-        self._parts: list[dict] = []
-        self.dim: int | None = None
-        while True:
-            part = self._finished_part(len(self._parts))
-            if part is None:
-                break
-            self._parts.append(part)
-        for path in shards.glob("shard-*"):
-            number = path.name[6:11]
-            if not number.isdigit() or int(number) >= len(self._parts):  # unfinished/gap
-                path.unlink()
-        self._rows = sum(p["rows"] for p in self._parts)
-        self._done, self._partial = self._done_from_parts()
-        # failed keys stay to do (retried); one read since then has rows: not a failure
-        self._failures = {k: r for k, r in self._read_failure_log() if k not in self._done}
-
-    def _finished_part(self, n: int) -> dict | None:
-        part = _read_json(self.dir / SHARDS / f"{shard_name(n)}.json")
-        header = _npy_rows(self.dir / SHARDS / f"{shard_name(n)}.npy")
-        if not isinstance(part, dict) or header is None or header[0] != part.get("rows"):
-            return None
-        if self.dim is not None and header[1] != self.dim:
-            return None
-        self.dim = header[1]
-        return part
-
-    def _done_from_parts(self) -> tuple[set[str], dict[str, set[int]]]:
-        done: set[str] = set()
-        for part in self._parts:
-            done.update(part["keys"])
-        partial: dict[str, set[int]] = {}
-        split = self._parts[-1].get("split_key") if self._parts else None
-        if split is not None:  # its remaining views were lost with the buffer
-            done.discard(split)
-            partial[split] = {v for p in self._parts for k, v in zip(p["keys"], p["views"])
-                              if k == split}
-        return done, partial
-
-    def _read_failure_log(self) -> list[tuple[str, str]]:
-        path = self.dir / SHARDS / FAILURE_LOG
-        if not path.is_file():
-            return []
-        items, clean = [], True
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines(True):
-            try:
-                if not line.endswith("\n"):
-                    raise ValueError("partial line")
-                key, reason = json.loads(line)
-                items.append((str(key), str(reason)))
-            except (ValueError, TypeError):
-                clean = False
-                break
-        if not clean:  # a kill in the middle of a line: keep the complete ones
-            atomic_write(path, lambda f: f.writelines(_failure_lines(items)), fsync=self.fsync)
-        return items
-
     # ---- adding ---------------------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -280,10 +178,10 @@ class StoreWriter:
         self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise StoreError(f"writing the store {self.dir} failed: {self._error!r}; fix the "
-                             "cause (disk full? permissions?) and rerun to resume") \
-                from self._error
+        error = self._jobs.error
+        if error is not None:
+            raise StoreError(f"writing the store {self.dir} failed: {error!r}; fix the "
+                             "cause (disk full? permissions?) and rerun to resume") from error
 
     def _check_dim(self, dim: int) -> None:
         if self.dim is None:
@@ -315,7 +213,6 @@ class StoreWriter:
                 "views": views[:rows].tolist(), "split_key": split}
         n = len(self._parts)
         self._parts.append(part)
-        self._rows += rows
         self._done.update(k for k in part["keys"] if k != split)
         shard = np.ascontiguousarray(feats[:rows])
         self._reset_buffer()
@@ -326,35 +223,12 @@ class StoreWriter:
 
     # ---- the writer thread ------------------------------------------------------------------
 
-    def _submit(self, job: Callable[[], None]) -> None:
+    def _submit(self, job: Any) -> None:
         if not self._dirty:  # the store changes: it is no longer a finished one
             self._dirty = True
             for name in (META, INDEX):
                 (self.dir / name).unlink(missing_ok=True)
-        while True:
-            self._check_open()
-            try:
-                self._queue.put(job, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def _worker(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            if self._error is None:
-                try:
-                    job()
-                except BaseException as exc:  # noqa: BLE001 - surfaced in the main thread
-                    self._error = exc
-
-    def _stop(self) -> None:
-        """Let the thread write what is queued, then end it."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        self._jobs.submit(job, self._check_open)
 
     def _write_shard(self, n: int, shard: np.ndarray, part: dict) -> None:
         base = self.dir / SHARDS / shard_name(n)
@@ -363,39 +237,21 @@ class StoreWriter:
 
     def _append_failures(self, items: list[tuple[str, str]]) -> None:
         with open(self.dir / SHARDS / FAILURE_LOG, "a", encoding="utf-8") as f:
-            f.writelines(_failure_lines(items))
+            f.writelines(failure_lines(items))
             f.flush()
             if self.fsync:
                 os.fsync(f.fileno())
 
     # ---- closing ----------------------------------------------------------------------------
 
-    def _write_index(self) -> None:
-        def write(f: Any) -> None:
-            out = csv.writer(f, lineterminator="\n")
-            out.writerow(["key", "label", "row", "view"])
-            row = 0
-            for part in self._parts:
-                for key, label, view in zip(part["keys"], part["labels"], part["views"]):
-                    out.writerow([key, label, row, view])
-                    row += 1
-        atomic_write(self.dir / INDEX, write, fsync=self.fsync)
-
-    def _write_failures_csv(self, f: Any) -> None:
-        out = csv.writer(f, lineterminator="\n")
-        out.writerow(["key", "reason"])
-        out.writerows(self._failures.items())
-
-    def _meta(self, meta: dict) -> dict:
+    def _own_meta(self) -> dict:
         keys = {k for p in self._parts for k in p["keys"]}
         shards = [{"file": f"{SHARDS}/{shard_name(i)}.npy", "rows": p["rows"]}
                   for i, p in enumerate(self._parts)]
-        own = {"format": FORMAT, "version": VERSION, "fingerprint": self._wanted["fingerprint"],
-               "dtype": self.dtype.name, "dim": self.dim, "rows": self._rows,
-               "num_keys": len(keys), "num_failures": len(self._failures),
-               "shard_size": self.shard_size, "shards": shards,
-               "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        return {**{k: v for k, v in meta.items() if k not in RESERVED_META}, **own}
+        return {"fingerprint": self._fingerprint, "dtype": self.dtype.name, "dim": self.dim,
+                "rows": sum(p["rows"] for p in self._parts), "num_keys": len(keys),
+                "num_failures": len(self._failures), "shard_size": self.shard_size,
+                "shards": shards}
 
 
 def _as_rows(features: Any) -> np.ndarray:
@@ -406,10 +262,3 @@ def _as_rows(features: Any) -> np.ndarray:
         raise StoreError(f"features must be 2-D (rows, dim), got shape {feats.shape}; "
                          "pool or flatten them first")
     return feats
-
-
-def _failure_lines(items: list[tuple[str, str]]) -> list[str]:
-    return [json.dumps([k, r], ensure_ascii=False) + "\n" for k, r in items]
-
-
-

@@ -1,0 +1,91 @@
+"""Reopening a store a killed run left: what is finished, what to delete, what to redo.
+
+Pure reading plus the deletion of the store's own unfinished files: a shard counts only if
+its ``.json`` (written last) and a complete ``.npy`` agree, and the shards that count are
+a gap-free run from ``shard-00000``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..runtime.atomicfile import atomic_write
+from .format import FAILURE_LOG, SHARDS, _npy_rows, _read_json, shard_name
+from .owner import _SHARD_FILE, CONFIG, OWN_FILES, _regular, remove_temporaries
+
+
+@dataclass
+class Recovered:
+    parts: list[dict]  # each finished shard's keys/labels/views/rows/split_key
+    dim: int | None
+    done: set[str]  # keys whose rows are all on disk
+    partial: dict[str, set[int]]  # the key split over the last shard: its views on disk
+    failures: dict[str, str]  # logged failures still to retry
+
+
+def recover(directory: Path, fsync: bool = True) -> Recovered:
+    """The finished part of the store at ``directory``; its unfinished files are deleted."""
+    shards = directory / SHARDS
+    remove_temporaries(directory, lambda name: name in (*OWN_FILES, CONFIG))
+    remove_temporaries(shards, lambda name: bool(_SHARD_FILE.fullmatch(name))
+                       or name == FAILURE_LOG)
+    parts, dim = finished_parts(shards)
+    for entry in os.scandir(shards):
+        match = _SHARD_FILE.fullmatch(entry.name)
+        if match and int(match["number"]) >= len(parts) and _regular(entry.path):
+            os.unlink(entry.path)  # unfinished, or after a gap
+    done, partial = done_keys(parts)
+    logged = read_failure_log(shards / FAILURE_LOG, fsync)
+    # failed keys stay to do (retried); one read since then has rows: not a failure
+    return Recovered(parts, dim, done, partial, {k: r for k, r in logged if k not in done})
+
+
+def finished_parts(shards: Path) -> tuple[list[dict], int | None]:
+    parts: list[dict] = []
+    dim = None
+    while True:
+        base = shards / shard_name(len(parts))
+        npy, part_file = base.with_suffix(".npy"), base.with_suffix(".json")
+        if not (_regular(npy) and _regular(part_file)):
+            return parts, dim
+        part, header = _read_json(part_file), _npy_rows(npy)
+        if not isinstance(part, dict) or header is None or header[0] != part.get("rows") \
+                or dim not in (None, header[1]):
+            return parts, dim
+        dim = header[1]
+        parts.append(part)
+
+
+def done_keys(parts: list[dict]) -> tuple[set[str], dict[str, set[int]]]:
+    done = {key for part in parts for key in part["keys"]}
+    partial: dict[str, set[int]] = {}
+    split = parts[-1].get("split_key") if parts else None
+    if split is not None:  # its remaining views were lost with the buffer
+        done.discard(split)
+        partial[split] = {v for p in parts for k, v in zip(p["keys"], p["views"]) if k == split}
+    return done, partial
+
+
+def read_failure_log(path: Path, fsync: bool = True) -> list[tuple[str, str]]:
+    """The complete lines of ``failures.jsonl``; a line cut by a kill is dropped."""
+    if not _regular(path):
+        return []
+    items, clean = [], True
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines(True):
+        try:
+            if not line.endswith("\n"):
+                raise ValueError("partial line")
+            key, reason = json.loads(line)
+            items.append((str(key), str(reason)))
+        except (ValueError, TypeError):
+            clean = False
+            break
+    if not clean:  # keep the complete ones
+        atomic_write(path, lambda f: f.writelines(failure_lines(items)), fsync=fsync)
+    return items
+
+
+def failure_lines(items: list[tuple[str, str]]) -> list[str]:
+    return [json.dumps([k, r], ensure_ascii=False) + "\n" for k, r in items]
