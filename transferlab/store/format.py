@@ -9,10 +9,15 @@ Layout::
                              rows, num_keys, num_failures, shard_size and
                              shards = [{"file": "shards/shard-00000.npy", "rows": 4096}, ...]
       index.csv              key,label,row,view - one line per feature row, in row order
-                             (key: path relative to the data root; label -1 when unknown)
+                             (key: path relative to the data root; label -1 when unknown);
+                             RFC 4180 CSV ("\r\n" line ends, odd keys quoted)
       failures.csv           key,reason - items that could not be read
-      fingerprint.json       what the features depend on (backbone, cut, preprocessing,
-                             dtype, views); a run with another fingerprint is refused
+      fingerprint.json       the format marker, then what the features depend on (backbone,
+                             cut, preprocessing, compute settings, class names, dtype, views);
+                             a run with another fingerprint is refused. Its marker is what
+                             lets transferlab delete files here: only its own names, never
+                             through a link, and no directory without it is written into
+                             unless empty
       shards/shard-00000.npy float16/float32 array (rows, dim); every shard but the last of a
                              run holds exactly shard_size rows; never rewritten once finished
       shards/shard-00000.json  the shard's keys/labels/views; written after the .npy, so its
