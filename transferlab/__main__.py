@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, Callable[[], Callable[[Sequence[str] | None], int
                 partial(_main_of, ".cluster")),
     "export": ("a store as Parquet, HDF5, .npz or pickle",
                partial(_main_of, ".export")),
+    "index": ("a FAISS index inside a store for fast search",
+              partial(_main_of, ".index")),
 }
 
 

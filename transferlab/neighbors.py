@@ -3,6 +3,10 @@
 The database is streamed chunk by chunk (``store.iter_chunks``) and a running top-k is
 merged after each chunk, so a store larger than RAM can be searched with many queries at
 once. Results are exact and deterministic: equal distances are ordered by lower row index.
+
+``store_search`` / ``store_nearest`` use the store's FAISS index (``python -m
+transferlab.index``) when one was built for the metric and the store has not changed since;
+a stale index is refused (StoreError), and ``exact=True`` always scans.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 from .errors import ConfigError, DataError
 from .extract.compute import embed_images
 from .runtime.device import resolve_device
+from .store.index import load_index
 
 METRICS = ("cosine", "euclidean")
 # Elements of one (queries x rows) distance block; bounds memory of a search step.
@@ -141,33 +146,42 @@ def _check_metric(metric: str) -> str:
 
 
 def store_nearest(store: Any, vectors_or_paths: np.ndarray | Sequence[str], k: int = 5,
-                  metric: str = "cosine", trust_code: bool = False
+                  metric: str = "cosine", trust_code: bool = False, exact: bool = False
                   ) -> list[list[tuple[str, float]]]:
     """Nearest stored items for each query, as ``[(key, distance), ...]`` per query.
 
     Queries are feature vectors, keys of the store (their stored vectors are used), or image
     files (embedded with the store's own backbone, cut and preprocessing; ``trust_code`` lets a
     trusted store's metadata name code to run). A key stored with several views appears once,
-    at its closest view.
+    at its closest view. The store's fresh FAISS index is used unless ``exact``.
     """
-    hits = store_search(store, query_vectors(store, vectors_or_paths, trust_code), k, metric)
+    hits = store_search(store, query_vectors(store, vectors_or_paths, trust_code), k, metric,
+                        exact=exact)
     keys = store.keys
     return [[(keys[row], dist) for row, dist in q] for q in hits]
 
 
 def store_search(store: Any, vectors: np.ndarray, k: int, metric: str = "cosine",
-                 device: str | torch.device | None = None) -> list[list[tuple[int, float]]]:
-    """``[(row, distance), ...]`` per query: the k closest distinct keys of a store."""
+                 device: str | torch.device | None = None,
+                 exact: bool = False) -> list[list[tuple[int, float]]]:
+    """``[(row, distance), ...]`` per query: the k closest distinct keys of a store, through
+    its fresh FAISS index for ``metric`` when there is one (unless ``exact``)."""
+    _check_metric(metric)
+    check_k(k)
     views = getattr(store, "views", None)
     per_key = int(np.max(views)) + 1 if views is not None and len(views) else 1
-    dist, idx = nearest(store, vectors, k * per_key, metric, device=device)
+    index = None if exact else load_index(store, metric)
+    if index is not None:
+        dist, idx = index.search(vectors, k * per_key)
+    else:
+        dist, idx = nearest(store, vectors, k * per_key, metric, device=device)
     keys = store.keys
     out = []
     for rows, dists in zip(idx.tolist(), dist.tolist()):
         seen: set[str] = set()
         hits = []
         for row, d in zip(rows, dists):
-            if keys[row] not in seen and len(hits) < k:
+            if row >= 0 and keys[row] not in seen and len(hits) < k:
                 seen.add(keys[row])
                 hits.append((row, d))
         out.append(hits)
