@@ -19,10 +19,12 @@ from torch.utils.data import DataLoader
 
 from ..config import ExtractConfig, save_config, to_dict
 from ..data.datasets import ImageDataset
+from ..data.fingerprint import data_fingerprint, label_fingerprint
 from ..data.preprocess import PreprocessSpec
 from ..data.sources import build_dataset
 from ..errors import ConfigError
 from ..models.extractor import ExtractorBundle, extractor_from_config
+from ..models.fusion import FOLDABLE
 from ..runtime.device import (
     Runtime,
     apply_runtime,
@@ -38,8 +40,8 @@ from ..runtime.distributed import (
     part_range,
     rank_dir,
 )
-from ..store.format import library_versions
-from ..store.owner import prepare_store
+from ..runtime.record import compute_record
+from ..store.format import check_fingerprint, library_versions
 from ..store.merge import merge_stores
 from ..store.reader import FeatureStore
 from ..store.writer import StoreWriter
@@ -81,8 +83,11 @@ class ExtractResult:
 # ---------------------------------------------------------------------------------------
 
 
-def fingerprint(cfg: ExtractConfig, bundle: ExtractorBundle) -> dict:
-    """What the features depend on; a store written with another fingerprint is refused."""
+def fingerprint(cfg: ExtractConfig, bundle: ExtractorBundle, compute: dict,
+                class_names: list[str] | None) -> dict:
+    """What the features and their labels depend on; a store written with another
+    fingerprint is refused. ``compute`` is ``compute_settings``: the resolved settings that
+    change the numbers beyond the store dtype's rounding."""
     model = cfg.model
     weights: Any = None
     if model.weights:
@@ -102,14 +107,15 @@ def fingerprint(cfg: ExtractConfig, bundle: ExtractorBundle) -> dict:
             "preprocess": bundle.spec.to_dict(), "views": cfg.output.views,
             "view_mode": cfg.output.view_mode if cfg.output.views else None,
             "decode": "torchvision" if cfg.runtime.gpu_decode else "pil",  # kernels differ
-            "data": {"source": cfg.data.source, "root": absolute(cfg.data.root),
-                     "list_file": absolute(cfg.data.list_file), "dataset": cfg.data.dataset,
-                     "split": cfg.data.split}}
+            "compute": compute, "data": data_fingerprint(cfg.data),
+            "labels": label_fingerprint(cfg.data, class_names)}
 
 
-def absolute(path: str | None) -> str | None:
-    """The same folder named from another working directory is the same data."""
-    return None if path is None else str(Path(path).expanduser().resolve())
+def compute_settings(cfg: ExtractConfig, extractor: nn.Module, rt: Runtime) -> dict:
+    """``meta["compute"]``: what computed the rows (queries are embedded alike); BatchNorm
+    folding counts only where the model has a BatchNorm to fold."""
+    folds = cfg.runtime.fold_bn and any(type(m) in FOLDABLE for m in extractor.modules())
+    return compute_record(rt, folds)
 
 
 def file_hash(path: str | Path) -> str:
@@ -145,10 +151,11 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
     if cfg.runtime.gpu_decode:
         check_gpu_decode(cfg, spec)
     out_dir = Path(cfg.output.dir)
-    prints = fingerprint(cfg, bundle)
+    computed = compute_settings(cfg, bundle.extractor, rt)
+    prints = fingerprint(cfg, bundle, computed, full.class_names)
     if info.enabled:
         if info.is_main:  # the merged store must not mix with one written otherwise
-            prepare_store(out_dir, prints, cfg.output.dtype, cfg.output.overwrite)
+            check_fingerprint(out_dir, prints, cfg.output.dtype, cfg.output.overwrite)
         barrier()
     writer = StoreWriter(rank_dir(out_dir, info), prints, cfg.output.dtype,
                          cfg.output.shard_size, cfg.output.overwrite)
@@ -168,10 +175,11 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
         bar = progress_bar(len(dataset) - skipped, progress and info.is_main)
         with bar:
             written, failed = write_features(loader, compute, writer, cfg, bar, on_batch,
-                                             prepare)
+                                             prepare, batch_size)
         loop_seconds = time.time() - loop_started
         counts = (written, failed, skipped)
         meta = store_meta(cfg, bundle, rt, dataset, batch_size, counts, time.time() - started)
+        meta["compute"] = computed
         store = writer.close(meta)
     if info.enabled:
         counts, store = merge_ranks(out_dir, info, counts, meta, len(full))
@@ -237,20 +245,26 @@ def progress_bar(total: int, enabled: bool) -> Any:
 
 def write_features(loader: DataLoader, compute: FeatureComputer, writer: StoreWriter,
                    cfg: ExtractConfig, bar: Any, on_batch: Callable[[int], None] | None,
-                   prepare: Callable[[dict], dict] | None = None) -> tuple[int, int]:
+                   prepare: Callable[[dict], dict] | None = None,
+                   chunk: int | None = None) -> tuple[int, int]:
     """Compute and store every batch; returns (written, failed) counts of items that were
-    not done before this run. Batch i + 1 is launched before batch i's rows are stored."""
+    not done before this run. Batch i + 1 is launched before batch i's rows are stored.
+
+    A batch of B images with views is B * (1 + views) images: they go through the model
+    ``chunk`` (the batch size) at a time, so views do not multiply the activation memory."""
+    chunk = max(1, chunk or cfg.runtime.batch_size or 1 << 30)
     done = writer.done_keys
     counts = [0, 0]
-    pending: tuple[dict, Pending | None] | None = None
+    pending: tuple[dict, list[Pending]] | None = None
 
-    def store(batch: dict, handle: Pending | None) -> None:
+    def store(batch: dict, handles: list[Pending]) -> None:
         failures = [f for f in batch["failures"] if f[0] not in done]
         if failures:
             writer.add_failures(failures)
-        if handle is not None:
+        if handles:
             b = len(batch["key"])
-            feats = compute.finish(handle).reshape(b, cfg.output.views + 1, -1)
+            rows = np.concatenate([compute.finish(h) for h in handles])
+            feats = rows.reshape(b, cfg.output.views + 1, -1)
             add_rows(writer, batch["key"], batch["label"].numpy(), feats, cfg)
         new = sum(key not in done for key in batch["key"])
         counts[0] += new
@@ -263,10 +277,11 @@ def write_features(loader: DataLoader, compute: FeatureComputer, writer: StoreWr
         if prepare is not None:
             batch = prepare(batch)
         images = batch["image"]  # (B, 1 + views, C, H, W) uint8, or None: all failed
-        handle = compute.start(images.flatten(0, 1)) if images is not None else None
+        handles = [] if images is None else [  # memory of at most chunk images' activations
+            compute.start(part) for part in images.flatten(0, 1).split(chunk)]
         if pending is not None:
             store(*pending)
-        pending = (batch, handle)
+        pending = (batch, handles)
     if pending is not None:
         store(*pending)
     return counts[0], counts[1]

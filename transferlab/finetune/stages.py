@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig, to_dict
+from ..data.fingerprint import data_fingerprint
 from ..data.preprocess import PreprocessSpec
 from ..errors import ConfigError
 from ..models.checkpoint import BACKBONE_FORMAT
@@ -211,8 +212,7 @@ def cache(ctx: Context, net: Network, src: Source, where: str, keys: list[str],
           data_cfg: DataConfig, digest: dict, name: str) -> Source:
     """Features of ``src`` (this process's share); a disk cache of each process goes to
     ``cache/ranks/world-N/rank-R`` as the parts of an extraction do."""
-    fingerprint = {**digest, "data": {k: getattr(data_cfg, k) for k in
-                                      ("source", "root", "list_file", "dataset", "split")}}
+    fingerprint = {**digest, "data": data_fingerprint(data_cfg)}  # as extraction names it
     folder = rank_dir(ctx.out / "cache", ctx.info)
     return cache_features(net, src, where, ctx.rt, ctx.eval_batch, net.base.output_shape,
                           keys, folder / name, fingerprint, ctx.progress)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..runtime.device import Runtime, frozen_forward
+from ..runtime.record import compute_record
 from ..store.writer import StoreWriter
 from .network import Network
 from .sources import ArraySource, LoaderSource, Source, TensorSource
@@ -99,6 +100,8 @@ def _cache_on_disk(net: Network, src: Source, rt: Runtime, batch_size: int,
                    cache_dir: Path | None, fingerprint: dict, progress: bool) -> Source:
     if keys is None or cache_dir is None:
         raise ValueError("the disk cache needs keys and cache_dir")
+    # rows of another precision, layout or device type must not mix with these: rebuilt
+    fingerprint = {**fingerprint, "compute": compute_record(rt)}
     writer = StoreWriter(cache_dir, fingerprint, dtype="float32", overwrite=True, fsync=False)
     try:
         done = writer.done_keys
