@@ -10,8 +10,27 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+_REAL_CUDA_AVAILABLE = torch.cuda.is_available
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_unless_cuda_is_asked():
+    """Tests run on the CPU on every machine (their tolerances and cache places assume it),
+    module-scoped fixtures included; a test that takes the ``cuda`` fixture gets the GPU."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _subprocesses_see_no_gpu(request, monkeypatch):
+    if "cuda" not in request.fixturenames:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture
-def cuda():
-    if not torch.cuda.is_available():
+def cuda(monkeypatch):
+    if not _REAL_CUDA_AVAILABLE():
         pytest.skip("needs a CUDA GPU (none here)")
+    monkeypatch.setattr(torch.cuda, "is_available", _REAL_CUDA_AVAILABLE)
     return torch.device("cuda")

@@ -75,9 +75,12 @@ def cpu_has_bf16_units() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto': bf16 autocast on CUDA, and on CPUs with bf16 matrix units; fp32 elsewhere."""
+    """'auto': bf16 autocast on CUDA GPUs that support it (fp16 on older ones) and on CPUs
+    with bf16 matrix units; fp32 elsewhere."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" or cpu_has_bf16_units() else "fp32"
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_bf16_units() else "fp32"
     if device.type == "cpu" and precision == "fp16":
         raise ConfigError("runtime.precision=fp16 needs CUDA; use fp32 (or bf16) on the CPU")
     return precision
@@ -130,15 +133,39 @@ def tune_malloc(threshold: int = 1 << 30) -> bool:
 
 
 def apply_runtime(rt: Runtime) -> None:
-    """Process-wide settings: CPU threads and allocator, cuDNN autotuning, TF32 matmuls."""
+    """Process-wide settings: CPU threads and allocator; on CUDA the device, cuDNN autotuning
+    and TF32, which only mixed-precision runs get: ``precision: fp32`` means full fp32."""
     if rt.device.type == "cpu":
         torch.set_num_threads(rt.threads)
         if rt.tune_malloc:
             tune_malloc()
-    else:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        return
+    if rt.device.index is not None:  # events, streams and "cuda" then mean this GPU
+        torch.cuda.set_device(rt.device)
+    torch.backends.cudnn.benchmark = True
+    set_tf32(rt.precision != "fp32")
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for CUDA fp32 matmuls and convolutions, through the ``fp32_precision`` API only
+    (torch raises when it is mixed with the legacy ``allow_tf32`` flags)."""
+    mode = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = mode
+    torch.backends.cudnn.conv.fp32_precision = mode
+
+
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """Full fp32 (no TF32) for the math whose answer is the result: the probe's solver,
+    kNN distances, k-means. Restores the previous settings."""
+    before = (torch.backends.cuda.matmul.fp32_precision,
+              torch.backends.cudnn.conv.fp32_precision)
+    set_tf32(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = \
+            before
 
 
 def seed_everything(seed: int) -> torch.Generator:

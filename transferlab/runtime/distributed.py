@@ -57,11 +57,29 @@ def init_distributed(device: str = "auto", timeout_minutes: int = 60) -> DistInf
     if not info.enabled or dist.is_initialized():
         return info
     use_cuda = torch.cuda.is_available() and device != "cpu"
-    if use_cuda:
-        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
-    dist.init_process_group("nccl" if use_cuda else "gloo",
-                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if not use_cuda:
+        dist.init_process_group("gloo", timeout=timeout)
+        return info
+    gpu = torch.device("cuda", local_gpu(info, device))
+    torch.cuda.set_device(gpu)
+    dist.init_process_group("nccl", timeout=timeout, device_id=gpu)
     return info
+
+
+def local_gpu(info: DistInfo, device: str) -> int:
+    """The GPU of this torchrun process: ``cuda:LOCAL_RANK``. NCCL refuses two ranks on one
+    GPU, and an explicit ``cuda:N`` would put every rank on GPU N: both are one-line errors."""
+    if device not in ("auto", "cuda"):
+        raise ConfigError(f"runtime.device={device} under torchrun would put every process on "
+                          "one GPU; set runtime.device=cuda (each process takes "
+                          "cuda:LOCAL_RANK), or runtime.device=cpu")
+    count = torch.cuda.device_count()
+    if info.local_rank >= count:
+        raise ConfigError(f"torchrun started more processes on this machine than it has GPUs "
+                          f"(LOCAL_RANK {info.local_rank}, {count} GPUs); use "
+                          f"--nproc_per_node={count}, or runtime.device=cpu")
+    return info.local_rank
 
 
 def barrier() -> None:

@@ -1,0 +1,82 @@
+"""Issue #17: the GPU rules decided without a GPU (device counts, flags and CUDA calls
+mocked at the boundary)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from transferlab.errors import ConfigError
+from transferlab.runtime import device as device_mod
+from transferlab.runtime.device import Runtime, apply_runtime, exact_fp32, resolve_precision
+from transferlab.runtime.distributed import DistInfo, local_gpu
+
+
+@pytest.fixture
+def flags():
+    """Leave the process-wide CUDA flags as the test found them."""
+    before = (torch.backends.cuda.matmul.fp32_precision,
+              torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.benchmark)
+    yield
+    (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+     torch.backends.cudnn.benchmark) = before
+
+
+def test_more_local_ranks_than_gpus_is_one_line_naming_the_fix(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert local_gpu(DistInfo(1, 4, 1), "auto") == 1
+    with pytest.raises(ConfigError) as info:
+        local_gpu(DistInfo(2, 4, 2), "cuda")
+    message = str(info.value)
+    assert "--nproc_per_node=2" in message and "runtime.device=cpu" in message
+    assert "\n" not in message
+
+
+def test_an_explicit_gpu_index_under_torchrun_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    with pytest.raises(ConfigError, match="every process on one GPU.*runtime.device=cuda"):
+        local_gpu(DistInfo(0, 2, 0), "cuda:3")
+
+
+def cuda_runtime(precision: str, index: int | None = None) -> Runtime:
+    return Runtime(torch.device("cuda", index) if index is not None else torch.device("cuda"),
+                   precision, channels_last=True, num_workers=0, threads=1)
+
+
+@pytest.mark.parametrize("precision, mode", [("fp32", "ieee"), ("bf16", "tf32"),
+                                             ("fp16", "tf32")])
+def test_tf32_only_for_mixed_precision_runs(flags, precision, mode):
+    apply_runtime(cuda_runtime(precision))
+    assert torch.backends.cuda.matmul.fp32_precision == mode
+    assert torch.backends.cudnn.conv.fp32_precision == mode
+    assert torch.backends.cudnn.benchmark
+
+
+def test_exact_fp32_turns_tf32_off_and_restores_it(flags):
+    apply_runtime(cuda_runtime("bf16"))
+    with exact_fp32():
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
+def test_an_indexed_device_is_made_current(flags, monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    apply_runtime(cuda_runtime("fp32", index=1))
+    apply_runtime(cuda_runtime("fp32"))
+    assert chosen == [torch.device("cuda", 1)]
+
+
+def test_auto_precision_is_fp16_on_gpus_without_bf16(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", cuda) == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", cuda) == "bf16"
+    monkeypatch.setattr(device_mod, "cpu_has_bf16_units", lambda: False)
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+
+
+def test_tests_run_on_the_cpu_unless_they_ask_for_cuda():
+    assert not torch.cuda.is_available()
+    assert device_mod.resolve_device("auto") == torch.device("cpu")
