@@ -41,8 +41,9 @@ from ..runtime.distributed import (
     rank_dir,
 )
 from ..runtime.record import compute_record
-from ..store.format import check_fingerprint, library_versions
+from ..store.format import library_versions
 from ..store.merge import merge_stores
+from ..store.owner import prepare_store
 from ..store.reader import FeatureStore
 from ..store.writer import StoreWriter
 from .batches import ViewsDataset, aligned_batches, make_loader, resume_positions
@@ -155,7 +156,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
     prints = fingerprint(cfg, bundle, computed, full.class_names)
     if info.enabled:
         if info.is_main:  # the merged store must not mix with one written otherwise
-            check_fingerprint(out_dir, prints, cfg.output.dtype, cfg.output.overwrite)
+            prepare_store(out_dir, prints, cfg.output.dtype, cfg.output.overwrite)
         barrier()
     writer = StoreWriter(rank_dir(out_dir, info), prints, cfg.output.dtype,
                          cfg.output.shard_size, cfg.output.overwrite)
