@@ -100,3 +100,61 @@ def test_missing_matplotlib_names_the_extra(tmp_path, monkeypatch):
         plots.plot_pca(x, y, tmp_path / "p.png")
     assert isinstance(info.value, ImportError)
     assert not (tmp_path / "p.png").exists()
+
+
+# UMAP's first call compiles its numba kernels (~7 s here), hence slow
+@pytest.mark.parametrize("method", ["pca", "tsne", pytest.param("umap", marks=pytest.mark.slow)])
+def test_maps_per_method(tmp_path, method):
+    if method == "tsne":
+        pytest.importorskip("sklearn", reason="t-SNE needs scikit-learn")
+    if method == "umap":
+        pytest.importorskip("umap", reason="UMAP needs umap-learn (pip install transferlab[umap])")
+    x, y = features(n_per=20)
+    pts = plots.embed_2d(x, method)
+    assert pts.shape == (60, 2) and np.isfinite(pts).all()
+    assert np.array_equal(pts, plots.embed_2d(x, method))  # seeded
+    # well-separated classes stay apart: each point's nearest map neighbour shares its class
+    d = np.linalg.norm(pts[:, None] - pts[None], axis=2) + np.eye(60) * 1e9
+    assert (y[d.argmin(1)] == y).mean() > 0.95
+    assert_png(plots.plot_map(x, y, tmp_path / f"{method}.png", method, ["a", "b", "c"]))
+    assert plots.plot_map(x, y, tmp_path / "s.png", method, max_points=30) == tmp_path / "s.png"
+
+
+def test_store_map_samples_with_the_size_in_the_title(tmp_path, monkeypatch):
+    from transferlab.store.writer import StoreWriter
+
+    x, y = features(n_per=40)
+    keys = [f"c{c}/{i}.png" for i, c in enumerate(y)]
+    with StoreWriter(tmp_path / "s", {"t": 1}, dtype="float16", shard_size=16) as writer:
+        writer.add(keys, y, x)
+        writer.add(keys[:10], y[:10], x[:10] + 1, views=[1] * 10)  # views are left out
+        store = writer.close({"class_names": ["a", "b", "c"]})
+    titles = []
+    monkeypatch.setattr(plots, "_scatter", lambda pts, yy, out, names, title, axes:
+                        titles.append((len(pts), sorted(set(yy.tolist())), title)) or out)
+    plots.plot_store_map(store, tmp_path / "m.png", "pca", max_points=50)
+    plots.plot_store_map(store, tmp_path / "m.png", "pca")
+    assert titles == [(50, [0, 1, 2], "PCA of a random sample of 50 of 120 feature vectors (s)"),
+                      (120, [0, 1, 2], "PCA of 120 feature vectors (s)")]
+    monkeypatch.undo()
+    assert_png(plots.plot_store_map(store, tmp_path / "t.png", "tsne", max_points=30)
+               if _has("sklearn") else plots.plot_store_map(store, tmp_path / "t.png"))
+
+
+def _has(module):
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("method, module, fix", [("tsne", "sklearn", "pip install scikit-learn"),
+                                                 ("umap", "umap", 'pip install "transferlab[umap]"')])
+def test_missing_map_dependency_names_the_fix(monkeypatch, method, module, fix):
+    monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.setitem(sys.modules, f"{module}.manifold", None)
+    with pytest.raises(TransferlabError, match=fix.replace("[", r"\[").replace("]", r"\]")):
+        plots.embed_2d(features()[0], method)
+    with pytest.raises(DataError, match="use one of pca, tsne, umap"):
+        plots.embed_2d(features()[0], "mds")

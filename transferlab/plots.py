@@ -1,7 +1,8 @@
 """Pictures of features and results, written as PNG files.
 
-matplotlib is an optional extra (``pip install transferlab[plots]``); it is imported only
-when a plot is drawn, and figures are rendered with the Agg canvas directly, so pyplot's
+matplotlib is an optional extra (``pip install transferlab[plots]``), as are scikit-learn
+(t-SNE maps) and umap-learn (UMAP maps, ``transferlab[umap]``); each is imported only
+when a plot needs it, and figures are rendered with the Agg canvas directly, so pyplot's
 global backend (a notebook's, say) is never touched. Every function returns the PNG path.
 """
 from __future__ import annotations
@@ -118,7 +119,13 @@ def plot_pca(features: Any, labels: Any = None, out: str | Path = "pca.png",
     y = np.full(len(x), -1) if labels is None else np.asarray(labels, dtype=np.int64)
     pts = pca_2d(x)
     keep = _subsample(len(x))
-    pts, y = pts[keep], y[keep]
+    return _scatter(pts[keep], y[keep], out, class_names,
+                    title or f"PCA of {len(x)} feature vectors", ("PC 1", "PC 2"))
+
+
+def _scatter(pts: np.ndarray, y: np.ndarray, out: str | Path,
+             class_names: Sequence[str] | None, title: str, axes: tuple[str, str]) -> Path:
+    """Points coloured by class (grey for unlabelled), a legend up to 20 classes."""
     fig = _figure(7, 6)
     ax = fig.subplots()
     classes = [int(c) for c in np.unique(y)]
@@ -130,9 +137,9 @@ def plot_pca(features: Any, labels: Any = None, out: str | Path = "pca.png",
         ax.scatter(pts[y < 0, 0], pts[y < 0, 1], s=6, color="0.6", label="unlabelled")
     if len(classes) <= 20:
         ax.legend(markerscale=2, fontsize=8, loc="best")
-    ax.set_xlabel("PC 1")
-    ax.set_ylabel("PC 2")
-    ax.set_title(title or f"PCA of {len(x)} feature vectors")
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
+    ax.set_title(title)
     return _save(fig, out)
 
 
@@ -148,6 +155,88 @@ def _colormap(n: int) -> Any:
     name = "tab10" if n <= 10 else "tab20" if n <= 20 else "turbo"
     cmap = colormaps[name]
     return cmap if n <= 20 else (lambda i: cmap(i / max(1, n - 1)))
+
+
+# ---------------------------------------------------------------------------------------
+# (b2) 2-D maps: PCA, t-SNE (scikit-learn), UMAP (umap-learn), on a sample of large sets
+# ---------------------------------------------------------------------------------------
+
+MAP_METHODS = ("pca", "tsne", "umap")
+_METHOD_NAMES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
+# Points embedded and drawn per method: t-SNE costs O(N log N) with a large constant, so it
+# gets a smaller sample than PCA and UMAP.
+MAP_MAX_POINTS = {"pca": _MAX_SCATTER_POINTS, "tsne": 5000, "umap": _MAX_SCATTER_POINTS}
+
+
+def embed_2d(features: Any, method: str = "pca", seed: int = 0) -> np.ndarray:
+    """(N, 2) coordinates of (N, D) features by ``method`` (pca, tsne, umap); seeded."""
+    x = np.asarray(features, dtype=np.float32)
+    if method not in MAP_METHODS:
+        raise DataError(f"unknown map method {method!r}; use one of {', '.join(MAP_METHODS)}")
+    if x.ndim != 2 or len(x) < 3:
+        raise DataError(f"a {_METHOD_NAMES[method]} map needs at least three (N, D) feature "
+                        f"rows, got {tuple(x.shape)}")
+    if method == "pca":
+        return pca_2d(x)
+    if method == "tsne":
+        try:
+            from sklearn.manifold import TSNE
+        except ImportError:
+            raise MissingDependencyError("t-SNE maps need scikit-learn: pip install "
+                                         "scikit-learn") from None
+        perplexity = float(min(30.0, (len(x) - 1) / 3))
+        return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+    try:
+        import umap
+    except ImportError:
+        raise MissingDependencyError('UMAP maps need umap-learn: pip install '
+                                     '"transferlab[umap]"') from None
+    # a seed makes UMAP single-threaded anyway; saying so keeps it from warning
+    reducer = umap.UMAP(n_components=2, n_neighbors=min(15, len(x) - 1), random_state=seed,
+                        n_jobs=1)
+    return np.asarray(reducer.fit_transform(x))
+
+
+def sample_rows(n: int, max_points: int, seed: int = 0) -> np.ndarray:
+    """Sorted row numbers: all ``n`` rows, or a seeded random ``max_points`` of them."""
+    if n <= max_points:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
+
+
+def plot_map(features: Any, labels: Any = None, out: str | Path = "map.png",
+             method: str = "pca", class_names: Sequence[str] | None = None,
+             max_points: int | None = None, title: str | None = None, seed: int = 0) -> Path:
+    """2-D map of features by ``method`` coloured by class. Above ``max_points`` rows
+    (per-method default ``MAP_MAX_POINTS``) a seeded random sample is embedded and drawn,
+    and the title says how many of how many."""
+    x = features if hasattr(features, "shape") else np.asarray(features, dtype=np.float32)
+    n = len(x)
+    y = np.full(n, -1) if labels is None else np.asarray(labels, dtype=np.int64)
+    if method not in MAP_METHODS:
+        raise DataError(f"unknown map method {method!r}; use one of {', '.join(MAP_METHODS)}")
+    keep = sample_rows(n, max_points or MAP_MAX_POINTS[method], seed)
+    pts = embed_2d(np.asarray(x[keep] if len(keep) < n else x, dtype=np.float32), method, seed)
+    name = _METHOD_NAMES[method]
+    shown = f"a random sample of {len(keep)} of {n}" if len(keep) < n else f"{n}"
+    return _scatter(pts, y[keep], out, class_names,
+                    title or f"{name} of {shown} feature vectors", (f"{name} 1", f"{name} 2"))
+
+
+def plot_store_map(store: Any, out: str | Path = "map.png", method: str = "pca",
+                   view: int = 0, max_points: int | None = None, seed: int = 0) -> Path:
+    """``plot_map`` of a store's rows of ``view``; only the sampled rows are read from the
+    memory-mapped shards, so a store larger than RAM is fine."""
+    rows = np.flatnonzero(np.asarray(store.views) == view)
+    if method not in MAP_METHODS:
+        raise DataError(f"unknown map method {method!r}; use one of {', '.join(MAP_METHODS)}")
+    keep = rows[sample_rows(len(rows), max_points or MAP_MAX_POINTS[method], seed)]
+    name = _METHOD_NAMES[method]
+    shown = f"a random sample of {len(keep)} of {len(rows)}" if len(keep) < len(rows) else (
+        f"{len(rows)}")
+    return plot_map(store.features[keep], np.asarray(store.labels)[keep], out, method,
+                    store.class_names, max_points=len(keep) or 1, seed=seed,
+                    title=f"{name} of {shown} feature vectors ({Path(store.dir).name})")
 
 
 # ---------------------------------------------------------------------------------------
