@@ -48,7 +48,7 @@ def kmeans(features: Any, k: int, n_init: int = 4, max_iter: int = 300, tol: flo
     dev = resolve_device("auto" if device is None else str(device))
     x = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor)
                         else features).to(dev, torch.float32)
-    _check(x, k, n_init)
+    _check(x, k, n_init, max_iter)
     gen = torch.Generator().manual_seed(seed)
     x_sq = (x * x).sum(1)
     tol_abs = tol * float(x.var(0, unbiased=False).mean()) if len(x) > 1 else 0.0
@@ -226,7 +226,7 @@ def write_assignments(path: str | Path, keys: Sequence[str], clusters: Sequence[
     return path
 
 
-def format_report(report: ClusterReport, k: int) -> str:
+def cluster_report(report: ClusterReport, k: int) -> str:
     """The CLI's summary lines."""
     lines = [f"k-means: k={k}, {len(report.clusters)} rows, inertia {report.inertia:.6g}",
              f"cluster sizes: {report.sizes}"]
@@ -256,15 +256,27 @@ def build_parser() -> argparse.ArgumentParser:
 def command(argv: Sequence[str] | None = None) -> None:
     """Parse, run, print; user mistakes raise TransferlabError."""
     args = build_parser().parse_args(argv)
+    check_args(args)
     store = FeatureStore.open(args.store)
     report = run_cluster(store, args.k, n_init=args.n_init, seed=args.seed,
                          normalize=args.normalize, max_iter=args.max_iter, device=args.device)
-    print(format_report(report, args.k))
+    print(cluster_report(report, args.k))
     if args.out:
         print(f"wrote {write_assignments(args.out, report.keys, report.clusters)}")
     if args.plot:
         for path in plot_clusters(store, report, Path(args.plot)):
             print(f"wrote {path}")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse output paths that cannot be written before the store is read and k-means runs
+    (the numeric options are checked by kmeans itself)."""
+    if args.out is not None and Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a directory; name a CSV file in it, e.g. "
+                          f"--out {Path(args.out) / 'assignments.csv'}")
+    if args.plot is not None and Path(args.plot).exists() and not Path(args.plot).is_dir():
+        raise ConfigError(f"--plot {args.plot} is a file; name a directory, e.g. "
+                          f"--plot {args.plot}_plots")
 
 
 def plot_clusters(store: Any, report: ClusterReport, out_dir: Path) -> list[Path]:
@@ -288,13 +300,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(command, argv)
 
 
-def _check(x: torch.Tensor, k: int, n_init: int) -> None:
+def _check(x: torch.Tensor, k: int, n_init: int, max_iter: int = 300) -> None:
     if x.ndim != 2 or len(x) == 0:
         raise DataError(f"features must be a non-empty (N, D) array, got {tuple(x.shape)}")
     if not 1 <= k <= len(x):
         raise ConfigError(f"-k must be between 1 and the number of rows ({len(x)}), got {k}")
     if n_init < 1:
         raise ConfigError(f"--n-init must be at least 1, got {n_init}")
+    if max_iter < 1:
+        raise ConfigError(f"--max-iter must be at least 1, got {max_iter}; try 300")
     if not bool(torch.isfinite(x).all()):
         raise DataError("features contain NaN or infinity; re-extract them (check fp16 overflow)")
 

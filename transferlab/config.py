@@ -18,6 +18,15 @@ import yaml
 
 from .errors import ConfigError
 from .runtime.atomicfile import atomic_write_text
+from .yamlsafe import (
+    FLOAT_TEXT,
+    YamlSyntaxError,
+    check_colon_keys,
+    load_yaml_text,
+    read_yaml_file,
+    shown,
+    shown_text,
+)
 
 T = TypeVar("T")
 
@@ -226,6 +235,42 @@ class FinetuneConfig:
     fallback: dict | None = None
 
 
+# Free-form mappings that overrides can reach into, with the schema their keys follow (so
+# that `test.root=0777` is a string as `data.root=0777` is).
+SUB_SCHEMAS: dict[tuple[type, str], type] = {(FinetuneConfig, "test"): DataConfig,
+                                             (FinetuneConfig, "fallback"): FinetuneConfig}
+
+MAX_VIEWS = 256  # augmented views per image: each costs a full forward pass
+
+
+def _at_least(n: int) -> Any:
+    return lambda v: v is None or v >= n
+
+
+_NON_EMPTY = (lambda v: v is None or len(v) > 0, "a non-empty list (or null: every class)")
+
+# Value ranges checked on load: (test, what a valid value is), per schema and field.
+BOUNDS: dict[type, dict[str, tuple[Any, str]]] = {
+    RuntimeConfig: {
+        "batch_size": (_at_least(1), "at least 1 (or null: chosen for the device)"),
+        "num_workers": (_at_least(0), "0 (main process) or more (or null: chosen)"),
+        "threads": (_at_least(1), "at least 1 (or null: chosen for the machine)"),
+    },
+    DataConfig: {
+        "max_image_pixels": (_at_least(1), "at least 1 (default 89478485)"),
+        "limit": (_at_least(1), "at least 1 (or null: every item)"),
+        "classes": _NON_EMPTY,
+    },
+    PretrainConfig: {"classes": _NON_EMPTY},
+    PreprocessConfig: {
+        "crop_pct": (lambda v: v is None or 0 < v <= 1, "in (0, 1], e.g. 0.875 (or null)"),
+        "channels": (lambda v: v in (None, 1, 3), "1 or 3 (or null: the model's)"),
+    },
+    OutputConfig: {"views": (lambda v: 0 <= v <= MAX_VIEWS, f"between 0 and {MAX_VIEWS}"),
+                   "shard_size": (_at_least(1), "at least 1")},
+}
+
+
 # ---------------------------------------------------------------------------------------
 # Loading machinery
 # ---------------------------------------------------------------------------------------
@@ -240,18 +285,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
         source = str(path)
         data = read_yaml(Path(path))
     for item in overrides or []:
-        key, value = parse_override(item)
+        key, value = parse_override(item, schema)
         set_dotted(data, key, value)
     return from_dict(schema, data, source)
 
 
 def read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    data = read_yaml_file(path)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -259,22 +299,71 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """``model.cut=first:7`` -> ('model.cut', 'first:7'); the value is parsed as YAML."""
+def parse_override(item: str, schema: type | None = None) -> tuple[str, Any]:
+    """``model.cut=first:7`` -> ('model.cut', 'first:7').
+
+    A string field of ``schema`` takes the text as typed (``output.dir=0777`` is '0777', not
+    YAML's 511; quotes are removed; ``null`` unsets an optional one); other values are YAML.
+    """
     if "=" not in item:
-        raise ConfigError(f"override '{item}' must look like key.sub=value")
+        raise ConfigError(f"override '{shown_text(item)}' must look like key.sub=value")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key:
-        raise ConfigError(f"override '{item}' has no key")
+        raise ConfigError(f"override '{shown_text(item)}' has no key")
+    if not raw.strip():
+        return key, None
+    hint = field_hint(schema, key) if schema is not None else None
+    if hint is not None and takes_text(hint):
+        if raw.strip() == "null" and type(None) in typing.get_args(hint):
+            return key, None
+        if raw[:1] in "'\"" and raw[-1:] == raw[:1] and len(raw) > 1:
+            return key, load_yaml_text(raw, f"override '{shown_text(item)}'")
+        return key, raw
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+        value = load_yaml_text(raw, f"override '{shown_text(item)}'")
+    except YamlSyntaxError:
+        if structured(hint):  # a list or mapping that does not parse is a mistake
+            raise
         value = raw
     # keep strings such as 'first:7' as typed instead of YAML mappings
-    if isinstance(value, dict) and ":" in raw and not raw.strip().startswith("{"):
+    if (isinstance(value, dict) and ":" in raw and not raw.strip().startswith("{")
+            and not structured(hint)):
         value = raw
     return key, value
+
+
+def field_hint(schema: type, key: str) -> Any:
+    """The type of dotted ``key`` in ``schema`` (None when it is unknown or free-form)."""
+    node: Any = schema
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node):
+            return None
+        hint = typing.get_type_hints(node).get(part)
+        if hint is None or i == len(parts) - 1:
+            return hint
+        node = hint if dataclasses.is_dataclass(hint) else SUB_SCHEMAS.get((node, part))
+    return None
+
+
+def _options(hint: Any) -> list:
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return [a for a in typing.get_args(hint) if a is not type(None)]
+    return [hint]
+
+
+def takes_text(hint: Any) -> bool:
+    """True for str fields and string choices (optional or not)."""
+    return all(o is str or (typing.get_origin(o) is Literal
+                            and all(isinstance(a, str) for a in typing.get_args(o)))
+               for o in _options(hint))
+
+
+def structured(hint: Any) -> bool:
+    """True for list and mapping fields (optional or not)."""
+    return hint is not None and any(o in (dict, list) or typing.get_origin(o) in (dict, list)
+                                    for o in _options(hint))
 
 
 def set_dotted(data: dict, key: str, value: Any) -> None:
@@ -293,7 +382,7 @@ def from_dict(schema: type[T], data: dict, source: str, prefix: str = "") -> T:
     """Build dataclass ``schema`` from ``data``, checking every key and type."""
     if not isinstance(data, dict):
         raise ConfigError(f"'{prefix.rstrip('.') or '<top>'}' in {source} must be a mapping, "
-                          f"got {data!r}")
+                          f"got {shown(data)}")
     fields = {f.name: f for f in dataclasses.fields(schema)}
     hints = typing.get_type_hints(schema)
     for key in data:
@@ -307,10 +396,15 @@ def from_dict(schema: type[T], data: dict, source: str, prefix: str = "") -> T:
             values[name] = from_dict(hint, value or {}, source, full + ".")
         else:
             values[name] = coerce(value, hint, full, source)
+    for name, (ok, valid) in BOUNDS.get(schema, {}).items():
+        if name in values and not ok(values[name]):
+            raise ConfigError(f"{prefix}{name} must be {valid}, got {shown(values[name])} "
+                              f"in {source}")
     return schema(**values)
 
 
 def unknown_key_message(key: str, valid: list[str], prefix: str, source: str) -> str:
+    key = shown_text(key)
     leaf = key[len(prefix):]
     close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
     hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
@@ -334,13 +428,7 @@ def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
                 errors.append(exc)
         raise errors[-1]
     if origin is Literal:
-        if value in args:
-            return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
-        hint_text = f"; did you mean '{close[0]}'?" if close else ""
-        choices = ", ".join(str(a) for a in args)
-        raise ConfigError(f"bad value {value!r} for '{key}' in {source}{hint_text} "
-                          f"(choose one of: {choices})")
+        return choice(value, args, key, source)
     if hint is Any:
         return value
     if origin is list or hint is list:
@@ -354,6 +442,7 @@ def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise type_error(value, "a mapping", key, source)
+        check_colon_keys(value, key, source)
         return value
     if hint is bool:
         if isinstance(value, bool):
@@ -366,6 +455,8 @@ def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         raise type_error(value, "a number", key, source)
     if hint is str:
         if isinstance(value, str):
@@ -378,8 +469,19 @@ def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     return value
 
 
+def choice(value: Any, choices: tuple, key: str, source: str) -> Any:
+    if value in choices:
+        return value
+    close = difflib.get_close_matches(shown_text(str(value)), [str(a) for a in choices], n=1,
+                                      cutoff=0.5)
+    hint_text = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"bad value {shown(value)} for '{key}' in {source}{hint_text} "
+                      f"(choose one of: {', '.join(str(a) for a in choices)})")
+
+
 def type_error(value: Any, expected: str, key: str, source: str) -> ConfigError:
-    return ConfigError(f"wrong type for '{key}' in {source}: expected {expected}, got {value!r}")
+    return ConfigError(f"wrong type for '{key}' in {source}: expected {expected}, "
+                       f"got {shown(value)}")
 
 
 def to_dict(cfg: Any) -> dict:

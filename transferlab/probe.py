@@ -263,15 +263,16 @@ def knn_accuracy(train_features: Any, train_labels: Any, query_features: Any,
     return float((pred == _numpy(query_labels)).mean())
 
 
-def stratified_split(labels: Any, val_fraction: float = 0.2,
-                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: Any, val_fraction: float = 0.2, seed: int = 0, *,
+                     setting: str = "val_fraction") -> tuple[np.ndarray, np.ndarray]:
     """Seeded per-class split into (train rows, validation rows), both sorted.
 
     Each class with at least two items puts ``round(n * val_fraction)`` of them (at least
-    one, never all) into validation; single-item classes stay in training.
+    one, never all) into validation; single-item classes stay in training. ``setting``
+    names the fraction in the error message (the caller's option or config key).
     """
     if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"--val-fraction must be between 0 and 1 (exclusive), got "
+        raise ConfigError(f"{setting} must be between 0 and 1 (exclusive), got "
                           f"{val_fraction}; try 0.2")
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
@@ -280,7 +281,7 @@ def stratified_split(labels: Any, val_fraction: float = 0.2,
         rows = np.flatnonzero(labels == c)
         if len(rows) < 2:
             continue
-        n_val = min(max(int(round(len(rows) * val_fraction)), 1), len(rows) - 1)
+        n_val = min(max(int(round(len(rows) * val_fraction)), 1), len(rows) - 1)  # noqa: RUF046
         val.append(rng.permutation(rows)[:n_val])
     val_rows = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
     train_rows = np.setdiff1d(np.arange(len(labels)), val_rows)
@@ -389,10 +390,10 @@ def run_probe(store: Any, test_store: Any = None, *, val_fraction: float = 0.2,
                        len(y), len(ty), len(res.classes), source, res)
 
 
-def format_report(report: ProbeReport) -> str:
+def probe_report(report: ProbeReport) -> str:
     """The CLI's table: one line per strength, best marked, kNN line last."""
-    lines = [f"train {report.n_train} rows, test {report.n_test} rows ({report.test_source}), "
-             f"{report.n_classes} classes",
+    lines = [(f"train {report.n_train} rows, test {report.n_test} rows "
+              f"({report.test_source}), {report.n_classes} classes"),
              f"{'l2':>10}  {'train acc':>9}  {'test acc':>8}"]
     for i, l2 in enumerate(report.l2s):
         mark = "  <- best" if i == report.best else ""
@@ -428,11 +429,13 @@ def command(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.knn < 0:
         raise ConfigError(f"--knn must be 0 (skip) or more, got {args.knn}")
+    if args.test is None:  # the split's rule, named as this command spells it
+        stratified_split(np.zeros(0), args.val_fraction, setting="--val-fraction")
     store = FeatureStore.open(args.store)
     test = FeatureStore.open(args.test) if args.test else None
     report = run_probe(store, test, val_fraction=args.val_fraction, l2s=args.l2, knn=args.knn,
                        seed=args.seed, device=args.device, max_iter=args.max_iter)
-    print(format_report(report))
+    print(probe_report(report))
     if args.plot:
         for path in plot_probe(store, report, Path(args.plot)):
             print(f"wrote {path}")
