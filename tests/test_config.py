@@ -95,7 +95,7 @@ def test_shipped_configs_load():
 def test_cli_user_mistake_is_one_line_exit_2(tmp_path):
     path = write(tmp_path, "model:\n  nme: lenet\n")
     proc = subprocess.run([sys.executable, "-m", "transferlab.extract", str(path)],
-                          capture_output=True, text=True, cwd=ROOT)
+                          check=False, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "unknown key 'model.nme'" in proc.stderr and "did you mean 'model.name'" in proc.stderr

@@ -140,7 +140,7 @@ def test_stratified_split_is_seeded_and_per_class():
     assert np.array_equal(np.sort(np.concatenate([tr, va])), np.arange(len(y)))
     assert Counter(y[va].tolist()) == {0: 10, 1: 4, 3: 1}
     tr2, va2 = stratified_split(y, 0.2, seed=7)
-    assert np.array_equal(va, va2)
+    assert np.array_equal(va, va2) and np.array_equal(tr, tr2)
     assert not np.array_equal(va, stratified_split(y, 0.2, seed=8)[1])
     with pytest.raises(ConfigError, match="between 0 and 1"):
         stratified_split(y, 1.0)
