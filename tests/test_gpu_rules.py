@@ -80,3 +80,58 @@ def test_auto_precision_is_fp16_on_gpus_without_bf16(monkeypatch):
 def test_tests_run_on_the_cpu_unless_they_ask_for_cuda():
     assert not torch.cuda.is_available()
     assert device_mod.resolve_device("auto") == torch.device("cpu")
+
+
+def test_the_ready_event_is_recorded_on_the_rows_own_device(monkeypatch):
+    from transferlab.extract import compute
+
+    class FakeCudaRows:
+        is_cuda, shape, dtype = True, (2, 3), torch.float32
+        device = torch.device("cuda", 1)
+
+    streams, recorded, copies = [], [], []
+
+    class Event:
+        def record(self, stream=None):
+            recorded.append(stream)
+
+    class Host:
+        def copy_(self, src, non_blocking=False):
+            copies.append((src, non_blocking))
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream",
+                        lambda device=None: streams.append(device) or f"stream of {device}")
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: Host() if k.get("pin_memory") else None)
+    rows = FakeCudaRows()
+    host, ready = compute.copy_to_host(rows)
+    assert streams == [torch.device("cuda", 1)] and recorded == ["stream of cuda:1"]
+    assert copies == [(rows, True)] and isinstance(host, Host)
+
+
+@pytest.mark.parametrize("precision, hint", [("fp16", "runtime.precision=bf16"),
+                                             ("fp32", "check the weights")])
+def test_non_finite_rows_are_refused(precision, hint):
+    from transferlab.errors import ComputeError
+    from transferlab.extract.compute import FeatureComputer
+
+    computer = FeatureComputer.__new__(FeatureComputer)  # finish() needs only the runtime
+    computer.rt = Runtime(torch.device("cpu"), precision, False, 0, 1)
+    good = torch.ones(2, 3)
+    assert computer.finish((good, None)).tolist() == good.tolist()
+    bad = torch.tensor([[1.0, float("inf")], [float("nan"), 0.0]])
+    with pytest.raises(ComputeError, match=f"inf/NaN features in {precision}; .*{hint}"):
+        computer.finish((bad, None))
+
+
+def test_processes_of_one_machine_share_its_loader_workers_and_threads(monkeypatch):
+    from transferlab.config import RuntimeConfig
+    from transferlab.runtime.distributed import share_runtime
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    rt = Runtime(torch.device("cpu"), "fp32", False, num_workers=8, threads=16)
+    shared = share_runtime(rt, RuntimeConfig(), DistInfo(1, 8, 1))
+    assert (shared.num_workers, shared.threads) == (2, 4)
+    asked = share_runtime(rt, RuntimeConfig(num_workers=8, threads=16), DistInfo(1, 8, 1))
+    assert (asked.num_workers, asked.threads) == (8, 16)  # what the user set is kept
+    assert share_runtime(rt, RuntimeConfig(), DistInfo()) == rt  # a single process

@@ -36,3 +36,7 @@ class StoreError(TransferlabError):
 
 class MissingDependencyError(TransferlabError, ImportError):
     """An optional extra is not installed; the message names the pip command."""
+
+
+class ComputeError(TransferlabError):
+    """The model's numbers cannot be stored: inf/NaN features (fp16 overflow, broken weights)."""

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import ExtractConfig, ModelConfig, RuntimeConfig, from_dict
 from ..data.imageio import load_image
+from ..errors import ComputeError
 from ..data.preprocess import DeviceNormalize, PreprocessSpec, build_transform
 from ..models.extractor import ExtractorBundle, extractor_from_config
 from ..models.recorded import checked_model, contained_path
@@ -73,21 +74,33 @@ class FeatureComputer:
         x = self.normalize(x)
         if self.rt.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = self.model(x).float().flatten(1)
-        if not out.is_cuda:
-            return out, None
-        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-        host.copy_(out, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return host, ready
+        return copy_to_host(self.model(x).float().flatten(1))
 
-    @staticmethod
-    def finish(pending: Pending) -> np.ndarray:
+    def finish(self, pending: Pending) -> np.ndarray:
+        """The rows of a started batch; inf/NaN rows are refused (fp16 overflows silently)."""
         rows, ready = pending
         if ready is not None:
             ready.synchronize()
-        return rows.numpy()
+        out = rows.numpy()
+        if not np.isfinite(out).all():
+            hint = ("fp16 overflowed: set runtime.precision=bf16 or fp32" if
+                    self.rt.precision == "fp16" else "check the weights and the input")
+            raise ComputeError(f"the model gave inf/NaN features in {self.rt.precision}; "
+                               f"{hint} (finished shards are kept)")
+        return out
+
+
+def copy_to_host(out: torch.Tensor) -> Pending:
+    """``out`` itself on the CPU; on CUDA a queued copy into pinned host memory and the event
+    that marks it done, recorded on the stream of ``out``'s own device (with
+    ``runtime.device: cuda:1`` the current device may be another one)."""
+    if not out.is_cuda:
+        return out, None
+    host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+    host.copy_(out, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(out.device))
+    return host, ready
 
 
 

@@ -39,6 +39,7 @@ from ..runtime.distributed import (
     init_distributed,
     part_range,
     rank_dir,
+    share_runtime,
 )
 from ..runtime.record import compute_record
 from ..store.format import library_versions
@@ -146,7 +147,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
     spec = bundle.spec
     dataset.image_mode, dataset.draft_size = spec.image_mode, spec.scale_size()
     conv_net = any(isinstance(m, nn.Conv2d) for m in bundle.extractor.modules())
-    rt = resolve_runtime(cfg.runtime, conv_net)
+    rt = share_runtime(resolve_runtime(cfg.runtime, conv_net), cfg.runtime, info)
     apply_runtime(rt)
     batch_size = default_batch_size(rt, cfg.runtime.batch_size)
     if cfg.runtime.gpu_decode:

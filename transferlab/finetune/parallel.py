@@ -2,15 +2,11 @@
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import replace
-from typing import Any
 
 import numpy as np
 import torch
 
-from ..config import RuntimeConfig
-from ..runtime.device import Runtime, derive_seed
+from ..runtime.device import derive_seed
 from ..runtime.distributed import DistInfo, all_gather, part_range
 from ..training.network import state_digest
 from ..training.sources import Source
@@ -21,22 +17,6 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------
 # Several processes (torchrun); each helper is the identity in a single process
 # ---------------------------------------------------------------------------------------
-
-
-def share_runtime(rt: Runtime, cfg: RuntimeConfig, info: DistInfo) -> Runtime:
-    """Each process on its own GPU; the processes of a machine share its cores, so each
-    takes its part of the automatic thread (CPU) and loader worker counts."""
-    if not info.enabled:
-        return rt
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
-    changes: dict[str, Any] = {}
-    if rt.is_cuda and rt.device.index is None:
-        changes["device"] = torch.device("cuda", torch.cuda.current_device())
-    if not rt.is_cuda and cfg.threads is None:
-        changes["threads"] = max(1, rt.threads // local)
-    if cfg.num_workers is None:
-        changes["num_workers"] = max(min(rt.num_workers, 1), rt.num_workers // local)
-    return replace(rt, **changes)
 
 
 def share_rows(count: int, info: DistInfo, seed: int) -> np.ndarray | None:

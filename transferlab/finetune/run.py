@@ -35,13 +35,19 @@ from ..config import FinetuneConfig, save_config
 from ..errors import ConfigError
 from ..runtime.atomicfile import atomic_write_text
 from ..runtime.device import Runtime, apply_runtime, resolve_runtime
-from ..runtime.distributed import DistInfo, barrier, dist_info, from_main, init_distributed
+from ..runtime.distributed import (
+    DistInfo,
+    barrier,
+    dist_info,
+    from_main,
+    init_distributed,
+    share_runtime,
+)
 from ..runtime.lock import acquire_dir_lock
 from ..training.loop import check_train_config
 from .context import Context
 from .data import labelled_data, resolve_data, test_config
 from .outputs import MODEL_FILE, FinetuneResult, MetricsLog
-from .parallel import share_runtime
 from .stages import run_head, run_pretrain, run_probe_stage
 
 # ---------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +18,14 @@ from ..models.checkpoint import BACKBONE_FORMAT
 from ..models.classifier import classifier_meta, save_classifier
 from ..models.heads import cut_with_head, head_description
 from ..runtime.device import frozen_forward, seed_everything
-from ..runtime.distributed import all_gather, barrier, from_main, gather_to_main, rank_dir
+from ..runtime.distributed import (
+    all_gather,
+    barrier,
+    from_main,
+    gather_to_main,
+    local_world_size,
+    rank_dir,
+)
 from ..training.cache import cache_features, plan_cache
 from ..training.loop import evaluate, fit
 from ..training.network import Network, base_layers, state_digest, unfreeze_last
@@ -188,7 +194,7 @@ def prepare_head_run(ctx: Context, net: Network, data: LabelledData,
     test = take(test, test_rows)
     shape = tuple(net.base.output_shape)
     nbytes = 4 * int(np.prod(shape)) * (len(train_all) + (len(test) if test else 0))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.info.world_size))
+    local = local_world_size(ctx.info)
     where = "off" if cfg.train.augment else plan_cache(cfg.train.cache, nbytes, rt,
                                                        cfg.train.cache_max_gb, local)
     if where != "off":

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from ..config import RuntimeConfig
 from ..errors import ConfigError
+from .device import Runtime
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,30 @@ def local_gpu(info: DistInfo, device: str) -> int:
                           f"(LOCAL_RANK {info.local_rank}, {count} GPUs); use "
                           f"--nproc_per_node={count}, or runtime.device=cpu")
     return info.local_rank
+
+
+def local_world_size(info: DistInfo) -> int:
+    """How many processes of this job share this machine (torchrun's LOCAL_WORLD_SIZE)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
+    except ValueError:
+        raise ConfigError("LOCAL_WORLD_SIZE must be an integer (set by torchrun)") from None
+
+
+def share_runtime(rt: Runtime, cfg: RuntimeConfig, info: DistInfo) -> Runtime:
+    """Each process on its own GPU; the processes of a machine share its cores, so each
+    takes its part of the automatic thread (CPU) and loader worker counts."""
+    if not info.enabled:
+        return rt
+    local = local_world_size(info)
+    changes: dict[str, Any] = {}
+    if rt.is_cuda and rt.device.index is None:
+        changes["device"] = torch.device("cuda", torch.cuda.current_device())
+    if not rt.is_cuda and cfg.threads is None:
+        changes["threads"] = max(1, rt.threads // local)
+    if cfg.num_workers is None:
+        changes["num_workers"] = max(min(rt.num_workers, 1), rt.num_workers // local)
+    return replace(rt, **changes)
 
 
 def barrier() -> None:
