@@ -104,7 +104,7 @@ def test_the_ready_event_is_recorded_on_the_rows_own_device(monkeypatch):
                         lambda device=None: streams.append(device) or f"stream of {device}")
     monkeypatch.setattr(torch, "empty", lambda *a, **k: Host() if k.get("pin_memory") else None)
     rows = FakeCudaRows()
-    host, ready = compute.copy_to_host(rows)
+    host, _ = compute.copy_to_host(rows)
     assert streams == [torch.device("cuda", 1)] and recorded == ["stream of cuda:1"]
     assert copies == [(rows, True)] and isinstance(host, Host)
 

@@ -12,8 +12,8 @@ from torch import nn
 
 from ..config import ExtractConfig, ModelConfig, RuntimeConfig, from_dict
 from ..data.imageio import load_image
-from ..errors import ComputeError
 from ..data.preprocess import DeviceNormalize, PreprocessSpec, build_transform
+from ..errors import ComputeError
 from ..models.extractor import ExtractorBundle, extractor_from_config
 from ..models.recorded import checked_model, contained_path
 from ..runtime.device import (
