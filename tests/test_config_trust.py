@@ -69,6 +69,18 @@ def test_alias_bomb_is_refused_fast_in_small_memory(tmp_path, capsys, levels):
     assert "remove the aliases" in line and len(line) < 300
 
 
+def test_deep_nesting_and_bombs_in_overrides_are_one_line(tmp_path, capsys):
+    path = tmp_path / "deep.yaml"
+    path.write_text("model:\n  kwargs: {a: " + "[" * 20_000 + "]" * 20_000 + "}\n")
+    line = one_line_error(capsys, extract_main([str(path)]))
+    assert line == f"error: {path} nests too deeply to be a config; flatten it"
+    levels = ["a: &a [1,1,1,1,1,1,1,1,1]"] + [
+        f"{n}: &{n} [{','.join(['*' + p] * 9)}]" for p, n in itertools.pairwise("abcdefghi")]
+    bomb = "model.kwargs={" + ", ".join(levels) + "}"
+    line = one_line_error(capsys, extract_main([str(empty_config(tmp_path)), bomb]))
+    assert "expands to more than 100000 values" in line and len(line) < 500
+
+
 def test_a_few_aliases_still_load(tmp_path):
     path = tmp_path / "ok.yaml"
     path.write_text("model:\n  kwargs: &k {drop_rate: 0.1}\ntest: *k\n", encoding="utf-8")
@@ -179,6 +191,13 @@ def test_override_strings_inside_free_form_sections_follow_their_schema():
 def test_a_mapping_override_parses_or_is_one_line(tmp_path, capsys, override, expected):
     line = one_line_error(capsys, extract_main([str(empty_config(tmp_path)), override]))
     assert expected in line and "model.kwargs" in line
+
+
+def test_a_mapping_missing_its_space_in_a_file_is_refused_too(tmp_path, capsys):
+    path = tmp_path / "k.yaml"
+    path.write_text("model:\n  kwargs: {drop_rate:0.5, extra: {depth:2}}\n", encoding="utf-8")
+    line = one_line_error(capsys, extract_main([str(path)]))
+    assert f"'model.kwargs' in {path} has the key 'drop_rate:0.5' with no value" in line
 
 
 def empty_config(tmp_path: Path) -> Path:
