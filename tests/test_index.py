@@ -176,3 +176,14 @@ def test_errors_are_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and 'pip install "transferlab[faiss]"' in err
     assert not (tmp_path / "s" / "index").exists()
+
+
+def test_loaded_once_until_rebuilt(tmp_path, monkeypatch):
+    rng = np.random.default_rng(6)
+    store = write_store(tmp_path / "s", rng.normal(size=(40, 4)).astype(np.float32))
+    build_index(store, "flat")
+    first = load_index(store)
+    assert load_index(store) is first  # a notebook's repeated searches read it once
+    build_index(store, "hnsw")
+    again = load_index(store)
+    assert again is not first and again.kind == "hnsw"

@@ -238,6 +238,24 @@ def load_index(store: Any, metric: str | None = None) -> StoreIndex | None:
     _refuse_links(store)
     if not path.is_file():
         raise StoreError(f"{path} is missing; rebuild it: {rebuild_command(store, record)}")
+    stamp = (str(path.resolve()), _stat(path), _stat(meta_path))
+    if stamp not in _LOADED:
+        _LOADED.clear()  # keep one index in RAM: a large one takes as much as its vectors
+        _LOADED[stamp] = StoreIndex(_read_index(path, store, record), record)
+    return _LOADED[stamp]
+
+
+# The last index loaded, keyed by its path and both files' (mtime, size, inode): a notebook
+# calling store_nearest repeatedly reads it once; a rebuild replaces the files, so the key.
+_LOADED: dict[tuple, StoreIndex] = {}
+
+
+def _stat(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+def _read_index(path: Path, store: Any, record: dict) -> Any:
     try:
         faiss = _faiss()
     except MissingDependencyError:
@@ -246,11 +264,11 @@ def load_index(store: Any, metric: str | None = None) -> StoreIndex | None:
                                      '(exact=True)') from None
     index = faiss.read_index(str(path))
     if index.ntotal != record["rows"] or index.d != record["dim"]:
-        raise StoreError(f"{path} does not match {meta_path}; rebuild it: "
+        raise StoreError(f"{path} does not match its index.json; rebuild it: "
                          f"{rebuild_command(store, record)}")
     if record["kind"] == "ivf":
         faiss.extract_index_ivf(index).nprobe = int(record["params"]["nprobe"])
-    return StoreIndex(index, record)
+    return index
 
 
 def _check_record(store: Any, record: dict) -> None:
