@@ -24,7 +24,7 @@ def small_store(directory: Path, keys=("a/0.png", "a/1.png", "b/2.png"), shard_s
                 fingerprint=FP) -> FeatureStore:
     feats = np.arange(len(keys) * 3, dtype=np.float32).reshape(len(keys), 3)
     with StoreWriter(directory, fingerprint, "float32", shard_size) as writer:
-        writer.add(list(keys), [0, 0, 1][:len(keys)], feats)
+        writer.add(list(keys), [i % 2 for i in range(len(keys))], feats)
         return writer.close({"class_names": ["a", "b"]})
 
 
@@ -254,3 +254,18 @@ def test_overwrite_of_a_torchrun_store_removes_its_parts(tmp_path):
     assert not parts[0].exists() and not parts[1].exists()
     assert (tmp_path / "ranks" / "world-2" / "mine.txt").exists()
     assert sorted(os.listdir(tmp_path)) == [".lock", "fingerprint.json", "ranks", "shards"]
+
+
+def test_the_binary_index_equals_the_csv_and_is_used_only_while_they_match(tmp_path):
+    from transferlab.store.files import _parse_index, _read_sidecar
+    keys = [f"a/{i},odd\r{i}.png" for i in range(7)]
+    store = small_store(tmp_path / "s", keys=keys, shard_size=3)
+    index = store.dir / "index.csv"
+    fast = _read_sidecar(index, 7)
+    slow = _parse_index(index, 7)
+    assert fast is not None and fast[0] == slow[0] == keys
+    np.testing.assert_array_equal(fast[1], slow[1])
+    np.testing.assert_array_equal(fast[2], slow[2])
+    index.write_bytes(index.read_bytes().replace(b"a/3", b"a/X"))  # edited by hand
+    assert _read_sidecar(index, 7) is None
+    assert FeatureStore.open(store.dir).keys[3].startswith("a/X")  # the CSV is the truth

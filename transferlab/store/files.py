@@ -7,6 +7,8 @@ allocation or a read outside the store.
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import os
 import time
 from collections.abc import Iterable
@@ -28,6 +30,7 @@ from .format import (
 )
 
 INDEX_HEADER = ["key", "label", "row", "view"]
+INDEX_SIDECAR = "index.npz"  # a binary copy of index.csv, checked against it
 RANKS = "ranks"  # torchrun parts: ranks/world-N/rank-R, each a store of its own
 _DAMAGED = "the store is damaged; rerun the extract with output.overwrite=true"
 
@@ -38,12 +41,44 @@ _DAMAGED = "the store is damaged; rerun the extract with output.overwrite=true"
 
 
 def write_index(path: Path, rows: Iterable[tuple[str, int, int]], fsync: bool = True) -> None:
-    """``index.csv`` from ``(key, label, view)`` in row order."""
+    """``index.csv`` from ``(key, label, view)`` in row order, and beside it its binary copy
+    ``index.npz`` (what makes a million-row store open at once), which records the CSV's
+    SHA-256: it is used only while ``index.csv`` is byte for byte what was written with it."""
+    keys: list[str] = []
+    labels: list[int] = []
+    views: list[int] = []
+    digest = hashlib.sha256()
+
     def write(f: Any) -> None:
-        out = csv.writer(f)
+        text = io.StringIO()
+        out = csv.writer(text)
         out.writerow(INDEX_HEADER)
-        out.writerows([key, label, row, view] for row, (key, label, view) in enumerate(rows))
-    atomic_write(path, write, fsync=fsync)
+        for row, (key, label, view) in enumerate(rows):
+            out.writerow([key, label, row, view])
+            keys.append(key)
+            labels.append(label)
+            views.append(view)
+            if text.tell() > 1 << 20:
+                _drain(text, f, digest)
+        _drain(text, f, digest)
+
+    atomic_write(path, write, "wb", fsync)
+    sidecar = path.with_name(INDEX_SIDECAR)
+    if any("\0" in key for key in keys):  # cannot be joined with NUL: the CSV alone serves
+        sidecar.unlink(missing_ok=True)
+        return
+    blob = np.frombuffer("\0".join(keys).encode("utf-8"), np.uint8)
+    atomic_write(sidecar, lambda f: np.savez(
+        f, keys=blob, labels=np.asarray(labels, np.int64), views=np.asarray(views, np.int64),
+        csv_sha256=np.array(digest.hexdigest())), "wb", fsync)
+
+
+def _drain(text: io.StringIO, f: Any, digest: Any) -> None:
+    data = text.getvalue().encode("utf-8")
+    digest.update(data)
+    f.write(data)
+    text.seek(0)
+    text.truncate()
 
 
 def write_failures(path: Path, items: Iterable[tuple[str, str]], fsync: bool = True) -> None:
@@ -138,9 +173,41 @@ def _check_header(path: Path, rows: int, meta: dict) -> None:
 
 
 def read_index(path: Path, rows: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Keys, labels and views of ``index.csv``; each line's ``row`` must be its position."""
+    """Keys, labels and views of ``index.csv``: from its binary copy when that matches the
+    CSV's bytes, else parsed, each line's ``row`` checked against its position."""
     if not path.is_file():
         raise StoreError(f"{path} is missing; {_DAMAGED}")
+    return _read_sidecar(path, rows) or _parse_index(path, rows)
+
+
+def _read_sidecar(path: Path, rows: int) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+    """None unless ``index.npz`` is well formed, has ``rows`` rows and records the SHA-256
+    of ``index.csv`` as it is now."""
+    try:
+        with np.load(path.with_name(INDEX_SIDECAR), allow_pickle=False) as data:
+            blob, labels, views = data["keys"], data["labels"], data["views"]
+            recorded = str(data["csv_sha256"])
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+    if labels.shape != (rows,) or views.shape != (rows,) or blob.dtype != np.uint8 or \
+            labels.dtype != np.int64 or views.dtype != np.int64 or recorded != _sha256(path):
+        return None
+    try:
+        keys = blob.tobytes().decode("utf-8").split("\0") if rows else []
+    except UnicodeDecodeError:
+        return None
+    return (keys, labels, views) if len(keys) == rows else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _parse_index(path: Path, rows: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     keys, labels, views = [], [], []
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.reader(f)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import StoreError
-from .files import RANKS
+from .files import INDEX_SIDECAR, RANKS
 from .format import (
     FAILURE_LOG,
     FAILURES,
@@ -32,7 +32,7 @@ from .format import (
 )
 
 CONFIG = "config.yaml"  # the run's config, saved beside the store by extract; kept on a wipe
-OWN_FILES = (META, INDEX, FAILURES, FINGERPRINT)
+OWN_FILES = (META, INDEX, INDEX_SIDECAR, FAILURES, FINGERPRINT)
 _SHARD_FILE = re.compile(r"shard-(?P<number>\d{5,})\.(npy|json)")
 _TEMPORARY = re.compile(r"(?P<name>.+?)(\.\d+-\d+)?\.tmp")  # atomicfile.temporary_path (and older)
 _RANK_DIR = re.compile(r"(world-\d+)|(rank-\d+)")

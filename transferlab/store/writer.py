@@ -12,7 +12,7 @@ from ..errors import StoreError
 from ..runtime.atomicfile import atomic_write
 from ..runtime.background import BackgroundJobs
 from ..runtime.lock import try_lock
-from .files import finished_meta, write_failures, write_index
+from .files import INDEX_SIDECAR, finished_meta, write_failures, write_index
 from .format import DTYPES, FAILURE_LOG, FAILURES, INDEX, META, SHARDS, _write_json, shard_name
 from .owner import prepare_store, refuse_foreign
 from .reader import FeatureStore
@@ -226,7 +226,7 @@ class StoreWriter:
     def _submit(self, job: Any) -> None:
         if not self._dirty:  # the store changes: it is no longer a finished one
             self._dirty = True
-            for name in (META, INDEX):
+            for name in (META, INDEX, INDEX_SIDECAR):
                 (self.dir / name).unlink(missing_ok=True)
         self._jobs.submit(job, self._check_open)
 
