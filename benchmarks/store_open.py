@@ -20,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import BENCH_DIR, base_parser, machine_line, table  # noqa: E402
+from benchmarks.common import base_parser, machine_line, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,13 +68,13 @@ def measure(store: Path, mode: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows = args.rows or (20_000 if args.quick else 1_000_000)
-    store = build_store(BENCH_DIR / f"open_store_{rows}", rows)
+    store = build_store(Path(args.bench_dir) / f"open_store_{rows}", rows)
     results: dict[str, list[dict]] = {"index.npz": [], "index.csv parsed": []}
     for _ in range(args.rounds):  # alternate, so drift hits both alike
         results["index.npz"].append(measure(store, "npz"))
@@ -95,6 +95,7 @@ def main() -> None:
     print(table("Opening a store", ["index read from", "open s (min / median / max)",
                                      "first lookup s (median)"], lines))
     print("open, parsed / npz per round: " + " ".join(f"{r:.1f}x" for r in ratio))
+    return results
 
 
 if __name__ == "__main__":

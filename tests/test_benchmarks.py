@@ -5,7 +5,8 @@ import importlib
 
 import pytest
 
-SCRIPTS = ["extract_efficiency", "vs_baselines", "memory", "cpu_defaults", "finetune_cache"]
+SCRIPTS = ["extract_efficiency", "vs_baselines", "memory", "cpu_defaults", "finetune_cache",
+           "store_open"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -11,6 +11,8 @@ Layout::
       index.csv              key,label,row,view - one line per feature row, in row order
                              (key: path relative to the data root; label -1 when unknown);
                              RFC 4180 CSV ("\r\n" line ends, odd keys quoted)
+      index.npz              a binary copy of index.csv (keys, labels, views) recording the
+                             CSV's SHA-256: read instead of parsing while the CSV matches
       failures.csv           key,reason - items that could not be read
       fingerprint.json       the format marker, then what the features depend on (backbone,
                              cut, preprocessing, compute settings, class names, dtype, views);
