@@ -457,9 +457,9 @@ def test_folder_finetune_config_on_a_generated_folder(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
-def test_class_filter_matching_nothing(tmp_path):
-    with pytest.raises(DataError, match=r"the class filter \[\] .* leaves no item"):
-        run_finetune(tiny(tmp_path, "data.classes=[]"))
+def test_an_empty_class_filter_is_refused_when_the_config_loads(tmp_path):
+    with pytest.raises(ConfigError, match=r"^data.classes must be a non-empty list"):
+        tiny(tmp_path, "data.classes=[]")
 
 
 def test_class_filter_naming_an_unknown_label(tmp_path):
