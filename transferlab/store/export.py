@@ -105,7 +105,9 @@ def write_parquet(store: Any, path: str | os.PathLike, rows_per_chunk: int | Non
     value_type = schema.field("embedding").type.value_type
     names = class_name_column(store)
     step = chunk_rows(store, rows_per_chunk)
-    with pq.ParquetWriter(str(path), schema) as writer:
+    # dictionary encoding only where values repeat: a float (or unique key) dictionary costs
+    # memory and time for nothing
+    with pq.ParquetWriter(str(path), schema, use_dictionary=["class_name"]) as writer:
         for start, chunk in store.iter_chunks(rows=step):
             stop = start + len(chunk)
             flat = pa.array(np.ascontiguousarray(chunk).reshape(-1), type=value_type)
