@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import torch
 
 from ..config import RuntimeConfig
 from ..errors import ConfigError
+from .cores import affinity_cores, usable_cores
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -86,25 +86,21 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def resolve_runtime(cfg: RuntimeConfig, conv_net: bool = True) -> Runtime:
-    """Fill in every 'auto' choice for this machine."""
+def resolve_runtime(cfg: RuntimeConfig, conv_net: bool = True,
+                    sample_load: bool = True) -> Runtime:
+    """Fill in every 'auto' choice for this machine (``sample_load``: count the cores other
+    processes keep busy now, see ``runtime.cores``)."""
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    cores = cpu_count()
+    cores = len(affinity_cores())
     if device.type == "cuda":
         workers = cfg.num_workers if cfg.num_workers is not None else min(16, max(1, cores - 1))
         threads = cfg.threads or max(1, min(4, cores))
     else:
-        # decoding workers and the forward pass share the cores: one worker per 4 cores
+        # decoding workers and the forward pass share the cores: one worker per 4 cores;
+        # the threads take what is left of the cores nobody else is using now
         workers = cfg.num_workers if cfg.num_workers is not None else max(0, cores // 4)
-        threads = cfg.threads or max(1, cores - workers)
+        threads = cfg.threads or max(1, usable_cores(sample_load) - workers)
     channels_last = conv_net if cfg.channels_last is None else cfg.channels_last
     malloc = cfg.tune_malloc and device.type == "cpu"
     return Runtime(device, precision, channels_last, workers, threads, malloc)
