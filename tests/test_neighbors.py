@@ -1,6 +1,8 @@
 """Exact nearest-neighbour search against a brute-force numpy reference."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import pytest
 import torch
@@ -67,9 +69,9 @@ def test_chunk_iterable_and_store_like_source():
     ref_d, ref_i = brute_force(x.astype(np.float32), q, 4, "cosine")
 
     class FakeStore:
-        keys = [f"dir/{n}.png" for n in range(90)]
+        keys: ClassVar[list[str]] = [f"dir/{n}.png" for n in range(90)]
         features = x
-        meta: dict = {}
+        meta: ClassVar[dict] = {}
 
         def iter_chunks(self, rows=65536):
             for s in range(0, len(x), rows):
@@ -91,7 +93,7 @@ def test_chunk_iterable_and_store_like_source():
 
 def test_k_larger_than_rows_and_errors():
     x = np.eye(3)
-    d, i = nearest(x, x, 10, "euclidean", chunk_rows=2)
+    _, i = nearest(x, x, 10, "euclidean", chunk_rows=2)
     assert i.shape == (3, 3) and i[:, 0].tolist() == [0, 1, 2]
     with pytest.raises(DataError, match="dimensions"):
         nearest(x, np.ones((1, 4)), 1)
@@ -167,7 +169,7 @@ def test_search_cli_prints_neighbours_and_plots(tmp_path, monkeypatch, capsys):
 def test_search_by_store_key_and_errors(tmp_path, monkeypatch, capsys):
     from transferlab.search import main
 
-    store, x = image_store(tmp_path)
+    image_store(tmp_path)
     calls = fake_embedder(monkeypatch, {})
     assert main([str(tmp_path / "store"), "cat/03.png", "-k", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -235,3 +237,25 @@ def test_store_nearest_matches_brute_force(tmp_path):
         assert [key for key, _ in hits[q]] == [keys[i] for i in order]
         assert np.allclose([dist for _, dist in hits[q]], d[q][order], atol=1e-5)
     assert store_nearest(store, ["img/005.jpg"], k=1)[0][0][0] == "img/005.jpg"
+
+
+def test_fast_topk_orders_ties_inside_the_set_and_matches_the_tie_path():
+    from transferlab.neighbors import _topk_exact, _topk_ties
+
+    # three equal nearest rows fill k exactly (fast path): still in row order
+    x = np.array([[5.0, 5.0], [1.0, 0.0], [9.0, 9.0], [1.0, 0.0], [1.0, 0.0]])
+    _, i = nearest(x, np.array([[1.0, 0.0]]), 3, "euclidean", chunk_rows=5)
+    assert i.tolist() == [[1, 3, 4]]
+    rng = np.random.default_rng(9)
+    dist = torch.as_tensor(rng.integers(0, 6, size=(50, 40)).astype(np.float32))
+    dist[::3] = torch.as_tensor(rng.random(size=(17, 40)).astype(np.float32))  # no ties
+    for k in (1, 5, 40):
+        fast, slow = _topk_exact(dist, k), _topk_ties(dist, k)
+        assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+def test_default_chunk_is_a_few_mib_of_float32():
+    from transferlab.neighbors import _default_chunk_rows
+
+    assert _default_chunk_rows(np.zeros((10, 256))) == 8192
+    assert _default_chunk_rows(np.zeros((10, 1 << 16))) == 256

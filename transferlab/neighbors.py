@@ -25,15 +25,18 @@ from .store.index import load_index
 METRICS = ("cosine", "euclidean")
 # Elements of one (queries x rows) distance block; bounds memory of a search step.
 _BLOCK_ELEMENTS = 1 << 23
+# Bytes of one float32 database chunk (the default chunk_rows): small enough for the cache.
+_CHUNK_BYTES = 8 << 20
 
 
 def nearest(source: Any, queries: np.ndarray, k: int, metric: str = "cosine",
-            chunk_rows: int = 65536, device: str | torch.device | None = None,
+            chunk_rows: int | None = None, device: str | torch.device | None = None,
             dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest rows of ``source`` for each query.
 
     ``source`` is a FeatureStore (anything with ``iter_chunks``), an (N, D) array/tensor, or
-    an iterable of ``(start_row, chunk)`` pairs. Returns ``(distances, indices)``, both
+    an iterable of ``(start_row, chunk)`` pairs, read ``chunk_rows`` rows at a time (default:
+    8 MiB of float32). Returns ``(distances, indices)``, both
     (Q, min(k, N)), sorted by distance then row index. Cosine distance is ``1 - cos``
     (0 for a zero vector's similarity); euclidean is the L2 distance.
     """
@@ -44,7 +47,7 @@ def nearest(source: Any, queries: np.ndarray, k: int, metric: str = "cosine",
     best_d = torch.empty(q.shape[0], 0, dtype=dtype, device=dev)
     best_i = torch.empty(q.shape[0], 0, dtype=torch.int64, device=dev)
     seen = 0
-    for start, chunk in _chunks(source, chunk_rows):
+    for start, chunk in _chunks(source, chunk_rows or _default_chunk_rows(source)):
         x = _to_tensor(chunk, dtype, dev)
         if x.ndim != 2 or x.shape[1] != q.shape[1]:
             raise DataError(f"stored features have shape {tuple(x.shape)} but queries have "
@@ -83,7 +86,22 @@ def _chunk_topk(q: torch.Tensor, x: torch.Tensor, k: int,
 
 
 def _topk_exact(dist: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smallest k per row; ties at the boundary go to the lowest column index."""
+    """Smallest k per row sorted by (distance, column); ties at the boundary go to the lowest
+    column index. ``topk`` picks the right set unless the k-th value has copies left out of
+    it; only such rows take the slower tie-exact path (about 10x the cost)."""
+    vals, cols = torch.topk(dist, k, dim=1, largest=False, sorted=True)
+    tied = (dist <= vals[:, -1:]).sum(1) > k
+    if bool(tied.any()):
+        rows = tied.nonzero()[:, 0]
+        vals[rows], cols[rows] = _topk_ties(dist[rows], k)
+    by_col = torch.sort(cols, dim=1).indices  # equal distances in column order
+    vals, cols = vals.gather(1, by_col), cols.gather(1, by_col)
+    order = torch.sort(vals, dim=1, stable=True).indices
+    return vals.gather(1, order), cols.gather(1, order)
+
+
+def _topk_ties(dist: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest k per row; of equal values at the boundary, the lowest columns."""
     kth = torch.kthvalue(dist, k, dim=1, keepdim=True).values
     less = dist < kth
     equal = dist == kth
@@ -102,6 +120,14 @@ def _merge(d1: torch.Tensor, i1: torch.Tensor, d2: torch.Tensor, i2: torch.Tenso
     i = torch.cat([i1, i2], 1)
     order = torch.sort(d, dim=1, stable=True).indices[:, :k]
     return d.gather(1, order), i.gather(1, order)
+
+
+def _default_chunk_rows(source: Any) -> int:
+    """Rows whose float32 copy is about ``_CHUNK_BYTES``: the conversion, norms and product
+    then run in cache (measured: 65536-row chunks made one query 2.5x slower)."""
+    shape = getattr(getattr(source, "features", source), "shape", None)
+    dim = int(shape[1]) if shape is not None and len(shape) == 2 and shape[1] else 256
+    return max(256, _CHUNK_BYTES // (4 * dim))
 
 
 def _chunks(source: Any, chunk_rows: int) -> Iterator[tuple[int, Any]]:
