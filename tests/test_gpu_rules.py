@@ -135,3 +135,33 @@ def test_processes_of_one_machine_share_its_loader_workers_and_threads(monkeypat
     asked = share_runtime(rt, RuntimeConfig(num_workers=8, threads=16), DistInfo(1, 8, 1))
     assert (asked.num_workers, asked.threads) == (8, 16)  # what the user set is kept
     assert share_runtime(rt, RuntimeConfig(), DistInfo()) == rt  # a single process
+
+
+def test_solver_math_runs_without_tf32(flags, monkeypatch):
+    """The probe's L-BFGS, kNN and k-means see full fp32 even after a bf16 run set TF32."""
+    import numpy as np
+
+    from transferlab import cluster, probe
+
+    apply_runtime(cuda_runtime("bf16"))
+    seen = []
+
+    def spy(module, name):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            seen.append((name, torch.backends.cuda.matmul.fp32_precision))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapper)
+
+    spy(probe, "_lbfgs")
+    spy(probe, "nearest")
+    spy(cluster, "_lloyd")
+    x = np.random.default_rng(0).standard_normal((40, 4)).astype(np.float32)
+    y = np.arange(40) % 2
+    probe.fit_logistic(x, y, l2s=[1e-2], device="cpu", max_iter=5)
+    probe.knn_predict(x, y, x[:5], k=3, device="cpu")
+    cluster.kmeans(x, 2, n_init=1, max_iter=3, device="cpu")
+    assert {name for name, _ in seen} == {"_lbfgs", "nearest", "_lloyd"}
+    assert {mode for _, mode in seen} == {"ieee"}
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # restored afterwards

@@ -24,7 +24,7 @@ import torch
 
 from .cli import run_cli
 from .errors import ConfigError, DataError
-from .runtime.device import resolve_device
+from .runtime.device import exact_fp32, resolve_device
 from .store.reader import FeatureStore
 
 _BLOCK_ELEMENTS = 1 << 24  # (rows x centres) distances computed at once
@@ -38,6 +38,7 @@ class KMeansResult:
     n_iter: int  # Lloyd iterations of the winning restart
 
 
+@exact_fp32()  # distances decide the clusters: no TF32 on a GPU
 def kmeans(features: Any, k: int, n_init: int = 4, max_iter: int = 300, tol: float = 1e-4,
            seed: int = 0, device: str | torch.device | None = None) -> KMeansResult:
     """Cluster (N, D) features into ``k`` groups; seeded, so runs are repeatable.

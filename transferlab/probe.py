@@ -26,7 +26,7 @@ import torch
 from .cli import run_cli
 from .errors import ConfigError, DataError, StoreError
 from .neighbors import nearest
-from .runtime.device import resolve_device
+from .runtime.device import exact_fp32, resolve_device
 from .store.reader import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class ProbeResult:
         return (x - self.mean) / self.std
 
 
+@exact_fp32()  # the solver's answer is the result: no TF32 on a GPU
 def fit_logistic(features: Any, labels: Any, l2s: Sequence[float] = DEFAULT_L2, *,
                  val_features: Any = None, val_labels: Any = None, max_iter: int = 500,
                  tol: float = 1e-4, device: str | torch.device | None = None,
@@ -236,6 +237,7 @@ def _backtrack(theta, loss, grad, direction, slope, step, active, problem):
 # ---------------------------------------------------------------------------------------
 
 
+@exact_fp32()
 def knn_predict(train_features: Any, train_labels: Any, query_features: Any, k: int = 5,
                 device: str | torch.device | None = None) -> np.ndarray:
     """Cosine k-nearest-neighbour majority vote.
