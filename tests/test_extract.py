@@ -476,8 +476,6 @@ def test_decoder_rejections_fall_back_to_the_pil_path_exactly(messy, monkeypatch
 
 @pytest.mark.parametrize("resize,crop_pct", [("center_crop", 0.875), ("squash", 1.0)])
 def test_tensor_resize_crop_matches_timm_geometry(tmp_path, resize, crop_pct):
-    from torchvision.io import decode_jpeg
-
     from transferlab.config import PreprocessConfig
     from transferlab.data.gpudecode import BatchDecoder
     from transferlab.data.preprocess import build_transform, resolve_preprocess
@@ -487,7 +485,8 @@ def test_tensor_resize_crop_matches_timm_geometry(tmp_path, resize, crop_pct):
     path = save(random_image(150, 90, seed=7), tmp_path / "wide.jpg", quality=95)
     pil = build_transform(spec, normalize=False)(load_image(path)).float()
     data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-    tensor = BatchDecoder(spec, "cpu", None).resize_crop(decode_jpeg(data)).float()
+    decoder = BatchDecoder(spec, "cpu", None)
+    tensor = decoder.resize_crop(decoder.decode([data])[0]).float()
     assert tensor.shape == pil.shape == (3, 40, 40)
     assert (tensor - pil).abs().mean() < 2.0  # of 255: kernels differ, geometry does not
     shifted = torch.roll(pil, 2, dims=2)  # a 2-pixel misalignment is clearly worse

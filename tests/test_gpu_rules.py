@@ -165,3 +165,54 @@ def test_solver_math_runs_without_tf32(flags, monkeypatch):
     assert {name for name, _ in seen} == {"_lbfgs", "nearest", "_lloyd"}
     assert {mode for _, mode in seen} == {"ieee"}
     assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # restored afterwards
+
+
+def jpeg_bytes(tmp_path, n: int) -> list[torch.Tensor]:
+    from tests.imagegen import random_image, save
+
+    out = []
+    for i in range(n):
+        path = save(random_image(60, 40, seed=i), tmp_path / f"{i}.jpg", quality=90)
+        out.append(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8))
+    return out
+
+
+def decoder_for_tests():
+    from transferlab.config import PreprocessConfig
+    from transferlab.data.gpudecode import BatchDecoder
+    from transferlab.data.preprocess import resolve_preprocess
+
+    spec = resolve_preprocess({}, PreprocessConfig(input_size=[32, 32]))
+    return BatchDecoder(spec, "cpu", None)
+
+
+def test_jpegs_are_decoded_a_chunk_at_a_time_by_the_maintained_decoder(tmp_path, monkeypatch):
+    from transferlab.data import gpudecode
+
+    decoder = decoder_for_tests()
+    pytest.importorskip("torchcodec")
+    assert decoder.decoder_name == "torchcodec"  # not torchvision's deprecated decoder
+    sizes = []
+    real = decoder.decode
+    monkeypatch.setattr(decoder, "decode", lambda data: sizes.append(len(data)) or real(data))
+    monkeypatch.setattr(gpudecode, "DECODE_CHUNK", 4)
+    images = decoder.decode_resized(jpeg_bytes(tmp_path, 10))
+    assert sizes == [4, 4, 2]  # never a whole batch of full-resolution decodes alive
+    assert [tuple(im.shape) for im in images] == [(3, 32, 32)] * 10
+
+
+def test_out_of_gpu_memory_while_decoding_is_reported_not_retried(tmp_path, monkeypatch):
+    from transferlab.errors import ComputeError
+
+    decoder = decoder_for_tests()
+    calls = []
+
+    def oom(data, **kwargs):
+        calls.append(data)
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(decoder, "_decode_jpeg", oom)
+    with pytest.raises(ComputeError, match="out of GPU memory decoding 3 JPEGs; lower "
+                                           "runtime.batch_size"):
+        decoder.decode(jpeg_bytes(tmp_path, 3))
+    assert len(calls) == 1  # not image by image

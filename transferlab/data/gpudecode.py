@@ -1,9 +1,12 @@
-"""Optional batched JPEG decoding with torchvision (``runtime.gpu_decode: true``).
+"""Optional batched JPEG decoding (``runtime.gpu_decode: true``).
 
 Data-loading workers only read file bytes. JPEGs are decoded a batch at a time by
-``torchvision.io.decode_jpeg`` on the run's device (nvJPEG on CUDA), then resized and
-centre-cropped there to exactly the ``PreprocessSpec`` geometry, so the CPU does almost
-nothing per image. Without a GPU the same code is the fallback: libjpeg-turbo decodes the
+TorchCodec's ``decode_jpeg`` when it is installed (torchvision's image decoding, deprecated
+since 0.29, otherwise) on the run's device (nvJPEG on CUDA), then resized and centre-cropped
+there to exactly the ``PreprocessSpec`` geometry, so the CPU does almost nothing per image.
+On CUDA the decoding runs on a stream of its own, so it overlaps the previous batch's
+forward pass, a chunk of images at a time so that only one chunk of full-resolution
+decodes is alive at once. Without a GPU the same code is the fallback: libjpeg-turbo decodes the
 batch inside the workers (``BatchDecoder.collate``).
 
 Anything the batched decoder cannot take as is goes through the normal PIL path
@@ -31,7 +34,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError
+from ..errors import ComputeError, ConfigError
 from .datasets import ImageDataset
 from .imageio import ImageDecodeError, load_image
 from .preprocess import PreprocessSpec, build_transform
@@ -39,6 +42,17 @@ from .preprocess import PreprocessSpec, build_transform
 JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 ORIENTATION = 0x0112
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+DECODE_CHUNK = 16  # full-resolution decodes alive at once
+
+
+def jpeg_decoder() -> tuple[Any, str]:
+    """(decode_jpeg, its name): TorchCodec's, the maintained one, else torchvision's."""
+    try:
+        from torchcodec.decoders import decode_jpeg
+        return decode_jpeg, "torchcodec"
+    except ImportError:  # also a TorchCodec build that does not load with this torch
+        from torchvision.io import decode_jpeg
+        return decode_jpeg, "torchvision"
 
 
 def check_spec(spec: PreprocessSpec) -> None:
@@ -121,14 +135,15 @@ class BatchDecoder:
 
     def __init__(self, spec: PreprocessSpec, device: torch.device | str,
                  max_pixels: int | None):
-        from torchvision.io import ImageReadMode
         from torchvision.transforms import InterpolationMode
 
         check_spec(spec)
         self.spec = spec
         self.device = torch.device(device)
         self.max_pixels = max_pixels
-        self.mode = ImageReadMode.GRAY if spec.channels == 1 else ImageReadMode.RGB
+        self.mode = "GRAY" if spec.channels == 1 else "RGB"
+        self._decode_jpeg, self.decoder_name = jpeg_decoder()
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.interpolation = {"nearest": InterpolationMode.NEAREST_EXACT,  # as PIL's nearest
                               "bilinear": InterpolationMode.BILINEAR,
                               "bicubic": InterpolationMode.BICUBIC}[spec.interpolation]
@@ -139,43 +154,67 @@ class BatchDecoder:
         return self(collate_raw(batch))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.stream is None:
+            return self._finish(batch)
+        # nvJPEG writes on its own stream into blocks allocated on the current one without
+        # waiting for it (pytorch/vision PR 9606): on a stream of our own, whose previous
+        # work is drained first, no recycled block is still being read, while the compute
+        # stream goes on with the previous batch.
+        self.stream.synchronize()
+        with torch.cuda.stream(self.stream):
+            out = self._finish(batch)
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self.stream)
+        if out["image"] is not None:
+            out["image"].record_stream(compute)  # not recycled while compute still reads it
+        return out
+
+    def _finish(self, batch: dict[str, Any]) -> dict[str, Any]:
         items, is_raw = batch["items"], batch["raw"]
-        decoded = iter(self.decode([x for x, r in zip(items, is_raw) if r]))
+        ready = iter(self.decode_resized([x for x, r in zip(items, is_raw) if r]))
         images, keep, failures = [], [], list(batch["failures"])
         for i, (item, raw) in enumerate(zip(items, is_raw)):
-            image = next(decoded) if raw else item.to(self.device, non_blocking=True)
+            image = next(ready) if raw else item.to(self.device, non_blocking=True)
             if raw and image is None:  # the decoder rejected it: PIL decodes or names why
                 try:
                     image = self.pil_fallback(batch["path"][i])
                 except ImageDecodeError as exc:
                     failures.append((batch["key"][i], exc.short()))
                     continue
-            elif raw:
-                image = self.resize_crop(image)
             images.append(image)
             keep.append(i)
         return {"image": torch.stack(images).unsqueeze(1) if images else None,
                 "key": [batch["key"][i] for i in keep], "label": batch["label"][keep],
                 "failures": failures}
 
-    def decode(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """Decode a batch at once; if that fails, one by one (None for rejected files)."""
-        from torchvision.io import decode_jpeg
+    def decode_resized(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Each JPEG decoded and brought to the spec's geometry, a chunk at a time (None for
+        files the decoder rejects)."""
+        out: list[torch.Tensor | None] = []
+        for start in range(0, len(data), DECODE_CHUNK):
+            out += [None if image is None else self.resize_crop(image)
+                    for image in self.decode(data[start:start + DECODE_CHUNK])]
+        return out
 
+    def decode(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Decode a batch at once; if that fails, one by one (None for rejected files).
+        Running out of GPU memory is reported, not retried image by image."""
         if not data:
             return []
-        if self.device.type == "cuda":
-            # nvJPEG writes on its own stream into blocks allocated on ours, without waiting
-            # for it: kernels still queued here may read a recycled block (pytorch/vision
-            # PR 9606). Draining our stream first keeps the previous batch's rows intact.
-            torch.cuda.current_stream(self.device).synchronize()
         try:
-            return list(decode_jpeg(data, mode=self.mode, device=self.device))
+            return list(self._decode_jpeg(data, mode=self.mode, device=self.device))
+        except torch.OutOfMemoryError:
+            raise ComputeError(f"out of GPU memory decoding {len(data)} JPEGs; lower "
+                               "runtime.batch_size or set runtime.gpu_decode=false") from None
         except Exception:  # noqa: BLE001 - one bad file fails the whole batched call
             out: list[torch.Tensor | None] = []
             for one in data:
                 try:
-                    out.append(decode_jpeg(one, mode=self.mode, device=self.device))
+                    out.append(self._decode_jpeg(one, mode=self.mode, device=self.device))
+                except torch.OutOfMemoryError:
+                    raise ComputeError("out of GPU memory decoding a JPEG; lower "
+                                       "runtime.batch_size or set runtime.gpu_decode=false"
+                                       ) from None
                 except Exception:  # noqa: BLE001
                     out.append(None)
             return out
