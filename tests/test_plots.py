@@ -158,3 +158,22 @@ def test_missing_map_dependency_names_the_fix(monkeypatch, method, module, fix):
         plots.embed_2d(features()[0], method)
     with pytest.raises(DataError, match="use one of pca, tsne, umap"):
         plots.embed_2d(features()[0], "mds")
+
+
+def test_maps_command_writes_the_png(tmp_path, capsys):
+    from transferlab.maps import main
+    from transferlab.store.writer import StoreWriter
+
+    x, y = features(n_per=10)
+    with StoreWriter(tmp_path / "s", {"t": 1}, dtype="float32", shard_size=8) as writer:
+        writer.add([f"k{i}.png" for i in range(30)], y, x)
+        writer.close({"class_names": ["a", "b", "c"]})
+    assert main([str(tmp_path / "s"), str(tmp_path / "map.png"), "--max-points", "20"]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'map.png'}\n"
+    assert_png(tmp_path / "map.png")
+    assert main([str(tmp_path / "s"), str(tmp_path / "v.png"), "--view", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "0 rows of view 1" in err and "[0]" in err
+    assert not (tmp_path / "v.png").exists()
+    assert main([str(tmp_path / "s"), str(tmp_path / "m.png"), "--max-points", "1"]) == 2
+    assert "--max-points must be at least 3" in capsys.readouterr().err

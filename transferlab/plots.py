@@ -228,6 +228,10 @@ def plot_store_map(store: Any, out: str | Path = "map.png", method: str = "pca",
     """``plot_map`` of a store's rows of ``view``; only the sampled rows are read from the
     memory-mapped shards, so a store larger than RAM is fine."""
     rows = np.flatnonzero(np.asarray(store.views) == view)
+    if len(rows) < 3:
+        have = sorted(set(np.asarray(store.views).tolist()))
+        raise DataError(f"the store has {len(rows)} rows of view {view}, a map needs at least "
+                        f"three; pick --view from {have}")
     if method not in MAP_METHODS:
         raise DataError(f"unknown map method {method!r}; use one of {', '.join(MAP_METHODS)}")
     keep = rows[sample_rows(len(rows), max_points or MAP_MAX_POINTS[method], seed)]
