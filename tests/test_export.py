@@ -145,3 +145,11 @@ def test_to_pandas_and_empty_store(tmp_path):
     out = export_store(FeatureStore.open(tmp_path / "e"), tmp_path / "e.parquet")
     assert pq.read_table(out).num_rows == 0
     assert empty.features.shape[0] == 0
+
+
+def test_directory_output_refused(tmp_path, capsys):
+    multi_store(tmp_path / "s")
+    (tmp_path / "d").mkdir()
+    assert main([str(tmp_path / "s"), str(tmp_path / "d"), "--format", "hdf5", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "is a directory" in err and f"{tmp_path / 'd' / 'store'}.h5" in err

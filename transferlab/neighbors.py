@@ -10,6 +10,7 @@ a stale index is refused (StoreError), and ``exact=True`` always scans.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from .extract.compute import embed_images
 from .runtime.device import resolve_device
 from .store.index import load_index
 
+_log = logging.getLogger(__name__)
 METRICS = ("cosine", "euclidean")
 # Elements of one (queries x rows) distance block; bounds memory of a search step.
 _BLOCK_ELEMENTS = 1 << 23
@@ -198,6 +200,8 @@ def store_search(store: Any, vectors: np.ndarray, k: int, metric: str = "cosine"
     per_key = int(np.max(views)) + 1 if views is not None and len(views) else 1
     index = None if exact else load_index(store, metric)
     if index is not None:
+        _log.info("searching through the store's %s FAISS index (%s; --exact scans instead)",
+                  index.kind, index.metric)
         dist, idx = index.search(vectors, k * per_key)
     else:
         dist, idx = nearest(store, vectors, k * per_key, metric, device=device)

@@ -58,7 +58,10 @@ def export_store(store: Any, path: str | os.PathLike, format: str | None = None,
     """
     path = Path(path)
     fmt = export_format(path, format)
-    if path.is_dir() or (path.exists() and not overwrite):
+    if path.is_dir():
+        raise StoreError(f"{path} is a directory; pass a file path such as {path / 'store'}"
+                         f"{'.' + fmt if fmt != 'hdf5' else '.h5'}")
+    if path.exists() and not overwrite:
         raise StoreError(f"{path} already exists; choose another path or pass --overwrite "
                          "(overwrite=True) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
