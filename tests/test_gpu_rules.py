@@ -216,3 +216,34 @@ def test_out_of_gpu_memory_while_decoding_is_reported_not_retried(tmp_path, monk
                                            "runtime.batch_size"):
         decoder.decode(jpeg_bytes(tmp_path, 3))
     assert len(calls) == 1  # not image by image
+
+
+@pytest.mark.parametrize("name, cut", [("test_resnet", "stage:1"), ("test_vit", "layer:blocks.0")])
+def test_hook_cuts_compile_as_a_graph_with_the_same_values(monkeypatch, name, cut):
+    from transferlab.extract.compute import prepare_model
+    from transferlab.models.cuts import TapModule
+    from transferlab.models.extractor import build_extractor
+
+    built = build_extractor(name, cut=cut)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    rt = Runtime(torch.device("cpu"), "fp32", False, 0, 1)
+    model = prepare_model(built.extractor, rt, compile_model=True)
+    assert compiled == [model] and not any(isinstance(m, TapModule) for m in model.modules())
+    assert isinstance(built.extractor.body, TapModule)  # the caller's extractor is untouched
+    x = torch.randn(2, *built.spec.input_size)
+    with torch.inference_mode():
+        assert torch.equal(model(x), built.extractor(x))
+
+
+def test_a_hook_cut_fx_cannot_trace_is_one_line(monkeypatch):
+    from transferlab.models import graph
+    from transferlab.models.extractor import build_extractor
+
+    def untraceable(*args, **kwargs):
+        raise RuntimeError("dynamic control flow")
+
+    monkeypatch.setattr("timm.models._features_fx.create_feature_extractor", untraceable)
+    with pytest.raises(ConfigError, match=r"cannot compile the cut at 'layer1'.*"
+                                          r"runtime.compile=false"):
+        graph.compilable(build_extractor("test_resnet", cut="stage:1").extractor)

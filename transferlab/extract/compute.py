@@ -39,7 +39,9 @@ def prepare_model(extractor: nn.Module, rt: Runtime, compile_model: bool = False
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile_model:
-        model = torch.compile(model)
+        from ..models.graph import compilable
+
+        model = torch.compile(compilable(model))
     return model
 
 
