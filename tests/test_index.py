@@ -200,5 +200,6 @@ def test_recall_check_can_fail_and_search_parameters_are_honoured(tmp_path):
         return np.mean([len(set(g) & set(r)) / 10 for g, r in zip(got, ref)])
 
     # one probed list or a sparse graph misses neighbours: the default's recall is earned
-    assert recall(kind="ivf", nprobe=1) < 0.9 < 0.95 <= recall(kind="ivf")
+    assert recall(kind="ivf", nprobe=1) < 0.9
+    assert recall(kind="ivf") >= 0.95
     assert recall(kind="hnsw", hnsw_m=4, ef_search=1) < 0.9
