@@ -75,8 +75,9 @@ def measure_exact(store: Any, q: np.ndarray, k: int, device: str) -> tuple[list,
     return ["exact scan", "-", one * 1e3, len(q) / batch, 1.0], ref
 
 
-def measure_index(store: Any, kind: str, q: np.ndarray, k: int, ref: np.ndarray) -> list:
-    record = build_index(store, kind, "cosine")
+def measure_index(store: Any, kind: str, q: np.ndarray, k: int, ref: np.ndarray,
+                  nprobe: int | None = None) -> list:
+    record = build_index(store, kind, "cosine", **({"nprobe": nprobe} if kind == "ivf" else {}))
     index = load_index(store, "cosine")
     one = rate(lambda: index.search(q[:1], k), 5)
     batch = rate(lambda: index.search(q, k), 3)
@@ -117,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> list[list]:
     p.add_argument("--queries", type=int, default=256)
     p.add_argument("--kinds", default="flat,ivf,hnsw")
     p.add_argument("--export", action="store_true", help="also time the Parquet export")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: auto)")
     args = p.parse_args(argv)
     if args.quick:
         args.rows, args.dim, args.clusters, args.queries = 4000, 32, 40, 32
@@ -129,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> list[list]:
           f"(ready in {time.perf_counter() - started:.1f} s); {args.queries} queries, k=10")
     q = queries(store, args.queries)
     exact, ref = measure_exact(store, q, 10, str(device))
-    rows = [exact] + [measure_index(store, kind, q, 10, ref) for kind in args.kinds.split(",")]
+    rows = [exact] + [measure_index(store, kind, q, 10, ref, args.nprobe)
+                      for kind in args.kinds.split(",")]
     print()
     print(table(f"search, cosine, {args.rows} x {args.dim} float16 ({device.type})",
                 ["method", "build s", "1 query ms", "batched queries/s", "recall@10"], rows))
