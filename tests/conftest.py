@@ -16,16 +16,11 @@ _REAL_CUDA_AVAILABLE = torch.cuda.is_available
 @pytest.fixture(scope="session", autouse=True)
 def _cpu_unless_cuda_is_asked():
     """Tests run on the CPU on every machine (their tolerances and cache places assume it),
-    module-scoped fixtures included; a test that takes the ``cuda`` fixture gets the GPU."""
+    module-scoped fixtures included; a test that takes the ``cuda`` fixture gets the GPU.
+    Configs of tests that start subprocesses (torchrun, kills) say ``device: cpu``."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.cuda, "is_available", lambda: False)
         yield
-
-
-@pytest.fixture(autouse=True)
-def _subprocesses_see_no_gpu(request, monkeypatch):
-    if "cuda" not in request.fixturenames:
-        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ BASE = {"model": {"name": "test_resnet", "pretrained": False},
         "preprocess": {"input_size": [32, 32]},  # timm's center crop: short side 33, crop 32
         # fp32: the tests compare with reference computations ('auto' is bf16 on AMX CPUs)
         "runtime": {"batch_size": 4, "num_workers": 0, "threads": 1, "progress": False,
-                    "precision": "fp32"},
+                    "precision": "fp32", "device": "cpu"},  # GPU tests ask for cuda
         "output": {"shard_size": 8}}
 
 

@@ -29,7 +29,8 @@ from transferlab.store.reader import FeatureStore
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = {"model": {"name": "test_resnet", "pretrained": False},
           "preprocess": {"input_size": [48, 48]},
-          "runtime": {"batch_size": 8, "num_workers": 0, "threads": 1, "progress": False},
+          "runtime": {"batch_size": 8, "num_workers": 0, "threads": 1, "progress": False,
+                      "device": "cpu"},
           "output": {"shard_size": 16}}
 # Float16 rows (relative step 2**-11) of float32 features whose last bits depend on the batch
 # a row was computed in (CPU kernels block and sum differently for other batch shapes, and a
@@ -222,7 +223,8 @@ def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path):
         "model": {"name": "tests.test_resume:wide_conv", "source": "callable", "cut": "first:1",
                   "pool": "none"},
         "preprocess": {"input_size": [80, 80], "resize": "squash"},
-        "runtime": {"batch_size": 16, "num_workers": 0, "threads": 1, "progress": False},
+        "runtime": {"batch_size": 16, "num_workers": 0, "threads": 1, "progress": False,
+                    "device": "cpu"},
         "output": {"shard_size": 64}}), encoding="utf-8")
     peaks, row_bytes = {}, 64 * 80 * 80 * 2
     for n in (200, 1000):

@@ -29,7 +29,8 @@ CONFIG = {
     "train": {"epochs": 3, "batch_size": 32, "optimizer": "adam", "lr": 0.002,
               "schedule": "cosine", "val_split": 0.1},
     "probe": {"samples": 300},
-    "runtime": {"threads": 1, "num_workers": 0, "progress": False, "seed": 0},
+    "runtime": {"threads": 1, "num_workers": 0, "progress": False, "seed": 0,
+                "device": "cpu"},
 }
 # before the head: LeNet trained whole on digits 0-4, then the last base layer unfrozen
 PRETRAIN = ["pretrain.enabled=true", "pretrain.classes=[0, 1, 2, 3, 4]",
