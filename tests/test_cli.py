@@ -15,7 +15,7 @@ MODULES = {"extract": "transferlab.extract.__main__", "finetune": "transferlab.f
            "predict": "transferlab.predict", "inspect": "transferlab.inspect",
            "probe": "transferlab.probe", "search": "transferlab.search",
            "cluster": "transferlab.cluster", "export": "transferlab.export",
-           "index": "transferlab.index"}
+           "index": "transferlab.index", "maps": "transferlab.maps"}
 
 
 def console_script() -> str | None:

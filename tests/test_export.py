@@ -153,3 +153,16 @@ def test_directory_output_refused(tmp_path, capsys):
     assert main([str(tmp_path / "s"), str(tmp_path / "d"), "--format", "hdf5", "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert "is a directory" in err and f"{tmp_path / 'd' / 'store'}.h5" in err
+
+
+def test_the_store_methods_are_the_library_functions(tmp_path):
+    from transferlab.neighbors import store_nearest
+
+    store = multi_store(tmp_path / "s")
+    out = store.export(tmp_path / "m.parquet")
+    table = pq.read_table(out)
+    assert table.column("key").to_pylist() == store.keys
+    assert store.to_pandas()["key"].tolist() == store.keys
+    queries = store.keys[:3]
+    assert store.nearest(queries, k=4) == store_nearest(store, queries, k=4)
+    assert store.nearest(queries, k=1)[0][0][0] == queries[0]  # a stored key finds itself

@@ -36,6 +36,8 @@ COMMANDS: dict[str, tuple[str, Callable[[], Callable[[Sequence[str] | None], int
                partial(_main_of, ".export")),
     "index": ("a FAISS index inside a store for fast search",
               partial(_main_of, ".index")),
+    "maps": ("a 2-D map of a store by class (PCA, t-SNE, UMAP)",
+             partial(_main_of, ".maps")),
 }
 
 
