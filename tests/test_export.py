@@ -158,7 +158,7 @@ def test_directory_output_refused(tmp_path, capsys):
 def test_the_store_methods_are_the_library_functions(tmp_path):
     from transferlab.neighbors import store_nearest
 
-    store = multi_store(tmp_path / "s")
+    store, _ = multi_store(tmp_path / "s")
     out = store.export(tmp_path / "m.parquet")
     table = pq.read_table(out)
     assert table.column("key").to_pylist() == store.keys
