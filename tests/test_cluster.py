@@ -154,3 +154,15 @@ def test_cluster_cli_errors_exit_2(tmp_path, capsys):
     assert "-k must be between 1 and the number of rows (6)" in capsys.readouterr().err
     assert main([str(tmp_path / "nope"), "-k", "2"]) == 2
     assert capsys.readouterr().err.startswith("error: no feature store")
+
+
+def test_cluster_plot_method_tsne(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from transferlab.cluster import main
+
+    x, y = blobs(n_per=10, k=3, d=6)
+    make_store(tmp_path / "s", x, y)
+    assert main([str(tmp_path / "s"), "-k", "3", "--plot", str(tmp_path / "p"),
+                 "--plot-method", "tsne", "--device", "cpu"]) == 0
+    for name in ("clusters_tsne.png", "labels_tsne.png"):
+        assert (tmp_path / "p" / name).read_bytes()[:4] == b"\x89PNG"

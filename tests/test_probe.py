@@ -233,3 +233,15 @@ def test_tensor_inputs_as_a_finetune_runner_passes_them():
     assert b.accuracy(torch.tensor(x), torch.tensor(y)) == a.train_acc
     assert knn_accuracy(torch.tensor(x), torch.tensor(y), torch.tensor(x[:10]),
                         torch.tensor(y[:10]), k=1) == 1.0
+
+
+def test_probe_plot_method_tsne(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from transferlab.probe import main
+
+    x, y = gaussian_clusters(n_per_class=15, classes=(0, 1))
+    make_store(tmp_path / "s", x, y, class_names=["a", "b"])
+    assert main([str(tmp_path / "s"), "--device", "cpu", "--plot", str(tmp_path / "p"),
+                 "--plot-method", "tsne"]) == 0
+    assert (tmp_path / "p" / "tsne.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "p" / "pca.png").exists()

@@ -250,7 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", action="store_true", help="L2-normalise rows first")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
     p.add_argument("--out", metavar="CSV", help="write key,cluster assignments here")
-    p.add_argument("--plot", metavar="DIR", help="write PCA scatter plots here")
+    p.add_argument("--plot", metavar="DIR", help="write 2-D maps by cluster and label here")
+    p.add_argument("--plot-method", choices=("pca", "tsne", "umap"), default="pca",
+                   help="how --plot maps the features to 2-D (t-SNE: scikit-learn; UMAP: "
+                        "transferlab[umap])")
     return p
 
 
@@ -265,7 +268,7 @@ def command(argv: Sequence[str] | None = None) -> None:
     if args.out:
         print(f"wrote {write_assignments(args.out, report.keys, report.clusters)}")
     if args.plot:
-        for path in plot_clusters(store, report, Path(args.plot)):
+        for path in plot_clusters(store, report, Path(args.plot), args.plot_method):
             print(f"wrote {path}")
 
 
@@ -280,18 +283,20 @@ def check_args(args: argparse.Namespace) -> None:
                           f"--plot {args.plot}_plots")
 
 
-def plot_clusters(store: Any, report: ClusterReport, out_dir: Path) -> list[Path]:
-    """PCA scatter coloured by cluster, and by label when the store has labels."""
+def plot_clusters(store: Any, report: ClusterReport, out_dir: Path,
+                  method: str = "pca") -> list[Path]:
+    """A 2-D map (``method``: pca, tsne, umap) coloured by cluster, and by label when the
+    store has labels."""
     from . import plots
     from .probe import load_features
 
     x = load_features(store, report.rows)
     names = [f"cluster {c}" for c in range(len(report.sizes))]
-    out = [plots.plot_pca(x, report.clusters, out_dir / "clusters_pca.png", class_names=names,
-                          title="k-means clusters")]
+    out = [plots.plot_map(x, report.clusters, out_dir / f"clusters_{method}.png", method,
+                          class_names=names, title="k-means clusters")]
     if report.purity is not None:
         labels = np.asarray(store.labels)[report.rows]
-        out.append(plots.plot_pca(x, labels, out_dir / "labels_pca.png",
+        out.append(plots.plot_map(x, labels, out_dir / f"labels_{method}.png", method,
                                   class_names=store.class_names, title="labels"))
     return out
 

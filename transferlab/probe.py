@@ -422,7 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
     p.add_argument("--max-iter", type=int, default=500, help="L-BFGS iterations at most")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
-    p.add_argument("--plot", metavar="DIR", help="write PCA, class-column and sweep plots here")
+    p.add_argument("--plot", metavar="DIR", help="write a map, class-column and sweep plots here")
+    p.add_argument("--plot-method", choices=("pca", "tsne", "umap"), default="pca",
+                   help="how --plot maps the features to 2-D (t-SNE: scikit-learn; UMAP: "
+                        "transferlab[umap])")
     return p
 
 
@@ -439,19 +442,21 @@ def command(argv: Sequence[str] | None = None) -> None:
                        seed=args.seed, device=args.device, max_iter=args.max_iter)
     print(probe_report(report))
     if args.plot:
-        for path in plot_probe(store, report, Path(args.plot)):
+        for path in plot_probe(store, report, Path(args.plot), args.plot_method):
             print(f"wrote {path}")
 
 
-def plot_probe(store: Any, report: ProbeReport, out_dir: Path) -> list[Path]:
-    """PCA scatter, class columns and the accuracy-vs-L2 sweep of a probed store."""
+def plot_probe(store: Any, report: ProbeReport, out_dir: Path,
+               method: str = "pca") -> list[Path]:
+    """A 2-D map (``method``: pca, tsne, umap), class columns and the accuracy-vs-L2 sweep
+    of a probed store."""
     from . import plots
 
     x, y = load_labelled(store, plain_only=True)
     names = getattr(store, "class_names", None)
     sweep = [{"l2": l2, "train_acc": a, "test_acc": b}
              for l2, a, b in zip(report.l2s, report.train_acc, report.test_acc)]
-    return [plots.plot_pca(x, y, out_dir / "pca.png", class_names=names),
+    return [plots.plot_map(x, y, out_dir / f"{method}.png", method, class_names=names),
             plots.plot_class_columns(x, y, out_dir / "class_columns.png", class_names=names),
             plots.plot_training_curves(sweep, out_dir / "l2_sweep.png", x="l2", logx=True)]
 
