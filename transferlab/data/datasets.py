@@ -18,8 +18,11 @@ Sources (``DataConfig.source``):
 - ``list``: ``list_file`` with one path per line (blank and ``#`` lines skipped), or a
   ``.csv``/``.tsv`` with a header naming ``path_column`` and optionally ``label_column``
   (class names or integers). Relative paths are relative to ``root``, or to the list file's
-  folder when ``root`` is null. Absolute paths under that base get relative keys; others
-  keep their absolute path as key. File order is kept.
+  folder when ``root`` is null. Absolute paths under that base get relative keys. A path
+  that escapes the base (absolute elsewhere, or leading out with ``..``) is never read: it
+  is a failure ``outside-root``. The check is on the listed text; symlinks inside the base
+  are followed (whoever owns the data folder put them there, as with ``folder``). File order
+  is kept.
 - ``torchvision``: MNIST, FashionMNIST, KMNIST, CIFAR10, CIFAR100 via ``torchvision.datasets``
   (keys ``train/000123``). MNIST-style datasets are read directly from idx files (``.gz`` or
   not) when ``root`` holds them, e.g. Debian's ``/usr/share/datasets/fashion-mnist`` (used for
@@ -59,18 +62,30 @@ Transform = Callable[[Image.Image], Any]
 
 
 class FileReader:
-    """Decodes ``base / key`` (or the absolute key) with ``load_image``."""
+    """Decodes ``base / key`` (or the absolute key) with ``load_image``.
 
-    def __init__(self, base: Path | None, keys: Sequence[str], max_pixels: int | None):
+    ``rejected`` maps keys that must never be opened (a name that is not UTF-8, a listed path
+    outside the data root) to their ``(reason, detail)``: they become failures, and ``path``
+    is None for them so no other reader opens them either.
+    """
+
+    def __init__(self, base: Path | None, keys: Sequence[str], max_pixels: int | None,
+                 rejected: dict[str, tuple[str, str]] | None = None):
         self.base = base
         self.keys = list(keys)
         self.max_pixels = max_pixels
+        self.rejected = dict(rejected or {})
 
-    def path(self, i: int) -> Path:
+    def path(self, i: int) -> Path | None:
         key = self.keys[i]
+        if key in self.rejected:
+            return None
         return Path(key) if self.base is None or os.path.isabs(key) else self.base / key
 
     def load(self, i: int, mode: str, draft_size: tuple[int, int] | None) -> Image.Image:
+        key = self.keys[i]
+        if key in self.rejected:
+            raise ImageDecodeError(*self.rejected[key], path=key)
         return load_image(self.path(i), mode, draft_size, self.max_pixels)
 
 
@@ -205,13 +220,22 @@ def collate_skip_errors(batch: list[dict[str, Any]]) -> dict[str, Any]:
             "key": [s["key"] for s in good], "failures": failures}
 
 
-def make_loader(dataset: ImageDataset, batch_size: int, num_workers: int = 0,
-                pin_memory: bool = False, **kwargs: Any) -> DataLoader:
-    """A DataLoader in dataset order that skips (and reports) undecodable files."""
-    if num_workers > 0:
-        kwargs.setdefault("prefetch_factor", 4)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      pin_memory=pin_memory, collate_fn=collate_skip_errors, **kwargs)
+PREFETCH_FACTOR = 4  # batches each worker keeps ready: decoding is bursty, the model is not
 
 
-
+def make_loader(dataset: Dataset, batch_size: int | None = None, num_workers: int = 0,
+                pin_memory: bool = False, *, batches: Sequence[Sequence[int]] | None = None,
+                collate_fn: Callable[[list], dict] = collate_skip_errors,
+                generator: torch.Generator | None = None) -> DataLoader:
+    """The one DataLoader factory (prediction, extraction, fine-tuning): in dataset order by
+    ``batch_size``, or the given ``batches`` of indices; undecodable files are skipped and
+    reported by the default collate. Workers prefetch ``PREFETCH_FACTOR`` batches each."""
+    if (batch_size is None) == (batches is None):
+        raise ValueError("make_loader takes batch_size or batches, not both or neither")
+    extra: dict[str, Any] = {"prefetch_factor": PREFETCH_FACTOR} if num_workers > 0 else {}
+    if batches is not None:
+        extra["batch_sampler"] = [list(b) for b in batches]
+    else:
+        extra.update(batch_size=batch_size, shuffle=False)
+    return DataLoader(dataset, num_workers=num_workers, pin_memory=pin_memory,
+                      collate_fn=collate_fn, generator=generator, **extra)

@@ -18,14 +18,21 @@ Conversions (documented once, here):
 - Large JPEGs are decoded at 1/2, 1/4 or 1/8 scale (``Image.draft``) when ``draft_size`` is
   given and the reduced image still covers it, which is nearly free and much faster.
 - Images above ``max_pixels`` are refused before decoding (decompression bombs). Pillow's own
-  limit (twice ``PIL.Image.MAX_IMAGE_PIXELS``) still applies on top of it.
+  limit (twice ``PIL.Image.MAX_IMAGE_PIXELS``) still applies on top of it. With
+  ``draft_size`` the bound holds after the resize too: an image whose scaling to cover that
+  size (``max(W_t / w, H_t / h)``, what a short-side resize does) would exceed ``max_pixels``
+  is refused (a 143-byte 20000x1 PNG resized to a short side of 224 would be 4.48M x 224).
+- Only regular files are read: a FIFO, socket or device named ``x.png`` is refused without
+  blocking (opened non-blocking, checked with ``fstat``).
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import io
+import math
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -45,16 +52,21 @@ NOT_AN_IMAGE = "not-an-image"
 TRUNCATED = "truncated"
 CORRUPT = "corrupt"
 TOO_LARGE = "too-large"
-REASONS = (MISSING, UNREADABLE, EMPTY, NOT_AN_IMAGE, TRUNCATED, CORRUPT, TOO_LARGE)
+BAD_NAME = "bad-name"  # a file name that is not valid UTF-8 (never opened)
+OUTSIDE_ROOT = "outside-root"  # a listed path that escapes the data root (never opened)
+REASONS = (MISSING, UNREADABLE, EMPTY, NOT_AN_IMAGE, TRUNCATED, CORRUPT, TOO_LARGE, BAD_NAME,
+           OUTSIDE_ROOT)
 
 _FIXES = {
     MISSING: "check the path and the data root",
-    UNREADABLE: "fix the file permissions or remove it",
+    UNREADABLE: "fix the file permissions or remove it (only regular files are read)",
     EMPTY: "the file has zero bytes; re-copy or remove it",
     NOT_AN_IMAGE: "remove it or narrow data.extensions",
     TRUNCATED: "the file is cut short; re-copy or remove it",
     CORRUPT: "re-copy or remove the file",
     TOO_LARGE: "raise data.max_image_pixels if the image is trusted",
+    BAD_NAME: "rename the file to a UTF-8 name",
+    OUTSIDE_ROOT: "list paths inside data.root, or set data.root to a folder holding them",
 }
 
 # Leading bytes of formats Pillow reads: a file starting with one of these that Pillow cannot
@@ -89,10 +101,7 @@ def load_image(path: str | os.PathLike, mode: str = "RGB",
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    try:
-        handle = open(path, "rb")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise _os_error(exc, path) from None
+    handle = open_regular(path)
     with handle:
         try:
             if os.fstat(handle.fileno()).st_size == 0:
@@ -106,6 +115,27 @@ def load_image(path: str | os.PathLike, mode: str = "RGB",
             raise
 
 
+def open_regular(path: str | os.PathLike) -> io.BufferedReader:
+    """``path`` opened for reading when it is a regular file. O_NONBLOCK: opening a FIFO
+    for reading would otherwise wait forever for a writer; it is checked by fstat, not by a
+    name that could be swapped between check and open."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise _os_error(exc, path) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            detail = "is a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise ImageDecodeError(UNREADABLE, detail, path)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def decode_image(fp: io.BufferedIOBase | io.BytesIO, mode: str = "RGB",
                  draft_size: tuple[int, int] | None = None,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -115,12 +145,13 @@ def decode_image(fp: io.BufferedIOBase | io.BytesIO, mode: str = "RGB",
     if not head:
         raise ImageDecodeError(EMPTY, "zero-byte file")
     try:
-        with _warnings_ignored():  # bomb, EXIF and palette warnings are handled here
-            with Image.open(fp) as im:
-                _check_size(im, max_pixels)
-                _apply_draft(im, mode, draft_size)
-                im.load()
-                return to_mode(_upright(im), mode)
+        # bomb, EXIF and palette warnings are handled here
+        with _warnings_ignored(), Image.open(fp) as im:
+            _check_size(im, max_pixels)
+            _check_resized(im.size, draft_size, max_pixels)
+            _apply_draft(im, mode, draft_size)
+            im.load()
+            return to_mode(_upright(im), mode)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
@@ -188,6 +219,21 @@ def _check_size(im: Image.Image, max_pixels: int | None) -> None:
             TOO_LARGE, f"{width}x{height} = {width * height} pixels > max_pixels={max_pixels}")
     if width <= 0 or height <= 0:
         raise ImageDecodeError(CORRUPT, f"bad size {width}x{height}")
+
+
+def _check_resized(size: tuple[int, int], draft_size: tuple[int, int] | None,
+                   max_pixels: int | None) -> None:
+    """Refuse an image whose resize to cover ``draft_size`` would exceed ``max_pixels``
+    (a tiny, very long image blows up under a short-side resize), before allocating it."""
+    if draft_size is None or max_pixels is None:
+        return
+    (width, height), (tw, th) = size, (int(draft_size[0]), int(draft_size[1]))
+    factor = max(tw / width, th / height)
+    w2, h2 = math.ceil(width * factor), math.ceil(height * factor)
+    if w2 * h2 > max_pixels:
+        raise ImageDecodeError(
+            TOO_LARGE, f"{width}x{height} resized to cover {tw}x{th} is {w2}x{h2} = "
+            f"{w2 * h2} pixels > max_pixels={max_pixels}")
 
 
 def _apply_draft(im: Image.Image, mode: str, draft_size: tuple[int, int] | None) -> None:
@@ -258,6 +304,18 @@ def _decoder_error(exc: BaseException) -> ImageDecodeError:
     if "truncated" in text.lower():
         return ImageDecodeError(TRUNCATED, text)
     return ImageDecodeError(CORRUPT, f"{type(exc).__name__}: {text}"[:200])
+
+
+def escape_name(name: str) -> str | None:
+    """None for a name that is valid UTF-8; else its lossless printable form: backslashes
+    doubled, then each undecodable byte (a surrogateescape character from ``os.listdir``)
+    as ``\\xNN``, so distinct names stay distinct and the bytes can be recovered."""
+    try:
+        name.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        raw = os.fsencode(name.replace("\\", "\\\\"))
+        return raw.decode("utf-8", "backslashreplace")
 
 
 def is_image_file(path: str | os.PathLike, extensions: list[str]) -> bool:

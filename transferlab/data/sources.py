@@ -21,7 +21,7 @@ from .datasets import (
     ImageDataset,
     Transform,
 )
-from .imageio import is_image_file
+from .imageio import BAD_NAME, OUTSIDE_ROOT, escape_name, is_image_file
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def build_dataset(cfg: DataConfig, transform: Transform | None = None, image_mod
 def _class_labels(ds: ImageDataset, wanted: list) -> list[int]:
     """Labels named by ``wanted`` (class names or integers); unknown entries are an error."""
     names = ds.class_names or []
-    present = sorted(set(int(v) for v in ds.labels) - {-1})
+    present = sorted({int(v) for v in ds.labels} - {-1})
     available = ", ".join(names) if names else ", ".join(map(str, present)) or "none"
     out = []
     for item in wanted:
@@ -92,8 +92,16 @@ def _existing_dir(root: str | None, what: str) -> Path:
     return path
 
 
-def scan_folder(root: Path, extensions: list[str]) -> list[str]:
-    """Sorted keys of the image files under ``root`` (following links, skipping hidden)."""
+def scan_folder(root: Path, extensions: list[str],
+                rejected: dict[str, tuple[str, str]] | None = None,
+                escape: bool = True) -> list[str]:
+    """Sorted keys of the image files under ``root`` (following links, skipping hidden).
+
+    A path that is not valid UTF-8 cannot be a key (stores write UTF-8): it is listed under
+    its lossless escape (``imageio.escape_name``) and recorded in ``rejected`` as a failure,
+    so the rest of the folder is still read. ``escape=False`` keeps such names as ``os.walk``
+    gives them (surrogateescape), for a caller that opens them and escapes what it prints.
+    """
     keys, seen = [], set()
 
     def unreadable(exc: OSError) -> None:
@@ -112,17 +120,29 @@ def scan_folder(root: Path, extensions: list[str]) -> list[str]:
         rel = Path(dirpath).relative_to(root)
         for name in filenames:
             if not name.startswith(".") and is_image_file(name, extensions):
-                keys.append((rel / name).as_posix())
-    return sorted(keys)
+                key = (rel / name).as_posix()
+                keys.append(_checked_key(key, rejected) if escape else key)
+    return sorted(set(keys))  # set: an escaped name equal to a real one is listed once
+
+
+def _checked_key(key: str, rejected: dict[str, tuple[str, str]] | None) -> str:
+    escaped = escape_name(key)
+    if escaped is None:
+        return key
+    if rejected is not None:
+        rejected[escaped] = (BAD_NAME, "file name is not valid UTF-8")
+    return escaped
 
 
 def _folder(cfg: DataConfig) -> ImageDataset:
     root = _existing_dir(cfg.root, "image folder")
-    keys = scan_folder(root, cfg.extensions)
+    rejected: dict[str, tuple[str, str]] = {}
+    keys = scan_folder(root, cfg.extensions, rejected)
     if not keys:
         raise DataError(_empty_message(root, cfg.extensions))
     labels, class_names = _labels_from_folders(keys)
-    return ImageDataset(FileReader(root, keys, cfg.max_image_pixels), keys, labels, class_names)
+    reader = FileReader(root, keys, cfg.max_image_pixels, rejected)
+    return ImageDataset(reader, keys, labels, class_names)
 
 
 def _labels_from_folders(keys: list[str]) -> tuple[np.ndarray, list[str] | None]:
@@ -160,9 +180,11 @@ def _list(cfg: DataConfig) -> ImageDataset:
         raise DataError(f"data.list_file {list_file} lists no paths; add one path per line")
     keys = [_key_for(p, base) for p in paths]
     _check_unique(keys, list_file)
-    _check_some_exist(keys, base, list_file)
+    rejected = {k: (OUTSIDE_ROOT, f"outside {base}") for k in keys if _escapes(k)}
+    _check_some_exist([k for k in keys if k not in rejected], base, list_file)
     labels, class_names = _parse_labels(raw_labels, len(keys))
-    return ImageDataset(FileReader(base, keys, cfg.max_image_pixels), keys, labels, class_names)
+    reader = FileReader(base, keys, cfg.max_image_pixels, rejected)
+    return ImageDataset(reader, keys, labels, class_names)
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -189,14 +211,21 @@ def _read_csv(path: Path, path_column: str, label_column: str | None
 
 
 def _key_for(path: str, base: Path) -> str:
-    """Relative POSIX key; absolute paths under ``base`` become relative too."""
-    p = Path(path.replace("\\", "/")).expanduser()
+    """Relative POSIX key; absolute paths under ``base`` become relative too. A key that
+    escapes ``base`` (absolute elsewhere, or ``..`` leading out) is kept as written,
+    normalised, and never read (``_escapes``). Checked on the text, not on resolved links:
+    symlinks the owner of the data folder planted inside it are followed."""
+    p = Path(os.path.normpath(Path(path.replace("\\", "/")).expanduser()))
     if p.is_absolute():
         try:
-            return p.relative_to(base.absolute()).as_posix()
+            return p.relative_to(Path(os.path.normpath(base.absolute()))).as_posix()
         except ValueError:
             return p.as_posix()
-    return Path(os.path.normpath(p)).as_posix()
+    return p.as_posix()
+
+
+def _escapes(key: str) -> bool:
+    return os.path.isabs(key) or key == ".." or key.startswith("../")
 
 
 def _check_unique(keys: list[str], list_file: Path) -> None:
@@ -210,6 +239,10 @@ def _check_unique(keys: list[str], list_file: Path) -> None:
 
 def _check_some_exist(keys: list[str], base: Path, list_file: Path, sample: int = 50) -> None:
     """Fail early when none of the first paths exist: the base folder is almost surely wrong."""
+    if not keys:
+        raise DataError(f"every path in {list_file} lies outside {base}; list paths relative "
+                        "to data.root (no '..' or other folders), or set data.root to a "
+                        "folder that holds them")
     head = keys[:sample]
     if not any((Path(k) if os.path.isabs(k) else base / k).exists() for k in head):
         raise DataError(f"none of the first {len(head)} paths in {list_file} exist under {base} "

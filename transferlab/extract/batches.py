@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from ..data.datasets import ImageDataset, collate_skip_errors
+from ..data.datasets import make_loader as _make_loader
 from ..data.imageio import decoding_threads_quiet
 from ..data.preprocess import PreprocessSpec, build_transform
 from ..runtime.device import Runtime
@@ -107,14 +108,14 @@ def aligned_batches(positions: Sequence[int], batch_size: int) -> list[list[int]
     return batches
 
 
-
-def make_loader(dataset: Dataset, batches: list[list[int]], rt: Runtime,
-                collate_fn: Callable[[list], dict] = collate_skip_errors) -> DataLoader:
-    kwargs: dict[str, Any] = {}
-    if rt.num_workers > 0:
-        kwargs.update(prefetch_factor=4, persistent_workers=False)
-    return DataLoader(dataset, batch_sampler=batches, num_workers=rt.num_workers,
-                      pin_memory=rt.is_cuda, collate_fn=collate_fn, **kwargs)
+def run_loader(dataset: Dataset, batches: list[list[int]], rt: Runtime,
+               collate_fn: Callable[[list], dict] = collate_skip_errors) -> DataLoader:
+    """The extraction's loader: ``data.datasets.make_loader`` over aligned ``batches`` with
+    the run's workers, pinned memory on CUDA."""
+    return _make_loader(dataset, batches=batches, num_workers=rt.num_workers,
+                       pin_memory=rt.is_cuda, collate_fn=collate_fn)
 
 
-
+# Not a second factory: extract/run.py (another owner) still imports this name; drop the
+# alias once it imports run_loader (#12 item 3).
+make_loader = run_loader

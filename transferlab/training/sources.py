@@ -141,18 +141,14 @@ class LoaderSource(ChunkedSource):
     def steps(self, chunks: Sequence[torch.Tensor]) -> Iterator[Batch | None]:
         """One batch per chunk of positions; None for an empty chunk or one whose every
         image failed to decode."""
-        from torch.utils.data import DataLoader
-
-        from ..data.datasets import collate_skip_errors
+        from ..data.datasets import make_loader
         from ..runtime.device import derive_seed
 
         sampler = [pos.tolist() for pos in chunks if len(pos)]
         self._calls += 1  # worker seeds differ per pass, but not with the global RNG
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "loader", self._calls))
-        extra = {"prefetch_factor": 4} if self.num_workers > 0 else {}
-        loader = iter(DataLoader(self.dataset, batch_sampler=sampler,
-                                 num_workers=self.num_workers, collate_fn=collate_skip_errors,
-                                 generator=gen, pin_memory=self.device.type == "cuda", **extra))
+        loader = iter(make_loader(self.dataset, batches=sampler, num_workers=self.num_workers,
+                                  pin_memory=self.device.type == "cuda", generator=gen))
         for chunk in chunks:
             if not len(chunk):
                 yield None
@@ -178,6 +174,3 @@ def chunked(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 def _present(steps: Iterator[Batch | None]) -> Iterator[Batch]:
     return (batch for batch in steps if batch is not None)
-
-
-
