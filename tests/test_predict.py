@@ -86,7 +86,8 @@ def test_csv_to_stdout_from_the_command_line(trained, tmp_path):
     ckpt, _ = trained
     images = write_digits(tmp_path / "x", digits=(0,), per_class=2, offset=300)
     proc = subprocess.run([sys.executable, "-m", "transferlab.predict", str(ckpt),
-                           *map(str, images)], capture_output=True, text=True, cwd=ROOT,
+                           *map(str, images)], check=False, capture_output=True, text=True,
+                          cwd=ROOT,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
@@ -132,3 +133,23 @@ def test_csv_round_trips_file_names_with_line_breaks_commas_and_quotes():
     rows = list(csv.reader(io.StringIO(out.getvalue(), newline="")))
     assert rows[0] == ["path", "class", "probability"]
     assert [r[0] for r in rows[1:]] == names and all(r[1] == "cls\r" for r in rows[1:])
+
+
+def test_predict_on_files_named_with_cr_and_non_utf8_round_trips(trained, tmp_path):
+    import os
+
+    ckpt, _ = trained
+    src = write_digits(tmp_path / "src", digits=(1,), per_class=3)
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    os.replace(src[0], folder / "a\rb.png")
+    os.replace(src[1], os.fsencode(folder) + b"/\xffc.png")  # not UTF-8: read, name escaped
+    os.replace(src[2], folder / "plain.png")
+    out = tmp_path / "p.csv"
+    assert main([str(ckpt), str(folder), "--out", str(out)]) == 0
+    with open(out, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["path", "class", "probability"]
+    assert sorted(r[0] for r in rows[1:]) == sorted(
+        [str(folder / "a\rb.png"), str(folder / "plain.png"), str(folder) + "/\\xffc.png"])
+    assert all(r[1] in ("d0", "d1") for r in rows[1:])

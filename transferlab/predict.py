@@ -7,8 +7,9 @@ Command line::
 
 ``PATH`` is an image file or a folder (searched recursively for image files). The CSV has
 one row per readable image: ``path,class,probability`` (the most likely class and its
-softmax probability); files that cannot be decoded are listed on stderr, not in the CSV.
-Without ``--out`` the CSV goes to stdout.
+softmax probability; RFC 4180: "\\r\\n" line ends, fields with line breaks quoted; a name
+that is not UTF-8 written as ``imageio.escape_name`` gives it); files that cannot be decoded
+are listed on stderr, not in the CSV. Without ``--out`` the CSV goes to stdout.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import numpy as np
 from .cli import run_cli
 from .config import IMAGE_EXTENSIONS
 from .data.datasets import FileReader, ImageDataset, make_loader
-from .data.imageio import DEFAULT_MAX_PIXELS
+from .data.imageio import DEFAULT_MAX_PIXELS, escape_name
 from .data.preprocess import build_transform
 from .data.sources import scan_folder
 from .errors import ConfigError, DataError
@@ -53,7 +54,7 @@ def collect_images(paths: Sequence[str | Path],
     files: list[str] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = scan_folder(p, list(extensions))
+            found = scan_folder(p, list(extensions), escape=False)  # opened by path here
             if not found:
                 raise DataError(f"no image files ({', '.join(extensions)}) under {p}")
             files += [str(p / key) for key in found]
@@ -68,9 +69,11 @@ def collect_images(paths: Sequence[str | Path],
 
 def predict_files(model: Classifier, files: Sequence[str], batch_size: int = 32,
                   num_workers: int = 0) -> PredictResult:
-    """Decode ``files`` (robustly: bad files become failures) and classify them."""
+    """Decode ``files`` (robustly: bad files become failures) and classify them. A name that
+    is not UTF-8 is read, and reported under its lossless escape (``escape_name``)."""
     spec = model.preprocess
-    ds = ImageDataset(FileReader(None, files, DEFAULT_MAX_PIXELS), files, np.full(len(files), -1),
+    names = [escape_name(f) or f for f in files]
+    ds = ImageDataset(FileReader(None, files, DEFAULT_MAX_PIXELS), names, np.full(len(files), -1),
                       transform=build_transform(spec, normalize=False),
                       image_mode=spec.image_mode, draft_size=spec.scale_size())
     result = PredictResult([])
@@ -86,14 +89,12 @@ def predict_files(model: Classifier, files: Sequence[str], batch_size: int = 32,
 
 
 def write_csv(predictions: Sequence[Prediction], out: io.TextIOBase) -> None:
-    writer = csv.writer(out, lineterminator="\n")
-    # with a "\n" terminator QUOTE_MINIMAL leaves a "\r" unquoted, and csv.reader takes it
-    # for a line end: such rows are written with every field quoted
-    quoted = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    """RFC 4180, as the store's index.csv: "\r\n" line ends, so QUOTE_MINIMAL quotes any
+    field holding "\r" or "\n" (a "\n" terminator leaves "\r" bare, and csv.reader takes
+    it for a line end). ``out`` must not translate newlines (``newline=""``)."""
+    writer = csv.writer(out)
     writer.writerow(["path", "class", "probability"])
-    for p in predictions:
-        row = [p.path, p.label, f"{p.probability:.6f}"]
-        (quoted if "\r" in p.path + p.label else writer).writerow(row)
+    writer.writerows([p.path, p.label, f"{p.probability:.6f}"] for p in predictions)
 
 
 def run_predict(checkpoint: str | Path, paths: Sequence[str | Path], out: str | Path | None,
