@@ -124,6 +124,17 @@ def test_list_whose_every_path_escapes_is_one_line_naming_the_fix(tmp_path):
     assert not (out / "fingerprint.json").exists()
 
 
+def test_list_file_that_is_not_utf8_is_one_line(tmp_path):
+    root = tmp_path / "data"
+    make_image_tree(root, unicode_name=False)
+    for name, body in (("list.txt", b"cat/\xff.png\n"), ("list.csv", b"path\ncat/\xff.png\n")):
+        (root / name).write_bytes(body)
+        code, _, err, _ = extract(tmp_path, root, "data.source=list",
+                                  f"data.list_file={root / name}")
+        assert code == 2
+        assert len(err.strip().splitlines()) == 1 and "is not UTF-8" in err and "save it" in err
+
+
 # ---- 4. an image that blows up under the resize ---------------------------------------------
 
 

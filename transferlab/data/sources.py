@@ -172,10 +172,14 @@ def _list(cfg: DataConfig) -> ImageDataset:
         raise DataError(f"data.list_file {str(list_file)!r} not found; fix data.list_file")
     base = _existing_dir(cfg.root, "folder the listed paths are relative to") \
         if cfg.root is not None else list_file.parent
-    if list_file.suffix.lower() in (".csv", ".tsv"):
-        paths, raw_labels = _read_csv(list_file, cfg.path_column, cfg.label_column)
-    else:
-        paths, raw_labels = _read_lines(list_file), None
+    try:
+        if list_file.suffix.lower() in (".csv", ".tsv"):
+            paths, raw_labels = _read_csv(list_file, cfg.path_column, cfg.label_column)
+        else:
+            paths, raw_labels = _read_lines(list_file), None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"data.list_file {list_file} is not UTF-8 (byte {exc.start}); save it "
+                        "as UTF-8") from None
     if not paths:
         raise DataError(f"data.list_file {list_file} lists no paths; add one path per line")
     keys = [_key_for(p, base) for p in paths]
