@@ -219,9 +219,8 @@ def plot_map(features: Any, labels: Any = None, out: str | Path = "map.png",
     pts = embed_2d(np.asarray(x[keep] if len(keep) < n else x, dtype=np.float32), method, seed)
     name = _METHOD_NAMES[method]
     shown = f"a random sample of {len(keep)} of {n}" if len(keep) < n else f"{n}"
-    what = f"{name} of {shown} feature vectors"
-    return _scatter(pts, y[keep], out, class_names, f"{title}: {what}" if title else what,
-                    (f"{name} 1", f"{name} 2"))
+    return _scatter(pts, y[keep], out, class_names,
+                    title or f"{name} of {shown} feature vectors", (f"{name} 1", f"{name} 2"))
 
 
 def plot_store_map(store: Any, out: str | Path = "map.png", method: str = "pca",
