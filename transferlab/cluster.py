@@ -252,8 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="CSV", help="write key,cluster assignments here")
     p.add_argument("--plot", metavar="DIR", help="write 2-D maps by cluster and label here")
     p.add_argument("--plot-method", choices=("pca", "tsne", "umap"), default="pca",
-                   help="how --plot maps the features to 2-D (t-SNE: scikit-learn; UMAP: "
-                        "transferlab[umap])")
+                   help="the 2-D map of --plot")
     return p
 
 

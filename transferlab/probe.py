@@ -424,8 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
     p.add_argument("--plot", metavar="DIR", help="write a map, class-column and sweep plots here")
     p.add_argument("--plot-method", choices=("pca", "tsne", "umap"), default="pca",
-                   help="how --plot maps the features to 2-D (t-SNE: scikit-learn; UMAP: "
-                        "transferlab[umap])")
+                   help="the 2-D map of --plot")
     return p
 
 
@@ -446,10 +445,8 @@ def command(argv: Sequence[str] | None = None) -> None:
             print(f"wrote {path}")
 
 
-def plot_probe(store: Any, report: ProbeReport, out_dir: Path,
-               method: str = "pca") -> list[Path]:
-    """A 2-D map (``method``: pca, tsne, umap), class columns and the accuracy-vs-L2 sweep
-    of a probed store."""
+def plot_probe(store: Any, report: ProbeReport, out_dir: Path, method: str = "pca") -> list[Path]:
+    """A 2-D map (pca, tsne, umap), class columns and the accuracy-vs-L2 sweep of a store."""
     from . import plots
 
     x, y = load_labelled(store, plain_only=True)
@@ -496,7 +493,6 @@ def _views(store: Any) -> np.ndarray:
 
 def _store_name(store: Any) -> str:
     return str(getattr(store, "dir", None) or getattr(store, "path", None) or "<store>")
-
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def finished_meta(caller: dict, own: dict) -> dict:
 # ---- reading ------------------------------------------------------------------------------
 
 
-def read_meta(directory: Path) -> dict:
+def read_store_meta(directory: Path) -> dict:
     """``meta.json`` of a finished store, every field the reader relies on checked."""
     if not directory.is_dir():
         raise StoreError(f"no feature store at {directory}; check the path or run "

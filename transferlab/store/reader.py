@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime.atomicfile import atomic_write
-from .files import read_failures, read_index, read_meta, shard_files
+from .files import read_failures, read_index, read_store_meta, shard_files
 from .format import FAILURES, INDEX
 
 # Reader
@@ -127,7 +127,7 @@ class FeatureStore:
     def open(cls, directory: str | os.PathLike) -> FeatureStore:
         """Open the store at ``directory``; StoreError if missing, unfinished or damaged."""
         directory = Path(directory)
-        meta = read_meta(directory)
+        meta = read_store_meta(directory)
         files = shard_files(directory, meta)
         keys, labels, views = read_index(directory / INDEX, meta["rows"])
         return cls(directory, meta, files, keys, labels, views,
