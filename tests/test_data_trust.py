@@ -179,3 +179,36 @@ def test_one_loader_factory_with_one_prefetch_rule():
     assert "DataLoader(" not in Path(batches.__file__).read_text(encoding="utf-8")
     from transferlab.training import sources
     assert "DataLoader(" not in Path(sources.__file__).read_text(encoding="utf-8")
+
+
+def test_the_gpu_decode_path_never_blocks_on_a_fifo_nor_resizes_a_long_thin_jpeg(tmp_path):
+    from transferlab.data.gpudecode import read_jpeg
+
+    os.mkfifo(tmp_path / "x.jpg")
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(read_jpeg(tmp_path / "x.jpg", 10**8)),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    if worker.is_alive():
+        os.close(os.open(tmp_path / "x.jpg", os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("read_jpeg blocked on a FIFO")
+    assert result == [None]  # the PIL path names the reason
+    thin = save(random_image(4000, 2), tmp_path / "thin.jpg")
+    assert read_jpeg(thin, 10**8) is not None  # as stored it is small
+    assert read_jpeg(thin, 10**8, draft_size=(224, 224)) is None  # 448000x224 after resize
+
+
+def test_gpu_decode_run_lists_a_fifo_and_a_long_thin_jpeg_as_failures(tmp_path):
+    root = tmp_path / "data"
+    keys = make_image_tree(root, unicode_name=False)
+    os.mkfifo(root / "dog" / "x.jpg")
+    save(random_image(40000, 3), root / "dog" / "thin.jpg")
+    code, _, err, out = extract(tmp_path, root, "runtime.gpu_decode=true",
+                                "data.max_image_pixels=1000000")  # 120,000 as stored
+    assert code == 0, err
+    store = FeatureStore.open(out)
+    assert store.keys == keys
+    reasons = dict(store.failures)
+    assert reasons["dog/x.jpg"] == "unreadable: not a regular file"
+    assert reasons["dog/thin.jpg"].startswith("too-large:")

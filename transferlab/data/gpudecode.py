@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ComputeError, ConfigError
 from .datasets import ImageDataset
-from .imageio import ImageDecodeError, load_image
+from .imageio import ImageDecodeError, check_resized, load_image, open_regular
 from .preprocess import PreprocessSpec, build_transform
 
 JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
@@ -69,12 +69,16 @@ def check_spec(spec: PreprocessSpec) -> None:
                           "preprocess.resize=squash or runtime.gpu_decode=false")
 
 
-def read_jpeg(path: str | Path, max_pixels: int | None) -> torch.Tensor | None:
-    """The file's bytes when the batched decoder can take them as they are, else None."""
+def read_jpeg(path: str | Path, max_pixels: int | None,
+              draft_size: tuple[int, int] | None = None) -> torch.Tensor | None:
+    """The file's bytes when the batched decoder can take them as they are, else None (also
+    for anything but a regular file, and for an image whose resize to cover ``draft_size``
+    would exceed ``max_pixels``: the PIL path names the reason)."""
     try:
-        data = Path(path).read_bytes()
-    except OSError:
-        return None  # the PIL path names the reason
+        with open_regular(path) as f:  # a FIFO named x.jpg never blocks
+            data = f.read()
+    except (OSError, ImageDecodeError):
+        return None
     if not data.startswith(JPEG_START) or not data.endswith(JPEG_END):
         return None
     try:
@@ -86,6 +90,7 @@ def read_jpeg(path: str | Path, max_pixels: int | None) -> torch.Tensor | None:
                     return None
                 if max_pixels is not None and width * height > max_pixels:
                     return None
+                check_resized((width, height), draft_size, max_pixels)
                 if int(im.getexif().get(ORIENTATION, 1) or 1) != 1:
                     return None
     except Exception:  # noqa: BLE001 - anything odd: let the PIL path decide
@@ -101,13 +106,14 @@ class RawJpegDataset(Dataset):
         self.base = base
         self.plain = build_transform(spec, normalize=False)
         self.max_pixels = max_pixels
+        self.draft_size = spec.scale_size()
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         path = self.base.path(i)
-        raw = read_jpeg(path, self.max_pixels) if path is not None else None
+        raw = read_jpeg(path, self.max_pixels, self.draft_size) if path is not None else None
         if raw is not None:
             item = {"image": None, "label": int(self.base.labels[i]), "key": self.base.keys[i],
                     "index": int(i), "error": None}

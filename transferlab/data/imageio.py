@@ -148,7 +148,7 @@ def decode_image(fp: io.BufferedIOBase | io.BytesIO, mode: str = "RGB",
         # bomb, EXIF and palette warnings are handled here
         with _warnings_ignored(), Image.open(fp) as im:
             _check_size(im, max_pixels)
-            _check_resized(im.size, draft_size, max_pixels)
+            check_resized(im.size, draft_size, max_pixels)
             _apply_draft(im, mode, draft_size)
             im.load()
             return to_mode(_upright(im), mode)
@@ -221,7 +221,7 @@ def _check_size(im: Image.Image, max_pixels: int | None) -> None:
         raise ImageDecodeError(CORRUPT, f"bad size {width}x{height}")
 
 
-def _check_resized(size: tuple[int, int], draft_size: tuple[int, int] | None,
+def check_resized(size: tuple[int, int], draft_size: tuple[int, int] | None,
                    max_pixels: int | None) -> None:
     """Refuse an image whose resize to cover ``draft_size`` would exceed ``max_pixels``
     (a tiny, very long image blows up under a short-side resize), before allocating it."""

@@ -109,13 +109,11 @@ def aligned_batches(positions: Sequence[int], batch_size: int) -> list[list[int]
 
 
 def run_loader(dataset: Dataset, batches: list[list[int]], rt: Runtime,
-               collate_fn: Callable[[list], dict] = collate_skip_errors) -> DataLoader:
+               collate_fn: Callable[[list], dict] = collate_skip_errors,
+               pin_memory: bool | None = None) -> DataLoader:
     """The extraction's loader: ``data.datasets.make_loader`` over aligned ``batches`` with
-    the run's workers, pinned memory on CUDA."""
+    the run's workers; pinned memory on CUDA unless ``pin_memory`` is False (raw JPEG bytes
+    gain nothing from pinning: the decoder reads them on the host)."""
+    pin = rt.is_cuda if pin_memory is None else pin_memory
     return _make_loader(dataset, batches=batches, num_workers=rt.num_workers,
-                       pin_memory=rt.is_cuda, collate_fn=collate_fn)
-
-
-# Not a second factory: extract/run.py (another owner) still imports this name; drop the
-# alias once it imports run_loader (#12 item 3).
-make_loader = run_loader
+                        pin_memory=pin, collate_fn=collate_fn)

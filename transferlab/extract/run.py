@@ -47,7 +47,7 @@ from ..store.merge import merge_stores
 from ..store.owner import prepare_store
 from ..store.reader import FeatureStore
 from ..store.writer import StoreWriter
-from .batches import ViewsDataset, aligned_batches, make_loader, resume_positions
+from .batches import ViewsDataset, aligned_batches, resume_positions, run_loader
 from .compute import FeatureComputer, Pending
 
 
@@ -228,14 +228,14 @@ def build_loader(cfg: ExtractConfig, todo: ImageDataset, positions: list[int],
     if not cfg.runtime.gpu_decode:
         threads = rt.threads if rt.num_workers == 0 else 1  # workers decode in parallel
         views = ViewsDataset(todo, spec, cfg.output.views, cfg.runtime.seed, threads)
-        return make_loader(views, batches, rt), None
+        return run_loader(views, batches, rt), None
     from ..data.gpudecode import BatchDecoder, RawJpegDataset, collate_raw
 
     raw = RawJpegDataset(todo, spec, cfg.data.max_image_pixels)
     decoder = BatchDecoder(spec, rt.device, cfg.data.max_image_pixels)
     if rt.is_cuda:  # workers read bytes; the GPU decodes whole batches in the main process
-        return make_loader(raw, batches, rt, collate_raw), decoder
-    return make_loader(raw, batches, rt, decoder.collate), None  # CPU: decode in the workers
+        return run_loader(raw, batches, rt, collate_raw, pin_memory=False), decoder
+    return run_loader(raw, batches, rt, decoder.collate), None  # CPU: decode in the workers
 
 
 def progress_bar(total: int, enabled: bool) -> Any:
