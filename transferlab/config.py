@@ -81,20 +81,12 @@ class DataConfig:
     """Where images come from."""
 
     # folder: image folder (class sub-folders become labels); list: text/CSV file of paths;
-    # torchvision: a torchvision dataset by name; mnist-5k: the 5,000 bundled MNIST digits;
-    # webdataset: WebDataset tar shards named by `urls` (read in place, never unpacked).
+    # torchvision: a torchvision dataset; mnist-5k: 5,000 bundled digits; webdataset: tar shards
     source: Literal["folder", "list", "torchvision", "mnist-5k", "webdataset"] = "folder"
-    # data root; keys in stores are paths relative to it. root, list_file and urls may be
-    # local paths or s3:// gs:// http(s):// file:// URLs (credentials and endpoint from the
-    # environment: AWS_ENDPOINT_URL, AWS_PROFILE, ...; never from this file)
-    root: str | None = None
+    root: str | None = None  # data root (path or s3/gs/http(s)/file URL); keys relative to it
     list_file: str | None = None  # for source=list: one path per line, or a CSV with a header
-    # for source=webdataset: shard paths/URLs, a list or one string with brace expansion
-    # ("shards/train-{000000..000123}.tar"); keys are <shard name>/<member key>, in tar order
-    urls: str | list[str] | None = None
-    # webdataset member holding each item's label: cls (an integer), txt (a class name) or
-    # json (its "label" value, integer or class name); null = no labels (-1)
-    label_key: Literal["cls", "txt", "json"] | None = None
+    urls: str | list[str] | None = None  # webdataset shards (paths/URLs): list or "t-{0..9}.tar"
+    label_key: Literal["cls", "txt", "json"] | None = None  # webdataset member with the label
     path_column: str = "path"  # CSV column holding paths
     label_column: str | None = None  # CSV column holding labels (optional)
     dataset: str | None = None  # torchvision dataset: MNIST, FashionMNIST, CIFAR10, CIFAR100

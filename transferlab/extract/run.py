@@ -22,6 +22,7 @@ from ..data.datasets import ImageDataset
 from ..data.fingerprint import data_fingerprint, label_fingerprint
 from ..data.preprocess import PreprocessSpec
 from ..data.sources import build_dataset
+from ..data.webdataset import item_shards
 from ..errors import ConfigError
 from ..models.extractor import ExtractorBundle, extractor_from_config
 from ..models.fusion import FOLDABLE
@@ -141,7 +142,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
     started = time.time()
     info = init_distributed(cfg.runtime.device)
     full = build_dataset(cfg.data)  # a missing or empty root fails before the model loads
-    dataset = full.subset(range(*part_range(len(full), info.rank, info.world_size)))
+    dataset = full.subset(range(*rank_items(full, info)))
     seed_everything(cfg.runtime.seed)  # random-init weights are reproducible
     bundle = extractor_from_config(cfg.model, cfg.preprocess)
     spec = bundle.spec
@@ -188,6 +189,19 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
         loop_seconds = time.time() - loop_started
     stale = len(stored_keys(store) - set(full.keys))
     return ExtractResult(store, *counts, time.time() - started, loop_seconds, out_dir, stale)
+
+
+def rank_items(full: ImageDataset, info: DistInfo) -> tuple[int, int]:
+    """[start, stop) of this rank's items: a contiguous share of the items, or of whole
+    shards for tar shards (no shard is read by two ranks); either way rank order is item
+    order, so the merged store lists the items as a single process does."""
+    shards = item_shards(full)
+    if shards is None or not len(shards):
+        return part_range(len(full), info.rank, info.world_size)
+    firsts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1]])  # each shard's first item
+    bounds = np.r_[firsts, len(shards)]
+    start, stop = part_range(len(firsts), info.rank, info.world_size)
+    return int(bounds[start]), int(bounds[stop])
 
 
 def stored_keys(store: FeatureStore) -> set[str]:
