@@ -26,6 +26,7 @@ from .cli import run_cli
 from .errors import ConfigError, DataError
 from .runtime.device import exact_fp32, resolve_device
 from .store.reader import FeatureStore
+from .store.rows import load_features, plain_rows
 
 _BLOCK_ELEMENTS = 1 << 24  # (rows x centres) distances computed at once
 
@@ -191,7 +192,6 @@ def run_cluster(store: Any, k: int, n_init: int = 4, seed: int = 0, normalize: b
 
     ``normalize`` L2-normalises rows first (spherical k-means, close to cosine similarity).
     """
-    from .probe import load_features
 
     rows = plain_rows(store)
     x = load_features(store, rows)
@@ -206,14 +206,6 @@ def run_cluster(store: Any, k: int, n_init: int = 4, seed: int = 0, normalize: b
     keys = [store.keys[r] for r in rows]
     return ClusterReport(keys, rows, res.labels, res.inertia, sizes, pur, score,
                          int(known.sum()), res)
-
-
-def plain_rows(store: Any) -> np.ndarray:
-    """Rows holding view 0 (the un-augmented image) of each key."""
-    views = getattr(store, "views", None)
-    if views is None:
-        return np.arange(len(store.keys))
-    return np.flatnonzero(np.asarray(views) == 0)
 
 
 def write_assignments(path: str | Path, keys: Sequence[str], clusters: Sequence[int]) -> Path:
@@ -287,7 +279,6 @@ def plot_clusters(store: Any, report: ClusterReport, out_dir: Path,
     """A 2-D map (``method``: pca, tsne, umap) coloured by cluster, and by label when the
     store has labels."""
     from . import plots
-    from .probe import load_features
 
     x = load_features(store, report.rows)
     names = [f"cluster {c}" for c in range(len(report.sizes))]

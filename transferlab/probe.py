@@ -28,6 +28,7 @@ from .errors import ConfigError, DataError, StoreError
 from .neighbors import nearest
 from .runtime.device import exact_fp32, resolve_device
 from .store.reader import FeatureStore
+from .store.rows import load_features, views_of
 
 log = logging.getLogger(__name__)
 
@@ -332,23 +333,12 @@ def _labelled(store: Any, plain_only: bool) -> tuple[np.ndarray, np.ndarray, np.
                         "labelled torchvision/mnist-5k dataset")
     if not keep.all():
         log.info("probe: ignoring %d unlabelled rows of %d", int((~keep).sum()), len(labels))
-    views = _views(store)
+    views = views_of(store)
     if plain_only:
         keep &= views == 0
     rows = np.flatnonzero(keep)
     keys = np.asarray(store.keys, dtype=object)[rows]
     return load_features(store, rows), labels[rows], keys, views[rows]
-
-
-def load_features(store: Any, rows: np.ndarray | None = None) -> np.ndarray:
-    """Rows of a store (default: all, filled chunk by chunk) as one float32 array."""
-    if rows is not None and len(rows) < store.features.shape[0]:
-        return np.asarray(store.features[np.asarray(rows)], dtype=np.float32)
-    n, d = store.features.shape
-    out = np.empty((n, d), dtype=np.float32)
-    for start, chunk in store.iter_chunks():
-        out[start:start + len(chunk)] = chunk
-    return out
 
 
 def split_by_key(labels: np.ndarray, keys: np.ndarray, views: np.ndarray,
@@ -484,11 +474,6 @@ def _check_xy(x: torch.Tensor, y: torch.Tensor) -> None:
                         f"{tuple(y.shape)}")
     if not bool(torch.isfinite(x).all()):
         raise DataError("features contain NaN or infinity; re-extract them (check fp16 overflow)")
-
-
-def _views(store: Any) -> np.ndarray:
-    views = getattr(store, "views", None)
-    return np.zeros(len(store.keys), np.int64) if views is None else np.asarray(views)
 
 
 def _store_name(store: Any) -> str:
