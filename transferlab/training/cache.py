@@ -60,8 +60,13 @@ def plan_cache(mode: str | bool, nbytes: int, rt: Runtime, max_gb: float | None,
 
 def frozen_features(net: Network, src: Source, positions: torch.Tensor, batch_size: int,
                     rt: Runtime) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(features, positions) batches of the frozen base, under inference mode and autocast."""
+    """(features, positions) batches of the frozen base, under inference mode and autocast.
+
+    Images are decoded as extraction decodes them: without loader workers, each batch by
+    ``rt.threads`` threads (the caching pass has no random transform to reorder)."""
     net.eval()
+    if isinstance(src, LoaderSource):
+        src = src.with_decode_threads(rt.threads)
     for x, _, pos in src.batches(positions, batch_size):
         with frozen_forward(rt):
             out = net.base(net.prepare(x)) if net.base is not None else net.prepare(x)

@@ -22,10 +22,12 @@ identical everywhere; ``evaluate`` gathers the predictions of every share.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset, get_worker_info
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs, targets, source positions
 
@@ -115,16 +117,27 @@ class LoaderSource(ChunkedSource):
     """Images of an ``ImageDataset`` (its transform gives uint8 CHW tensors) via a DataLoader.
 
     Undecodable files are dropped from their batch and collected in ``failures``.
+    ``decode_threads`` > 1 without loader workers: each batch is decoded by that many threads
+    in the main process, as extraction does (``with_decode_threads``; only for deterministic
+    transforms: threads would reorder a random transform's draws).
     """
 
     kind = "images"
 
     def __init__(self, dataset: Any, y: np.ndarray, device: torch.device, num_workers: int = 0,
-                 seed: int = 0):
+                 seed: int = 0, decode_threads: int = 1):
         self.dataset, self.y, self.device = dataset, np.asarray(y, np.int64), device
         self.num_workers, self.seed = num_workers, seed
+        self.decode_threads = decode_threads
         self.failures: dict[str, str] = {}
         self._calls = 0
+
+    def with_decode_threads(self, threads: int) -> LoaderSource:
+        """This source read with ``threads`` decoding threads; failures are shared."""
+        out = LoaderSource(self.dataset, self.y, self.device, self.num_workers, self.seed,
+                           threads)
+        out.failures, out._calls = self.failures, self._calls
+        return out
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -147,7 +160,10 @@ class LoaderSource(ChunkedSource):
         sampler = [pos.tolist() for pos in chunks if len(pos)]
         self._calls += 1  # worker seeds differ per pass, but not with the global RNG
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "loader", self._calls))
-        loader = iter(make_loader(self.dataset, batches=sampler, num_workers=self.num_workers,
+        dataset = self.dataset
+        if self.decode_threads > 1 and self.num_workers == 0:
+            dataset = ThreadedItems(dataset, self.decode_threads)
+        loader = iter(make_loader(dataset, batches=sampler, num_workers=self.num_workers,
                                   pin_memory=self.device.type == "cuda", generator=gen))
         for chunk in chunks:
             if not len(chunk):
@@ -162,6 +178,29 @@ class LoaderSource(ChunkedSource):
             y = torch.from_numpy(self.y[pos.numpy()])
             yield (batch["image"].to(self.device, non_blocking=True),
                    y.to(self.device, non_blocking=True), pos)
+
+
+class ThreadedItems(Dataset):
+    """A dataset whose batches are read by ``threads`` threads (PIL releases the GIL while it
+    decodes and resizes), in the order of the indices."""
+
+    def __init__(self, dataset: Any, threads: int):
+        self.dataset, self.threads = dataset, threads
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[i]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        from ..data.imageio import decoding_threads_quiet
+
+        threads = min(self.threads, len(indices))
+        if threads < 2 or get_worker_info() is not None:
+            return [self.dataset[i] for i in indices]
+        with decoding_threads_quiet(), ThreadPoolExecutor(threads, "decode") as pool:
+            return list(pool.map(self.dataset.__getitem__, indices))
 
 
 Source = TensorSource | ArraySource | LoaderSource

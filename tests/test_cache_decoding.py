@@ -1,0 +1,99 @@
+"""The fine-tune caching pass decodes like extraction (issue #16 item 4): each batch by
+``runtime.threads`` threads without loader workers, in order, failures kept, same pixels."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from tests.imagegen import random_image
+from transferlab.config import DataConfig
+from transferlab.data.datasets import ImageDataset
+from transferlab.data.preprocess import build_transform, resolve_preprocess
+from transferlab.data.sources import build_dataset
+from transferlab.runtime.device import Runtime
+from transferlab.training.cache import frozen_features
+from transferlab.training.network import Network
+from transferlab.training.sources import LoaderSource, ThreadedItems
+
+
+class Recording(torch.utils.data.Dataset):
+    """Items 0..n-1 that record the thread each was read in (and wait a moment, so a pool
+    of two threads really shares the work)."""
+
+    def __init__(self, n: int):
+        self.n, self.threads, self.lock = n, set(), threading.Lock()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        with self.lock:
+            self.threads.add(threading.current_thread().name)
+        threading.Event().wait(0.01)
+        return i
+
+
+def folder(tmp_path, n: int = 7, bad: int = 3):
+    root = tmp_path / "data"
+    for i in range(n):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        path = root / f"c{i % 2}" / f"{i:03d}.jpg"
+        if i == bad:
+            path.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+        else:
+            random_image(40 + 3 * i, 30 + 2 * i, seed=i).save(path, quality=90)
+    return root
+
+
+def image_source(tmp_path) -> LoaderSource:
+    spec = resolve_preprocess({"input_size": (3, 32, 32)})
+    ds: ImageDataset = build_dataset(DataConfig(source="folder", root=str(folder(tmp_path))))
+    ds.transform = build_transform(spec, normalize=False)
+    ds.image_mode, ds.draft_size = spec.image_mode, spec.scale_size()
+    return LoaderSource(ds, np.maximum(ds.labels, 0), torch.device("cpu"))
+
+
+def test_threaded_items_come_in_index_order_from_several_threads():
+    base = Recording(8)
+    items = ThreadedItems(base, 2).__getitems__([5, 1, 7, 0, 2, 6])
+    assert items == [5, 1, 7, 0, 2, 6]
+    assert len(base.threads) == 2 and all(t.startswith("decode") for t in base.threads)
+    one = Recording(8)
+    assert ThreadedItems(one, 1).__getitems__([3, 2]) == [3, 2]
+    assert one.threads == {threading.current_thread().name}
+
+
+def test_threaded_batches_equal_plain_ones_and_failures_are_shared(tmp_path):
+    src = image_source(tmp_path)
+    order = torch.arange(len(src))
+    plain = list(src.batches(order, 3))
+    threaded_src = src.with_decode_threads(2)
+    threaded = list(threaded_src.batches(order, 3))
+    assert len(plain) == len(threaded) == 3
+    for (x1, y1, p1), (x2, y2, p2) in zip(plain, threaded):
+        assert x1.dtype == torch.uint8 and torch.equal(x1, x2)
+        assert torch.equal(y1, y2) and torch.equal(p1, p2)
+    assert list(src.failures) == ["c1/003.jpg"]  # the copy wrote into the same dict
+    assert src.failures["c1/003.jpg"].startswith(("corrupt", "truncated"))
+    assert threaded_src.failures is src.failures
+
+
+def test_the_caching_pass_decodes_with_the_runtime_threads(tmp_path, monkeypatch):
+    seen: set[str] = set()
+    real = ImageDataset.__getitem__
+
+    def spy(self, i):
+        seen.add(threading.current_thread().name)
+        return real(self, i)
+
+    monkeypatch.setattr(ImageDataset, "__getitem__", spy)
+    src = image_source(tmp_path)
+    spec = resolve_preprocess({"input_size": (3, 32, 32)})
+    net = Network(None, torch.nn.Identity(), spec)
+    rt = Runtime(torch.device("cpu"), "fp32", False, 0, 2)
+    feats = list(frozen_features(net, src, torch.arange(len(src)), 4, rt))
+    assert [len(p) for _, p in feats] == [4, 2]  # 7 items, c1/003 bad, batches of 4
+    assert seen and all(name.startswith("decode") for name in seen)
+    assert src.decode_threads == 1  # the caller's source is not changed
