@@ -11,6 +11,7 @@ itself and only read here to see where each cut's value comes from.
 from __future__ import annotations
 
 import difflib
+import itertools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -352,6 +353,31 @@ class MultiCutExtractor(nn.Module):
             return
         state.stop = not self.indices("output")
         state.put(self.indices("output"), model(x))
+
+
+class ConcatCuts(nn.Module):
+    """A ``MultiCutExtractor`` as one (B, sum of feature_dims) tensor: the single-cut
+    ``FeatureComputer`` runs it unchanged (one host copy, one inf/NaN check per batch) and
+    ``split`` gives each cut's rows back."""
+
+    def __init__(self, multi: MultiCutExtractor):
+        super().__init__()
+        self.multi = multi
+
+    @property
+    def feature_dims(self) -> list[int]:
+        return self.multi.feature_dims
+
+    def train(self, mode: bool = True) -> ConcatCuts:
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([o.flatten(1) for o in self.multi(x)], dim=1)
+
+    def split(self, rows: Any) -> list[Any]:
+        """(B, sum of dims) rows (tensor or numpy array) -> one (B, dim) block per cut."""
+        edges = [0, *itertools.accumulate(self.feature_dims)]
+        return [rows[:, a:b] for a, b in itertools.pairwise(edges)]
 
 
 def make_multi_extractor(model: nn.Module, cuts: CutLike | Sequence[CutLike],
