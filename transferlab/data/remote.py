@@ -67,10 +67,11 @@ def filesystem(url: str) -> tuple[Any, str]:
     import fsspec
 
     kind = scheme(url)
-    options: dict[str, Any] = {}
+    # listings are not cached: a notebook's second run must see objects added since
+    options: dict[str, Any] = {"use_listings_cache": False} if SCHEMES.get(kind) else {}
     if SCHEMES.get(kind) == "s3":  # our retries with backoff replace botocore's own
-        options = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60,
-                                     "retries": {"max_attempts": 1}}}
+        options["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 60,
+                                    "retries": {"max_attempts": 1}}
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError:
@@ -139,6 +140,13 @@ def read_bytes(url: str, start: int | None = None, end: int | None = None,
     """The bytes of ``url`` (``[start, end)`` when given), retried; DataError when it fails."""
     fs, path = filesystem(url)
     return call_listing(url, key, lambda: fs.cat_file(path, start=start, end=end))
+
+
+def open_text(path: str | Path, key: str = "data.list_file") -> io.StringIO:
+    """A small text file (a list file), local or remote, as UTF-8 (a BOM dropped), line ends
+    kept as written (CSV fields may hold them); ``UnicodeDecodeError`` when it is not UTF-8."""
+    data = read_bytes(str(path), key=key) if is_remote(path) else local_path(path).read_bytes()
+    return io.StringIO(data.decode("utf-8-sig"), newline="")
 
 
 def object_info(url: str, key: str) -> dict:
