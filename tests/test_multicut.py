@@ -201,3 +201,16 @@ def test_batchnorm_folding_leaves_the_multi_cut_extractor_as_it_is():
     assert fold_batchnorm(built.extractor, built.spec.input_size) is built.extractor
     flat = ConcatCuts(built.extractor)
     assert fold_batchnorm(flat, built.spec.input_size) is flat
+
+
+def test_per_cut_configs_are_the_single_cut_configs():
+    from transferlab.config import ModelConfig
+    from transferlab.models.multicut import multi_extractor_from_config, per_cut_configs
+
+    cfg = ModelConfig(name="test_resnet")
+    torch.manual_seed(0)
+    bundle = multi_extractor_from_config(cfg, None, ["stage:1", "head"], {"head": "max"})
+    configs = per_cut_configs(cfg, bundle.extractor)
+    assert [(c.cut, c.pool, c.name) for c in configs] == [
+        ("stage:1", None, "test_resnet"), ("head", "max", "test_resnet")]
+    assert bundle.dirs == ["stage-1", "head"]

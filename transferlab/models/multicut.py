@@ -14,7 +14,7 @@ import difflib
 import itertools
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -298,6 +298,7 @@ class MultiCutExtractor(nn.Module):
         self.mode = ("seq" if isinstance(model, nn.Sequential) else
                      "timm" if kinds & {"features", "prelogits"} else "model")
         self.output_shapes: list[tuple[int, ...]] = []
+        self.asked_pools: list[str | None] = [None] * len(self.cuts)  # model.pool per cut
         self.requires_grad_(False)
         self.eval()
 
@@ -390,6 +391,7 @@ def make_multi_extractor(model: nn.Module, cuts: CutLike | Sequence[CutLike],
     model.eval()
     sources, pool_names = cut_sources(model, specs, pools, input_size, model_name)
     extractor = MultiCutExtractor(model, specs, sources, pool_names, model_name)
+    extractor.asked_pools = pools
     device, dtype = model_device_dtype(model)
     try:
         with torch.no_grad():
@@ -432,6 +434,13 @@ def multi_extractor_from_config(model_cfg: ModelConfig,
                                      model_cfg.pool if pool is None else pool,
                                      spec.input_size, model_cfg.name)
     return MultiExtractorBundle(extractor, spec, backbone)
+
+
+def per_cut_configs(model_cfg: ModelConfig, extractor: MultiCutExtractor) -> list[ModelConfig]:
+    """The single-cut ``model`` config of each cut (its cut and asked pool): what each
+    per-cut store records, so its fingerprint and config equal a single-cut run's."""
+    return [replace(model_cfg, cut=str(c), pool=p)
+            for c, p in zip(extractor.cuts, extractor.asked_pools)]
 
 
 def build_multi_extractor(name: str, cuts: Any = ("head",), pool: Any = None,
