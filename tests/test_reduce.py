@@ -24,6 +24,8 @@ from transferlab.extract.reduce import (
     reduce_fingerprint,
     reduction_from_record,
 )
+from transferlab.store.reader import FeatureStore
+from transferlab.store.writer import StoreWriter
 
 
 def one_line(err: pytest.ExceptionInfo) -> str:
@@ -279,3 +281,44 @@ def test_fingerprint_records_and_rebuilding_from_them(tmp_path) -> None:
     assert torch.equal(reduction_from_record(pca.record(), tmp_path)(x), pca(x))
     with pytest.raises(StoreError):
         reduction_from_record({"kind": "lda"}, tmp_path)
+
+
+def reduced_run(directory, spec: ReduceSpec, raw: torch.Tensor,
+                stop: int | None = None) -> FeatureStore | None:
+    """What the runner does with output.reduce, in small: the fingerprint, the projection
+    (pca: fitted on the first rows and saved before any row), batches of 4 rows projected
+    and stored; ``stop`` kills it (abort) after that many batches."""
+    d_in, keys = raw.shape[1], [f"k{i}" for i in range(len(raw))]
+    prints = {"backbone": "toy", "reduce": reduce_fingerprint(spec, d_in, 5, len(raw))}
+    writer = StoreWriter(directory, prints, "float32", shard_size=4)
+    if spec.kind == "srp":
+        proj: torch.nn.Module = SparseProjection(d_in, spec.dim, seed=5)
+    else:
+        proj = open_pca(directory / PCA_FILE, spec, d_in, len(raw),
+                        lambda k: collect_rows(iter(raw.split(4)), k), bool(writer.done_keys))
+    todo = [i for i, key in enumerate(keys) if key not in writer.done_keys]
+    for n, start in enumerate(range(0, len(todo), 4)):
+        if n == stop:
+            writer.abort()
+            return None
+        idx = todo[start:start + 4]
+        with torch.inference_mode():
+            rows = proj(raw[idx]).numpy()
+        writer.add([keys[i] for i in idx], np.zeros(len(idx)), rows)
+    return writer.close({"reduce": proj.record()})
+
+
+@pytest.mark.parametrize("spec", ["srp:6", "pca:3"])
+def test_a_killed_and_resumed_run_stores_identical_reduced_rows(tmp_path, spec: str) -> None:
+    raw = torch.randn(24, 50, generator=torch.Generator().manual_seed(2))
+    whole = reduced_run(tmp_path / "whole", parse_reduce(spec), raw)
+    assert whole is not None and whole.features.shape == (24, int(spec[4:]))
+    for stop in (0, 2):  # killed before any row, and after two batches
+        out = tmp_path / f"cut{stop}"
+        assert reduced_run(out, parse_reduce(spec), raw, stop=stop) is None
+        resumed = reduced_run(out, parse_reduce(spec), raw)
+        assert resumed.keys == whole.keys
+        np.testing.assert_array_equal(np.asarray(resumed.features), np.asarray(whole.features))
+        assert resumed.meta["reduce"] == whole.meta["reduce"]
+    with pytest.raises(StoreError):  # another projection: the fingerprint differs
+        reduced_run(tmp_path / "whole", parse_reduce(spec[:4] + "2"), raw)

@@ -306,7 +306,7 @@ def _axes_from_gram(x: torch.Tensor, dim: int
         top = block.gather(1, block.abs().argmax(1, keepdim=True))[:, 0]
         peak = torch.where(top.abs() > peak.abs(), top, peak)  # first maximum wins ties
         axes[:, cols] = block.float()
-    return mean, axes * torch.sign(peak).float()[:, None], evals, total
+    return mean, axes.mul_(torch.sign(peak).float()[:, None]), evals, total  # in place: big
 
 
 # ---------------------------------------------------------------------------------------
