@@ -247,6 +247,9 @@ def test_open_pca_fits_once_then_a_resume_loads_the_same(tmp_path) -> None:
     again = open_pca(path, spec, 80, available=200, sample=sample, resuming=True)
     assert asked == [200]  # loaded, not refitted
     assert torch.equal(again(x), first(x))
+    other = x[:, torch.randperm(80, generator=torch.Generator().manual_seed(0))]
+    open_pca(path, spec, 80, 200, lambda k: other[:k], resuming=False)  # no rows yet: refit
+    assert not torch.equal(PCAProjection.load(path).components, first.components)
     with pytest.raises(StoreError) as err:
         open_pca(path, ReduceSpec("pca", 4), 80, 200, sample, True)
     assert "output.overwrite=true" in one_line(err)
@@ -295,7 +298,7 @@ def reduced_run(directory, spec: ReduceSpec, raw: torch.Tensor,
         proj: torch.nn.Module = SparseProjection(d_in, spec.dim, seed=5)
     else:
         proj = open_pca(directory / PCA_FILE, spec, d_in, len(raw),
-                        lambda k: collect_rows(iter(raw.split(4)), k), bool(writer.done_keys))
+                        lambda k: collect_rows(iter(raw.split(4)), k), writer.dim is not None)
     todo = [i for i, key in enumerate(keys) if key not in writer.done_keys]
     for n, start in enumerate(range(0, len(todo), 4)):
         if n == stop:

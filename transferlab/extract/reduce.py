@@ -344,21 +344,23 @@ def reduce_fingerprint(spec: ReduceSpec | None, d_in: int, seed: int,
 
 def open_pca(path: str | Path, spec: ReduceSpec, d_in: int, available: int,
              sample: Callable[[int], torch.Tensor], resuming: bool) -> PCAProjection:
-    """The store's PCA: loaded from ``path`` if there (a resume), else fitted on
-    ``sample(K)`` (the first K rows) and saved there before any row is written."""
+    """The store's PCA. ``resuming`` (the store holds rows): loaded from ``path``, never
+    refitted. Otherwise fitted on ``sample(K)`` (the first K rows) and saved at ``path``
+    before any row is written, replacing a file an earlier run (killed before its first
+    shard, or wiped by output.overwrite) left there."""
     path = Path(path)
-    if path.exists():
-        pca = PCAProjection.load(path)
-        if (pca.d_in, pca.dim) != (d_in, spec.dim):
-            raise StoreError(f"{path} projects {pca.d_in} -> {pca.dim} dims, not {d_in} -> "
-                             f"{spec.dim}; set output.overwrite=true to rebuild the store")
+    if not resuming:
+        k = pca_sample_rows(available, spec.dim, d_in)
+        pca = fit_pca(sample(k), spec.dim)
+        pca.save(path)
         return pca
-    if resuming:
+    if not path.exists():
         raise StoreError(f"the store has rows but its PCA file {path} is missing; restore it "
                          "or set output.overwrite=true to rebuild the store")
-    k = pca_sample_rows(available, spec.dim, d_in)
-    pca = fit_pca(sample(k), spec.dim)
-    pca.save(path)
+    pca = PCAProjection.load(path)
+    if (pca.d_in, pca.dim) != (d_in, spec.dim):
+        raise StoreError(f"{path} projects {pca.d_in} -> {pca.dim} dims, not {d_in} -> "
+                         f"{spec.dim}; set output.overwrite=true to rebuild the store")
     return pca
 
 
