@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 SCRIPTS = ["extract_efficiency", "vs_baselines", "memory", "cpu_defaults", "finetune_cache",
-           "store_open", "bench_index"]
+           "store_open", "bench_index", "whole_process", "contention"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -19,8 +19,9 @@ def test_quick_mode_prints_a_table(name, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "machine:" in out
     assert "### " in out
-    header = next(line for line in out.splitlines() if line.startswith("| "))
-    rows = [line for line in out.splitlines() if line.startswith("| ")]
-    assert len(rows) >= 2, out  # header + at least one measured row
-    assert header.count("|") == rows[-1].count("|")
+    tables = [block.splitlines() for block in out.split("### ")[1:]]
+    for lines in tables:  # every table: a header, at least one measured row, same columns
+        rows = [line for line in lines if line.startswith("| ")]
+        assert len(rows) >= 2, out
+        assert {row.count("|") for row in rows} == {rows[0].count("|")}, out
     assert results
