@@ -47,11 +47,11 @@ class ModelConfig:
                     "hub"] = "auto"
     pretrained: bool = False  # download (or use the cached) hub weights of the library
     weights: str | None = None  # local .safetensors / .pth / .pt / .bin file
-    # head | first:N | drop:N | layer:NAME | stage:I  (see transferlab.cuts)
-    cut: str = "head"
+    # head | first:N | drop:N | layer:NAME | stage:I, or a list / all-stages / all-blocks:
+    cut: str | list[str] = "head"  # several cuts in one pass, a store each in output.dir/<cut>/
     # Pooling of the cut output: avg | max | avgmax | token | none; null = avg for 'head'
-    # (or the model's own pooling), none for the other cuts.
-    pool: Literal["avg", "max", "avgmax", "token", "none"] | None = None
+    # (or the model's own), none for other cuts; several cuts: one, a list or {cut: pool}.
+    pool: Literal["avg", "max", "avgmax", "token", "none"] | list | dict | None = None
     num_classes: int | None = None  # classes of the model as built (built-ins, untrained models)
     in_chans: int | None = None  # input channels as built; null = the model's default
     kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the model factory

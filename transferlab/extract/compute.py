@@ -59,9 +59,12 @@ class FeatureComputer:
 
     def __init__(self, extractor: nn.Module, spec: PreprocessSpec, rt: Runtime,
                  compile_model: bool = False, fold_bn: bool = False):
+        from ..models.fusion import fold_batchnorm
+
         self.rt = rt
-        self.model = prepare_model(extractor, rt, compile_model,
-                                   spec.input_size if fold_bn else None)
+        folded = fold_batchnorm(extractor, spec.input_size) if fold_bn else extractor
+        self.folded = folded is not extractor  # False also where nothing could be folded
+        self.model = prepare_model(folded, rt, compile_model)
         self.normalize = DeviceNormalize(spec.mean, spec.std).to(rt.device)
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:

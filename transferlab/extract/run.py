@@ -25,7 +25,6 @@ from ..data.sources import build_dataset
 from ..data.webdataset import item_shards
 from ..errors import ConfigError
 from ..models.extractor import ExtractorBundle, extractor_from_config
-from ..models.fusion import FOLDABLE
 from ..runtime.device import (
     Runtime,
     apply_runtime,
@@ -114,11 +113,10 @@ def fingerprint(cfg: ExtractConfig, bundle: ExtractorBundle, compute: dict,
             "labels": label_fingerprint(cfg.data, class_names)}
 
 
-def compute_settings(cfg: ExtractConfig, extractor: nn.Module, rt: Runtime) -> dict:
+def compute_settings(compute: FeatureComputer) -> dict:
     """``meta["compute"]``: what computed the rows (queries are embedded alike); BatchNorm
-    folding counts only where the model has a BatchNorm to fold."""
-    folds = cfg.runtime.fold_bn and any(type(m) in FOLDABLE for m in extractor.modules())
-    return compute_record(rt, folds)
+    folding counts only where a BatchNorm was folded (not where fx cannot trace the cut)."""
+    return compute_record(compute.rt, compute.folded)
 
 
 def file_hash(path: str | Path) -> str:
@@ -154,7 +152,9 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
     if cfg.runtime.gpu_decode:
         check_gpu_decode(cfg, spec)
     out_dir = Path(cfg.output.dir)
-    computed = compute_settings(cfg, bundle.extractor, rt)
+    compute = FeatureComputer(bundle.extractor, spec, rt, cfg.runtime.compile,
+                              cfg.runtime.fold_bn)
+    computed = compute_settings(compute)
     prints = fingerprint(cfg, bundle, computed, full.class_names)
     if info.enabled:
         if info.is_main:  # the merged store must not mix with one written otherwise
@@ -172,8 +172,6 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
         positions = resume_positions(dataset.keys, done, batch_size)
         loader, prepare = build_loader(cfg, dataset.subset(positions), positions, spec, rt,
                                        batch_size)
-        compute = FeatureComputer(bundle.extractor, spec, rt, cfg.runtime.compile,
-                                  cfg.runtime.fold_bn)
         loop_started = time.time()
         bar = progress_bar(len(dataset) - skipped, progress and info.is_main)
         with bar:
