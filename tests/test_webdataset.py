@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.imagegen import add_bad_files
+from tests.imagegen import add_bad_files, jpeg_bytes
 from tests.test_extract import same_store
 from tests.test_resume import CONFIG, complete, kill_when, make_tree
 from transferlab.config import DataConfig, ExtractConfig, load_config
@@ -25,7 +26,8 @@ from transferlab.data.webdataset import (
     tar_shard_name,
 )
 from transferlab.errors import DataError
-from transferlab.extract.run import rank_items, run_extract
+from transferlab.extract.pipeline import rank_items
+from transferlab.extract.run import run_extract
 from transferlab.runtime.distributed import DistInfo
 from transferlab.store.reader import FeatureStore
 
@@ -186,6 +188,18 @@ def _third_header(tmp_path: Path) -> int:
     return (tmp_path / "d-2.tar").stat().st_size
 
 
+def test_member_names_that_are_not_utf8_are_bad_name_and_unicode_is_kept(tmp_path):
+    data = jpeg_bytes(20, 20, seed=1)
+    with tarfile.open(tmp_path / "n.tar", "w", encoding="utf-8",
+                      errors="surrogateescape") as tar:
+        for name in ("ok.jpg", "caf\udce9.jpg", "ñandú_猫.jpg"):
+            add_member(tar, name, data)
+    ds = build_webdataset(DataConfig(source="webdataset", urls=str(tmp_path / "n.tar")))
+    assert ds.keys == ["n/ok", "n/caf\\xe9", "n/ñandú_猫"]
+    assert [ds[i]["error"] for i in range(3)] == [
+        None, "bad-name: member name is not valid UTF-8", None]
+
+
 def test_missing_shard_is_one_line_before_the_model_loads(tmp_path, shards, capsys):
     from transferlab.extract.__main__ import main
 
@@ -225,6 +239,7 @@ def resumable(tmp_path_factory):
     return {"tmp": tmp, "config": config, "overrides": [], "ref": ref.store}
 
 
+@pytest.mark.slow
 def test_killed_webdataset_run_resumes_to_the_same_store(resumable):
     out = resumable["tmp"] / "killed"
     shards_dir = out / "shards"
@@ -244,3 +259,25 @@ def test_ranks_take_whole_shards_in_order(shards):
         (0, 8), (8, 16), (16, 24), (24, 29), (29, 29)]  # more ranks than shards: one idle
     limited = ds.subset(range(20))
     assert [rank_items(limited, DistInfo(r, 2)) for r in range(2)] == [(0, 16), (16, 20)]
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_equal_one_process(tmp_path, shards):
+    from tests.test_resume import REPO, env
+    from tests.test_torchrun import assert_same_rows, torchrun
+
+    data = {"source": "webdataset", "urls": shards["urls"], "label_key": "txt"}
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({**CONFIG, "data": data, "output": {
+        **CONFIG["output"], "dir": str(tmp_path / "dist")}}))
+    proc = subprocess.run(torchrun("-m", "transferlab.extract", str(config)), env=env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "29 images written, 0 failed" in proc.stdout
+    merged = FeatureStore.open(tmp_path / "dist")
+    assert merged.meta["world_size"] == 2
+    single = run_extract(load_config(config, [f"output.dir={tmp_path / 'single'}"],
+                                     ExtractConfig)).store
+    assert_same_rows(merged, single)
+    rank0 = FeatureStore.open(tmp_path / "dist" / "ranks" / "world-2" / "rank-00000")
+    assert rank0.keys == merged.keys[:16]  # shards 0 and 1, whole (2 of the 4 shards)

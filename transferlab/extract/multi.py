@@ -1,0 +1,159 @@
+"""Several cut points in one pass: one decode and one base forward per batch, one store per
+cut in ``output.dir/<cut>/`` (``model.cut`` a list, ``all-stages`` or ``all-blocks``).
+
+Each per-cut store records what a single-cut run of that cut records (its cut, pool, the
+same data, preprocessing and compute settings), so it is identical, row for row, to that
+run with ``runtime.fold_bn=false`` (hooks cannot be folded by torch.fx: multi-cut runs do
+not fold BatchNorm) and resumes like any store. Failures are shared: every store lists them.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from ..config import ExtractConfig, save_config
+from ..data.sources import build_dataset
+from ..errors import ConfigError
+from ..models.multicut import ConcatCuts, multi_extractor_from_config, per_cut_configs
+from ..runtime.device import seed_everything
+from ..runtime.distributed import barrier, init_distributed, rank_dir
+from ..store.owner import prepare_store
+from ..store.writer import StoreWriter
+from .batches import resume_positions
+from .compute import FeatureComputer
+from .pipeline import (
+    ExtractResult,
+    build_loader,
+    check_gpu_decode,
+    compute_settings,
+    fingerprint,
+    merge_ranks,
+    progress_bar,
+    rank_items,
+    run_runtime,
+    store_meta,
+    stored_keys,
+    write_features,
+)
+
+
+class CutWriters:
+    """The per-cut ``StoreWriter``s behind the one-writer interface ``write_features`` uses:
+    each batch's rows are split by cut width; a key is done only once every store has it."""
+
+    def __init__(self, writers: Sequence[StoreWriter], dims: Sequence[int]):
+        self.writers = list(writers)
+        self.dims = list(dims)
+        self.done_keys = frozenset.intersection(*(w.done_keys for w in self.writers))
+
+    def add(self, keys: Sequence[str], labels: Any, features: np.ndarray,
+            views: Any = None) -> None:
+        start = 0
+        for writer, dim in zip(self.writers, self.dims):  # a writer skips keys it holds
+            writer.add(keys, labels, features[:, start:start + dim], views)
+            start += dim
+
+    def add_failures(self, failures: Sequence[tuple[str, str]]) -> None:
+        for writer in self.writers:
+            writer.add_failures(failures)
+
+    def abort(self) -> None:
+        for writer in self.writers:
+            writer.abort()
+
+
+def cut_bundles(cfg: ExtractConfig, bundle: Any) -> list[tuple[ExtractConfig, Any]]:
+    """Per cut: the single-cut config and the stand-in bundle (cut, pool, shape) that
+    ``fingerprint`` and ``store_meta`` read, so a per-cut store records a single-cut run."""
+    multi = bundle.extractor
+    out = []
+    for i, model_cfg in enumerate(per_cut_configs(cfg.model, multi)):
+        part = SimpleNamespace(cut=multi.cuts[i], pool_name=multi.pool_names[i],
+                               output_shape=multi.output_shapes[i],
+                               feature_dim=multi.feature_dims[i])
+        out.append((replace(cfg, model=model_cfg),
+                    SimpleNamespace(extractor=part, backbone=bundle.backbone, spec=bundle.spec)))
+    return out
+
+
+def run_multi_extract(cfg: ExtractConfig, progress: bool = False,
+                      on_batch: Callable[[int], None] | None = None) -> ExtractResult:
+    """``run_extract`` for several cuts; the result's ``store`` is the first cut's and
+    ``stores`` maps each cut's directory name to its store."""
+    if cfg.runtime.compile:
+        raise ConfigError("runtime.compile does not apply to several cuts in one pass (the "
+                          "cuts are taken by hooks); set runtime.compile=false")
+    started = time.time()
+    info = init_distributed(cfg.runtime.device)
+    full = build_dataset(cfg.data)  # a missing or empty root fails before the model loads
+    dataset = full.subset(range(*rank_items(full, info)))
+    seed_everything(cfg.runtime.seed)
+    bundle = multi_extractor_from_config(cfg.model, cfg.preprocess)
+    spec, flat = bundle.spec, ConcatCuts(bundle.extractor)
+    dataset.image_mode, dataset.draft_size = spec.image_mode, spec.scale_size()
+    rt, batch_size = run_runtime(cfg, flat, info)
+    if cfg.runtime.gpu_decode:
+        check_gpu_decode(cfg, spec)
+    compute = FeatureComputer(flat, spec, rt, fold_bn=False)
+    computed = compute_settings(compute)
+    parts = cut_bundles(cfg, bundle)
+    dirs = [Path(cfg.output.dir) / name for name in bundle.dirs]
+    prints = [fingerprint(c, b, computed, full.class_names) for c, b in parts]
+    if info.enabled:
+        if info.is_main:
+            for out, p in zip(dirs, prints):
+                prepare_store(out, p, cfg.output.dtype, cfg.output.overwrite)
+        barrier()
+    writers = CutWriters(open_writers(cfg, dirs, prints, info), flat.feature_dims)
+    try:
+        if info.is_main:
+            for out, (cut_cfg, _) in zip(dirs, parts):
+                save_config(cut_cfg, out / "config.yaml")
+        for writer, dim in zip(writers.writers, writers.dims):  # sets and checks each width
+            writer.add([], [], np.zeros((0, dim), np.float32))
+        skipped = sum(key in writers.done_keys for key in dataset.keys)
+        positions = resume_positions(dataset.keys, writers.done_keys, batch_size)
+        loader, prepare = build_loader(cfg, dataset.subset(positions), positions, spec, rt,
+                                       batch_size)
+        loop_started = time.time()
+        with progress_bar(len(dataset) - skipped, progress and info.is_main) as bar:
+            written, failed = write_features(loader, compute, writers, cfg, bar, on_batch,
+                                             prepare, batch_size)
+        counts = (written, failed, skipped)
+        metas = []
+        for writer, (cut_cfg, cut_bundle) in zip(writers.writers, parts):
+            meta = store_meta(cut_cfg, cut_bundle, rt, dataset, batch_size, counts,
+                              time.time() - started)
+            metas.append({**meta, "compute": computed})
+        stores = [w.close(m) for w, m in zip(writers.writers, metas)]
+    finally:
+        writers.abort()  # a no-op for closed writers: finished shards stay for a resume
+    loop_seconds = time.time() - loop_started
+    if info.enabled:
+        merged = [merge_ranks(out, info, counts, m, len(full)) for out, m in zip(dirs, metas)]
+        counts, stores = merged[0][0], [s for _, s in merged]
+    stale = len(stored_keys(stores[0]) - set(full.keys))
+    return ExtractResult(stores[0], *counts, time.time() - started, loop_seconds,
+                         dirs[0].parent, stale, dict(zip(bundle.dirs, stores)))
+
+
+def open_writers(cfg: ExtractConfig, dirs: Sequence[Path], prints: Sequence[dict],
+                 info: Any) -> list[StoreWriter]:
+    """One writer per cut; if one cannot open (another configuration, a lock), the opened
+    ones are released before the error surfaces."""
+    writers: list[StoreWriter] = []
+    try:
+        for out, p in zip(dirs, prints):
+            writers.append(StoreWriter(rank_dir(out, info), p, cfg.output.dtype,
+                                       cfg.output.shard_size, cfg.output.overwrite))
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    return writers
