@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 SCRIPTS = ["extract_efficiency", "vs_baselines", "memory", "cpu_defaults", "finetune_cache",
-           "store_open", "bench_index", "whole_process", "contention"]
+           "store_open", "bench_index", "whole_process", "contention", "multicut"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
