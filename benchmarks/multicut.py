@@ -3,8 +3,8 @@
     PYTHONPATH=. python benchmarks/multicut.py            # resnet50 @224, 48 JPEGs of 500x375
     PYTHONPATH=. python benchmarks/multicut.py --quick    # tiny model, a few images
 
-Both sides are ``run_extract`` with the automatic settings and ``runtime.fold_bn=false``
-(what the per-cut stores of a multi-cut run equal), writing fresh stores: the multi-cut run
+Both sides are ``run_extract`` with the automatic settings, ``runtime.fold_bn=false`` (what
+the per-cut stores of a multi-cut run equal) and average-pooled cuts, writing fresh stores: the multi-cut run
 decodes each image once and runs the base once per batch; the four single-cut runs decode
 and run their part of the base four times. Measured in one process, alternating the two
 ``--rounds`` times; the table gives each side's seconds and the per-round ratio.
@@ -58,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model, images, rounds = args.model, args.images, args.rounds
         data = jpeg_folder(bench, images)
         extra = []
-    extra += [f"runtime.device={device.type}", "runtime.fold_bn=false", f"data.limit={images}"]
+    extra += [f"runtime.device={device.type}", "runtime.fold_bn=false", f"data.limit={images}",
+              "model.pool=avg"]  # pooled rows: what a layer sweep stores
     print(machine_line(device))
     print(f"before: {load_line()}")
     out = bench / "stores" / "multicut"
