@@ -41,8 +41,7 @@ class ModelConfig:
     # Hugging Face Hub repository through timm (hf-hub:ORG/NAME) or a timm model folder
     # (config.json + model.safetensors, read with its weights), or 'package.module:callable'.
     name: str = "resnet50"
-    # Where `name` comes from; 'auto' tries built-in, checkpoint, hub, callable, timm,
-    # torchvision.
+    # Where `name` comes from; 'auto' tries built-in, checkpoint, hub, callable, timm, torchvision
     source: Literal["auto", "timm", "torchvision", "builtin", "checkpoint", "callable",
                     "hub"] = "auto"
     pretrained: bool = False  # download (or use the cached) hub weights of the library
@@ -126,6 +125,7 @@ class OutputConfig:
     overwrite: bool = False  # replace a store written with another configuration
     views: int = 0  # augmented views per image in addition to the plain one
     view_mode: Literal["rows", "mean"] = "rows"  # store views as extra rows, or average them
+    reduce: str | None = None  # srp:D | pca:D: project each row to D dims (extract/reduce.py)
 
 
 @dataclass

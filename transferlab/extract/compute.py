@@ -24,6 +24,7 @@ from ..runtime.device import (
     resolve_runtime,
     seed_everything,
 )
+from .reduce import reduction_from_record
 
 
 def prepare_model(extractor: nn.Module, rt: Runtime, compile_model: bool = False,
@@ -61,11 +62,17 @@ class FeatureComputer:
                  compile_model: bool = False, fold_bn: bool = False):
         from ..models.fusion import fold_batchnorm
 
-        self.rt = rt
+        self.rt, self.spec = rt, spec
+        self.model_width = int(getattr(extractor, "feature_dim", 0) or 0)  # before output.reduce
         folded = fold_batchnorm(extractor, spec.input_size) if fold_bn else extractor
         self.folded = folded is not extractor  # False also where nothing could be folded
         self.model = prepare_model(folded, rt, compile_model)
         self.normalize = DeviceNormalize(spec.mean, spec.std).to(rt.device)
+        self.reduce: nn.Module | None = None  # output.reduce: rows projected on the device
+
+    def set_reduce(self, reduce: nn.Module | None) -> None:
+        """Project every row with ``reduce`` (outside ``torch.compile``), or stop doing so."""
+        self.reduce = None if reduce is None else reduce.to(self.rt.device)
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         return self.finish(self.start(images))
@@ -79,7 +86,8 @@ class FeatureComputer:
         x = self.normalize(x)
         if self.rt.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return copy_to_host(self.model(x).float().flatten(1))
+        rows = self.model(x).float().flatten(1)
+        return copy_to_host(rows if self.reduce is None else self.reduce(rows))
 
     def finish(self, pending: Pending) -> np.ndarray:
         """The rows of a started batch; inf/NaN rows are refused (fp16 overflows silently)."""
@@ -165,6 +173,7 @@ def embed_images(meta: dict, paths: Sequence[str | Path], batch_size: int = 16,
     cfg = from_dict(ExtractConfig, meta["config"], "store metadata")
     rt, fold_bn = store_runtime(meta, cfg)
     compute = FeatureComputer(bundle.extractor, bundle.spec, rt, fold_bn=fold_bn)
+    compute.set_reduce(reduction_from_record(meta.get("reduce"), root))  # as the rows were
     transform = build_transform(bundle.spec, normalize=False)
     spec = bundle.spec
     rows = []
@@ -172,7 +181,8 @@ def embed_images(meta: dict, paths: Sequence[str | Path], batch_size: int = 16,
         images = [transform(load_image(p, spec.image_mode, spec.scale_size(),
                                        cfg.data.max_image_pixels)) for p in chunk]
         rows.append(compute(torch.stack(images)))
-    return np.concatenate(rows) if rows else np.zeros((0, bundle.extractor.feature_dim), np.float32)
+    width = compute.reduce.dim if compute.reduce is not None else bundle.extractor.feature_dim
+    return np.concatenate(rows) if rows else np.zeros((0, width), np.float32)
 
 
 def chunks(items: list, size: int) -> Iterator[list]:

@@ -86,9 +86,7 @@ def run_multi_extract(cfg: ExtractConfig, progress: bool = False,
                       on_batch: Callable[[int], None] | None = None) -> ExtractResult:
     """``run_extract`` for several cuts; the result's ``store`` is the first cut's and
     ``stores`` maps each cut's directory name to its store."""
-    if cfg.runtime.compile:
-        raise ConfigError("runtime.compile does not apply to several cuts in one pass (the "
-                          "cuts are taken by hooks); set runtime.compile=false")
+    check_multi(cfg)
     started = time.time()
     info = init_distributed(cfg.runtime.device)
     full = build_dataset(cfg.data)  # a missing or empty root fails before the model loads
@@ -141,6 +139,15 @@ def run_multi_extract(cfg: ExtractConfig, progress: bool = False,
     stale = len(stored_keys(stores[0]) - set(full.keys))
     return ExtractResult(stores[0], *counts, time.time() - started, loop_seconds,
                          dirs[0].parent, stale, dict(zip(bundle.dirs, stores)))
+
+
+def check_multi(cfg: ExtractConfig) -> None:
+    if cfg.runtime.compile:
+        raise ConfigError("runtime.compile does not apply to several cuts in one pass (the "
+                          "cuts are taken by hooks); set runtime.compile=false")
+    if cfg.output.reduce:
+        raise ConfigError("output.reduce works on one cut per run for now; extract each cut "
+                          "with its own model.cut, or set output.reduce=null")
 
 
 def open_writers(cfg: ExtractConfig, dirs: Sequence[Path], prints: Sequence[dict],

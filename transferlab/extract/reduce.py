@@ -25,9 +25,9 @@ from torch import nn
 
 from ..errors import ComputeError, ConfigError, DataError, StoreError
 from ..runtime.atomicfile import atomic_write
+from ..store.format import PCA_FILE
 
 KINDS = ("srp", "pca")
-PCA_FILE = "reduce-pca.npz"  # inside the store directory; the store owns it
 PCA_FORMAT = "transferlab-pca-1"
 PCA_MIN_SAMPLE = 1024  # rows fitted on at least (or every row, if fewer)
 PCA_MAX_SAMPLE_BYTES = 4 << 30  # the float32 sample held in host memory

@@ -58,6 +58,7 @@ VERSION = 1
 DTYPES = ("float16", "float32")
 META, INDEX, FAILURES, FINGERPRINT = "meta.json", "index.csv", "failures.csv", "fingerprint.json"
 SHARDS, FAILURE_LOG, LOCK = "shards", "failures.jsonl", ".lock"
+PCA_FILE = "reduce-pca.npz"  # output.reduce=pca:D: the fitted projection (extract/reduce.py)
 RESERVED_META = ("format", "version", "fingerprint", "dtype", "dim", "rows", "num_keys",
                  "num_failures", "shard_size", "shards", "written_at")
 

@@ -24,6 +24,7 @@ from .format import (
     INDEX,
     LOCK,
     META,
+    PCA_FILE,
     SHARDS,
     _flatten,
     _normalized,
@@ -32,7 +33,7 @@ from .format import (
 )
 
 CONFIG = "config.yaml"  # the run's config, saved beside the store by extract; kept on a wipe
-OWN_FILES = (META, INDEX, INDEX_SIDECAR, FAILURES, FINGERPRINT)
+OWN_FILES = (META, INDEX, INDEX_SIDECAR, FAILURES, FINGERPRINT, PCA_FILE)
 _SHARD_FILE = re.compile(r"shard-(?P<number>\d{5,})\.(npy|json)")
 _TEMPORARY = re.compile(r"(?P<name>.+?)(\.\d+-\d+)?\.tmp")  # atomicfile.temporary_path (and older)
 _RANK_DIR = re.compile(r"(world-\d+)|(rank-\d+)")
