@@ -102,7 +102,7 @@ def check_png(path: Path) -> None:
 
 def test_notebooks_found():
     assert NOTEBOOKS == ["01_extract_search_probe.ipynb", "02_mnist_split.ipynb",
-                         "03_finetune_folder.ipynb"]
+                         "03_finetune_folder.ipynb", "04_layers.ipynb"]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -169,3 +169,17 @@ def test_03_finetune_folder(tmp_path):
     correct, total = map(int, summary["new_images_correct"].split("/"))
     assert total == 6 and correct >= 4, summary
     print(f"03_finetune_folder: {seconds:.1f} s")
+
+
+@pytest.mark.slow
+def test_04_layers(tmp_path):
+    nb, probe, seconds = execute("04_layers.ipynb", tmp_path, {"FAST": True})
+    check_common(nb, probe)
+    out = tmp_path / "outputs" / "04_layers"
+    summary = json.loads((out / "summary.json").read_text())
+    check_png(out / "layers.png")
+    assert summary["cuts"] == ["first-3", "first-6", "first-8", "head"]
+    assert summary["images"] == 1000 and summary["dims"] == [20, 50, 500, 800]
+    # random LeNet weights, real digits: every depth separates them well above chance (0.1)
+    assert all(a > 0.5 for a in summary["probe_acc"]), summary
+    print(f"04_layers: {seconds:.1f} s")
