@@ -184,3 +184,14 @@ def test_inspect_cli_prints_cut_points(capsys):
     main(["lenet"])
     out = capsys.readouterr().out
     assert "first:7 (6)" in out and "800" in out
+
+
+def test_inspect_shows_what_the_cut_sets_expand_to(capsys):
+    from transferlab.inspect import main
+
+    assert main(["test_resnet"]) == 0
+    out = capsys.readouterr().out
+    assert "all-stages: stage:0, stage:1, stage:2, stage:3, stage:4" in out
+    assert "all-blocks: layer:layer1.0, layer:layer2.0" in out
+    assert main(["lenet"]) == 0
+    assert "all-stages" not in capsys.readouterr().out  # no feature_info: list the cuts

@@ -9,13 +9,14 @@ from torch import nn
 from .cli import run_cli
 from .config import ModelConfig, PreprocessConfig
 from .data.preprocess import resolve_preprocess
-from .errors import CutError
+from .errors import ConfigError, CutError
 from .models.backbones import SOURCES, build_backbone
 from .models.cuts import list_cut_points, make_extractor
 from .models.extractor import model_in_chans
+from .models.multicut import CUT_SETS, named_cuts
 
 
-def describe(name: str, source: str = "auto", all_modules: bool = False,
+def describe_cuts(name: str, source: str = "auto", all_modules: bool = False,
              input_size: list[int] | None = None, trust_code: bool = False) -> list[str]:
     """Lines describing the model's preprocessing and every cut point (random weights)."""
     backbone = build_backbone(ModelConfig(name=name, source=source, trust_code=trust_code))
@@ -30,8 +31,22 @@ def describe(name: str, source: str = "auto", all_modules: bool = False,
         shape = "x".join(map(str, point.shape)) if point.shape else "(not a tensor)"
         label = point.spec if point.spec.startswith("layer:") else f"{point.spec} ({point.module})"
         lines.append(f"{label:<40} {shape}")
-    lines.append("")
-    lines.append("drop:N equals first:(layers - N); negative stage indices count from the end.")
+    lines += ["", "drop:N equals first:(layers - N); negative stage indices count from the end.",
+              *cut_sets(backbone.model, name)]
+    return lines
+
+
+def cut_sets(model: nn.Module, name: str) -> list[str]:
+    """What ``all-stages`` / ``all-blocks`` expand to here (several cuts in one pass)."""
+    lines = ["Several cuts in one pass (one store each): model.cut=[first:3, head, ...]"]
+    for cut_set in CUT_SETS:
+        try:
+            cuts = named_cuts(model, cut_set, name)
+        except ConfigError:
+            continue
+        shown = ", ".join(map(str, cuts[:6])) + (f", ... ({len(cuts)} cuts)" if len(cuts) > 6
+                                                 else "")
+        lines.append(f"  {cut_set}: {shown}")
     return lines
 
 
@@ -55,7 +70,7 @@ def command(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--all", action="store_true", help="list every module, not only depth <= 2")
     parser.add_argument("--input-size", type=int, nargs="+", help="H W or C H W")
     args = parser.parse_args(argv)
-    print("\n".join(describe(args.model, args.source, args.all, args.input_size,
+    print("\n".join(describe_cuts(args.model, args.source, args.all, args.input_size,
                                args.trust_code)))
 
 
