@@ -79,14 +79,18 @@ def child_env() -> dict[str, str]:
 
 
 def run_command(config: Path, images: int, extra: Sequence[str] = (),
-                stages: bool = False) -> tuple[float, dict]:
+                stages: bool = False, candidate: str | None = None) -> tuple[float, dict]:
     """Wall seconds of one ``python -m transferlab.extract CONFIG data.limit=N ...`` (spawn to
-    exit) and, with ``stages``, the child's per-stage seconds."""
+    exit) and, with ``stages``, the child's per-stage seconds; ``candidate``: the same
+    command with a decode candidate patched in (``decode_candidates.py``)."""
     args = [str(config), f"data.limit={images}", *extra]
     clear_store(Path(yaml_value(config, "dir")))  # a fresh store: never a resume
     if stages:
         cmd = [sys.executable, "-c", "import benchmarks.whole_process as w; w.stage_child()",
                *args]
+    elif candidate:
+        code = f"import benchmarks.decode_candidates as c; c.main({candidate!r})"
+        cmd = [sys.executable, "-c", code, *args]
     else:
         cmd = [sys.executable, "-m", "transferlab.extract", *args]
     started = time.perf_counter()
@@ -103,7 +107,6 @@ def run_command(config: Path, images: int, extra: Sequence[str] = (),
 
 def stage_child() -> None:
     """``python -m transferlab.extract`` with timers around its stages (one JSON line out)."""
-    t0 = time.perf_counter()
     from transferlab.extract import __main__ as cli
     from transferlab.extract import batches, compute
     from transferlab.store import writer
@@ -127,9 +130,8 @@ def stage_child() -> None:
     for name in ("add", "add_failures"):
         timed(writer.StoreWriter, name, "store")
     timed(writer.StoreWriter, "close", "close")
-    imported = time.perf_counter() - t0
     result = cli.command(sys.argv[1:])
-    spent.update(imports=imported, loop=result.loop_seconds, run=result.seconds,
+    spent.update(loop=result.loop_seconds, run=result.seconds,
                  written=result.written)
     meta = json.loads((result.out_dir / "meta.json").read_text())
     spent["runtime"] = meta.get("runtime")
@@ -196,44 +198,55 @@ def settings(r: dict) -> str:
 
 def measure_model(model: str, data: Path, bench: Path, sizes: tuple[int, int], rounds: int,
                   batches: Sequence[int], search_s: float, extra: Sequence[str],
-                  device: str, warm: bool = True) -> dict:
+                  device: str, warm: bool = True, candidates: Sequence[str] = ()) -> dict:
     out = bench / "stores" / f"whole_{model}"
     config = write_config(bench / "configs" / f"whole_{model}.yaml", data, out, model)
     grid, best = search_ceiling(data, out, model, batches, device, search_s)
     fwd = ceiling_forward(data, out, model, best, device)
     if warm:
         run_command(config, sizes[0], extra)  # page cache, .pyc files
-    cases = {"forward": lambda: (fwd.images_per_second(max(2.0, search_s), warmup=3), None),
-             "small": lambda: run_command(config, sizes[0], extra),
-             "big": lambda: run_command(config, sizes[1], extra)}
+    cases = {"forward": lambda: (fwd.images_per_second(max(2.0, search_s), warmup=3), None)}
+    for variant in ("transferlab", *candidates):
+        cand = None if variant == "transferlab" else variant
+        for which, n in (("small", sizes[0]), ("big", sizes[1])):
+            cases[f"{variant}:{which}"] = (lambda n=n, cand=cand:
+                                           run_command(config, n, extra, candidate=cand))
+    samples = alternate(cases, rounds)
+    variants = {}
+    for variant in ("transferlab", *candidates):
+        rates = [rate(sizes[0], s.value, sizes[1], b.value) for s, b in
+                 zip(samples[f"{variant}:small"], samples[f"{variant}:big"])]
+        ratios = [x / f.value for x, f in zip(rates, samples["forward"])]
+        variants[variant] = {"rates": rates, "ratios": ratios, "median_rate": median(rates),
+                             "median_ratio": median(ratios),
+                             "t_small": [x.value for x in samples[f"{variant}:small"]],
+                             "t_big": [x.value for x in samples[f"{variant}:big"]]}
+    _, stages = run_command(config, sizes[1], extra, stages=True)
+    worst = max(max(s.foreign for s in v) for v in samples.values())
+    return {"model": model, "input": "x".join(map(str, fwd.spec.input_size[1:])),
+            "best": best, "grid": grid, "variants": variants,
+            "forward": [s.value for s in samples["forward"]],
+            "forward_best": pick(samples["forward"]).value,
+            "forward_others": others(pick(samples["forward"])),
+            "worst_others": worst, "stages": stages, "sizes": sizes}
+
+
+def alternate(cases: dict, rounds: int) -> dict[str, list]:
+    """Every case once per round, the order rotating by one each round."""
     samples: dict[str, list] = {k: [] for k in cases}
     names = list(cases)
     for r in range(rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
             samples[name].append(sample(cases[name]))
-    rates = [rate(sizes[0], s.value, sizes[1], b.value)
-             for s, b in zip(samples["small"], samples["big"])]
-    ratios = [x / f.value for x, f in zip(rates, samples["forward"])]
-    _, stages = run_command(config, sizes[1], extra, stages=True)
-    worst = max(max(s.foreign for s in v) for v in samples.values())
-    return {"model": model, "input": "x".join(map(str, fwd.spec.input_size[1:])),
-            "best": best, "grid": grid, "rates": rates, "ratios": ratios,
-            "forward": [s.value for s in samples["forward"]],
-            "forward_best": pick(samples["forward"]).value,
-            "forward_others": others(pick(samples["forward"])),
-            "t_small": [s.value for s in samples["small"]],
-            "t_big": [s.value for s in samples["big"]],
-            "median_rate": median(rates), "median_ratio": median(ratios),
-            "worst_others": worst, "stages": stages, "sizes": sizes}
+    return samples
 
 
 def stage_row(r: dict) -> list:
     st, n_big = r["stages"], r["sizes"][1]
     loop = st["loop"]
     rest = loop - st["decode"] - st["compute"] - st["store"]
-    return [r["model"], n_big, st["wall"], st["wall"] - st["imports"] - st["run"],
-            st["imports"], st["run"] - loop - st["close"], st["decode"], st["compute"],
+    return [r["model"], n_big, st["wall"], st["wall"] - st["run"], st["run"] - loop - st["close"], st["decode"], st["compute"],
             st["store"], rest, st["close"], st["written"] / loop if loop else 0.0,
             (st.get("runtime") or {}).get("threads", "-")]
 
@@ -245,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     p.add_argument("--search-seconds", type=float, default=1.0,
                    help="seconds per ceiling-search configuration")
+    p.add_argument("--candidates", default="",
+                   help="decode candidates to measure beside the shipped path, e.g. pil,box,dct "
+                   "(benchmarks/decode_candidates.py)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra override for the command (repeatable)")
     args = p.parse_args(argv)
@@ -263,20 +279,22 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(f"data: {data} ({folder_stats(data)}); runs of {small} and {big} images")
     print(f"before: {load_line()}")
     results = [measure_model(m, data, bench, (small, big), rounds, batches, search_s, extra,
-                             device.type, not args.quick) for m in models]
+                             device.type, not args.quick,
+                             [c for c in args.candidates.split(",") if c]) for m in models]
     print(f"after: {load_line()}")
     print()
-    rows = [[r["model"], r["input"], settings(r["best"]), r["forward_best"], r["forward_others"],
-             r["median_rate"], r["median_ratio"], " ".join(f"{x:.2f}" for x in r["ratios"]),
-             f"{r['worst_others'] * 100:.0f}%", "yes" if r["median_ratio"] >= 0.9 else "NO"]
-            for r in results]
+    rows = [[r["model"], r["input"], name, settings(r["best"]), r["forward_best"],
+             r["forward_others"], v["median_rate"], v["median_ratio"],
+             " ".join(f"{x:.2f}" for x in v["ratios"]), f"{r['worst_others'] * 100:.0f}%",
+             "yes" if v["median_ratio"] >= 0.9 else "NO"]
+            for r in results for name, v in r["variants"].items()]
     print(table(f"whole process / best pure forward ({device.type}, target >= 0.9)",
-                ["model", "input", "best forward", "forward img/s", "others %",
+                ["model", "input", "decode path", "best forward", "forward img/s", "others %",
                  "whole process img/s", "ratio (median)", "per round", "worst others %",
                  "target met"], rows))
     print()
     print(table(f"stages of one whole run of {big} images (seconds)",
-                ["model", "images", "process wall", "interpreter + exit", "imports",
+                ["model", "images", "process wall", "interpreter, imports, exit",
                  "model + setup", "decode", "compute", "store", "loop other", "close",
                  "loop img/s", "threads"], [stage_row(r) for r in results]))
     print()
