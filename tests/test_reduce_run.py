@@ -7,7 +7,7 @@ import pytest
 
 from tests.imagegen import make_image_tree
 from tests.test_extract import cli, make_cfg, same_store, write_config
-from transferlab.errors import ConfigError, StoreError
+from transferlab.errors import StoreError
 from transferlab.extract.compute import embed_images
 from transferlab.extract.run import run_extract
 from transferlab.store.reader import FeatureStore
@@ -66,9 +66,6 @@ def test_bad_or_impossible_reduce_is_one_line(data, tmp_path):
                        ("output.reduce=pca:100000", "output.reduce")]:
         code, _, err = cli(*base, bad)
         assert code == 2 and words in err and err.count("\n") == 1, err
-    with pytest.raises(ConfigError, match="one cut per run"):
-        run_extract(make_cfg(data, tmp_path / "m", "model.cut=[stage:0, head]",
-                             "output.reduce=srp:8"))
 
 
 def test_overwrite_removes_the_pca_file(data, tmp_path):
@@ -77,3 +74,24 @@ def test_overwrite_removes_the_pca_file(data, tmp_path):
     run_extract(make_cfg(data, tmp_path / "s", *ARGS, "output.overwrite=true"))
     assert not (tmp_path / "s" / "reduce-pca.npz").exists()
     assert "reduce" not in FeatureStore.open(tmp_path / "s").meta
+
+
+@pytest.mark.parametrize("reduce", ["srp:40", "pca:6"])  # srp:40 leaves the 32-d cuts
+def test_several_cuts_reduced_in_one_pass_equal_their_single_cut_runs(data, tmp_path, reduce):
+    """Each cut wider than D gets its own projection; a narrower one is stored as it is."""
+    cuts = "model.cut=[stage:0, stage:1, head]"
+    extra = ("runtime.batch_size=2", "output.shard_size=2", "output.dtype=float32",
+             "model.pool=avg")
+    result = run_extract(make_cfg(data, tmp_path / "m", cuts, f"output.reduce={reduce}", *extra))
+    dim = int(reduce.split(":")[1])
+    for name, store in result.stores.items():
+        cut = name.replace("-", ":", 1) if name != "head" else "head"
+        want = run_extract(make_cfg(data, tmp_path / name, f"model.cut={cut}", *extra,
+                                    "runtime.fold_bn=false",
+                                    *([f"output.reduce={reduce}"]
+                                      if store.meta.get("reduce") else []))).store
+        assert store.meta["fingerprint"] == want.meta["fingerprint"], name
+        assert store.features.shape[1] <= max(dim, want.features.shape[1])
+        np.testing.assert_allclose(np.asarray(store.features), np.asarray(want.features),
+                                   rtol=1e-5, atol=1e-6)
+    assert any(s.meta.get("reduce") for s in result.stores.values())

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+from torch import nn
 
 from ..config import ExtractConfig, save_config
 from ..data.sources import build_dataset
@@ -33,14 +34,18 @@ from .pipeline import (
     check_gpu_decode,
     compute_settings,
     fingerprint,
+    first_rows,
+    make_reduction,
     merge_ranks,
     progress_bar,
     rank_items,
+    reduce_settings,
     run_runtime,
     store_meta,
     stored_keys,
     write_features,
 )
+from .reduce import ReduceSpec, SplitReduce, parse_reduce
 
 
 class CutWriters:
@@ -103,16 +108,14 @@ def run_multi_extract(cfg: ExtractConfig, progress: bool = False,
     parts = cut_bundles(cfg, bundle)
     dirs = [Path(cfg.output.dir) / name for name in bundle.dirs]
     prints = [fingerprint(c, b, computed, full.class_names) for c, b in parts]
-    if info.enabled:
-        if info.is_main:
-            for out, p in zip(dirs, prints):
-                prepare_store(out, p, cfg.output.dtype, cfg.output.overwrite)
-        barrier()
+    reduces = cut_reduces(cfg, flat.feature_dims, len(full), info, prints)
     writers = CutWriters(open_writers(cfg, dirs, prints, info), flat.feature_dims)
     try:
         if info.is_main:
             for out, (cut_cfg, _) in zip(dirs, parts):
                 save_config(cut_cfg, out / "config.yaml")
+        reductions = open_cut_reductions(cfg, reduces, writers, flat, dataset, compute,
+                                         batch_size)
         for writer, dim in zip(writers.writers, writers.dims):  # sets and checks each width
             writer.add([], [], np.zeros((0, dim), np.float32))
         skipped = sum(key in writers.done_keys for key in dataset.keys)
@@ -125,10 +128,11 @@ def run_multi_extract(cfg: ExtractConfig, progress: bool = False,
                                              prepare, batch_size)
         counts = (written, failed, skipped)
         metas = []
-        for writer, (cut_cfg, cut_bundle) in zip(writers.writers, parts):
+        for (cut_cfg, cut_bundle), reduction in zip(parts, reductions):
             meta = store_meta(cut_cfg, cut_bundle, rt, dataset, batch_size, counts,
                               time.time() - started)
-            metas.append({**meta, "compute": computed})
+            metas.append({**meta, "compute": computed,
+                          **({"reduce": reduction.record()} if reduction is not None else {})})
         stores = [w.close(m) for w, m in zip(writers.writers, metas)]
     finally:
         writers.abort()  # a no-op for closed writers: finished shards stay for a resume
@@ -145,15 +149,49 @@ def check_multi(cfg: ExtractConfig) -> None:
     if cfg.runtime.compile:
         raise ConfigError("runtime.compile does not apply to several cuts in one pass (the "
                           "cuts are taken by hooks); set runtime.compile=false")
-    if cfg.output.reduce:
-        raise ConfigError("output.reduce works on one cut per run for now; extract each cut "
-                          "with its own model.cut, or set output.reduce=null")
+
+
+def cut_reduces(cfg: ExtractConfig, dims: Sequence[int], available: int, info: Any,
+                prints: Sequence[dict]) -> list[ReduceSpec | None]:
+    """``output.reduce`` per cut, recorded in that cut's fingerprint; a cut already at most
+    D wide is stored as it is (what a single-cut run of it without reduce records)."""
+    spec = parse_reduce(cfg.output.reduce)
+    return [None if spec is None or d <= spec.dim else
+            reduce_settings(cfg, d, available, info, p) for d, p in zip(dims, prints)]
+
+
+def open_cut_reductions(cfg: ExtractConfig, specs: Sequence[ReduceSpec | None],
+                        writers: CutWriters, flat: ConcatCuts, dataset: Any,
+                        compute: FeatureComputer, batch_size: int) -> list[nn.Module | None]:
+    """Each cut's projection (pca fitted on the first rows of that cut, sampled once for
+    all cuts), set on ``compute`` as one ``SplitReduce``; the writers take the new widths."""
+    if not any(specs):
+        return [None] * len(specs)
+    samples: dict[int, Any] = {}
+
+    def sample(k: int, i: int) -> Any:
+        if k not in samples:
+            samples[k] = flat.split(first_rows(cfg, dataset, k, compute, batch_size))
+        return samples[k][i]
+
+    modules = [None if s is None else make_reduction(
+        cfg, s, d, w, len(dataset), lambda k, i=i: sample(k, i))
+        for i, (s, d, w) in enumerate(zip(specs, flat.feature_dims, writers.writers))]
+    split = SplitReduce(flat.feature_dims, modules)
+    compute.set_reduce(split)
+    writers.dims = split.out_dims
+    return modules
 
 
 def open_writers(cfg: ExtractConfig, dirs: Sequence[Path], prints: Sequence[dict],
                  info: Any) -> list[StoreWriter]:
-    """One writer per cut; if one cannot open (another configuration, a lock), the opened
-    ones are released before the error surfaces."""
+    """One writer per cut (under torchrun each cut's root prepared by rank 0 first); if one
+    cannot open (another configuration, a lock), the opened ones are released."""
+    if info.enabled:
+        if info.is_main:
+            for out, p in zip(dirs, prints):
+                prepare_store(out, p, cfg.output.dtype, cfg.output.overwrite)
+        barrier()
     writers: list[StoreWriter] = []
     try:
         for out, p in zip(dirs, prints):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +35,20 @@ from ..runtime.distributed import (
     share_runtime,
 )
 from ..runtime.record import compute_record
-from ..store.format import library_versions
+from ..store.format import PCA_FILE, library_versions
 from ..store.merge import merge_stores
 from ..store.reader import FeatureStore
 from ..store.writer import StoreWriter
 from .batches import ViewsDataset, aligned_batches, run_loader
 from .compute import FeatureComputer, Pending
+from .reduce import (
+    ReduceSpec,
+    SparseProjection,
+    collect_rows,
+    open_pca,
+    parse_reduce,
+    reduce_fingerprint,
+)
 
 
 @dataclass
@@ -274,4 +282,58 @@ def store_meta(cfg: ExtractConfig, bundle: ExtractorBundle, rt: Runtime, dataset
             "elapsed_seconds": round(seconds, 3)}
 
 
+# ---- output.reduce: rows projected to D dims (extract/reduce.py) --------------------------
 
+
+def reduce_settings(cfg: ExtractConfig, d_in: int, available: int, info: DistInfo,
+                    prints: dict) -> ReduceSpec | None:
+    """The parsed ``output.reduce``; its record goes into the fingerprint (only when set, so
+    stores without it keep theirs)."""
+    spec = parse_reduce(cfg.output.reduce)
+    if spec is None:
+        return None
+    if spec.kind == "pca" and info.enabled:
+        raise ConfigError("output.reduce=pca is fitted by one process; under torchrun use "
+                          f"output.reduce=srp:{spec.dim}, or run one process")
+    prints["reduce"] = reduce_fingerprint(spec, d_in, cfg.runtime.seed, available)
+    return spec
+
+
+def output_width(bundle: Any, spec: ReduceSpec | None) -> int:
+    return spec.dim if spec is not None else bundle.extractor.feature_dim
+
+
+def open_reduction(cfg: ExtractConfig, spec: ReduceSpec | None, writer: StoreWriter,
+                   dataset: ImageDataset, compute: FeatureComputer,
+                   batch_size: int) -> nn.Module | None:
+    """The projection for ``compute``'s rows: srp drawn from the seed; pca fitted on the first
+    rows before any row is stored, and loaded (never refitted) when the store has rows."""
+    if spec is None:
+        return None
+    return make_reduction(cfg, spec, compute.model_width, writer, len(dataset),
+                          lambda k: first_rows(cfg, dataset, k, compute, batch_size))
+
+
+def make_reduction(cfg: ExtractConfig, spec: ReduceSpec, d_in: int, writer: StoreWriter,
+                   available: int, sample: Callable[[int], Any]) -> nn.Module:
+    """srp from the seed; pca fitted on ``sample(K)`` unless ``writer``'s store has rows."""
+    if spec.kind == "srp":
+        return SparseProjection(d_in, spec.dim, cfg.runtime.seed)
+    return open_pca(writer.dir / PCA_FILE, spec, d_in, available, sample,
+                    resuming=writer.dim is not None)
+
+
+def first_rows(cfg: ExtractConfig, dataset: ImageDataset, k: int, compute: FeatureComputer,
+               batch_size: int) -> Any:
+    """Unreduced plain-view rows of the first ``k`` items (what pca is fitted on)."""
+    plain = replace(cfg, output=replace(cfg.output, views=0))
+    positions = list(range(min(k, len(dataset))))
+    loader, prepare = build_loader(plain, dataset.subset(positions), positions, compute.spec,
+                                   compute.rt, batch_size)
+
+    def rows() -> Any:
+        for batch in loader:
+            batch = prepare(batch) if prepare is not None else batch
+            if batch["image"] is not None:
+                yield compute(batch["image"][:, 0])
+    return collect_rows(rows(), k)

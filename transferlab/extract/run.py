@@ -9,29 +9,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from torch import nn
 
 from ..config import ExtractConfig, save_config
-from ..data.datasets import ImageDataset
 from ..data.sources import build_dataset
-from ..errors import ConfigError
 from ..models.extractor import extractor_from_config
 from ..models.multicut import is_multi_cut
 from ..runtime.device import (
     seed_everything,
 )
 from ..runtime.distributed import (
-    DistInfo,
     barrier,
     init_distributed,
     rank_dir,
 )
-from ..store.format import PCA_FILE
 from ..store.owner import prepare_store
 from ..store.writer import StoreWriter
 from .batches import resume_positions
@@ -43,20 +36,15 @@ from .pipeline import (
     compute_settings,
     fingerprint,
     merge_ranks,
+    open_reduction,
+    output_width,
     progress_bar,
     rank_items,
+    reduce_settings,
     run_runtime,
     store_meta,
     stored_keys,
     write_features,
-)
-from .reduce import (
-    ReduceSpec,
-    SparseProjection,
-    collect_rows,
-    open_pca,
-    parse_reduce,
-    reduce_fingerprint,
 )
 
 
@@ -96,6 +84,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
         if info.is_main:  # one writer: ranks racing on one file lose each other's rename
             save_config(cfg, out_dir / "config.yaml")
         reduction = open_reduction(cfg, reduce_spec, writer, dataset, compute, batch_size)
+        compute.set_reduce(reduction)
         # no rows: sets the store's width now (also when every image fails) and checks it
         writer.add([], [], np.zeros((0, output_width(bundle, reduce_spec)), np.float32))
         done = writer.done_keys
@@ -118,58 +107,3 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
         loop_seconds = time.time() - loop_started
     stale = len(stored_keys(store) - set(full.keys))
     return ExtractResult(store, *counts, time.time() - started, loop_seconds, out_dir, stale)
-
-
-# ---- output.reduce: rows projected to D dims (extract/reduce.py) --------------------------
-
-
-def reduce_settings(cfg: ExtractConfig, d_in: int, available: int, info: DistInfo,
-                    prints: dict) -> ReduceSpec | None:
-    """The parsed ``output.reduce``; its record goes into the fingerprint (only when set, so
-    stores without it keep theirs)."""
-    spec = parse_reduce(cfg.output.reduce)
-    if spec is None:
-        return None
-    if spec.kind == "pca" and info.enabled:
-        raise ConfigError("output.reduce=pca is fitted by one process; under torchrun use "
-                          f"output.reduce=srp:{spec.dim}, or run one process")
-    prints["reduce"] = reduce_fingerprint(spec, d_in, cfg.runtime.seed, available)
-    return spec
-
-
-def output_width(bundle: Any, spec: ReduceSpec | None) -> int:
-    return spec.dim if spec is not None else bundle.extractor.feature_dim
-
-
-def open_reduction(cfg: ExtractConfig, spec: ReduceSpec | None, writer: StoreWriter,
-                   dataset: ImageDataset, compute: FeatureComputer,
-                   batch_size: int) -> nn.Module | None:
-    """The projection, set on ``compute``: srp drawn from the seed; pca fitted on the first
-    rows before any row is stored, and loaded (never refitted) when the store has rows."""
-    if spec is None:
-        return None
-    d_in = compute.model_width
-    if spec.kind == "srp":
-        module: nn.Module = SparseProjection(d_in, spec.dim, cfg.runtime.seed)
-    else:
-        module = open_pca(writer.dir / PCA_FILE, spec, d_in, len(dataset),
-                          lambda k: first_rows(cfg, dataset, k, compute, batch_size),
-                          resuming=writer.dim is not None)
-    compute.set_reduce(module)
-    return module
-
-
-def first_rows(cfg: ExtractConfig, dataset: ImageDataset, k: int, compute: FeatureComputer,
-               batch_size: int) -> Any:
-    """Unreduced plain-view rows of the first ``k`` items (what pca is fitted on)."""
-    plain = replace(cfg, output=replace(cfg.output, views=0))
-    positions = list(range(min(k, len(dataset))))
-    loader, prepare = build_loader(plain, dataset.subset(positions), positions, compute.spec,
-                                   compute.rt, batch_size)
-
-    def rows() -> Any:
-        for batch in loader:
-            batch = prepare(batch) if prepare is not None else batch
-            if batch["image"] is not None:
-                yield compute(batch["image"][:, 0])
-    return collect_rows(rows(), k)
