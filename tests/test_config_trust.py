@@ -95,7 +95,7 @@ def test_recursive_alias_is_one_line(tmp_path, capsys):
     assert "refers to itself" in line and "write the values out" in line
 
 
-@pytest.mark.parametrize("text", ["output:\n  dtype: {big}\n", "model:\n  cut: [{big}]\n",
+@pytest.mark.parametrize("text", ["output:\n  dtype: {big}\n", "output:\n  dir: [{big}]\n",
                                   "runtime:\n  ? {big}\n  : 1\n"])
 def test_values_echoed_in_errors_are_cut_short(tmp_path, capsys, text):
     path = tmp_path / "big.yaml"
