@@ -79,3 +79,24 @@ def test_console_script_and_module_give_the_same_output():
     c = subprocess.run([script, "--help"], check=False, capture_output=True, text=True,
                        timeout=60)
     assert c.returncode == 0 and "extract" in c.stdout
+
+
+def test_a_huge_value_in_an_error_is_cut_to_one_short_line(tmp_path, capsys):
+    from transferlab.extract.__main__ import main as extract_main
+
+    from PIL import Image
+
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "x.png")
+    huge = "x" * 20000
+    code = extract_main([str(_config(tmp_path)), f"data.root={tmp_path}", f"output.dir={tmp_path / 'o'}",
+                         f"model.cut=[layer:{huge}, head]"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and len(err) < 2100 and " ... " in err
+
+
+def _config(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("model: {name: test_resnet, pretrained: false}\n"
+                    "runtime: {progress: false, device: cpu}\n", encoding="utf-8")
+    return path
