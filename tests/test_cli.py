@@ -82,9 +82,9 @@ def test_console_script_and_module_give_the_same_output():
 
 
 def test_a_huge_value_in_an_error_is_cut_to_one_short_line(tmp_path, capsys):
-    from transferlab.extract.__main__ import main as extract_main
-
     from PIL import Image
+
+    from transferlab.extract.__main__ import main as extract_main
 
     (tmp_path / "a").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "a" / "x.png")
