@@ -6,7 +6,8 @@ import difflib
 import gzip
 import logging
 import os
-from pathlib import Path
+import posixpath
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -22,6 +23,8 @@ from .datasets import (
     Transform,
 )
 from .imageio import BAD_NAME, OUTSIDE_ROOT, escape_name, is_image_file
+from .remote import UrlReader, find_images, is_remote, local_path, open_text
+from .webdataset import build_webdataset
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ def build_dataset(cfg: DataConfig, transform: Transform | None = None, image_mod
     if image_mode not in ("RGB", "L"):
         raise DataError(f"image_mode must be 'RGB' or 'L', got {image_mode!r}")
     builders = {"folder": _folder, "list": _list, "torchvision": _torchvision,
-                "mnist-5k": _mnist_5k}
+                "mnist-5k": _mnist_5k, "webdataset": build_webdataset}
     if cfg.source not in builders:
         raise DataError(f"unknown data.source {cfg.source!r}; choose one of {', '.join(builders)}")
     ds = builders[cfg.source](cfg)
@@ -83,7 +86,7 @@ def _class_labels(ds: ImageDataset, wanted: list) -> list[int]:
 def _existing_dir(root: str | None, what: str) -> Path:
     if root is None:
         raise DataError(f"data.root is not set; point it to the {what}")
-    path = Path(root).expanduser()
+    path = local_path(root)  # a file:// URL is a local path
     if not path.exists():
         raise DataError(f"data.root {str(path)!r} does not exist; point data.root to the {what}")
     if not path.is_dir():
@@ -135,6 +138,14 @@ def _checked_key(key: str, rejected: dict[str, tuple[str, str]] | None) -> str:
 
 
 def _folder(cfg: DataConfig) -> ImageDataset:
+    if is_remote(cfg.root):  # s3:// gs:// http(s)://: objects under a prefix (data.remote)
+        keys = find_images(cfg.root, cfg.extensions)
+        if not keys:
+            raise DataError(f"no images with extensions {', '.join(cfg.extensions)} under "
+                            f"{cfg.root}; check data.root or data.extensions")
+        labels, class_names = _labels_from_folders(keys)
+        reader = UrlReader(cfg.root, keys, cfg.max_image_pixels)
+        return ImageDataset(reader, keys, labels, class_names)
     root = _existing_dir(cfg.root, "image folder")
     rejected: dict[str, tuple[str, str]] = {}
     keys = scan_folder(root, cfg.extensions, rejected)
@@ -167,21 +178,14 @@ def _empty_message(root: Path, extensions: list[str]) -> str:
 def _list(cfg: DataConfig) -> ImageDataset:
     if cfg.list_file is None:
         raise DataError("data.source=list needs data.list_file (a text file of paths or a CSV)")
-    list_file = Path(cfg.list_file).expanduser()
+    if is_remote(cfg.list_file) or is_remote(cfg.root):
+        return _url_list(cfg)
+    list_file = local_path(cfg.list_file)
     if not list_file.is_file():
         raise DataError(f"data.list_file {str(list_file)!r} not found; fix data.list_file")
     base = _existing_dir(cfg.root, "folder the listed paths are relative to") \
         if cfg.root is not None else list_file.parent
-    try:
-        if list_file.suffix.lower() in (".csv", ".tsv"):
-            paths, raw_labels = _read_csv(list_file, cfg.path_column, cfg.label_column)
-        else:
-            paths, raw_labels = _read_lines(list_file), None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"data.list_file {list_file} is not UTF-8 (byte {exc.start}); save it "
-                        "as UTF-8") from None
-    if not paths:
-        raise DataError(f"data.list_file {list_file} lists no paths; add one path per line")
+    paths, raw_labels = _read_list(list_file, cfg)
     keys = [_key_for(p, base) for p in paths]
     _check_unique(keys, list_file)
     rejected = {k: (OUTSIDE_ROOT, f"outside {base}") for k in keys if _escapes(k)}
@@ -191,15 +195,49 @@ def _list(cfg: DataConfig) -> ImageDataset:
     return ImageDataset(reader, keys, labels, class_names)
 
 
-def _read_lines(path: Path) -> list[str]:
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
+def _read_list(list_file: Path | str, cfg: DataConfig) -> tuple[list[str], list[str] | None]:
+    try:
+        if PurePosixPath(str(list_file)).suffix.lower() in (".csv", ".tsv"):
+            paths, raw_labels = _read_csv(list_file, cfg.path_column, cfg.label_column)
+        else:
+            paths, raw_labels = _read_lines(list_file), None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"data.list_file {list_file} is not UTF-8 (byte {exc.start}); save it "
+                        "as UTF-8") from None
+    if not paths:
+        raise DataError(f"data.list_file {list_file} lists no paths; add one path per line")
+    return paths, raw_labels
+
+
+def _url_list(cfg: DataConfig) -> ImageDataset:
+    """A list file whose images are objects under a URL: data.root, or the list file's
+    own folder when data.root is null. Keys are the listed paths, normalised; one that
+    leaves the base (absolute, or '..' leading out) is a failure ``outside-root``, never read."""
+    list_file = cfg.list_file
+    base = cfg.root if cfg.root is not None else list_file.rsplit("/", 1)[0]
+    if not is_remote(base):
+        raise DataError(f"data.list_file {list_file} is a URL: set data.root to the URL its "
+                        "paths are relative to (or null: the list file's folder)")
+    if not is_remote(list_file) and not local_path(list_file).is_file():
+        raise DataError(f"data.list_file {list_file!r} not found; fix data.list_file")
+    paths, raw_labels = _read_list(list_file, cfg)
+    keys = [posixpath.normpath(p.replace("\\", "/")) for p in paths]
+    _check_unique(keys, list_file)
+    rejected = {k: (OUTSIDE_ROOT, f"outside {base}") for k in keys if _escapes(k)}
+    labels, class_names = _parse_labels(raw_labels, len(keys))
+    reader = UrlReader(base, keys, cfg.max_image_pixels, rejected)
+    return ImageDataset(reader, keys, labels, class_names)
+
+
+def _read_lines(path: Path | str) -> list[str]:
+    lines = open_text(path).read().splitlines()
     return [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
 
 
-def _read_csv(path: Path, path_column: str, label_column: str | None
+def _read_csv(path: Path | str, path_column: str, label_column: str | None
               ) -> tuple[list[str], list[str] | None]:
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    delimiter = "\t" if PurePosixPath(str(path)).suffix.lower() == ".tsv" else ","
+    with open_text(path) as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         columns = reader.fieldnames or []
         for key, column in (("path_column", path_column), ("label_column", label_column)):
