@@ -6,7 +6,8 @@ import importlib
 import pytest
 
 SCRIPTS = ["extract_efficiency", "vs_baselines", "memory", "cpu_defaults", "finetune_cache",
-           "store_open", "bench_index", "whole_process", "contention", "multicut"]
+           "store_open", "bench_index", "whole_process", "contention", "multicut",
+           "webdataset_sources"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -281,3 +281,28 @@ def test_two_torchrun_ranks_equal_one_process(tmp_path, shards):
     assert_same_rows(merged, single)
     rank0 = FeatureStore.open(tmp_path / "dist" / "ranks" / "world-2" / "rank-00000")
     assert rank0.keys == merged.keys[:16]  # shards 0 and 1, whole (2 of the 4 shards)
+
+
+def test_a_resume_with_other_shards_or_labels_is_refused(shards):
+    """The shard list and label member are part of the fingerprint: rows never mix."""
+    from transferlab.errors import StoreError
+
+    tmp = shards["tmp"]
+    data = {"source": "webdataset", "urls": shards["urls"], "label_key": "txt"}
+    extract(tmp, "fp", data)
+    fewer = shards["urls"].replace("{000000..000003}", "{000000..000002}")
+    for other in ({**data, "urls": fewer}, {**data, "label_key": "cls"}):
+        with pytest.raises(StoreError, match="written with another configuration"):
+            extract(tmp, "fp", other)
+
+
+def test_urls_stay_as_written_in_the_fingerprint():
+    from transferlab.config import DataConfig
+    from transferlab.data.fingerprint import data_fingerprint
+
+    cfg = DataConfig(source="webdataset", urls="s3://bucket/t-{0..3}.tar", label_key="cls",
+                     root="s3://bucket/photos/")
+    printed = data_fingerprint(cfg)
+    assert printed["urls"] == ["s3://bucket/t-{0..3}.tar"] and printed["label_key"] == "cls"
+    assert printed["root"] == "s3://bucket/photos/"
+    assert "urls" not in data_fingerprint(DataConfig(root="x"))  # other stores unchanged

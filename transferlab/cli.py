@@ -37,7 +37,7 @@ def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
     try:
         main(argv)
     except TransferlabError as exc:
-        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        print(f"error: {clip_line(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"error: {os_error_message(exc)}", file=sys.stderr)
@@ -72,7 +72,7 @@ def os_error_message(exc: OSError) -> str:
     return f"{what}{where}; {fix}".replace("\n", "\\n").replace("\r", "\\r")
 
 
-def one_line(message: str, limit: int = 2000) -> str:
+def clip_line(message: str, limit: int = 2000) -> str:
     """The message on one line and at most ``limit`` characters: a value from a file or an
     argument (a 20,000-character cut name, say) is cut in the middle, not echoed whole."""
     text = " ".join(message.split())
