@@ -36,6 +36,8 @@ def describe_data(cfg: DataConfig) -> str:
         return "mnist-5k (the 5,000 bundled MNIST digits, fixed 80/20 train/test split)"
     if cfg.source == "torchvision":
         return f"torchvision {cfg.dataset} (root {cfg.root})"
+    if cfg.source == "webdataset":
+        return f"webdataset {cfg.urls}"
     return f"{cfg.source} {cfg.root or cfg.list_file}"
 
 
