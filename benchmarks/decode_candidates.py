@@ -92,8 +92,8 @@ def patch_dct() -> None:
 
     apply = imageio._apply_draft
 
-    def draft(im, mode, draft_size):
-        apply(im, mode, draft_size)
+    def draft(im, mode, draft_size, orientation=None):
+        apply(im, mode, draft_size, orientation)
         im.candidate_draft = draft_size
 
     def decode(fp, im, mode, reduced, orientation):
