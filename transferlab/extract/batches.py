@@ -62,6 +62,8 @@ class ViewsDataset(Dataset):
             return list(pool.map(self.__getitem__, indices))
 
     def transform(self, image: Any, key: str) -> torch.Tensor:
+        if not self.views:  # a view: the collate's stack makes the one copy, in the main
+            return self.plain(image).unsqueeze(0)  # thread (decode threads start no OMP team)
         tensors = [self.plain(image)]
         if self.views:
             seed = zlib.crc32(key.encode("utf-8")) ^ self.seed
