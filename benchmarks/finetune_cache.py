@@ -15,7 +15,7 @@ On the same folder of photo-like ~500x375 JPEGs (2 classes), in one process:
 
 Whole-run wall times are compared (each builds its model and reads the folder), after one
 untimed warm-up of each. Targets:
-(2) <= 1.3x (1), and (3) >= 5x (2).
+(2) <= 1.05x (1) (issue #16), and (3) >= 5x (2).
 """
 from __future__ import annotations
 
@@ -128,8 +128,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print("epochs s: the training loops as finetune reports them (epoch_seconds); other s: "
           "the rest of run_finetune (model, data scan, per-epoch checkpoints, evaluation). "
           + busy_note().replace("the best quiet", "the fastest quiet"))
-    ok1, ok2 = auto / ex <= 1.3, off / auto >= 5.0
-    print(f"cached {epochs} epochs / one extraction pass = {auto / ex:.2f} (target <= 1.3: "
+    ok1, ok2 = auto / ex <= 1.05, off / auto >= 5.0
+    print(f"cached {epochs} epochs / one extraction pass = {auto / ex:.2f} (target <= 1.05: "
           f"{'met' if ok1 else 'NOT met'}); cache off / cache auto = {off / auto:.2f} "
           f"(target >= 5: {'met' if ok2 else 'NOT met'}); with {' '.join(every_epoch)}: "
           f"{best['every_epoch'].value / ex:.2f} x extraction")
