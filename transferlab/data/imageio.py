@@ -141,6 +141,16 @@ def open_regular(path: str | os.PathLike) -> io.BufferedReader:
         raise
 
 
+def decode_bytes(data: bytes, key: str, mode: str, draft_size: tuple[int, int] | None,
+                 max_pixels: int | None) -> Image.Image:
+    """``decode_image`` of an image's bytes (a tar member, an object), failures naming
+    ``key`` (not a path: there is none on disk)."""
+    try:
+        return decode_image(io.BytesIO(data), mode, draft_size, max_pixels)
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(exc.reason, exc.detail, key) from None
+
+
 def decode_image(fp: io.BufferedIOBase | io.BytesIO, mode: str = "RGB",
                  draft_size: tuple[int, int] | None = None,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:

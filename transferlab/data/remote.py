@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from ..errors import DataError, MissingDependencyError, TransferlabError
-from .imageio import UNREADABLE, ImageDecodeError, decode_image, is_image_file
+from .imageio import UNREADABLE, ImageDecodeError, decode_bytes, is_image_file
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -210,8 +210,4 @@ class UrlReader:
                                    key) from None
 
     def load(self, i: int, mode: str, draft_size: tuple[int, int] | None) -> Image.Image:
-        data = self.bytes(i)
-        try:
-            return decode_image(io.BytesIO(data), mode, draft_size, self.max_pixels)
-        except ImageDecodeError as exc:
-            raise ImageDecodeError(exc.reason, exc.detail, self.keys[i]) from None
+        return decode_bytes(self.bytes(i), self.keys[i], mode, draft_size, self.max_pixels)

@@ -35,7 +35,6 @@ the merged store lists the items in the order of a single-process run.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import posixpath
@@ -60,7 +59,7 @@ from .imageio import (
     TRUNCATED,
     UNREADABLE,
     ImageDecodeError,
-    decode_image,
+    decode_bytes,
     escape_name,
 )
 from .remote import (
@@ -346,11 +345,7 @@ class TarReader:
         return min(end, int(self.sizes[j]))
 
     def load(self, i: int, mode: str, draft_size: tuple[int, int] | None) -> Image.Image:
-        data = self.bytes(i)
-        try:
-            return decode_image(io.BytesIO(data), mode, draft_size, self.max_pixels)
-        except ImageDecodeError as exc:
-            raise ImageDecodeError(exc.reason, exc.detail, self.keys[i]) from None
+        return decode_bytes(self.bytes(i), self.keys[i], mode, draft_size, self.max_pixels)
 
 
 # ---------------------------------------------------------------------------------------
