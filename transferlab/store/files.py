@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import StoreError
 from ..runtime.atomicfile import atomic_write
+from ..yamlsafe import shown
 from .format import (
     DTYPES,
     FORMAT,
@@ -125,7 +126,7 @@ def read_store_meta(directory: Path) -> dict:
 
 def _check_fields(path: Path, meta: dict) -> None:
     def bad(field: str, want: str) -> StoreError:
-        return StoreError(f"{path}: {field} must be {want}, got {_short(meta.get(field))}; "
+        return StoreError(f"{path}: {field} must be {want}, got {shown(meta.get(field))}; "
                           f"{_DAMAGED}")
     if meta.get("dtype") not in DTYPES:
         raise bad("dtype", " or ".join(DTYPES))
@@ -151,7 +152,7 @@ def shard_files(directory: Path, meta: dict) -> list[Path]:
         path = directory / shard["file"]
         inside = not os.path.isabs(shard["file"]) and path.resolve().is_relative_to(root)
         if not inside:
-            raise StoreError(f"{directory / META} names the shard {_short(shard['file'])}, "
+            raise StoreError(f"{directory / META} names the shard {shown(shard['file'])}, "
                              "outside the store; a store reads only its own files")
         if not path.is_file():
             raise StoreError(f"{path} is missing; {_DAMAGED}")
@@ -164,7 +165,7 @@ def _check_header(path: Path, rows: int, meta: dict) -> None:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)  # checks the file's length
     except (OSError, ValueError, EOFError) as exc:
-        raise StoreError(f"{path} is not a complete .npy file ({_short(str(exc))}); "
+        raise StoreError(f"{path} is not a complete .npy file ({shown(str(exc))}); "
                          f"{_DAMAGED}") from None
     want = (rows, meta["dim"] or 0)
     if array.shape != want or array.dtype != np.dtype(meta["dtype"]):
@@ -233,7 +234,7 @@ def _index_record(path: Path, position: int, record: list[str]) -> tuple[str, in
         label_, row_, view_ = int(label), int(row), int(view)
     except ValueError:
         raise StoreError(f"{path} line {position + 2} is not key,label,row,view "
-                         f"({_short(record)}); {_DAMAGED}") from None
+                         f"({shown(record)}); {_DAMAGED}") from None
     if row_ != position:
         raise StoreError(f"{path} line {position + 2} says row {row_} but is row {position} "
                          f"(was the file re-sorted?); {_DAMAGED}")
@@ -251,8 +252,3 @@ def read_failures(path: Path) -> list[tuple[str, str]]:
 
 def _count(value: Any, allow_none: bool = False) -> bool:
     return (value is None and allow_none) or (type(value) is int and value >= 0)
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."

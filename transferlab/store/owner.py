@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import StoreError
+from ..yamlsafe import shown
 from .files import INDEX_SIDECAR, RANKS
 from .format import (
     FAILURE_LOG,
@@ -102,7 +103,7 @@ def _refusal(directory: Path, stored: Any, wanted: dict) -> str:
         why = f"it has no readable {FINGERPRINT}"
     else:
         old, new = _flatten(_compared(stored)), _flatten(_compared(wanted))
-        changed = [f"{k}: stored {_short(old[k])}, now {_short(new.get(k))}"
+        changed = [f"{k}: stored {shown(old[k])}, now {shown(new.get(k))}"
                    for k in sorted(old) if old[k] != new.get(k)]
         unrecorded = sorted(set(new) - set(old))
         if changed:
@@ -177,8 +178,3 @@ def _real_dir(path: Path) -> bool:
 def _remove_if_empty(path: Path) -> None:
     if _real_dir(path) and not any(os.scandir(path)):
         path.rmdir()
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
