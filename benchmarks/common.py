@@ -226,7 +226,7 @@ class Forward:
     def __init__(self, cfg, batch_size: int | None = None):
         from torch import nn
 
-        from transferlab.extract.compute import prepare_model
+        from transferlab.extract.compute import FeatureComputer
         from transferlab.models.extractor import extractor_from_config
         from transferlab.runtime.device import (apply_runtime, default_batch_size,
                                                 resolve_runtime, seed_everything)
@@ -237,8 +237,8 @@ class Forward:
         self.rt = resolve_runtime(cfg.runtime, conv_net)
         apply_runtime(self.rt)
         self.batch_size = batch_size or default_batch_size(self.rt, cfg.runtime.batch_size)
-        self.model = prepare_model(bundle.extractor, self.rt, cfg.runtime.compile,
-                                   bundle.spec.input_size if cfg.runtime.fold_bn else None)
+        self.model = FeatureComputer(bundle.extractor, bundle.spec, self.rt, cfg.runtime.compile,
+                                     cfg.runtime.fold_bn).model  # what extraction runs
         self.spec = bundle.spec
         x = torch.randn(self.batch_size, *bundle.spec.input_size, device=self.rt.device)
         if self.rt.channels_last:

@@ -27,16 +27,10 @@ from ..runtime.device import (
 from .reduce import reduction_from_record
 
 
-def prepare_model(extractor: nn.Module, rt: Runtime, compile_model: bool = False,
-                  fold_input: Sequence[int] | None = None) -> nn.Module:
-    """The extractor ready to run: BatchNorm folded (checked on an input of ``fold_input``
-    size; None: not folded), on the device, channels_last, compiled."""
-    model = extractor
-    if fold_input is not None:
-        from ..models.fusion import fold_batchnorm
-
-        model = fold_batchnorm(model, fold_input)
-    model = model.to(rt.device)
+def prepare_model(extractor: nn.Module, rt: Runtime, compile_model: bool = False) -> nn.Module:
+    """The (already folded, see ``FeatureComputer``) extractor ready to run: on the device,
+    channels_last, compiled."""
+    model = extractor.to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile_model:
