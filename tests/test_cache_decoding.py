@@ -97,3 +97,48 @@ def test_the_caching_pass_decodes_with_the_runtime_threads(tmp_path, monkeypatch
     assert [len(p) for _, p in feats] == [4, 2]  # 7 items, c1/003 bad, batches of 4
     assert seen and all(name.startswith("decode") for name in seen)
     assert src.decode_threads == 1  # the caller's source is not changed
+
+
+def conv_bn_base() -> torch.nn.Module:
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+                               torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten())
+    bn = base[1]
+    bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_()
+    return base.eval()
+
+
+def test_the_caching_pass_runs_a_folded_copy_of_the_base_with_the_same_features(tmp_path):
+    from transferlab.training.cache import cache_features
+
+    src = image_source(tmp_path)
+    spec = resolve_preprocess({"input_size": (3, 32, 32)})
+    net = Network(conv_bn_base(), torch.nn.Identity(), spec)
+    rt = Runtime(torch.device("cpu"), "fp32", False, 0, 1)
+    calls = []
+    net.base.register_forward_hook(lambda *_: calls.append(1))
+    folded = cache_features(net, src, "cpu", rt, 4, (8,), fold_bn=True)
+    assert calls == [1]  # once, to check the copy; the two batches ran the folded copy
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.base.modules())  # kept
+    plain = cache_features(net, src, "cpu", rt, 4, (8,), fold_bn=False)
+    assert calls == [1, 1, 1]  # and now the two batches through the base itself
+    a, b = folded.x, plain.x
+    assert a.shape == b.shape == (6, 8) and not torch.equal(a, b)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_disk_cache_records_whether_its_rows_come_from_a_folded_base(tmp_path):
+    from transferlab.store.reader import FeatureStore
+    from transferlab.training.cache import cache_features
+
+    src = image_source(tmp_path)
+    spec = resolve_preprocess({"input_size": (3, 32, 32)})
+    net = Network(conv_bn_base(), torch.nn.Identity(), spec)
+    rt = Runtime(torch.device("cpu"), "fp32", False, 0, 1)
+    keys = list(src.dataset.keys)
+    for fold in (True, False):
+        cache_features(net, src, "disk", rt, 4, (8,), keys, tmp_path / f"c{fold}", {"x": 1},
+                       fold_bn=fold)
+        meta = FeatureStore.open(tmp_path / f"c{fold}").meta
+        assert meta["fingerprint"]["compute"]["fold_bn"] is fold

@@ -221,7 +221,8 @@ def cache(ctx: Context, net: Network, src: Source, where: str, keys: list[str],
     fingerprint = {**digest, "data": data_fingerprint(data_cfg)}  # as extraction names it
     folder = rank_dir(ctx.out / "cache", ctx.info)
     return cache_features(net, src, where, ctx.rt, ctx.eval_batch, net.base.output_shape,
-                          keys, folder / name, fingerprint, ctx.progress)
+                          keys, folder / name, fingerprint, ctx.progress,
+                          fold_bn=ctx.cfg.runtime.fold_bn)
 
 
 def epoch_saver(ctx: Context, run: HeadRun) -> Any:

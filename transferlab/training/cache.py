@@ -9,7 +9,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from ..models.fusion import fold_batchnorm
 from ..runtime.device import Runtime, frozen_forward
 from ..runtime.record import compute_record
 from ..store.writer import StoreWriter
@@ -58,39 +60,60 @@ def plan_cache(mode: str | bool, nbytes: int, rt: Runtime, max_gb: float | None,
     return "disk"
 
 
+def caching_base(net: Network, fold_bn: bool) -> tuple[nn.Module | None, bool]:
+    """(the base the caching pass runs, whether its BatchNorms are folded).
+
+    With ``fold_bn`` it is a folded copy, as extraction runs it (the same function, one pass
+    over the activations less); the network keeps its own base, to unfreeze and to save."""
+    net.eval()
+    if net.base is None or not fold_bn:
+        return net.base, False
+    folded = fold_batchnorm(net.base, net.input_size)
+    if folded is net.base:
+        return folded, False
+    if net.channels_last:  # the folded weights are new tensors, in the default layout
+        folded = folded.to(memory_format=torch.channels_last)
+    return folded, True
+
+
 def frozen_features(net: Network, src: Source, positions: torch.Tensor, batch_size: int,
-                    rt: Runtime) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(features, positions) batches of the frozen base, under inference mode and autocast.
+                    rt: Runtime, base: nn.Module | None = None
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(features, positions) batches of the frozen ``base`` (default ``net.base``), under
+    inference mode and autocast.
 
     Images are decoded as extraction decodes them: without loader workers, each batch by
     ``rt.threads`` threads (the caching pass has no random transform to reorder)."""
     net.eval()
+    base = net.base if base is None else base
     if isinstance(src, LoaderSource):
         src = src.with_decode_threads(rt.threads)
     for x, _, pos in src.batches(positions, batch_size):
         with frozen_forward(rt):
-            out = net.base(net.prepare(x)) if net.base is not None else net.prepare(x)
+            out = base(net.prepare(x)) if base is not None else net.prepare(x)
         yield out.float(), pos
 
 
 def cache_features(net: Network, src: Source, where: str, rt: Runtime, batch_size: int,
                    feature_shape: Sequence[int], keys: Sequence[str] | None = None,
                    cache_dir: Path | None = None, fingerprint: dict | None = None,
-                   progress: bool = False) -> Source:
+                   progress: bool = False, fold_bn: bool = False) -> Source:
     """Run the frozen base once over ``src``; a source of its features (same targets).
 
     Items that fail to decode are left out (the returned source is shorter); ``where`` is
     a ``plan_cache`` answer. 'disk' needs ``keys``, ``cache_dir`` and ``fingerprint``.
+    ``fold_bn`` runs a copy of the base with its BatchNorms folded (``caching_base``).
     """
+    base, folded = caching_base(net, fold_bn)
     if where == "disk":
-        return _cache_on_disk(net, src, rt, batch_size, feature_shape, keys, cache_dir,
-                              fingerprint or {}, progress)
+        return _cache_on_disk(net, base, folded, src, rt, batch_size, feature_shape, keys,
+                              cache_dir, fingerprint or {}, progress)
     device = rt.device if where == "device" else torch.device("cpu")
     buf = torch.empty((len(src), *feature_shape), dtype=torch.float32, device=device,
                       pin_memory=where == "cpu" and rt.is_cuda)
     done = torch.zeros(len(src), dtype=torch.bool)
-    for feats, pos in _progress(frozen_features(net, src, torch.arange(len(src)), batch_size, rt),
-                                progress, "caching features", len(src), batch_size):
+    batches = frozen_features(net, src, torch.arange(len(src)), batch_size, rt, base)
+    for feats, pos in _progress(batches, progress, "caching features", len(src), batch_size):
         buf[pos.to(device)] = feats.to(device)
         done[pos] = True
     targets = torch.as_tensor(src.targets)
@@ -100,19 +123,19 @@ def cache_features(net: Network, src: Source, where: str, rt: Runtime, batch_siz
     return TensorSource(buf[good.to(device)], targets[good], "features", rt.device)
 
 
-def _cache_on_disk(net: Network, src: Source, rt: Runtime, batch_size: int,
-                   feature_shape: Sequence[int], keys: Sequence[str] | None,
+def _cache_on_disk(net: Network, base: nn.Module | None, folded: bool, src: Source, rt: Runtime,
+                   batch_size: int, feature_shape: Sequence[int], keys: Sequence[str] | None,
                    cache_dir: Path | None, fingerprint: dict, progress: bool) -> Source:
     if keys is None or cache_dir is None:
         raise ValueError("the disk cache needs keys and cache_dir")
-    # rows of another precision, layout or device type must not mix with these: rebuilt
-    fingerprint = {**fingerprint, "compute": compute_record(rt)}
+    # rows of another precision, layout, folding or device type must not mix: rebuilt
+    fingerprint = {**fingerprint, "compute": compute_record(rt, folded)}
     writer = StoreWriter(cache_dir, fingerprint, dtype="float32", overwrite=True, fsync=False)
     try:
         done = writer.done_keys
         todo = torch.tensor([i for i, k in enumerate(keys) if k not in done], dtype=torch.int64)
-        for feats, pos in _progress(frozen_features(net, src, todo, batch_size, rt), progress,
-                                    "caching features", len(todo), batch_size):
+        for feats, pos in _progress(frozen_features(net, src, todo, batch_size, rt, base),
+                                    progress, "caching features", len(todo), batch_size):
             p = pos.numpy()
             writer.add([keys[i] for i in p], src.targets[p], feats.flatten(1))
         if isinstance(src, LoaderSource):

@@ -25,6 +25,7 @@ class Network(nn.Module):
         self.base = base
         self.head = head
         self.normalize = DeviceNormalize(spec.mean, spec.std)
+        self.input_size = tuple(spec.input_size)  # (C, H, W) the base sees
         self.channels_last = channels_last
         self.base_trainable = False  # True in the partial-unfreeze phase
         self.unfrozen: list[nn.Module] = []  # base modules that train (train mode) with it
