@@ -359,6 +359,28 @@ def test_partial_unfreeze_trains_only_the_last_layers(tmp_path):
     assert not torch.equal(base["body.3.weight"], fresh[3].weight)  # trained in phase 2
 
 
+def test_after_unfreezing_evaluation_and_probe_use_the_trained_base_not_the_cache(
+        tmp_path, monkeypatch):
+    """The cached features belong to the base before phase 2 trained it: the validation
+    score and the probe after it run the images through the trained base."""
+    import transferlab.finetune.stages as stages
+
+    seen, real = [], stages.evaluate
+    monkeypatch.setattr(stages, "evaluate", lambda net, src, *a: seen.append(src.kind)
+                        or real(net, src, *a))
+    cfg = load_config(None, [
+        "model.name=lenet", "model.cut=first:7", "data.source=mnist-5k",
+        "data.classes=[5, 6]", "head.type=keep", "train.epochs=1",
+        "train.val_split=0.2", "train.cache=memory", "unfreeze.layers=1", "unfreeze.epochs=1",
+        "probe.samples=100", "runtime.progress=false", f"output.dir={tmp_path / 'run'}"],
+        FinetuneConfig)
+    result = run_finetune(cfg)
+    stage = result.stage("fine-tune")
+    assert stage.details["cache"] == "cpu" and stage.held_out == "validation"
+    assert seen[-1] == "images"  # the score of the final network: images, not the cache
+    assert result.stage("probe").details["features_cached"] is False
+
+
 def test_unfreeze_more_layers_than_the_base_has(tmp_path):
     with pytest.raises(ConfigError, match=r"unfreeze.layers=5 but the base has only 2 layers "
                                           r"with weights \(0, 3\)"):

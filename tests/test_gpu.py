@@ -118,12 +118,17 @@ def test_interrupted_gpu_extraction_resumes_identically(cuda, tmp_path):
     assert FeatureStore.open(tmp_path / "part").meta["rows"] == whole.meta["rows"]
 
 
-@pytest.mark.parametrize("cache", ["memory", "disk", "off"])
-def test_finetune_on_gpu_with_every_cache_kind_and_fp16(cuda, tmp_path, cache):
+@pytest.mark.parametrize("cache, budget, where", [
+    ("memory", None, "device"), ("memory", 1e-9, "cpu"), ("disk", None, "disk"),
+    ("off", None, "off")])
+def test_finetune_on_gpu_with_every_cache_kind_and_fp16(cuda, tmp_path, cache, budget, where):
     from tests.test_finetune import tiny
     from transferlab.finetune.run import run_finetune
 
+    extra = [f"train.cache_max_gb={budget}"] if budget else []
     result = run_finetune(tiny(tmp_path, "runtime.device=cuda", "runtime.precision=fp16",
-                               f"train.cache={cache}", "train.epochs=3"))
+                               f"train.cache={cache}", "train.epochs=3", *extra))
+    stage = result.stage("head-only")
+    assert stage.details["cache"] == where  # cpu: host rows, gathered into pinned batches
     assert np.isfinite(result.history[-1]["train_loss"])
-    assert result.stage("head-only").accuracy > 0.5
+    assert stage.accuracy > 0.5

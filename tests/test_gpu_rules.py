@@ -247,3 +247,18 @@ def test_a_hook_cut_fx_cannot_trace_is_one_line(monkeypatch):
     with pytest.raises(ConfigError, match=r"cannot compile the cut at 'layer1'.*"
                                           r"runtime.compile=false"):
         graph.compilable(build_extractor("test_resnet", cut="stage:1").extractor)
+
+
+def test_a_short_batch_skips_cudnn_autotuning(flags, monkeypatch):
+    """cuDNN times every algorithm for each new shape: worth it for the full batches only."""
+    from transferlab.extract.compute import FeatureComputer
+
+    computer = FeatureComputer.__new__(FeatureComputer)
+    computer.rt, computer.widest = Runtime(torch.device("cuda"), "fp32", False, 0, 1), 0
+    seen = []
+    monkeypatch.setattr(computer, "_start", lambda x: seen.append(torch.backends.cudnn.benchmark))
+    torch.backends.cudnn.benchmark = True
+    for size in (8, 8, 3, 8, 5):
+        computer.start(torch.zeros(size, 3, 4, 4, dtype=torch.uint8))
+    assert seen == [True, True, False, True, False]
+    assert torch.backends.cudnn.benchmark is True  # restored after each short batch

@@ -23,6 +23,7 @@ from ..runtime.device import (
     resolve_precision,
     resolve_runtime,
     seed_everything,
+    without_autotuning,
 )
 from .reduce import reduction_from_record
 
@@ -63,6 +64,7 @@ class FeatureComputer:
         self.model = prepare_model(folded, rt, compile_model)
         self.normalize = DeviceNormalize(spec.mean, spec.std).to(rt.device)
         self.reduce: nn.Module | None = None  # output.reduce: rows projected on the device
+        self.widest = 0  # the largest batch so far: smaller ones skip cuDNN autotuning
 
     def set_reduce(self, reduce: nn.Module | None) -> None:
         """Project every row with ``reduce`` (outside ``torch.compile``), or stop doing so."""
@@ -72,7 +74,9 @@ class FeatureComputer:
         return self.finish(self.start(images))
 
     def start(self, images: torch.Tensor) -> Pending:
-        with frozen_forward(self.rt):
+        short = self.rt.is_cuda and len(images) < self.widest
+        self.widest = max(self.widest, len(images))
+        with frozen_forward(self.rt), without_autotuning(short):
             return self._start(images)
 
     def _start(self, images: torch.Tensor) -> Pending:

@@ -164,7 +164,9 @@ def run_head(ctx: Context) -> tuple[StageResult, HeadRun]:
                [r["seconds"] for r in fit_res.history]}
     train_samples = total(len(train_src))
     if cfg.unfreeze.layers > 0 and cfg.unfreeze.epochs > 0:
-        epochs += run_unfreeze(ctx, run, gen, details)
+        del train_src, val_src  # cached features of a base about to change (GPU memory too)
+        unfreeze_epochs, val_src = run_unfreeze(ctx, run, gen, details)
+        epochs += unfreeze_epochs
     if ctx.info.enabled:
         details["processes"] = ctx.info.world_size
         trained = net if net.base_trainable else net.head  # the head, or all when unfrozen
@@ -234,9 +236,14 @@ def epoch_saver(ctx: Context, run: HeadRun) -> Any:
     return on_epoch
 
 
-def run_unfreeze(ctx: Context, run: HeadRun, gen: torch.Generator, details: dict) -> int:
+def run_unfreeze(ctx: Context, run: HeadRun, gen: torch.Generator, details: dict
+                 ) -> tuple[int, Source | None]:
     """Phase 2: the last ``unfreeze.layers`` base layers train at ``lr * lr_mult``; images
-    go through the base every step (no cache)."""
+    go through the base every step. (epochs run, the validation images).
+
+    The run's cached features belong to the base before it trained: the images replace them
+    in ``run`` (for the evaluation and the probe after this phase), which also frees the
+    cache's memory (on the GPU: room for the activations the unfrozen layers keep)."""
     cfg, rt, net = ctx.cfg, ctx.rt, run.net
     layers = base_layers(net.base, run.spec.input_size)
     if cfg.unfreeze.layers > len(layers):
@@ -246,7 +253,8 @@ def run_unfreeze(ctx: Context, run: HeadRun, gen: torch.Generator, details: dict
     details["unfrozen"] = unfreeze_last(net, layers, cfg.unfreeze.layers, cfg.unfreeze.train_bn)
     seed = cfg.runtime.seed
     images = image_source(run.data, run.spec, rt, cfg.train.augment, ctx.worker_seed)
-    images = take(images, share_rows(len(images), ctx.info, seed))
+    run.train_all = images = take(images, share_rows(len(images), ctx.info, seed))
+    run.cached = "off"
     train_src, val_src = split(images, cfg.train.val_split, seed)
     if run.test is not None and run.test.kind == "features":
         test_data = labelled_data(test_config(cfg), cfg.data.classes, "test",
@@ -260,7 +268,7 @@ def run_unfreeze(ctx: Context, run: HeadRun, gen: torch.Generator, details: dict
     res = fit(net, train_src, val_src, tcfg, rt, groups, gen, "unfreeze", epoch_saver(ctx, run),
               ctx.progress)
     details["unfreeze_epoch_seconds"] = [r["seconds"] for r in res.history]
-    return res.epochs_run
+    return res.epochs_run, val_src
 
 
 def finish_head(ctx: Context, run: HeadRun, held: tuple | None, epochs: int) -> None:

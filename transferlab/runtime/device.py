@@ -164,6 +164,21 @@ def exact_fp32() -> Iterator[None]:
             before
 
 
+@contextlib.contextmanager
+def without_autotuning(skip: bool = True) -> Iterator[None]:
+    """cuDNN's autotuner (``cudnn.benchmark``) off for this block when ``skip``: it times
+    every algorithm for each new input shape, which pays for the shape every batch has but
+    not for a run's one short last batch (or a batch that lost failed images)."""
+    if not skip or not torch.backends.cudnn.benchmark:
+        yield
+        return
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = True
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy and torch; returns a generator for samplers and splits."""
     random.seed(seed)

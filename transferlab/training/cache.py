@@ -109,8 +109,7 @@ def cache_features(net: Network, src: Source, where: str, rt: Runtime, batch_siz
         return _cache_on_disk(net, base, folded, src, rt, batch_size, feature_shape, keys,
                               cache_dir, fingerprint or {}, progress)
     device = rt.device if where == "device" else torch.device("cpu")
-    buf = torch.empty((len(src), *feature_shape), dtype=torch.float32, device=device,
-                      pin_memory=where == "cpu" and rt.is_cuda)
+    buf = torch.empty((len(src), *feature_shape), dtype=torch.float32, device=device)
     done = torch.zeros(len(src), dtype=torch.bool)
     batches = frozen_features(net, src, torch.arange(len(src)), batch_size, rt, base)
     for feats, pos in _progress(batches, progress, "caching features", len(src), batch_size):

@@ -75,8 +75,18 @@ class TensorSource(ChunkedSource):
                 yield None
                 continue
             idx = (self.rows[pos] if self.rows is not None else pos).to(self.x.device)
-            yield (self.x[idx].to(self.device, non_blocking=True),
-                   self.y[idx].to(self.device, non_blocking=True), pos)
+            yield (rows_to(self.x, idx, self.device), self.y[idx].to(self.device), pos)
+
+
+def rows_to(x: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x[idx]`` on ``device``. From host memory to a GPU the rows are gathered straight
+    into page-locked memory, a batch at a time, so the copy is asynchronous: pinning the whole
+    host cache would not be (indexing it gives pageable rows) and would cost up to twice its
+    size (the pinned allocator rounds blocks up to a power of two)."""
+    if x.device.type != "cpu" or device.type != "cuda":
+        return x[idx].to(device)
+    staging = torch.empty((len(idx), *x.shape[1:]), dtype=x.dtype, pin_memory=True)
+    return torch.index_select(x, 0, idx, out=staging).to(device, non_blocking=True)
 
 
 class ArraySource(ChunkedSource):
