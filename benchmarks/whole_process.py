@@ -265,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--search-seconds", type=float, default=1.0,
                    help="seconds per ceiling-search configuration")
     p.add_argument("--candidates", default="",
-                   help="decode candidates to measure beside the shipped path, e.g. pil,box,dct "
+                   help="decode candidates to measure beside the shipped path, e.g. pil,image,dct "
                    "(benchmarks/decode_candidates.py)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra override for the command (repeatable)")

@@ -283,7 +283,8 @@ def test_store_of_another_configuration_is_refused_and_overwrite_replaces_it(tmp
     for change, named in [("model.pool=max", "pool"),  # another cut/pooling
                           ("model.name=test_efficientnet", "backbone"),
                           ("preprocess.input_size=[40,40]", "preprocess.input_size"),
-                          ("preprocess.resize=squash", "preprocess.crop_mode")]:
+                          ("preprocess.resize=squash", "preprocess.crop_mode"),
+                          ("preprocess.window=image", "preprocess.window")]:  # other pixels
         code, _, err = cli(*args, change)
         assert code == 2, change
         assert "written with another configuration" in err and named in err, err

@@ -64,9 +64,11 @@ class ModelConfig:
 class PreprocessConfig:
     """Overrides of the preprocessing resolved from the backbone's pretrained config."""
 
-    # center_crop: resize the short side then crop, as the model was evaluated;
-    # squash: resize straight to the input size (aspect ratio not kept).
+    # center_crop: resize the short side then crop, as evaluated; squash: straight to the size
     resize: Literal["center_crop", "squash"] = "center_crop"
+    # crop: center_crop resamples only the crop window (less work; a few values differ by 1-3,
+    # BENCHMARKS.md 11); image: the whole image, then the crop (timm's transform exactly)
+    window: Literal["crop", "image"] = "crop"
     input_size: list[int] | None = None  # [H, W] or [C, H, W]; null = the model's
     interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos"] | None = None
     mean: list[float] | None = None  # per channel, in [0, 1] pixel units
@@ -143,9 +145,8 @@ class ExtractConfig:
 class HeadConfig:
     """The classifier trained on top of the frozen base."""
 
-    # linear: one Linear layer; mlp: hidden Linear layers then the output Linear;
-    # keep: the model's own layers after the cut (Sequential: model[N:]; timm/torchvision:
-    # its classifier) with the final Linear re-initialised to the new class count.
+    # linear: one Linear; mlp: hidden Linears, then the output one; keep: the model's layers
+    # after the cut (model[N:] or its classifier), the last Linear re-initialised to the classes
     type: Literal["linear", "mlp", "keep"] = "linear"
     hidden: list[int] = field(default_factory=list)  # mlp hidden sizes, e.g. [500]
     activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
@@ -170,8 +171,7 @@ class TrainConfig:
     val_split: float = 0.0  # fraction of the training items held out (stratified, seeded)
     early_stopping: int = 0  # patience in epochs on validation loss (0 = off; needs val_split)
     augment: bool = False  # timm's random training transform (disables the feature cache)
-    # auto: cache base features in memory when they fit, else on disk; memory | disk | off
-    # (YAML reads a bare off as false, which means off too; true means auto)
+    # auto: in memory when the features fit, else on disk; memory | disk | off (a bare YAML off)
     cache: Literal["auto", "memory", "disk", "off"] | bool = "auto"
     cache_max_gb: float | None = None  # memory budget of the cache; null = chosen from free memory
 

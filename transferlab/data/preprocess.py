@@ -31,6 +31,7 @@ class PreprocessSpec:
     crop_pct: float
     crop_mode: str  # timm crop mode: center | squash | border
     resize: str  # center_crop | squash (as configured)
+    window: str = "crop"  # crop: resample only the centre crop's window; image: all, then crop
 
     @property
     def channels(self) -> int:
@@ -80,7 +81,7 @@ def resolve_preprocess(data_config: dict, cfg: PreprocessConfig | None = None,
     if cfg.resize == "squash":
         crop_pct, crop_mode = 1.0, "squash"
     return PreprocessSpec(size, cfg.interpolation or base["interpolation"] or "bilinear",
-                          mean, std, crop_pct, crop_mode, cfg.resize)
+                          mean, std, crop_pct, crop_mode, cfg.resize, cfg.window)
 
 
 def input_size(override: Sequence[int] | None, default: Sequence[int]) -> tuple[int, int, int]:
@@ -111,14 +112,20 @@ def build_transform(spec: PreprocessSpec, normalize: bool = True,
     """PIL image -> tensor. ``normalize=False`` gives uint8 CHW (normalise on the device).
 
     ``augment`` gives timm's training transform (random resized crop, flip, colour jitter)
-    at the same size and normalisation, for augmented views.
+    at the same size and normalisation, for augmented views. The eval transform resamples
+    only the centre crop's window unless ``spec.window`` is 'image' (``data.cropwindow``).
     """
     from timm.data import create_transform
 
-    return create_transform(input_size=spec.input_size, is_training=augment,
-                            interpolation=spec.interpolation, mean=spec.mean, std=spec.std,
-                            crop_pct=spec.crop_pct, crop_mode=spec.crop_mode,
-                            normalize=normalize)
+    transform = create_transform(input_size=spec.input_size, is_training=augment,
+                                 interpolation=spec.interpolation, mean=spec.mean, std=spec.std,
+                                 crop_pct=spec.crop_pct, crop_mode=spec.crop_mode,
+                                 normalize=normalize)
+    if augment or spec.window != "crop":
+        return transform
+    from .cropwindow import resample_crop_window
+
+    return resample_crop_window(transform)
 
 
 class DeviceNormalize(nn.Module):

@@ -125,6 +125,8 @@ def store_model(meta: dict, root: Path | None, trust_code: bool) -> tuple[Extrac
     """A store's config and its model config checked at the trust boundary: the architecture
     from timm / torchvision / the built-ins, a weights path inside the store ``root``."""
     cfg = from_dict(ExtractConfig, meta.get("config"), "store metadata")
+    if "window" not in (meta.get("preprocess") or {}):  # written before the crop window:
+        cfg = replace(cfg, preprocess=replace(cfg.preprocess, window="image"))  # whole image
     origin = f"the store {root}" if root is not None else "the store metadata"
     model = checked_model(cfg.model, origin, trust_code)
     if model.weights:

@@ -17,6 +17,7 @@ import torch
 from ..config import ModelConfig
 from ..data.preprocess import PreprocessSpec
 from ..errors import ModelError
+from ..yamlsafe import shown
 from . import hub
 from .checkpoint import one_line
 from .library import Backbone, build_library, resolve_source
@@ -100,6 +101,8 @@ def rebuild_backbone(path: str | Path, state: dict[str, torch.Tensor], meta: dic
 def spec_from_meta(data: object, origin: str) -> PreprocessSpec:
     """A recorded preprocessing spec, checked field by field (one ModelError line)."""
     fields = {f.name for f in dataclasses.fields(PreprocessSpec)}
+    if isinstance(data, dict) and "window" not in data:  # written before the crop window:
+        data = {**data, "window": "image"}  # its images were resized whole, then cropped
     if not isinstance(data, dict) or set(data) != fields:
         raise ModelError(f"{origin}: unreadable preprocessing metadata (expected an object with "
                          f"{', '.join(sorted(fields))}; got {type(data).__name__}); re-save it "
@@ -108,12 +111,16 @@ def spec_from_meta(data: object, origin: str) -> PreprocessSpec:
         spec = PreprocessSpec(
             input_size=tuple(int(v) for v in data["input_size"]),
             mean=tuple(float(v) for v in data["mean"]), std=tuple(float(v) for v in data["std"]),
-            crop_pct=float(data["crop_pct"]), **{k: str(data[k]) for k in
-                                                 ("interpolation", "crop_mode", "resize")})
+            crop_pct=float(data["crop_pct"]),
+            **{k: str(data[k]) for k in ("interpolation", "crop_mode", "resize", "window")})
     except (TypeError, ValueError) as exc:
         raise ModelError(f"{origin}: unreadable preprocessing metadata ({one_line(exc)})") \
             from None
     sizes_ok = len(spec.input_size) == 3 and min(spec.input_size) >= 1
+    if spec.window not in ("crop", "image"):
+        raise ModelError(f"{origin}: preprocessing window {shown(spec.window)} is neither "
+                         "'crop' nor 'image'; re-save the checkpoint with python -m "
+                         "transferlab.finetune")
     if not sizes_ok or spec.crop_pct <= 0 or not len(spec.mean) == len(spec.std) == spec.channels:
         raise ModelError(f"{origin}: preprocessing metadata (input_size {spec.input_size}, "
                          f"mean {spec.mean}, std {spec.std}, crop_pct {spec.crop_pct}) is not "
