@@ -78,11 +78,12 @@ def cpu_cores() -> int:
 
 
 def machine(device: torch.device) -> dict[str, Any]:
-    from transferlab.runtime.device import cpu_has_bf16_units
+    from transferlab.runtime.device import cpu_bf16_units
 
     # the model name alone does not tell CPUs apart ("Intel(R) Xeon(R) Processor" with and
     # without AMX): bf16 speed depends on the units
-    isa = torch.backends.cpu.get_cpu_capability() + (" + AMX" if cpu_has_bf16_units() else "")
+    units = cpu_bf16_units()
+    isa = torch.backends.cpu.get_cpu_capability() + (f" + {units}" if units else "")
     info = {"cpu": cpu_model(), "cores": cpu_cores(), "isa": isa, "torch": torch.__version__,
             "device": str(device)}
     if device.type == "cuda":
@@ -146,20 +147,32 @@ def _mark_ready(root: Path, spec: dict) -> None:
 
 
 def jpeg_folder(bench_dir: str | Path, count: int, size: tuple[int, int] = (500, 375),
-                classes: int = 2, quality: int = 90, seed: int = 0) -> Path:
-    """``count`` photo-like JPEGs in ``classes`` sub-folders, generated once and cached."""
+                classes: int = 2, quality: int = 90, seed: int = 0,
+                distinct: int | None = None) -> Path:
+    """``count`` photo-like JPEGs in ``classes`` sub-folders, generated once and cached.
+    ``distinct``: only that many are generated (~20-40 ms each), the rest are copies of
+    them, byte for byte: the thousands of files a GPU run needs, in seconds."""
+    distinct = count if distinct is None else min(count, distinct)
     spec = {"kind": "jpeg", "count": count, "size": list(size), "classes": classes,
-            "quality": quality, "seed": seed, "version": 1}
-    root = Path(bench_dir) / f"jpeg_{count}_{size[0]}x{size[1]}_q{quality}"
+            "quality": quality, "seed": seed, "version": 1,
+            **({"distinct": distinct} if distinct < count else {})}
+    name = f"jpeg_{count}_{size[0]}x{size[1]}_q{quality}"
+    root = Path(bench_dir) / (name if distinct == count else f"{name}_d{distinct}")
     if _folder_ready(root, spec):
         return root
     rng = np.random.default_rng(seed)
+    made: list[Path] = []
     for i in range(count):
         folder = root / f"class{i % classes}"
         folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{i:06d}.jpg"
+        if i >= distinct:
+            path.write_bytes(made[i % distinct].read_bytes())
+            continue
         # some portrait images too, as in real folders
         wh = size if i % 5 else (size[1], size[0])
-        structured_image(rng, wh).save(folder / f"{i:06d}.jpg", quality=quality)
+        structured_image(rng, wh).save(path, quality=quality)
+        made.append(path)
     _mark_ready(root, spec)
     return root
 

@@ -9,7 +9,7 @@ quiet). Each row reports the best measurement taken while other processes used a
 of the machine (``common.sample``), and its ratio to the automatic setting's:
 
 1. forward only (synthetic batch, no data): batch {1, 4, 8, 16, 32} x channels_last
-   {on, off} at the automatic precision (bf16 on CPUs with AMX, else fp32) with the
+   {on, off} at the automatic precision (bf16 on CPUs with AMX or AVX512-BF16, else fp32) with the
    automatic thread count; the other precision at every batch size (channels_last on);
    threads {1, cores} at the automatic batch size; BatchNorm folding off
    (``runtime.fold_bn=false``) at the automatic settings.

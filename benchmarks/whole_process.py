@@ -50,6 +50,8 @@ from benchmarks.common import (
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("resnet50", "legacy_xception")
 BATCHES = (1, 2, 4, 8, 16, 32)
+GPU_BATCHES = (64, 128, 256)  # transferlab's automatic GPU batch is 256
+GPU_SIZES = "512,2560"  # a GPU batch is 256 images: several batches between the two runs
 
 
 # ---------------------------------------------------------------------------------------
@@ -167,8 +169,10 @@ def search_ceiling(data: Path, out: Path, model: str, batches: Sequence[int],
                    device: str, seconds: float) -> tuple[list[dict], dict]:
     """Every (precision, layout, batch), measured once; (all rows, the best one)."""
     rows = []
-    for precision in ("fp32", "bf16"):
-        for cl in (False, True):
+    # on a GPU fp32 and NCHW never win for conv nets (tensor cores): searched on CPUs only
+    cuda = device == "cuda"
+    for precision in ("bf16", "fp16") if cuda else ("fp32", "bf16"):
+        for cl in (True,) if cuda else (False, True):
             cfg = extract_config(data, out, model, [
                 f"runtime.precision={precision}", f"runtime.channels_last={str(cl).lower()}",
                 f"runtime.batch_size={max(batches)}", f"runtime.threads={cpu_cores()}",
@@ -200,7 +204,10 @@ def settings(r: dict) -> str:
 
 def measure_model(model: str, data: Path, bench: Path, sizes: tuple[int, int], rounds: int,
                   batches: Sequence[int], search_s: float, extra: Sequence[str],
-                  device: str, warm: bool = True, candidates: Sequence[str] = ()) -> dict:
+                  device: str, warm: bool = True, candidates: Sequence[str] = (),
+                  options: dict[str, list[str]] | None = None) -> dict:
+    """``candidates``: decode candidates patched in; ``options``: name -> overrides, the
+    shipped command with those settings (``gpu_decode``, ``compile``), measured alike."""
     out = bench / "stores" / f"whole_{model}"
     config = write_config(bench / "configs" / f"whole_{model}.yaml", data, out, model)
     grid, best = search_ceiling(data, out, model, batches, device, search_s)
@@ -208,14 +215,16 @@ def measure_model(model: str, data: Path, bench: Path, sizes: tuple[int, int], r
     if warm:
         run_command(config, sizes[0], extra)  # page cache, .pyc files
     cases = {"forward": lambda: (fwd.images_per_second(max(2.0, search_s), warmup=3), None)}
-    for variant in ("transferlab", *candidates):
-        cand = None if variant == "transferlab" else variant
+    runs = {"transferlab": (None, []), **{c: (c, []) for c in candidates},
+            **{name: (None, sets) for name, sets in (options or {}).items()}}
+    for variant, (cand, sets) in runs.items():
         for which, n in (("small", sizes[0]), ("big", sizes[1])):
-            cases[f"{variant}:{which}"] = (lambda n=n, cand=cand:
-                                           run_command(config, n, extra, candidate=cand))
+            cases[f"{variant}:{which}"] = (lambda n=n, cand=cand, sets=sets:
+                                           run_command(config, n, [*extra, *sets],
+                                                       candidate=cand))
     samples = alternate(cases, rounds)
     variants = {}
-    for variant in ("transferlab", *candidates):
+    for variant in runs:
         small, big = samples[f"{variant}:small"], samples[f"{variant}:big"]
         rates = [rate(sizes[0], s.value, sizes[1], b.value) for s, b in zip(small, big)]
         ratios = [x / f.value for x, f in zip(rates, samples["forward"])]
@@ -260,7 +269,8 @@ def stage_row(r: dict) -> list:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated timm names")
-    p.add_argument("--sizes", default="24,152", help="N_small,N_big images per run")
+    p.add_argument("--sizes", default=None,
+                   help=f"N_small,N_big images per run (default 24,152; {GPU_SIZES} on CUDA)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     p.add_argument("--search-seconds", type=float, default=1.0,
                    help="seconds per ceiling-search configuration")
@@ -272,21 +282,26 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     bench = Path(args.bench_dir)
-    small, big = (int(v) for v in args.sizes.split(","))
-    models, batches, rounds, search_s = args.models.split(","), BATCHES, args.rounds, \
-        args.search_seconds
+    cuda = device.type == "cuda"
+    sizes = args.sizes or (GPU_SIZES if cuda else "24,152")
+    small, big = (int(v) for v in sizes.split(","))
+    models, batches, rounds, search_s = args.models.split(","), \
+        GPU_BATCHES if cuda else BATCHES, args.rounds, args.search_seconds
+    options = {name: [f"runtime.{name}=true"]
+               for name, on in (("gpu_decode", args.gpu_decode), ("compile", args.compile)) if on}
     if args.quick:
         models, (small, big), batches, rounds, search_s = ["test_resnet"], (4, 12), (1, 4), 1, 0.1
         data = jpeg_folder(bench, 12, size=(96, 72))
-    else:
-        data = jpeg_folder(bench, big)
+    else:  # GPU runs need thousands of files: copies of 512 generated ones
+        data = jpeg_folder(bench, big, distinct=512 if cuda else None)
     extra = [f"runtime.device={device.type}", *args.set]
     print(machine_line(device))
     print(f"data: {data} ({folder_stats(data)}); runs of {small} and {big} images")
     print(f"before: {load_line()}")
     results = [measure_model(m, data, bench, (small, big), rounds, batches, search_s, extra,
                              device.type, not args.quick,
-                             [c for c in args.candidates.split(",") if c]) for m in models]
+                             [c for c in args.candidates.split(",") if c], options)
+               for m in models]
     print(f"after: {load_line()}")
     print()
     rows = [[r["model"], r["input"], name, settings(r["best"]), r["forward_best"],

@@ -42,14 +42,16 @@ def test_pipelined_rows_equal_serial_rows(cuda, precision):
         np.testing.assert_array_equal(a, b)
 
 
-def jpeg_kinds(tmp_path) -> dict[str, torch.Tensor]:
+def jpeg_kinds(tmp_path) -> dict[str, tuple[str, torch.Tensor]]:
+    """name -> (path, bytes) of baseline, progressive, 4:4:4 and greyscale JPEGs."""
     out = {}
     image = random_image(320, 240, seed=3)
     for name, kwargs in {"baseline": {}, "progressive": {"progressive": True},
                          "444": {"subsampling": 0}, "gray": {}}.items():
         im = image.convert("L") if name == "gray" else image
         path = save(im, tmp_path / f"{name}.jpg", quality=90, **kwargs)
-        out[name] = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+        out[name] = (str(path), torch.frombuffer(bytearray(path.read_bytes()),
+                                                 dtype=torch.uint8))
     return out
 
 
@@ -60,13 +62,15 @@ def test_nvjpeg_equals_the_cpu_decoder_and_never_corrupts_rows(cuda, tmp_path):
 
     spec = resolve_preprocess({}, PreprocessConfig(input_size=[64, 64]))
     gpu, cpu = BatchDecoder(spec, cuda, None), BatchDecoder(spec, "cpu", None)
-    data = list(jpeg_kinds(tmp_path).values())
-    want = [im.float() for im in cpu.decode_resized(data)]
+    kinds = jpeg_kinds(tmp_path)
+    data = [raw for _, raw in kinds.values()]
     first = [im.float().cpu() for im in gpu.decode_resized(data)]
-    for a, b in zip(want, first):
-        if a.shape[0] != b.shape[0]:  # gray decoded to 1 or 3 channels alike
-            a = a.expand_as(b)
-        assert (a - b).abs().mean() < 3.0  # IDCTs differ slightly, nothing else
+    for want in ([im.float() for im in cpu.decode_resized(data)],  # libjpeg-turbo, tensors
+                 [gpu.pil_fallback(path).float().cpu() for path, _ in kinds.values()]):  # PIL
+        for a, b in zip(want, first):
+            if a.shape[0] != b.shape[0]:  # gray decoded to 1 or 3 channels alike
+                a = a.expand_as(b)
+            assert (a - b).abs().mean() < 3.0  # IDCTs and resize kernels differ slightly
     busy = torch.randn(4096, 4096, device=cuda)
     for _ in range(20):  # decode while the compute stream is busy: identical every time
         busy = busy @ busy.T / 4096
@@ -78,19 +82,24 @@ def test_nvjpeg_equals_the_cpu_decoder_and_never_corrupts_rows(cuda, tmp_path):
             assert torch.equal(a.expand_as(b) if a.shape != b.shape else a, b)
 
 
-@pytest.mark.parametrize("precision, tol", [("fp32", 1e-4), ("bf16", 5e-2)])
-def test_gpu_extraction_matches_a_cpu_fp32_reference(cuda, tmp_path, precision, tol):
+@pytest.mark.parametrize("precision, tf32, tol", [("fp32", "ieee", 1e-4),
+                                                  ("bf16", "tf32", 5e-2),
+                                                  ("fp16", "tf32", 2e-2)])
+def test_gpu_extraction_matches_a_cpu_fp32_reference(cuda, tmp_path, precision, tf32, tol):
+    """fp32 runs with TF32 off (full fp32: close to the CPU); bf16/fp16 with TF32 on."""
     make_image_tree(tmp_path / "data", per_class=4)
     ref = run_extract(make_cfg(tmp_path / "data", tmp_path / "cpu", "runtime.device=cpu",
                                "runtime.precision=fp32")).store
     got = run_extract(make_cfg(tmp_path / "data", tmp_path / "gpu", "runtime.device=cuda",
                                f"runtime.precision={precision}")).store
+    assert torch.backends.cuda.matmul.fp32_precision == tf32
+    assert torch.backends.cudnn.conv.fp32_precision == tf32
     assert got.keys == ref.keys and got.meta["compute"]["device"] == "cuda"
     a, b = np.asarray(ref.features, np.float32), np.asarray(got.features, np.float32)
     assert np.abs(a - b).max() <= tol * np.abs(a).max()
 
 
-@pytest.mark.parametrize("cut", ["head", "stage:1"])
+@pytest.mark.parametrize("cut", ["head", "stage:1", "layer:layer1.0"])
 def test_compiled_extraction_matches_eager(cuda, tmp_path, cut):
     make_image_tree(tmp_path / "data", per_class=3)
     args = ("runtime.device=cuda", "runtime.precision=fp32", f"model.cut={cut}")
@@ -121,14 +130,24 @@ def test_interrupted_gpu_extraction_resumes_identically(cuda, tmp_path):
 @pytest.mark.parametrize("cache, budget, where", [
     ("memory", None, "device"), ("memory", 1e-9, "cpu"), ("disk", None, "disk"),
     ("off", None, "off")])
-def test_finetune_on_gpu_with_every_cache_kind_and_fp16(cuda, tmp_path, cache, budget, where):
+def test_finetune_on_gpu_with_every_cache_kind_and_fp16(cuda, tmp_path, monkeypatch, cache,
+                                                        budget, where):
     from tests.test_finetune import tiny
     from transferlab.finetune.run import run_finetune
 
     extra = [f"train.cache_max_gb={budget}"] if budget else []
+    scalers = []
+    real_scaler = torch.amp.GradScaler
+
+    def spy(*args, **kwargs):  # fp16 trains through an enabled gradient scaler
+        scalers.append(real_scaler(*args, **kwargs))
+        return scalers[-1]
+
+    monkeypatch.setattr(torch.amp, "GradScaler", spy)
     result = run_finetune(tiny(tmp_path, "runtime.device=cuda", "runtime.precision=fp16",
                                f"train.cache={cache}", "train.epochs=3", *extra))
     stage = result.stage("head-only")
     assert stage.details["cache"] == where  # cpu: host rows, gathered into pinned batches
+    assert scalers and all(scaler.is_enabled() for scaler in scalers)
     assert np.isfinite(result.history[-1]["train_loss"])
     assert stage.accuracy > 0.5

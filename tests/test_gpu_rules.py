@@ -37,6 +37,35 @@ def test_an_explicit_gpu_index_under_torchrun_is_refused(monkeypatch):
         local_gpu(DistInfo(0, 2, 0), "cuda:3")
 
 
+@pytest.mark.parametrize("device, backend", [("auto", "nccl"), ("cuda", "nccl"),
+                                             ("cpu", "gloo")])
+def test_torchrun_processes_join_nccl_on_their_own_gpu(monkeypatch, device, backend):
+    """From torchrun's environment alone: LOCAL_RANK 3 of a 4-GPU machine is cuda:3 for
+    set_device and for NCCL's ``device_id`` (eager, bound communicators); device=cpu: gloo."""
+    import torch.distributed as dist
+
+    from transferlab.runtime import distributed
+
+    for name, value in {"RANK": "7", "WORLD_SIZE": "8", "LOCAL_RANK": "3",
+                        "LOCAL_WORLD_SIZE": "4"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    chosen, joined = [], []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, **kwargs: joined.append((backend, kwargs)))
+    info = distributed.init_distributed(device)
+    assert (info.rank, info.world_size, info.local_rank) == (7, 8, 3)
+    assert [b for b, _ in joined] == [backend]
+    if backend == "nccl":
+        assert chosen == [torch.device("cuda", 3)]
+        assert joined[0][1]["device_id"] == torch.device("cuda", 3)
+    else:
+        assert chosen == [] and "device_id" not in joined[0][1]
+
+
 def cuda_runtime(precision: str, index: int | None = None) -> Runtime:
     return Runtime(torch.device("cuda", index) if index is not None else torch.device("cuda"),
                    precision, channels_last=True, num_workers=0, threads=1)
@@ -68,10 +97,16 @@ def test_an_indexed_device_is_made_current(flags, monkeypatch):
 
 
 def test_auto_precision_is_fp16_on_gpus_without_bf16(monkeypatch):
+    """A T4 or V100 emulates bf16 (slowly): torch calls that supported unless asked about
+    native support, so ``auto`` must ask and pick fp16 there."""
     cuda = torch.device("cuda")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+
+    def gpu(native: bool):
+        return lambda including_emulation=True: including_emulation or native
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", gpu(native=False))
     assert resolve_precision("auto", cuda) == "fp16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", gpu(native=True))
     assert resolve_precision("auto", cuda) == "bf16"
     monkeypatch.setattr(device_mod, "cpu_has_bf16_units", lambda: False)
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
@@ -199,6 +234,41 @@ def test_jpegs_are_decoded_a_chunk_at_a_time_by_the_maintained_decoder(tmp_path,
     images = decoder.decode_resized(jpeg_bytes(tmp_path, 10))
     assert sizes == [4, 4, 2]  # never a whole batch of full-resolution decodes alive
     assert [tuple(im.shape) for im in images] == [(3, 32, 32)] * 10
+
+
+def test_a_decoder_that_cannot_run_on_the_device_is_passed_over_once(monkeypatch):
+    """A TorchCodec that loads but cannot decode on the device (a CPU-only build on a GPU
+    machine) would reject every image, and every image would quietly go through PIL:
+    each decoder is tried once on a small JPEG, the first that works is used."""
+    from transferlab.data import gpudecode
+    from transferlab.errors import ComputeError
+
+    real = dict(gpudecode._decoders())["torchvision"]
+
+    def broken(data, **kwargs):
+        raise RuntimeError("Unsupported device: cuda (this build has no CUDA support)")
+
+    monkeypatch.setattr(gpudecode, "_decoders",
+                        lambda: [("torchcodec", broken), ("torchvision", real)])
+    with pytest.warns(DeprecationWarning):  # the fallback is torchvision's deprecated API
+        decoder = decoder_for_tests()
+        assert decoder.decoder_name == "torchvision"
+        assert decoder.decode([gpudecode._probe_jpeg()])[0].shape == (3, 16, 16)
+    monkeypatch.setattr(gpudecode, "_decoders", lambda: [("torchcodec", broken)])
+    with pytest.raises(ComputeError) as err:
+        decoder_for_tests()
+    message = str(err.value)
+    assert "\n" not in message and "Unsupported device" in message
+    assert message.endswith("or set runtime.gpu_decode=false")
+
+
+def test_a_torchcodec_that_does_not_import_leaves_torchvision(monkeypatch):
+    import sys
+
+    from transferlab.data import gpudecode
+
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # import raises
+    assert [name for name, _ in gpudecode._decoders()] == ["torchvision"]
 
 
 def test_out_of_gpu_memory_while_decoding_is_reported_not_retried(tmp_path, monkeypatch):

@@ -132,8 +132,8 @@ def test_srp_ignores_autocast() -> None:
     assert y.dtype == torch.float32 and torch.equal(y, proj(x))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_srp_runs_on_the_features_device() -> None:
+@pytest.mark.gpu
+def test_srp_runs_on_the_features_device(cuda) -> None:
     proj, x = SparseProjection(20000, 128, seed=0), torch.randn(8, 20000)
     on_gpu = proj.to("cuda")
     y = on_gpu(x.cuda())

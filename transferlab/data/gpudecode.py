@@ -45,14 +45,48 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 DECODE_CHUNK = 16  # full-resolution decodes alive at once
 
 
-def jpeg_decoder() -> tuple[Any, str]:
-    """(decode_jpeg, its name): TorchCodec's, the maintained one, else torchvision's."""
+def _decoders() -> list[tuple[str, Any]]:
+    """TorchCodec's ``decode_jpeg`` (maintained) if it loads, then torchvision's
+    (deprecated since 0.29)."""
+    found = []
     try:
         from torchcodec.decoders import decode_jpeg
-        return decode_jpeg, "torchcodec"
-    except ImportError:  # also a TorchCodec build that does not load with this torch
-        from torchvision.io import decode_jpeg
-        return decode_jpeg, "torchvision"
+        found.append(("torchcodec", decode_jpeg))
+    except (ImportError, OSError, RuntimeError):  # absent, or a build this torch cannot load
+        pass
+    from torchvision.io import decode_jpeg as torchvision_decode_jpeg
+
+    found.append(("torchvision", torchvision_decode_jpeg))
+    return found
+
+
+def _probe_jpeg() -> torch.Tensor:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 120, 200)).save(buf, "JPEG")
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def jpeg_decoder(device: torch.device) -> tuple[Any, str]:
+    """(decode_jpeg, its name): the first of TorchCodec's and torchvision's decoders that
+    decodes a small JPEG on ``device``. Checked once here, so a decoder that cannot run
+    there (a CPU-only build, no nvJPEG) is never mistaken for a batch of bad files, which
+    would quietly send every image through PIL."""
+    errors = []
+    for name, decode in _decoders():
+        try:
+            with warnings.catch_warnings():  # a probe: the run's own decodes still warn
+                warnings.simplefilter("ignore", DeprecationWarning)
+                decode([_probe_jpeg()], mode="RGB", device=device)
+        except torch.OutOfMemoryError:
+            raise ComputeError("out of GPU memory before decoding the first JPEG; set "
+                               "runtime.gpu_decode=false") from None
+        except Exception as exc:  # noqa: BLE001 - any failure: try the next decoder
+            errors.append(f"{name}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+            continue
+        return decode, name
+    raise ComputeError(f"runtime.gpu_decode: no JPEG decoder runs on {device} ("
+                       + "; ".join(errors) + '); pip install "transferlab[gpu]" (TorchCodec) '
+                       "or set runtime.gpu_decode=false")
 
 
 def check_spec(spec: PreprocessSpec) -> None:
@@ -148,7 +182,7 @@ class BatchDecoder:
         self.device = torch.device(device)
         self.max_pixels = max_pixels
         self.mode = "GRAY" if spec.channels == 1 else "RGB"
-        self._decode_jpeg, self.decoder_name = jpeg_decoder()
+        self._decode_jpeg, self.decoder_name = jpeg_decoder(self.device)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.interpolation = {"nearest": InterpolationMode.NEAREST_EXACT,  # as PIL's nearest
                               "bilinear": InterpolationMode.BILINEAR,

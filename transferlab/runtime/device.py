@@ -63,23 +63,40 @@ def resolve_device(name: str) -> torch.device:
 
 
 @functools.cache  # the CPU does not change while the process runs
-def cpu_has_bf16_units() -> bool:
-    """True when this CPU multiplies bf16 matrices in hardware (Intel AMX, usable by this
-    process): there bf16 autocast runs conv nets about 3x faster than fp32; without such
-    units it runs them 2-3x slower (BENCHMARKS.md, section 5)."""
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: may go away
+def cpu_bf16_units() -> str | None:
+    """The bf16 matrix units this CPU offers this process: ``"AMX"`` (Intel Xeon 4th
+    generation and later), ``"AVX512-BF16"`` (AMD Zen 4 and later, Intel Cooper Lake: bf16
+    dot products in the vector units), or None. With either, oneDNN runs bf16 autocast conv
+    nets 1.8-3x faster than fp32; without them bf16 is emulated and 2-3x slower
+    (BENCHMARKS.md, sections 5 and 11)."""
+    for name, check in (("AMX", "_is_amx_tile_supported"),
+                        ("AVX512-BF16", "_is_avx512_bf16_supported")):
+        if _cpu_supports(check):
+            return name
+    return None
+
+
+def _cpu_supports(check: str) -> bool:
+    probe = getattr(torch.cpu, check, None)  # private: may go away
     try:
-        return bool(check()) if check is not None else False
+        return bool(probe()) if probe is not None else False
     except Exception:  # noqa: BLE001 - an unknown CPU is treated as one without the units
         return False
 
 
+def cpu_has_bf16_units() -> bool:
+    """True when this CPU multiplies bf16 matrices in hardware (``cpu_bf16_units``)."""
+    return cpu_bf16_units() is not None
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto': bf16 autocast on CUDA GPUs that support it (fp16 on older ones) and on CPUs
+    """'auto': bf16 autocast on CUDA GPUs that compute bf16 natively (fp16 on older ones:
+    torch counts bf16 emulated on a T4 or V100 as supported unless told not to) and on CPUs
     with bf16 matrix units; fp32 elsewhere."""
     if precision == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+            return "bf16" if native else "fp16"
         return "bf16" if cpu_has_bf16_units() else "fp32"
     if device.type == "cpu" and precision == "fp16":
         raise ConfigError("runtime.precision=fp16 needs CUDA; use fp32 (or bf16) on the CPU")
