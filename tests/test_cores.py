@@ -78,3 +78,130 @@ def test_automatic_threads_follow_the_usable_cores_and_an_explicit_count_wins(mo
     assert resolve_runtime(RuntimeConfig(device="cpu")).threads == 1
     assert resolve_runtime(RuntimeConfig(device="cpu"), sample_load=False).threads == 2
     assert resolve_runtime(RuntimeConfig(device="cpu", threads=2)).threads == 2
+
+
+class FakeMachine:
+    """``/proc/stat`` and the clocks of a 2-core machine on which another process keeps
+    ``others`` cores busy and this process ``own`` cores, for ``step`` seconds per reading."""
+
+    def __init__(self, path: Path, step: float = 1.0):
+        self.path, self.step = path, step
+        self.now, self.own_seconds, self.others, self.own = 0.0, 0.0, 0.0, 0.0
+        self.busy, self.total = {0: 0.0, 1: 0.0}, {0: 0.0, 1: 0.0}
+        self.write()
+
+    def advance(self) -> None:
+        """One interval passes: busy ticks spread over both cores."""
+        self.now += self.step
+        self.own_seconds += self.own * self.step
+        for cpu in (0, 1):
+            self.total[cpu] += 100 * self.step
+            self.busy[cpu] += 100 * self.step * (self.others + self.own) / 2
+        self.write()
+
+    def write(self) -> None:
+        busy = {c: int(b) for c, b in self.busy.items()}
+        idle = {c: int(self.total[c] - self.busy[c]) for c in (0, 1)}
+        stat_file(self.path, busy, idle)
+
+
+def follower(machine: FakeMachine, threads: int, changes: list[int]) -> cores.LoadFollower:
+    return cores.LoadFollower(2, threads, changes.append, interval=1.0, stat=machine.path,
+                              clock=lambda: machine.now, own_clock=lambda: machine.own_seconds)
+
+
+def test_a_neighbour_that_starts_and_stops_during_the_run_is_followed(tmp_path, monkeypatch):
+    monkeypatch.setattr(cores, "affinity_cores", lambda: [0, 1])
+    machine = FakeMachine(tmp_path / "stat")
+    changes: list[int] = []
+    f = follower(machine, 2, changes)
+    machine.own = 2.0  # quiet: our two threads use both cores
+    for _ in range(3):
+        machine.advance()
+        assert f.step() == 2
+    machine.others, machine.own = 0.7, 1.3  # a spinner takes its share of the cores
+    machine.advance()
+    assert f.step() == 2 and changes == []  # one reading is not enough
+    machine.advance()
+    assert f.step() == 1 and changes == [1]
+    machine.others, machine.own = 1.0, 1.0  # one thread each: stable
+    for _ in range(3):
+        machine.advance()
+        assert f.step() == 1
+    machine.others = 0.0  # the neighbour ends
+    machine.advance()
+    assert f.step() == 1
+    machine.advance()
+    assert f.step() == 2 and changes == [1, 2]
+    assert [t for _, t in f.changes] == [1, 2]
+
+
+def test_one_busy_moment_and_readings_within_the_interval_change_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(cores, "affinity_cores", lambda: [0, 1])
+    machine = FakeMachine(tmp_path / "stat", step=0.25)
+    changes: list[int] = []
+    f = follower(machine, 2, changes)
+    machine.own, machine.others = 1.0, 1.0
+    for _ in range(3):  # 0.75 s: no reading is taken yet
+        machine.advance()
+        assert f.step() == 2
+    machine.advance()  # 1 s: the first reading wants 1
+    assert f.step() == 2
+    machine.own, machine.others = 2.0, 0.0  # ... and the next, a second later, 2 again
+    for _ in range(4):
+        machine.advance()
+        f.step()
+    assert changes == []
+    (tmp_path / "stat").unlink()  # unreadable: the count stays for the rest of the run
+    for _ in range(8):
+        machine.now += 1.0
+        assert f.step() == 2
+    assert changes == []
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_threads_changed_mid_run_leave_the_rows_identical(tmp_path, monkeypatch, precision):
+    """A neighbour appears after the first batch: the automatic run drops to one thread for
+    torch and decoding, records when, and stores the very rows of a 2-thread run."""
+    import torch
+
+    from tests.imagegen import make_image_tree
+    from tests.test_extract import make_cfg, same_store
+    from transferlab.extract.run import run_extract
+
+    root = tmp_path / "imgs"
+    make_image_tree(root, ("a", "b"), per_class=12)
+    fixed = run_extract(make_cfg(root, tmp_path / "fixed", "runtime.threads=2",
+                                 f"runtime.precision={precision}"))
+    monkeypatch.setattr(cores, "affinity_cores", lambda: [0, 1])
+    monkeypatch.setattr(cores, "quota_cores", lambda root=None: None)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    machine = FakeMachine(tmp_path / "stat")
+    machine.own = 2.0
+    real = cores.LoadFollower
+
+    def fake(cap, threads, on_change):  # the run's follower, reading the fake machine
+        machine.advance()  # the start-up sample is over: quiet, 2 threads chosen
+        return real(cap, threads, on_change, interval=0.0, stat=machine.path,
+                    clock=lambda: machine.now, own_clock=lambda: machine.own_seconds)
+
+    def neighbour_arrives(done: int) -> None:
+        machine.others, machine.own = 1.0, 1.0
+        machine.advance()
+
+    monkeypatch.setattr(cores, "busy_cores", lambda *a, **k: 0.0)
+    monkeypatch.setattr("transferlab.extract.pipeline.LoadFollower", fake)
+    before = torch.get_num_threads()
+    try:
+        auto = run_extract(make_cfg(root, tmp_path / "auto", "runtime.threads=null",
+                                    f"runtime.precision={precision}"),
+                           on_batch=neighbour_arrives)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    runtime = auto.store.meta["runtime"]
+    assert runtime["threads"] == 2
+    assert [t for _, t in runtime["threads_followed"]] == [1]
+    same_store(fixed.store, auto.store)
+    explicit = fixed.store.meta["runtime"]
+    assert explicit["threads"] == 2 and "threads_followed" not in explicit

@@ -35,6 +35,7 @@ from .pipeline import (
     compute_settings,
     fingerprint,
     first_rows,
+    load_follower,
     make_reduction,
     merge_ranks,
     progress_bar,
@@ -122,15 +123,16 @@ def run_multi_extract(cfg: ExtractConfig, progress: bool = False,
         positions = resume_positions(dataset.keys, writers.done_keys, batch_size)
         loader, prepare = build_loader(cfg, dataset.subset(positions), positions, spec, rt,
                                        batch_size)
+        follower = load_follower(cfg, rt, loader, info)
         loop_started = time.time()
         with progress_bar(len(dataset) - skipped, progress and info.is_main) as bar:
             written, failed = write_features(loader, compute, writers, cfg, bar, on_batch,
-                                             prepare, batch_size)
+                                             prepare, batch_size, follower)
         counts = (written, failed, skipped)
         metas = []
         for (cut_cfg, cut_bundle), reduction in zip(parts, reductions):
             meta = store_meta(cut_cfg, cut_bundle, rt, dataset, batch_size, counts,
-                              time.time() - started)
+                              time.time() - started, follower)
             metas.append({**meta, "compute": computed,
                           **({"reduce": reduction.record()} if reduction is not None else {})})
         stores = [w.close(m) for w, m in zip(writers.writers, metas)]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -20,6 +21,7 @@ from ..data.preprocess import PreprocessSpec
 from ..data.webdataset import item_shards
 from ..errors import ConfigError
 from ..models.extractor import ExtractorBundle
+from ..runtime.cores import LoadFollower, usable_cores
 from ..runtime.device import (
     Runtime,
     apply_runtime,
@@ -204,6 +206,24 @@ def build_loader(cfg: ExtractConfig, todo: ImageDataset, positions: list[int],
     return run_loader(raw, batches, rt, decoder.collate), None  # CPU: decode in the workers
 
 
+def load_follower(cfg: ExtractConfig, rt: Runtime, loader: DataLoader,
+                  info: DistInfo) -> LoadFollower | None:
+    """The automatic CPU thread count, kept matched to the cores other processes leave free
+    during the run (``runtime.cores.LoadFollower``), for torch and the decode threads. Not
+    for an explicit ``runtime.threads``, loader workers (their CPU time would look like
+    another process's) or torchrun (its processes split the machine between them)."""
+    if rt.is_cuda or cfg.runtime.threads or rt.num_workers or info.enabled:
+        return None
+    views = loader.dataset
+
+    def use(threads: int) -> None:
+        torch.set_num_threads(threads)
+        if isinstance(views, ViewsDataset):
+            views.decode_threads = threads
+
+    return LoadFollower(usable_cores(sample_load=False), rt.threads, use)
+
+
 def progress_bar(total: int, enabled: bool) -> Any:
     from ..runtime.progress import tqdm_bar
 
@@ -214,7 +234,8 @@ def progress_bar(total: int, enabled: bool) -> Any:
 def write_features(loader: DataLoader, compute: FeatureComputer, writer: StoreWriter,
                    cfg: ExtractConfig, bar: Any, on_batch: Callable[[int], None] | None,
                    prepare: Callable[[dict], dict] | None = None,
-                   chunk: int | None = None) -> tuple[int, int]:
+                   chunk: int | None = None,
+                   follower: LoadFollower | None = None) -> tuple[int, int]:
     """Compute and store every batch; returns (written, failed) counts of items that were
     not done before this run. Batch i + 1 is launched before batch i's rows are stored.
 
@@ -242,6 +263,8 @@ def write_features(loader: DataLoader, compute: FeatureComputer, writer: StoreWr
             on_batch(counts[0] + counts[1])
 
     for batch in loader:
+        if follower is not None:  # between batches: no forward pass is running
+            follower.step()
         if prepare is not None:
             batch = prepare(batch)
         images = batch["image"]  # (B, 1 + views, C, H, W) uint8, or None: all failed
@@ -267,15 +290,19 @@ def add_rows(writer: StoreWriter, keys: list[str], labels: np.ndarray, feats: np
 
 
 def store_meta(cfg: ExtractConfig, bundle: ExtractorBundle, rt: Runtime, dataset: ImageDataset,
-               batch_size: int, counts: tuple[int, int, int], seconds: float) -> dict:
+               batch_size: int, counts: tuple[int, int, int], seconds: float,
+               follower: LoadFollower | None = None) -> dict:
+    """``meta.json``; ``runtime.threads`` is the count the run started with, and
+    ``runtime.threads_followed`` lists [seconds into the loop, threads] of each change."""
     written, failed, skipped = counts
+    followed = {"threads_followed": follower.changes} if follower is not None else {}
     return {"backbone": cfg.model.name, "source": bundle.backbone.source,
             "cut": str(bundle.extractor.cut), "pool": cfg.model.pool,
             "pool_after_cut": bundle.extractor.pool_name,
             "output_shape": list(bundle.extractor.output_shape),
             "preprocess": bundle.spec.to_dict(), "class_names": dataset.class_names,
             "runtime": {**rt.to_dict(), "batch_size": batch_size,
-                        "gpu_decode": cfg.runtime.gpu_decode},
+                        "gpu_decode": cfg.runtime.gpu_decode, **followed},
             "versions": library_versions(), "config": to_dict(cfg),
             "counts": {"dataset": len(dataset), "written_this_run": written,
                        "failed_this_run": failed, "skipped_this_run": skipped},

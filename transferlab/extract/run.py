@@ -35,6 +35,7 @@ from .pipeline import (
     check_gpu_decode,
     compute_settings,
     fingerprint,
+    load_follower,
     merge_ranks,
     open_reduction,
     output_width,
@@ -92,14 +93,15 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
         positions = resume_positions(dataset.keys, done, batch_size)
         loader, prepare = build_loader(cfg, dataset.subset(positions), positions, spec, rt,
                                        batch_size)
+        follower = load_follower(cfg, rt, loader, info)
         loop_started = time.time()
-        bar = progress_bar(len(dataset) - skipped, progress and info.is_main)
-        with bar:
+        with progress_bar(len(dataset) - skipped, progress and info.is_main) as bar:
             written, failed = write_features(loader, compute, writer, cfg, bar, on_batch,
-                                             prepare, batch_size)
+                                             prepare, batch_size, follower)
         loop_seconds = time.time() - loop_started
         counts = (written, failed, skipped)
-        meta = store_meta(cfg, bundle, rt, dataset, batch_size, counts, time.time() - started)
+        meta = store_meta(cfg, bundle, rt, dataset, batch_size, counts, time.time() - started,
+                          follower)
         meta.update(compute=computed, **({"reduce": reduction.record()} if reduction else {}))
         store = writer.close(meta)
     if info.enabled:
