@@ -1,17 +1,20 @@
-"""Whole-process extraction speed per thread count, on a quiet machine and beside a busy core.
+"""Whole-process extraction speed per thread count: quiet, beside a busy core, and beside
+a neighbour that arrives or leaves during the run.
 
     PYTHONPATH=. python benchmarks/contention.py             # resnet50, 24 / 152 JPEGs
     PYTHONPATH=. python benchmarks/contention.py --quick     # tiny model, a few images
 
 Researchers extract beside a notebook kernel, a training job or a second extraction
-(issue #16 item 2). For each situation — ``quiet``, and ``busy``: one other process spinning
-in a loop pinned to one core (``os.sched_setaffinity``) — and each setting —
-``runtime.threads`` = 1 .. cores, and the automatic choice (``runtime.cores.usable_cores``) —
-``python -m transferlab.extract`` runs as a whole process over N_small and N_big JPEGs and
-the rate is (N_big - N_small) / (t_big - t_small), as in ``whole_process.py``. Situations
-and settings alternate, the order rotating every round; per-round ratios to the automatic
-setting of the same round and situation are printed. Targets: automatic >= 0.9 of the best
-setting in each situation, and no loss when quiet.
+(issue #16 item 2). For each situation — ``quiet``; ``busy``: one other process spinning in
+a loop pinned to one core (``os.sched_setaffinity``) all along; ``arrives``: it starts when
+the run's loop starts, after the run sampled the load at start-up; ``leaves``: it spins at
+start-up and stops when the loop starts — and each setting — ``runtime.threads`` = 1 ..
+cores, and the automatic choice (``runtime.cores``: the start-up sample, then
+``LoadFollower`` during the run) — ``python -m transferlab.extract`` runs as a whole process
+over N_small and N_big JPEGs and the rate is (N_big - N_small) / (t_big - t_small), as in
+``whole_process.py``. Situations and settings alternate, the order rotating every round;
+per-round ratios to the automatic setting of the same round and situation are printed.
+Targets: automatic >= 0.9 of the best setting in each situation, and no loss when quiet.
 """
 from __future__ import annotations
 
@@ -19,8 +22,9 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -44,49 +48,115 @@ from benchmarks.whole_process import rate, run_command, write_config, yaml_value
 SPIN = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
 
 
+class Neighbour:
+    """One process spinning in a loop pinned to ``core``, started and stopped on demand."""
+
+    def __init__(self, core: int):
+        self.core, self.proc = core, None
+
+    def start(self) -> None:
+        if self.proc is None:
+            self.proc = subprocess.Popen([sys.executable, "-c", SPIN, str(self.core)])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@dataclass(frozen=True)
+class Situation:
+    """When the neighbour spins, relative to each measured run: ``before`` its start (the
+    start-up sample sees it), and ``during`` its loop (which begins when the run writes its
+    config.yaml, after the sample)."""
+
+    core: int | None = None
+    before: bool = False
+    during: bool = False
+
+
+def situations(cores: int) -> dict[str, Situation]:
+    if cores < 2:
+        return {"quiet": Situation()}
+    last = cores - 1
+    return {"quiet": Situation(), "busy": Situation(last, True, True),
+            "arrives": Situation(last, False, True), "leaves": Situation(last, True, False)}
+
+
 @contextmanager
-def busy_core(core: int | None) -> Iterator[None]:
-    """One process spinning on ``core`` while the block runs (None: nothing extra)."""
-    if core is None:
-        yield
+def neighbour_for(place: Situation) -> Iterator[Callable | None]:
+    """The neighbour of one situation, and the ``watch`` that moves it during a run."""
+    if place.core is None:
+        yield None
         return
-    spinner = subprocess.Popen([sys.executable, "-c", SPIN, str(core)])
+    spinner = Neighbour(place.core)
+
+    def watch(store: Path, child: subprocess.Popen) -> None:
+        if place.before == place.during:
+            return
+        while child.poll() is None and not (store / "config.yaml").exists():
+            time.sleep(0.01)  # the run's loop starts: its start-up sample is over
+        if place.during:
+            spinner.start()
+        else:
+            spinner.stop()
+
+    def reset() -> None:
+        if place.before:
+            spinner.start()
+        else:
+            spinner.stop()
+        time.sleep(0.5)  # running (or gone) before the measured process starts
+
     try:
-        time.sleep(0.5)  # running before the measured process starts and samples the load
-        yield
+        yield (watch, reset)
     finally:
-        spinner.kill()
-        spinner.wait()
+        spinner.stop()
 
 
-def chosen_threads(config: Path) -> int | None:
+def chosen_threads(config: Path) -> tuple[int | None, list]:
+    """The threads the last run started with, and its [seconds, threads] changes."""
     meta = Path(yaml_value(config, "dir")) / "meta.json"
     try:
-        return int(json.loads(meta.read_text())["runtime"]["threads"])
+        runtime = json.loads(meta.read_text())["runtime"]
+        return int(runtime["threads"]), list(runtime.get("threads_followed", []))
     except (OSError, KeyError, ValueError, TypeError):
-        return None
+        return None, []
 
 
-def measure_pair(config: Path, sizes: tuple[int, int], extra: list[str]) -> dict:
-    """Small and big run back to back (same situation): the rate, the threads used."""
-    small = sample(lambda: run_command(config, sizes[0], extra))
-    big = sample(lambda: run_command(config, sizes[1], extra))
-    return {"ips": rate(sizes[0], small.value, sizes[1], big.value),
-            "threads": chosen_threads(config), "foreign": max(small.foreign, big.foreign),
+def measure_pair(config: Path, sizes: tuple[int, int], extra: list[str],
+                 neighbour: tuple[Callable, Callable] | None) -> dict:
+    """Small and big run back to back (same situation): the rate, the threads used (as
+    started, and the changes of the big run)."""
+    def run(n: int):
+        if neighbour is None:
+            return sample(lambda: run_command(config, n, extra))
+        watch, reset = neighbour
+        reset()
+        return sample(lambda: run_command(config, n, extra, watch=watch))
+
+    small = run(sizes[0])
+    big = run(sizes[1])
+    started, changes = chosen_threads(config)
+    return {"ips": rate(sizes[0], small.value, sizes[1], big.value), "threads": started,
+            "changes": changes, "foreign": max(small.foreign, big.foreign),
             "t_small": small.value, "t_big": big.value}
 
 
 def run_rounds(config: Path, sizes: tuple[int, int], settings: dict[str, list[str]],
-               situations: dict[str, int | None], rounds: int) -> dict[str, dict[str, list]]:
+               places: dict[str, Situation], rounds: int) -> dict[str, dict[str, list]]:
     """out[situation][setting] = one measure_pair dict per round, alternating."""
-    out: dict[str, dict[str, list]] = {s: {k: [] for k in settings} for s in situations}
-    names, places = list(settings), list(situations)
+    out: dict[str, dict[str, list]] = {s: {k: [] for k in settings} for s in places}
+    names, order_places = list(settings), list(places)
     for r in range(rounds):
-        for place in places[r % len(places):] + places[:r % len(places)]:
+        k = r % len(order_places)
+        for place in order_places[k:] + order_places[:k]:
             order = names[r % len(names):] + names[:r % len(names)]
-            with busy_core(situations[place]):
+            with neighbour_for(places[place]) as neighbour:
                 for name in order:
-                    out[place][name].append(measure_pair(config, sizes, settings[name]))
+                    out[place][name].append(measure_pair(config, sizes, settings[name],
+                                                         neighbour))
     return out
 
 
@@ -99,7 +169,11 @@ def rows_of(results: dict[str, dict[str, list]]) -> list[list]:
             ips = median([m["ips"] for m in ms])
             ratios = [m["ips"] / a["ips"] for m, a in zip(ms, auto)]
             threads = sorted({m["threads"] for m in ms if m["threads"] is not None})
-            rows.append([place, name, "/".join(map(str, threads)) or "-", ips,
+            used = "/".join(map(str, threads)) or "-"
+            moves = ["->".join(str(t) for _, t in m["changes"]) for m in ms if m["changes"]]
+            if moves:
+                used += " then " + ", ".join(sorted(set(moves)))
+            rows.append([place, name, used, ips,
                          median(ratios), " ".join(f"{x:.2f}" for x in ratios), ips / best,
                          f"{max(m['foreign'] for m in ms) * 100:.0f}%"])
     return rows
@@ -110,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--model", default="resnet50")
     p.add_argument("--sizes", default="24,152", help="N_small,N_big images per run")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--situations", default="",
+                   help="a subset of quiet,busy,arrives,leaves (default: all)")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     bench = Path(args.bench_dir)
@@ -126,13 +202,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     base = [f"runtime.device={device.type}"]
     settings = {f"threads={n}": base + [f"runtime.threads={n}"] for n in counts}
     settings["auto"] = base
-    situations = {"quiet": None, "busy": max(0, cores - 1)} if cores > 1 else {"quiet": None}
+    places = situations(cores)
+    if args.situations:
+        places = {k: v for k, v in places.items() if k in args.situations.split(",")}
     print(machine_line(device))
     print(f"data: {data} ({folder_stats(data)}); model {model}; runs of {small} and {big}")
     print(f"before: {load_line()}")
     if not args.quick:
         run_command(config, small, base)  # page cache, .pyc files
-    results = run_rounds(config, (small, big), settings, situations, rounds)
+    results = run_rounds(config, (small, big), settings, places, rounds)
     print(f"after: {load_line()}")
     print()
     print(table(f"whole-process img/s by runtime.threads, quiet and beside one busy core "
@@ -140,11 +218,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 ["situation", "setting", "threads used", "img/s (median)", "vs auto (median)",
                  "vs auto per round", "of the best", "others %"], rows_of(results)))
     print()
-    print("busy: one process spinning pinned to the last core while the runs of that "
-          "situation go. img/s: (N_big - N_small) / (t_big - t_small) of a small and a big run "
-          "back to back; vs auto: over the automatic setting in the same round and situation; "
-          "of the best: median img/s over the best setting's median in that situation. "
-          "others %: CPU share of other processes (the spinner counts: ~50% on 2 cores).")
+    print("busy: one process spinning pinned to the last core during both runs; arrives: it "
+          "starts when each run's loop starts (after the run's start-up sample, when "
+          "config.yaml appears); leaves: it spins at start-up and stops when the loop starts. "
+          "threads used: as started (meta.json runtime.threads), then the changes the "
+          "automatic setting made during the big run (runtime.threads_followed). img/s: "
+          "(N_big - N_small) / (t_big - t_small) of a small and a big run back to back; vs "
+          "auto: over the automatic setting in the same round and situation; of the best: "
+          "median img/s over the best setting's median in that situation. others %: CPU share "
+          "of other processes (the spinner counts: ~50% on 2 cores).")
     out = {"machine": machine_line(device), "model": model, "sizes": [small, big],
            "results": results}
     write_json(args.json, out)

@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -81,10 +81,13 @@ def child_env() -> dict[str, str]:
 
 
 def run_command(config: Path, images: int, extra: Sequence[str] = (),
-                stages: bool = False, candidate: str | None = None) -> tuple[float, dict]:
+                stages: bool = False, candidate: str | None = None,
+                watch: Callable[[Path, subprocess.Popen], None] | None = None
+                ) -> tuple[float, dict]:
     """Wall seconds of one ``python -m transferlab.extract CONFIG data.limit=N ...`` (spawn to
     exit) and, with ``stages``, the child's per-stage seconds; ``candidate``: the same
-    command with a decode candidate patched in (``decode_candidates.py``)."""
+    command with a decode candidate patched in (``decode_candidates.py``); ``watch(store
+    dir, child)`` runs while the child does (``contention.py`` changes the load in it)."""
     args = [str(config), f"data.limit={images}", *extra]
     clear_store(Path(yaml_value(config, "dir")))  # a fresh store: never a resume
     if stages:
@@ -96,9 +99,13 @@ def run_command(config: Path, images: int, extra: Sequence[str] = (),
     else:
         cmd = [sys.executable, "-m", "transferlab.extract", *args]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True,
-                          check=False)
+    child = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    if watch is not None:
+        watch(Path(yaml_value(config, "dir")), child)
+    stdout, stderr = child.communicate()
     wall = time.perf_counter() - started
+    proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr[-2000:]}")
     if f"{images} images written, 0 failed" not in proc.stdout:  # a fast failure is no speed
@@ -279,6 +286,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                    "(benchmarks/decode_candidates.py)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra override for the command (repeatable)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,...]",
+                   help="also measure the command with these overrides, in the same "
+                   "alternation (repeatable), e.g. fp32:runtime.precision=fp32")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     bench = Path(args.bench_dir)
@@ -289,6 +299,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         GPU_BATCHES if cuda else BATCHES, args.rounds, args.search_seconds
     options = {name: [f"runtime.{name}=true"]
                for name, on in (("gpu_decode", args.gpu_decode), ("compile", args.compile)) if on}
+    for spec in args.variant:
+        name, _, sets = spec.partition(":")
+        options[name] = [x for x in sets.split(",") if x]
     if args.quick:
         models, (small, big), batches, rounds, search_s = ["test_resnet"], (4, 12), (1, 4), 1, 0.1
         data = jpeg_folder(bench, 12, size=(96, 72))
