@@ -110,7 +110,7 @@ class RuntimeConfig:
     channels_last: bool | None = None  # null = on for conv nets
     compile: bool = False  # torch.compile the extractor
     fold_bn: bool = True  # fold frozen BatchNorm into the conv before it (same features)
-    threads: int | None = None  # torch intra-op threads on CPU; null = chosen
+    threads: int | None = None  # torch intra-op threads on CPU; null = the free cores, followed
     tune_malloc: bool = True  # CPU, glibc: reuse freed activation memory (BENCHMARKS.md)
     gpu_decode: bool = False  # decode JPEGs on the GPU in batches (CPU fallback)
     seed: int = 0
