@@ -32,8 +32,12 @@ def test_cpu_auto_choices(monkeypatch):
 
 def test_cpu_auto_precision_is_bf16_with_bf16_matrix_units(monkeypatch):
     monkeypatch.setattr(runtime, "cpu_has_bf16_units", lambda: True)
-    assert resolve_runtime(RuntimeConfig(device="cpu")).precision == "bf16"
-    assert resolve_runtime(RuntimeConfig(device="cpu", precision="fp32")).precision == "fp32"
+    rt = resolve_runtime(RuntimeConfig(device="cpu"))
+    assert rt.precision == "bf16"
+    assert default_batch_size(rt, None) == 32  # bf16 units: batch 32 (BENCHMARKS.md, 11)
+    assert default_batch_size(rt, 8) == 8
+    fp32 = resolve_runtime(RuntimeConfig(device="cpu", precision="fp32"))
+    assert fp32.precision == "fp32" and default_batch_size(fp32, None) == 16
 
 
 def test_bf16_units_are_only_claimed_on_a_cpu_with_amx_or_avx512_bf16():
