@@ -54,12 +54,11 @@ class Neighbour:
     def __init__(self, core: int):
         self.core, self.proc = core, None
 
-    def start(self) -> None:
-        if self.proc is None:
+    def spin(self, on: bool) -> None:
+        """Start it (a no-op when running) or stop it (a no-op when stopped)."""
+        if on and self.proc is None:
             self.proc = subprocess.Popen([sys.executable, "-c", SPIN, str(self.core)])
-
-    def stop(self) -> None:
-        if self.proc is not None:
+        elif not on and self.proc is not None:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
@@ -85,8 +84,9 @@ def situations(cores: int) -> dict[str, Situation]:
 
 
 @contextmanager
-def neighbour_for(place: Situation) -> Iterator[Callable | None]:
-    """The neighbour of one situation, and the ``watch`` that moves it during a run."""
+def neighbour_for(place: Situation) -> Iterator[tuple[Callable, Callable] | None]:
+    """The neighbour of one situation: (``watch``, which moves it during a run, ``reset``,
+    which puts it in its state before a run), or None when there is none."""
     if place.core is None:
         yield None
         return
@@ -97,22 +97,16 @@ def neighbour_for(place: Situation) -> Iterator[Callable | None]:
             return
         while child.poll() is None and not (store / "config.yaml").exists():
             time.sleep(0.01)  # the run's loop starts: its start-up sample is over
-        if place.during:
-            spinner.start()
-        else:
-            spinner.stop()
+        spinner.spin(place.during)
 
     def reset() -> None:
-        if place.before:
-            spinner.start()
-        else:
-            spinner.stop()
+        spinner.spin(place.before)
         time.sleep(0.5)  # running (or gone) before the measured process starts
 
     try:
         yield (watch, reset)
     finally:
-        spinner.stop()
+        spinner.spin(False)
 
 
 def chosen_threads(config: Path) -> tuple[int | None, list]:

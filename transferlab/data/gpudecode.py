@@ -71,12 +71,12 @@ def jpeg_decoder(device: torch.device) -> tuple[Any, str]:
     decodes a small JPEG on ``device``. Checked once here, so a decoder that cannot run
     there (a CPU-only build, no nvJPEG) is never mistaken for a batch of bad files, which
     would quietly send every image through PIL."""
-    errors = []
+    errors, probe = [], _probe_jpeg()
     for name, decode in _decoders():
         try:
             with warnings.catch_warnings():  # a probe: the run's own decodes still warn
                 warnings.simplefilter("ignore", DeprecationWarning)
-                decode([_probe_jpeg()], mode="RGB", device=device)
+                decode([probe], mode="RGB", device=device)
         except torch.OutOfMemoryError:
             raise ComputeError("out of GPU memory before decoding the first JPEG; set "
                                "runtime.gpu_decode=false") from None
