@@ -30,7 +30,8 @@ from .yamlsafe import (
 
 T = TypeVar("T")
 
-IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"]
+IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm"]
 
 
 @dataclass
@@ -39,17 +40,22 @@ class ModelConfig:
 
     # timm name, torchvision name, built-in name (lenet), transferlab checkpoint path,
     # Hugging Face Hub repository through timm (hf-hub:ORG/NAME) or a timm model folder
-    # (config.json + model.safetensors, read with its weights), or 'package.module:callable'.
+    # (config.json + model.safetensors, read with its weights), or 'package.module:callable'
+    # returning an nn.Module.
     name: str = "resnet50"
-    # Where `name` comes from; 'auto' tries built-in, checkpoint, hub, callable, timm, torchvision
+    # Where `name` comes from; 'auto' tries built-in, checkpoint, hub, callable, timm,
+    # torchvision.
     source: Literal["auto", "timm", "torchvision", "builtin", "checkpoint", "callable",
                     "hub"] = "auto"
     pretrained: bool = False  # download (or use the cached) hub weights of the library
     weights: str | None = None  # local .safetensors / .pth / .pt / .bin file
-    # head | first:N | drop:N | layer:NAME | stage:I, or a list / all-stages / all-blocks:
-    cut: str | list[str] = "head"  # several cuts in one pass, a store each in output.dir/<cut>/
+    # head | first:N | drop:N | layer:NAME | stage:I (see transferlab.models.cuts), or a list
+    # of them / all-stages / all-blocks: several cuts in one pass, a store each in
+    # output.dir/<cut>/.
+    cut: str | list[str] = "head"
     # Pooling of the cut output: avg | max | avgmax | token | none; null = avg for 'head'
-    # (or the model's own), none for other cuts; several cuts: one, a list or {cut: pool}.
+    # (or the model's own pooling), none for the other cuts. With several cuts: one pooling
+    # for all, a list (one per cut) or a mapping {cut: pool}.
     pool: Literal["avg", "max", "avgmax", "token", "none"] | list | dict | None = None
     num_classes: int | None = None  # classes of the model as built (built-ins, untrained models)
     in_chans: int | None = None  # input channels as built; null = the model's default
@@ -64,10 +70,12 @@ class ModelConfig:
 class PreprocessConfig:
     """Overrides of the preprocessing resolved from the backbone's pretrained config."""
 
-    # center_crop: resize the short side then crop, as evaluated; squash: straight to the size
+    # center_crop: resize the short side then crop, as the model was evaluated;
+    # squash: resize straight to the input size (aspect ratio not kept).
     resize: Literal["center_crop", "squash"] = "center_crop"
-    # crop: center_crop resamples only the crop window (less work; a few values differ by 1-3,
-    # BENCHMARKS.md 11); image: the whole image, then the crop (timm's transform exactly)
+    # crop: center_crop resamples only the crop window (less work; a few pixel values differ
+    # by 1-3 levels, BENCHMARKS.md section 11); image: resample the whole image, then crop
+    # (timm's transform exactly).
     window: Literal["crop", "image"] = "crop"
     input_size: list[int] | None = None  # [H, W] or [C, H, W]; null = the model's
     interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos"] | None = None
@@ -82,12 +90,21 @@ class DataConfig:
     """Where images come from."""
 
     # folder: image folder (class sub-folders become labels); list: text/CSV file of paths;
-    # torchvision: a torchvision dataset; mnist-5k: 5,000 bundled digits; webdataset: tar shards
+    # torchvision: a torchvision dataset by name; mnist-5k: the 5,000 bundled MNIST digits;
+    # webdataset: WebDataset tar shards named by `urls` (read in place, never unpacked).
     source: Literal["folder", "list", "torchvision", "mnist-5k", "webdataset"] = "folder"
-    root: str | None = None  # data root (path or s3/gs/http(s)/file URL); keys relative to it
+    # data root; keys in stores are paths relative to it. root, list_file and urls may be
+    # local paths or s3:// gs:// http(s):// file:// URLs (credentials and endpoint come from
+    # the environment only: AWS_ENDPOINT_URL, AWS_PROFILE, ...; never from this file, which
+    # is saved beside every output).
+    root: str | None = None
     list_file: str | None = None  # for source=list: one path per line, or a CSV with a header
-    urls: str | list[str] | None = None  # webdataset shards (paths/URLs): list or "t-{0..9}.tar"
-    label_key: Literal["cls", "txt", "json"] | None = None  # webdataset member with the label
+    # for source=webdataset: shard paths/URLs, a list or one string with brace expansion
+    # ("shards/train-{000000..000123}.tar"); keys are <shard name>/<member key>, in tar order
+    urls: str | list[str] | None = None
+    # webdataset member holding each item's label: cls (an integer), txt (a class name) or
+    # json (its "label" value, integer or class name); null = no labels (-1)
+    label_key: Literal["cls", "txt", "json"] | None = None
     path_column: str = "path"  # CSV column holding paths
     label_column: str | None = None  # CSV column holding labels (optional)
     dataset: str | None = None  # torchvision dataset: MNIST, FashionMNIST, CIFAR10, CIFAR100
@@ -110,7 +127,9 @@ class RuntimeConfig:
     channels_last: bool | None = None  # null = on for conv nets
     compile: bool = False  # torch.compile the extractor
     fold_bn: bool = True  # fold frozen BatchNorm into the conv before it (same features)
-    threads: int | None = None  # torch intra-op threads on CPU; null = the free cores, followed
+    # torch intra-op threads on CPU; null = the cores others leave free, followed as that
+    # load changes during an extraction (README, Speed settings)
+    threads: int | None = None
     tune_malloc: bool = True  # CPU, glibc: reuse freed activation memory (BENCHMARKS.md)
     gpu_decode: bool = False  # decode JPEGs on the GPU in batches (CPU fallback)
     seed: int = 0
@@ -145,8 +164,9 @@ class ExtractConfig:
 class HeadConfig:
     """The classifier trained on top of the frozen base."""
 
-    # linear: one Linear; mlp: hidden Linears, then the output one; keep: the model's layers
-    # after the cut (model[N:] or its classifier), the last Linear re-initialised to the classes
+    # linear: one Linear layer; mlp: hidden Linear layers then the output Linear;
+    # keep: the model's own layers after the cut (Sequential: model[N:]; timm/torchvision:
+    # its classifier) with the final Linear re-initialised to the new class count.
     type: Literal["linear", "mlp", "keep"] = "linear"
     hidden: list[int] = field(default_factory=list)  # mlp hidden sizes, e.g. [500]
     activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
@@ -171,7 +191,8 @@ class TrainConfig:
     val_split: float = 0.0  # fraction of the training items held out (stratified, seeded)
     early_stopping: int = 0  # patience in epochs on validation loss (0 = off; needs val_split)
     augment: bool = False  # timm's random training transform (disables the feature cache)
-    # auto: in memory when the features fit, else on disk; memory | disk | off (a bare YAML off)
+    # auto: cache base features in memory when they fit, else on disk; memory | disk | off
+    # (YAML reads a bare off as false, which means off too; true means auto)
     cache: Literal["auto", "memory", "disk", "off"] | bool = "auto"
     cache_max_gb: float | None = None  # memory budget of the cache; null = chosen from free memory
 
@@ -211,8 +232,8 @@ class FinetuneOutputConfig:
     """Where checkpoints, metrics and the resolved config are written."""
 
     dir: str = "outputs/finetune"
-    save_every_epoch: bool = True  # rewrite the checkpoint (atomically) after epochs ...
-    save_interval_s: float = 60.0  # ... at most this often (0 = every epoch); always at the end
+    save_every_epoch: bool = True  # rewrite the checkpoint (atomically) after every epoch,
+    save_interval_s: float = 60.0  # but at most this often (0 = every epoch); always at the end
 
 
 @dataclass
