@@ -5,6 +5,7 @@ code 2 (a mistake) or 1 (the environment) with one line on stderr that names the
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import os
@@ -19,7 +20,18 @@ from tests.imagegen import make_image_tree
 from tests.test_cluster import blobs, make_store
 from transferlab import cluster, probe
 from transferlab.cli import run_cli
-from transferlab.config import ExtractConfig, FinetuneConfig, load_config
+from transferlab.config import (
+    BOUNDS,
+    DataConfig,
+    ExtractConfig,
+    FinetuneConfig,
+    HeadConfig,
+    PretrainConfig,
+    TrainConfig,
+    UnfreezeConfig,
+    check_bounds,
+    load_config,
+)
 from transferlab.errors import ConfigError
 from transferlab.extract.__main__ import main as extract_main
 from transferlab.yamlsafe import MAX_SHOWN
@@ -250,6 +262,65 @@ def test_edge_values_in_range_still_load():
                              "runtime.threads=null", "data.classes=null"])
     assert cfg.output.views == 256 and cfg.runtime.num_workers == 0
     assert cfg.runtime.threads is None and cfg.data.classes is None
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["train.lr=0"], "train.lr must be greater than 0, e.g. 1e-3, got 0.0"),
+    (["pretrain.train.epochs=-1"], "pretrain.train.epochs must be 0 or more, got -1"),
+    (["train.val_split=1"], "train.val_split must be in [0, 1) (0: no validation split)"),
+    (["train.label_smoothing=.nan"], "train.label_smoothing must be in [0, 1), got nan"),
+    (["unfreeze.lr_mult=0"], "unfreeze.lr_mult must be greater than 0, e.g. 0.1, got 0.0"),
+    (["output.save_interval_s=-1"], "output.save_interval_s must be 0 (every epoch) or more"),
+    (["head.dropout=1"], "head.dropout must be in [0, 1), got 1.0"),
+    (["head.type=mlp", "head.hidden=[64, 0]"], "head.hidden must be sizes of at least 1"),
+    (["probe.samples=20", "probe.val_fraction=0"],
+     "probe.val_fraction must be between 0 and 1 (exclusive), got 0.0 in <defaults>; try 0.2"),
+    (["preprocess.std=[0.2, 0, 0.2]"], "preprocess.std must be positive"),
+])
+def test_finetune_ranges_are_checked_when_the_config_loads(overrides, expected):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, overrides, FinetuneConfig)
+    assert expected in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_range_applies_only_where_the_field_is_used():
+    cfg = load_config(None, ["probe.val_fraction=0", "probe.l2=[0.1]", "probe.samples=20",
+                             "head.hidden=[0]"], FinetuneConfig)
+    assert cfg.probe.val_fraction == 0 and cfg.head.hidden == [0]  # one l2; a linear head
+
+
+def test_every_bound_names_a_field_and_the_defaults_lie_inside():
+    for schema, bounds in BOUNDS.items():
+        assert set(bounds) <= {f.name for f in dataclasses.fields(schema)}, schema
+    check_bounds(ExtractConfig())
+    check_bounds(FinetuneConfig())
+
+
+def test_configs_built_in_python_meet_the_same_table(tmp_path):
+    from transferlab.data.preprocess import resolve_preprocess
+    from transferlab.data.sources import build_dataset
+    from transferlab.finetune.run import preflight
+    from transferlab.models.heads import build_head
+    from transferlab.store.writer import StoreWriter
+
+    bad = FinetuneConfig(pretrain=PretrainConfig(train=TrainConfig(step_epochs=0)))
+    with pytest.raises(ConfigError, match=r"^pretrain.train.step_epochs must be at least 1, "
+                                          r"got 0$"):
+        check_bounds(bad)
+    with pytest.raises(ConfigError, match=r"^unfreeze.layers must be 0 \(no second phase\) "
+                                          r"or more, got -1$"):
+        preflight(FinetuneConfig(unfreeze=UnfreezeConfig(layers=-1)))
+    with pytest.raises(ConfigError, match=r"^data.limit must be at least 1 \(or null: every "
+                                          r"item\), got 0$"):
+        build_dataset(DataConfig(source="mnist-5k", limit=0))
+    with pytest.raises(ConfigError, match=r"^output.shard_size must be at least 1, got 0$"):
+        StoreWriter(tmp_path / "store", {}, shard_size=0)
+    assert not (tmp_path / "store").exists()
+    with pytest.raises(ConfigError, match=r"^head.dropout must be in \[0, 1\), got 1.5$"):
+        build_head(HeadConfig(dropout=1.5), 4, 2)
+    # a model's own setting meets the same range as the config's
+    with pytest.raises(ConfigError, match=r"^preprocess.crop_pct must be in \(0, 1\]"):
+        resolve_preprocess({"crop_pct": 2.0})
 
 
 # ---------------------------------------------------------------------------------------

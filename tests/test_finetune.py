@@ -341,7 +341,8 @@ def test_checkpoints_are_rewritten_at_most_every_save_interval(tmp_path, monkeyp
 
 
 def test_negative_save_interval_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="output.save_interval_s must be >= 0"):
+    with pytest.raises(ConfigError, match=r"^output.save_interval_s must be 0 \(every epoch\) "
+                                          r"or more, got -1.0"):
         run_finetune(tiny(tmp_path, "output.save_interval_s=-1"))
 
 
@@ -608,7 +609,7 @@ def test_an_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
 
 def test_probe_val_fraction_errors_name_the_config_key(tmp_path):
     with pytest.raises(ConfigError, match=r"^probe.val_fraction must be between 0 and 1 "
-                                          r"\(exclusive\), got 1.5; try 0.2$") as exc:
+                                          r"\(exclusive\), got 1.5 in <defaults>; try 0.2$") as exc:
         run_finetune(tiny(tmp_path, "probe.samples=50", "probe.val_fraction=1.5"))
     assert "--" not in str(exc.value)
 

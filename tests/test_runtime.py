@@ -26,7 +26,7 @@ def test_cpu_auto_choices(monkeypatch):
     assert rt.num_workers + rt.threads >= 1
     assert default_batch_size(rt, None) == 16
     assert default_batch_size(rt, 3) == 3
-    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+    with pytest.raises(ConfigError, match=r"^runtime.batch_size must be at least 1 .*, got 0$"):
         default_batch_size(rt, 0)
 
 

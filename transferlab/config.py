@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
@@ -266,32 +267,104 @@ SUB_SCHEMAS: dict[tuple[type, str], type] = {(FinetuneConfig, "test"): DataConfi
 MAX_VIEWS = 256  # augmented views per image: each costs a full forward pass
 
 
-def _at_least(n: int) -> Any:
-    return lambda v: v is None or v >= n
+@dataclass(frozen=True)
+class Bound:
+    """The valid values of one config field: ``ok(value)`` is true for them and ``valid`` says
+    what they are in the error; ``hint`` ends the error; ``applies(section)`` limits the check
+    to sections that use the field (always when None)."""
+
+    ok: Callable[[Any], bool]
+    valid: str
+    hint: str = ""
+    applies: Callable[[Any], bool] | None = None
 
 
-_NON_EMPTY = (lambda v: v is None or len(v) > 0, "a non-empty list (or null: every class)")
+def _at_least(n: int, valid: str) -> Bound:
+    return Bound(lambda v: v is None or v >= n, valid)
 
-# Value ranges checked on load: (test, what a valid value is), per schema and field.
-BOUNDS: dict[type, dict[str, tuple[Any, str]]] = {
+
+_NON_EMPTY = Bound(lambda v: v is None or len(v) > 0, "a non-empty list (or null: every class)")
+_FRACTION = "in [0, 1)"
+
+# Every range a config value must lie in, per schema and field: checked when a config loads
+# (``from_dict``), by ``check_bounds`` on a config built in Python, and by ``check_range`` on a
+# value that reaches the library another way (a function argument, a model's own setting).
+BOUNDS: dict[type, dict[str, Bound]] = {
     RuntimeConfig: {
-        "batch_size": (_at_least(1), "at least 1 (or null: chosen for the device)"),
-        "num_workers": (_at_least(0), "0 (main process) or more (or null: chosen)"),
-        "threads": (_at_least(1), "at least 1 (or null: chosen for the machine)"),
+        "batch_size": _at_least(1, "at least 1 (or null: chosen for the device)"),
+        "num_workers": _at_least(0, "0 (main process) or more (or null: chosen)"),
+        "threads": _at_least(1, "at least 1 (or null: chosen for the machine)"),
     },
     DataConfig: {
-        "max_image_pixels": (_at_least(1), "at least 1 (default 89478485)"),
-        "limit": (_at_least(1), "at least 1 (or null: every item)"),
+        "max_image_pixels": _at_least(1, "at least 1 (default 89478485)"),
+        "limit": _at_least(1, "at least 1 (or null: every item)"),
         "classes": _NON_EMPTY,
     },
     PretrainConfig: {"classes": _NON_EMPTY},
     PreprocessConfig: {
-        "crop_pct": (lambda v: v is None or 0 < v <= 1, "in (0, 1], e.g. 0.875 (or null)"),
-        "channels": (lambda v: v in (None, 1, 3), "1 or 3 (or null: the model's)"),
+        "crop_pct": Bound(lambda v: v is None or 0 < v <= 1, "in (0, 1], e.g. 0.875 (or null)"),
+        "channels": Bound(lambda v: v in (None, 1, 3), "1 or 3 (or null: the model's)"),
+        "std": Bound(lambda v: v is None or all(s > 0 for s in v),
+                     "positive (or null: the model's)"),
     },
-    OutputConfig: {"views": (lambda v: 0 <= v <= MAX_VIEWS, f"between 0 and {MAX_VIEWS}"),
-                   "shard_size": (_at_least(1), "at least 1")},
+    OutputConfig: {
+        "views": Bound(lambda v: 0 <= v <= MAX_VIEWS, f"between 0 and {MAX_VIEWS}"),
+        "shard_size": _at_least(1, "at least 1"),
+    },
+    HeadConfig: {
+        "dropout": Bound(lambda v: 0 <= v < 1, _FRACTION),
+        "hidden": Bound(lambda v: all(h >= 1 for h in v), "sizes of at least 1, e.g. [500]",
+                        applies=lambda head: head.type == "mlp"),
+    },
+    TrainConfig: {
+        "epochs": _at_least(0, "0 or more"),
+        "batch_size": _at_least(1, "at least 1"),
+        "lr": Bound(lambda v: v > 0, "greater than 0, e.g. 1e-3"),
+        "weight_decay": _at_least(0, "0 or more"),
+        "label_smoothing": Bound(lambda v: 0 <= v < 1, _FRACTION),
+        "val_split": Bound(lambda v: 0 <= v < 1, f"{_FRACTION} (0: no validation split)"),
+        "early_stopping": _at_least(0, "0 (off) or more"),
+        "step_epochs": _at_least(1, "at least 1"),
+    },
+    UnfreezeConfig: {
+        "layers": _at_least(0, "0 (no second phase) or more"),
+        "epochs": _at_least(0, "0 or more"),
+        "lr_mult": Bound(lambda v: v > 0, "greater than 0, e.g. 0.1"),
+    },
+    ProbeStageConfig: {
+        "samples": _at_least(0, "0 (no probe) or more"),
+        # only used to choose among several l2 strengths
+        "val_fraction": Bound(lambda v: 0 < v < 1, "between 0 and 1 (exclusive)", "try 0.2",
+                              lambda probe: probe.samples > 0 and len(probe.l2) > 1),
+    },
+    FinetuneOutputConfig: {"save_interval_s": _at_least(0, "0 (every epoch) or more")},
 }
+
+
+def check_range(schema: type, key: str, value: Any, source: str | None = None) -> None:
+    """Raise the one-line ``ConfigError`` when ``value`` of dotted ``key`` (a field of
+    ``schema``) is outside its ``BOUNDS``: '<key> must be <valid>, got <value>'."""
+    bound = BOUNDS[schema][key.rpartition(".")[2]]
+    if not bound.ok(value):
+        where = f" in {source}" if source else ""
+        hint = f"; {bound.hint}" if bound.hint else ""
+        raise ConfigError(f"{key} must be {bound.valid}, got {shown(value)}{where}{hint}")
+
+
+def check_section(cfg: Any, prefix: str = "", source: str | None = None) -> None:
+    """Check the bounded fields of one config dataclass (its sections are not entered)."""
+    for name, bound in BOUNDS.get(type(cfg), {}).items():
+        if bound.applies is None or bound.applies(cfg):
+            check_range(type(cfg), prefix + name, getattr(cfg, name), source)
+
+
+def check_bounds(cfg: Any, prefix: str = "") -> None:
+    """Check a config built in Python (``load_config`` checked a loaded one), every section."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_bounds(value, f"{prefix}{f.name}.")
+    check_section(cfg, prefix)
 
 
 # ---------------------------------------------------------------------------------------
@@ -419,11 +492,9 @@ def from_dict(schema: type[T], data: dict, source: str, prefix: str = "") -> T:
             values[name] = from_dict(hint, value or {}, source, full + ".")
         else:
             values[name] = coerce(value, hint, full, source)
-    for name, (ok, valid) in BOUNDS.get(schema, {}).items():
-        if name in values and not ok(values[name]):
-            raise ConfigError(f"{prefix}{name} must be {valid}, got {shown(values[name])} "
-                              f"in {source}")
-    return schema(**values)
+    cfg = schema(**values)
+    check_section(cfg, prefix, source)
+    return cfg
 
 
 def unknown_key_message(key: str, valid: list[str], prefix: str, source: str) -> str:

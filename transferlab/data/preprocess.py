@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..config import PreprocessConfig
+from ..config import PreprocessConfig, check_range
 from ..errors import ConfigError
 
 IMAGENET_DEFAULTS = {"input_size": (3, 224, 224), "interpolation": "bicubic",
@@ -67,16 +67,13 @@ def resolve_preprocess(data_config: dict, cfg: PreprocessConfig | None = None,
     base = {**IMAGENET_DEFAULTS, **{k: v for k, v in data_config.items() if v is not None}}
     size = input_size(cfg.input_size, base["input_size"])
     channels = cfg.channels or model_in_chans or size[0]
-    if channels not in (1, 3):
-        raise ConfigError(f"preprocess.channels must be 1 or 3, got {channels}")
+    check_range(PreprocessConfig, "preprocess.channels", channels)  # the model's, maybe
     size = (channels, size[1], size[2])
     mean = fit_channels(cfg.mean or base["mean"], channels, "mean")
     std = fit_channels(cfg.std or base["std"], channels, "std")
-    if any(s <= 0 for s in std):
-        raise ConfigError(f"preprocess.std must be positive, got {list(std)}")
+    check_range(PreprocessConfig, "preprocess.std", list(std))
     crop_pct = float(cfg.crop_pct or base["crop_pct"] or 1.0)
-    if not 0 < crop_pct <= 1.0:
-        raise ConfigError(f"preprocess.crop_pct must be in (0, 1], got {crop_pct}")
+    check_range(PreprocessConfig, "preprocess.crop_pct", crop_pct)
     crop_mode = base.get("crop_mode") or "center"
     if cfg.resize == "squash":
         crop_pct, crop_mode = 1.0, "squash"

@@ -12,7 +12,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
-from ..config import DataConfig
+from ..config import DataConfig, check_range
 from ..errors import DataError
 from .datasets import (
     DEBIAN_FASHION_MNIST,
@@ -47,12 +47,13 @@ def build_dataset(cfg: DataConfig, transform: Transform | None = None, image_mod
     if cfg.source not in builders:
         raise DataError(f"unknown data.source {cfg.source!r}; choose one of {', '.join(builders)}")
     ds = builders[cfg.source](cfg)
-    ds.transform, ds.image_mode, ds.draft_size = transform, image_mode, draft_size
+    ds.transform = transform
+    ds.image_mode = image_mode
+    ds.draft_size = draft_size
     if cfg.classes is not None:
         ds = ds.subset(np.flatnonzero(np.isin(ds.labels, _class_labels(ds, cfg.classes))))
     if cfg.limit is not None:
-        if cfg.limit < 0:
-            raise DataError(f"data.limit must be >= 0, got {cfg.limit}")
+        check_range(DataConfig, "data.limit", cfg.limit)
         ds = ds.subset(range(min(cfg.limit, len(ds))))
     return ds
 

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import FinetuneConfig, save_config
+from ..config import FinetuneConfig, check_bounds, save_config
 from ..errors import ConfigError
 from ..runtime.atomicfile import atomic_write_text
 from ..runtime.device import Runtime, apply_runtime, resolve_runtime
@@ -60,6 +60,7 @@ def preflight(cfg: FinetuneConfig) -> None:
     from ..models.heads import build_head
 
     world = dist_info().world_size
+    check_bounds(cfg)  # a config built in Python did not pass load_config's checks
     check_train_config(cfg.train, "train", world)  # the one check: fit trusts it
     if cfg.pretrain.enabled:
         check_train_config(cfg.pretrain.train, "pretrain.train", world)
@@ -68,19 +69,6 @@ def preflight(cfg: FinetuneConfig) -> None:
     test_config(cfg)
     if cfg.head.type != "keep":
         build_head(replace(cfg.head, in_features=None), 1, 2)
-    u = cfg.unfreeze
-    for ok, key, value in ((cfg.probe.samples >= 0, "probe.samples", cfg.probe.samples),
-                           (u.layers >= 0, "unfreeze.layers", u.layers),
-                           (u.epochs >= 0, "unfreeze.epochs", u.epochs),
-                           (u.lr_mult > 0, "unfreeze.lr_mult", u.lr_mult),
-                           (cfg.output.save_interval_s >= 0, "output.save_interval_s",
-                            cfg.output.save_interval_s)):
-        if not ok:
-            raise ConfigError(f"{key} must be {'> 0' if key.endswith('mult') else '>= 0'}, "
-                              f"got {value}")
-    if cfg.probe.samples > 0 and len(cfg.probe.l2) > 1 and not 0 < cfg.probe.val_fraction < 1:
-        raise ConfigError(f"probe.val_fraction must be between 0 and 1 (exclusive), got "
-                          f"{cfg.probe.val_fraction}; try 0.2")
 
 
 def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:

@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from ..config import HeadConfig
+from ..config import HeadConfig, check_range
 from ..errors import HeadError
 from .cuts import (
     CLASSIFIER_ATTRS,
@@ -35,13 +35,11 @@ def build_head(cfg: HeadConfig, in_features: int, num_classes: int) -> nn.Sequen
     if cfg.in_features is not None and cfg.in_features != in_features:
         raise HeadError(f"head.in_features={cfg.in_features} does not fit the cut's output of "
                         f"{in_features} features; remove head.in_features or change model.cut")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise HeadError(f"head.dropout must be in [0, 1), got {cfg.dropout}")
+    check_range(HeadConfig, "head.dropout", cfg.dropout)
     hidden = list(cfg.hidden) if cfg.type == "mlp" else []
     if cfg.type == "mlp" and not hidden:
         raise HeadError("head.type=mlp needs head.hidden sizes, e.g. [500]; or use type linear")
-    if any(h < 1 for h in hidden):
-        raise HeadError(f"head.hidden sizes must be >= 1, got {hidden}")
+    check_range(HeadConfig, "head.hidden", hidden)
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_features
     for i, size in enumerate(hidden + [num_classes]):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import RuntimeConfig
+from ..config import RuntimeConfig, check_range
 from ..errors import ConfigError
 from .cores import affinity_cores, usable_cores
 
@@ -226,8 +226,7 @@ def default_batch_size(rt: Runtime, requested: int | None) -> int:
     with bf16 units, where resnet50's whole run was 1.05-1.12x faster than at 16 in every
     round and legacy_xception's unchanged (BENCHMARKS.md, section 11)."""
     if requested is not None:
-        if requested < 1:
-            raise ConfigError(f"runtime.batch_size must be >= 1, got {requested}")
+        check_range(RuntimeConfig, "runtime.batch_size", requested)
         return requested
     if rt.is_cuda:
         return 256

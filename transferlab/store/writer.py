@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import OutputConfig, check_range
 from ..errors import StoreError
 from ..runtime.atomicfile import atomic_write
 from ..runtime.background import BackgroundJobs
@@ -37,8 +38,7 @@ class StoreWriter:
         if str(np.dtype(dtype)) not in DTYPES:
             raise StoreError(f"store dtype must be one of {DTYPES}, got {dtype!r}; "
                              "set output.dtype")
-        if shard_size < 1:
-            raise StoreError(f"shard_size must be >= 1, got {shard_size}; set output.shard_size")
+        check_range(OutputConfig, "output.shard_size", shard_size)
         self.dir = Path(directory)
         self.dtype = np.dtype(dtype)
         self.shard_size = int(shard_size)
