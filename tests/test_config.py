@@ -1,12 +1,23 @@
 """Config loading: strict keys and types, overrides, clear errors, CLI exit code 2."""
 import subprocess
 import sys
+import typing
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import yaml
 
-from transferlab.config import ExtractConfig, load_config, save_config
+from transferlab.config import (
+    DataConfig,
+    ExtractConfig,
+    HeadConfig,
+    ModelConfig,
+    OutputConfig,
+    RuntimeConfig,
+    load_config,
+    save_config,
+)
 from transferlab.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,3 +110,34 @@ def test_cli_user_mistake_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "unknown key 'model.nme'" in proc.stderr and "did you mean 'model.name'" in proc.stderr
+
+
+def literal_choices(schema: type, name: str) -> set:
+    """The string choices a config field's Literal allows (Optional and unions unwrapped)."""
+    hint = typing.get_type_hints(schema)[name]
+    literals = [a for a in (typing.get_args(hint) or (hint,)) if typing.get_origin(a) is Literal]
+    if typing.get_origin(hint) is Literal:
+        literals = [hint]
+    return {c for lit in literals for c in typing.get_args(lit)}
+
+
+def test_config_choices_are_the_registries():
+    """A name added to a registry (or to a config Literal) alone fails here, so the config
+    and the code that acts on it never disagree."""
+    from transferlab.data.sources import DATA_SOURCES
+    from transferlab.data.webdataset import LABEL_KEYS
+    from transferlab.models.backbones import SOURCES
+    from transferlab.models.cuts import POOLS
+    from transferlab.models.heads import ACTIVATIONS
+    from transferlab.models.library import LIBRARY_BUILDERS
+    from transferlab.runtime.device import DTYPES as PRECISIONS
+    from transferlab.store.format import DTYPES
+
+    assert literal_choices(ModelConfig, "source") == set(SOURCES)
+    assert set(SOURCES) == {"auto", "checkpoint", *LIBRARY_BUILDERS}
+    assert literal_choices(ModelConfig, "pool") == set(POOLS)
+    assert literal_choices(DataConfig, "source") == set(DATA_SOURCES)
+    assert literal_choices(DataConfig, "label_key") == set(LABEL_KEYS)
+    assert literal_choices(HeadConfig, "activation") == set(ACTIVATIONS)
+    assert literal_choices(RuntimeConfig, "precision") == {"auto", *PRECISIONS}
+    assert literal_choices(OutputConfig, "dtype") == set(DTYPES)

@@ -16,9 +16,12 @@ from PIL import Image
 
 from tests.imagegen import make_image_tree, random_image, save
 from tests.test_extract import cli, same_store, summary_counts, write_config
+from transferlab.config import DataConfig
 from transferlab.data import datasets
 from transferlab.data.datasets import from_arrays
 from transferlab.data.imageio import ImageDecodeError, escape_name, load_image
+from transferlab.data.sources import DATA_SOURCES, build_dataset, describe_data
+from transferlab.errors import DataError
 from transferlab.extract import batches
 from transferlab.store.reader import FeatureStore
 
@@ -212,3 +215,27 @@ def test_gpu_decode_run_lists_a_fifo_and_a_long_thin_jpeg_as_failures(tmp_path):
     reasons = dict(store.failures)
     assert reasons["dog/x.jpg"] == "unreadable: not a regular file"
     assert reasons["dog/thin.jpg"].startswith("too-large:")
+
+
+# ---- the data-source registry (#23 item 4) -------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg, words", [
+    (DataConfig(root="photos"), "folder photos"),
+    (DataConfig(source="list", list_file="l.csv"), "list l.csv"),
+    (DataConfig(source="list", list_file="l.csv", root="img"), "list img"),
+    (DataConfig(source="torchvision", dataset="MNIST"), "torchvision MNIST (root None)"),
+    (DataConfig(source="mnist-5k"),
+     "mnist-5k (the 5,000 bundled MNIST digits, fixed 80/20 train/test split)"),
+    (DataConfig(source="webdataset", urls="t-{0..3}.tar"), "webdataset t-{0..3}.tar"),
+])
+def test_each_source_names_its_data_in_messages(cfg, words):
+    assert describe_data(cfg) == words
+
+
+def test_an_unknown_source_is_one_line_naming_the_registry():
+    with pytest.raises(DataError) as exc:
+        build_dataset(DataConfig(source="hdf5"))  # a Python-built config skips the Literal
+    assert str(exc.value) == ("unknown data.source 'hdf5'; choose one of folder, list, "
+                              "torchvision, mnist-5k, webdataset")
+    assert list(DATA_SOURCES) == ["folder", "list", "torchvision", "mnist-5k", "webdataset"]

@@ -222,6 +222,49 @@ def test_views_go_through_the_model_at_most_a_batch_at_a_time(tmp_path, monkeypa
 # ---------------------------------------------------------------------------------------
 
 
+# Fingerprints as stores written before the data-source registry recorded them: a store
+# resumes only when its fingerprint is equal, key order included (json of the dict).
+_COMMON = {"root": None, "list_file": None, "dataset": None, "split": "train"}
+WRITTEN_BEFORE = [
+    (DataConfig(root="/data/photos", label_column="y"),
+     {"source": "folder", **_COMMON, "root": "/data/photos"}, None),
+    (DataConfig(root="s3://bucket/photos/"),
+     {"source": "folder", **_COMMON, "root": "s3://bucket/photos/"}, None),
+    (DataConfig(source="list", list_file="/data/l.csv", label_column="label", split="test"),
+     {"source": "list", **_COMMON, "list_file": "/data/l.csv", "split": "test"}, "label"),
+    (DataConfig(source="list", list_file="https://h/l.txt", root="https://h/img/"),
+     {"source": "list", **_COMMON, "root": "https://h/img/", "list_file": "https://h/l.txt"},
+     None),
+    (DataConfig(source="torchvision", dataset="MNIST", root="/data/mnist", split="test",
+                label_column="z"),
+     {"source": "torchvision", **_COMMON, "root": "/data/mnist", "dataset": "MNIST",
+      "split": "test"}, None),
+    (DataConfig(source="mnist-5k"), {"source": "mnist-5k", **_COMMON}, None),
+    (DataConfig(source="webdataset", urls="s3://b/t-{0..3}.tar", label_key="cls"),
+     {"source": "webdataset", **_COMMON, "urls": ["s3://b/t-{0..3}.tar"], "label_key": "cls"},
+     None),
+    (DataConfig(source="webdataset", urls=["/data/a.tar", "file:///data/b.tar"],
+                label_key="json", root="/data"),
+     {"source": "webdataset", **_COMMON, "root": "/data",
+      "urls": ["/data/a.tar", "file:///data/b.tar"], "label_key": "json"}, None),
+]
+
+
+@pytest.mark.parametrize("cfg, data, label_column", WRITTEN_BEFORE)
+def test_every_source_fingerprints_its_data_as_stores_written_before(cfg, data, label_column):
+    from transferlab.data.fingerprint import label_fingerprint
+
+    assert json.dumps(data_fingerprint(cfg)) == json.dumps(data)
+    assert json.dumps(label_fingerprint(cfg, ["a", "b"])) == json.dumps(
+        {"class_names": ["a", "b"], "label_column": label_column})
+
+
+def test_every_source_has_a_fingerprint_case_above():
+    from transferlab.data.sources import DATA_SOURCES
+
+    assert {cfg.source for cfg, _, _ in WRITTEN_BEFORE} == set(DATA_SOURCES)
+
+
 def test_extraction_and_the_finetune_cache_describe_the_data_alike(tmp_path, monkeypatch):
     from tests.test_finetune import write_digit_folder
     from transferlab.config import FinetuneConfig

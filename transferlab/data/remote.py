@@ -61,6 +61,15 @@ def local_path(path: str | Path) -> Path:
     return Path(text).expanduser()
 
 
+def absolute(path: str | None) -> str | None:
+    """``path`` as fingerprints name it: the same folder named from another working directory
+    is the same data; a URL (s3://, gs://, http(s)://, file://) is already absolute and stays
+    as written."""
+    if path is None or "://" in str(path):
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
 def filesystem(url: str) -> tuple[Any, str]:
     """(fsspec filesystem, path inside it) of ``url``. Only retry and timeout settings are
     passed: credentials and endpoint are the environment's."""

@@ -1,4 +1,10 @@
-"""Building a dataset from a DataConfig: folder, list, torchvision, mnist-5k."""
+"""Building a dataset from a DataConfig: folder, list, torchvision, mnist-5k, webdataset.
+
+Each value of ``data.source`` is one entry of ``DATA_SOURCES`` (at the end of this module):
+how its items are listed, how messages name it and what it adds to the data fingerprint.
+A new source is its builder and its entry here, plus its name (and any keys) in
+``DataConfig`` (``config.py``).
+"""
 from __future__ import annotations
 
 import csv
@@ -7,6 +13,8 @@ import gzip
 import logging
 import os
 import posixpath
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -23,7 +31,7 @@ from .datasets import (
     Transform,
 )
 from .imageio import BAD_NAME, OUTSIDE_ROOT, escape_name, is_image_file
-from .remote import UrlReader, find_images, is_remote, local_path, open_text
+from .remote import UrlReader, absolute, find_images, is_remote, local_path, open_text
 from .webdataset import build_webdataset
 
 log = logging.getLogger(__name__)
@@ -42,11 +50,7 @@ def build_dataset(cfg: DataConfig, transform: Transform | None = None, image_mod
     """
     if image_mode not in ("RGB", "L"):
         raise DataError(f"image_mode must be 'RGB' or 'L', got {image_mode!r}")
-    builders = {"folder": _folder, "list": _list, "torchvision": _torchvision,
-                "mnist-5k": _mnist_5k, "webdataset": build_webdataset}
-    if cfg.source not in builders:
-        raise DataError(f"unknown data.source {cfg.source!r}; choose one of {', '.join(builders)}")
-    ds = builders[cfg.source](cfg)
+    ds = data_source(cfg.source).build(cfg)
     ds.transform = transform
     ds.image_mode = image_mode
     ds.draft_size = draft_size
@@ -56,6 +60,18 @@ def build_dataset(cfg: DataConfig, transform: Transform | None = None, image_mod
         check_range(DataConfig, "data.limit", cfg.limit)
         ds = ds.subset(range(min(cfg.limit, len(ds))))
     return ds
+
+
+def data_source(name: str) -> DataSource:
+    """The ``DATA_SOURCES`` entry of ``data.source`` ``name``."""
+    if name not in DATA_SOURCES:
+        raise DataError(f"unknown data.source {name!r}; choose one of {', '.join(DATA_SOURCES)}")
+    return DATA_SOURCES[name]
+
+
+def describe_data(cfg: DataConfig) -> str:
+    """The data of ``cfg`` in a few words, for messages."""
+    return data_source(cfg.source).describe(cfg)
 
 
 def _class_labels(ds: ImageDataset, wanted: list) -> list[int]:
@@ -427,3 +443,35 @@ def _mnist_5k(cfg: DataConfig) -> ImageDataset:
     return ImageDataset(ArrayReader(images), keys, labels[rows], [str(i) for i in range(10)],
                         rows=rows)
 
+
+# ---- the registry: one entry per data.source ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One value of ``data.source``."""
+
+    build: Callable[[DataConfig], ImageDataset]  # every item, before classes/limit
+    describe: Callable[[DataConfig], str]  # the data in a few words, for messages
+    # what names the images beyond source/root/list_file/dataset/split (data_fingerprint);
+    # None for the sources that need nothing more, whose fingerprints must stay as they were
+    fingerprint: Callable[[DataConfig], dict] | None = None
+    labels_from_column: bool = False  # labels are read from data.label_column
+
+
+def _webdataset_fingerprint(cfg: DataConfig) -> dict:
+    urls = [cfg.urls] if isinstance(cfg.urls, str) or cfg.urls is None else cfg.urls
+    return {"urls": [absolute(u) for u in urls], "label_key": cfg.label_key}
+
+
+DATA_SOURCES: dict[str, DataSource] = {
+    "folder": DataSource(_folder, lambda cfg: f"folder {cfg.root or cfg.list_file}"),
+    "list": DataSource(_list, lambda cfg: f"list {cfg.root or cfg.list_file}",
+                       labels_from_column=True),
+    "torchvision": DataSource(_torchvision,
+                              lambda cfg: f"torchvision {cfg.dataset} (root {cfg.root})"),
+    "mnist-5k": DataSource(_mnist_5k, lambda cfg: "mnist-5k (the 5,000 bundled MNIST digits, "
+                                                  "fixed 80/20 train/test split)"),
+    "webdataset": DataSource(build_webdataset, lambda cfg: f"webdataset {cfg.urls}",
+                             _webdataset_fingerprint),
+}

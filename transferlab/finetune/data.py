@@ -31,16 +31,6 @@ class LabelledData:
     class_names: list[str]
 
 
-def describe_data(cfg: DataConfig) -> str:
-    if cfg.source == "mnist-5k":
-        return "mnist-5k (the 5,000 bundled MNIST digits, fixed 80/20 train/test split)"
-    if cfg.source == "torchvision":
-        return f"torchvision {cfg.dataset} (root {cfg.root})"
-    if cfg.source == "webdataset":
-        return f"webdataset {cfg.urls}"
-    return f"{cfg.source} {cfg.root or cfg.list_file}"
-
-
 def merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
@@ -59,7 +49,7 @@ def fallback_config(cfg: FinetuneConfig) -> FinetuneConfig | None:
 
 def resolve_data(cfg: FinetuneConfig) -> tuple[FinetuneConfig, str]:
     """Check the data loads; on failure switch to ``fallback``. Returns (config, note)."""
-    from ..data.sources import build_dataset
+    from ..data.sources import build_dataset, describe_data
 
     fallback = fallback_config(cfg)  # validated up front: typos fail before any work
     try:
@@ -79,7 +69,7 @@ def labelled_data(data_cfg: DataConfig, classes: list | None, where: str,
                   known: list[int] | None = None) -> LabelledData:
     """The items of ``classes`` with labels; clear errors for empty, unlabelled or one-class
     data. ``known`` maps labels to the class indices of a training set (test data)."""
-    from ..data.sources import build_dataset
+    from ..data.sources import build_dataset, describe_data
 
     ds = build_dataset(replace(data_cfg, classes=classes))
     if len(ds) == 0:

@@ -12,12 +12,13 @@ from ..config import ModelConfig
 from ..errors import ModelError
 from .checkpoint import CLASSIFIER_FORMAT, read_checkpoint
 from .classifier import classifier_from_checkpoint
-from .library import Backbone, build_library, resolve_source
+from .library import LIBRARY_BUILDERS, Backbone, build_library, resolve_source
 from .recorded import rebuild_backbone
 from .weights import load_state_dict_file, load_weights_into
 
-# every value of model.source (``inspect --source`` takes them from here)
-SOURCES = ("auto", "timm", "torchvision", "builtin", "checkpoint", "callable", "hub")
+# every value of model.source: auto, each library builder, a transferlab checkpoint
+# (``inspect --source`` takes them from here; ModelConfig.source lists the same names)
+SOURCES = ("auto", *LIBRARY_BUILDERS, "checkpoint")
 
 __all__ = ["SOURCES", "Backbone", "build_backbone", "build_from_checkpoint", "resolve_source"]
 

@@ -46,7 +46,8 @@ def torchvision_names() -> frozenset[str]:
 
 
 def resolve_source(name: str, source: str = "auto") -> str:
-    """Which library builds ``name``; 'auto' prefers built-in, checkpoint, callable, timm."""
+    """Which library builds ``name``; 'auto' tries built-in, checkpoint, hub, callable, timm,
+    torchvision in this order."""
     if source != "auto":
         return source
     if name in BUILTIN_MODELS:
@@ -178,9 +179,15 @@ def build_callable(cfg: ModelConfig) -> Backbone:
     return Backbone(model, cfg.name, "callable", data_config)
 
 
+# One entry per model.source a library builds (a new source: its builder here, its rule in
+# resolve_source when 'auto' should find it, and its name in ModelConfig.source).
 LIBRARY_BUILDERS: dict[str, Callable[[ModelConfig], Backbone]] = {
-    "timm": build_timm, "torchvision": build_torchvision, "builtin": build_builtin,
-    "hub": build_hub, "callable": build_callable}
+    "timm": build_timm,
+    "torchvision": build_torchvision,
+    "builtin": build_builtin,
+    "hub": build_hub,
+    "callable": build_callable,
+}
 
 
 def build_library(cfg: ModelConfig, source: str) -> Backbone:
