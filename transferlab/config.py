@@ -1,8 +1,12 @@
 """Typed configs loaded from YAML with ``key.sub=value`` overrides.
 
-Every setting lives in one dataclass field with its default and a comment. Loading is
-strict: an unknown key, a wrong type, a bad choice or a missing file raises ``ConfigError``
-naming the key, the file and the closest valid key.
+Every setting lives in one dataclass field with its default and a comment; every range a
+value must lie in lives in ``BOUNDS``. Loading is strict: an unknown key, a wrong type, a bad
+choice, a value out of range or a missing file raises ``ConfigError`` naming the key, the
+file and the closest valid key (or the valid range).
+
+A config is saved beside every output and shared: cloud credentials and endpoints never
+belong in it; they come from the environment only (``data.remote``).
 """
 from __future__ import annotations
 
@@ -351,7 +355,7 @@ def check_range(schema: type, key: str, value: Any, source: str | None = None) -
         raise ConfigError(f"{key} must be {bound.valid}, got {shown(value)}{where}{hint}")
 
 
-def check_section(cfg: Any, prefix: str = "", source: str | None = None) -> None:
+def _check_section(cfg: Any, prefix: str = "", source: str | None = None) -> None:
     """Check the bounded fields of one config dataclass (its sections are not entered)."""
     for name, bound in BOUNDS.get(type(cfg), {}).items():
         if bound.applies is None or bound.applies(cfg):
@@ -364,7 +368,7 @@ def check_bounds(cfg: Any, prefix: str = "") -> None:
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             check_bounds(value, f"{prefix}{f.name}.")
-    check_section(cfg, prefix)
+    _check_section(cfg, prefix)
 
 
 # ---------------------------------------------------------------------------------------
@@ -493,7 +497,7 @@ def from_dict(schema: type[T], data: dict, source: str, prefix: str = "") -> T:
         else:
             values[name] = coerce(value, hint, full, source)
     cfg = schema(**values)
-    check_section(cfg, prefix, source)
+    _check_section(cfg, prefix, source)
     return cfg
 
 

@@ -27,7 +27,7 @@ from .sources import LoaderSource, Source, chunked
 
 def check_train_config(cfg: TrainConfig, where: str = "train", world_size: int = 1) -> None:
     """Reject settings that do not fit together, naming the key (``fit`` trusts a checked
-    config; each value's own range is ``config.BOUNDS``').
+    config; the range of each value is checked by ``config.BOUNDS``).
 
     ``world_size`` processes split every global batch: each needs at least one item.
     """
@@ -198,7 +198,7 @@ def fit(net: Network, train_src: Source, val_src: Source | None, cfg: TrainConfi
     The shuffle order comes from ``generator`` only, so cached and uncached runs see the same
     batches. With early stopping the best epoch's weights are restored at the end. Under a
     process group the sources hold this process's share (see ``SharedSteps``). ``cfg`` is
-    one that ``check_train_config`` accepted.
+    one that ``config.BOUNDS`` and ``check_train_config`` accepted.
     """
     shared = SharedSteps.plan(net, train_src, val_src, cfg, rt, groups, phase)
     steps = shared.steps if shared else max(1, math.ceil(len(train_src) / cfg.batch_size))
