@@ -506,6 +506,57 @@ def test_stores_are_byte_identical_to_the_previous_runner(tmp_path, name):
     assert {k: v for k, v in got.items() if want[k] != v} == {}
 
 
+# what the previous code recorded for the "head" case (tmp paths as <tmp>)
+OLD_HEAD_FINGERPRINT = {
+    "backbone": "test_resnet", "source": "timm", "weights": {"random_init_seed": 0},
+    "kwargs": {}, "num_classes": None, "in_chans": None, "cut": "head", "pool": None,
+    "pool_after_cut": "none",
+    "preprocess": {"crop_mode": "center", "crop_pct": 0.95, "input_size": [3, 32, 32],
+                   "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5],
+                   "resize": "center_crop", "std": [0.5, 0.5, 0.5], "window": "crop"},
+    "views": 0, "view_mode": None, "decode": "pil",
+    "compute": {"channels_last": True, "device": "cpu", "fold_bn": True, "precision": "fp32"},
+    "data": {"dataset": None, "list_file": None, "root": "<tmp>/data", "source": "folder",
+             "split": "train"},
+    "labels": {"class_names": ["cat", "dog"], "label_column": None}}
+
+
+def test_a_store_the_previous_code_began_resumes(tmp_path):
+    """A killed store with the fingerprint the previous code recorded (its first shard
+    finished): the new runner accepts it and continues after that shard."""
+    from transferlab.models.extractor import build_extractor
+    from transferlab.store.writer import StoreWriter
+
+    make_data(tmp_path / "data")
+    out = tmp_path / "head"
+    prints = json.loads(json.dumps(OLD_HEAD_FINGERPRINT).replace("<tmp>",
+                                                                 str(tmp_path.resolve())))
+    keys = sorted(p.relative_to(tmp_path / "data").as_posix()
+                  for p in (tmp_path / "data").rglob("*.png"))
+    dim = build_extractor("test_resnet", preprocess={"input_size": [32, 32]}).extractor.feature_dim
+    writer = StoreWriter(out, prints, "float16", 8)
+    writer.add(keys[:8], np.array([k.startswith("dog") for k in keys[:8]], np.int64),
+               np.zeros((8, dim), np.float32))  # one whole shard, then killed
+    writer.abort()
+    result = run_extract(load_config(None, [*BASE, f"data.root={tmp_path / 'data'}",
+                                            f"output.dir={out}"], ExtractConfig))
+    assert (result.skipped, result.written, result.failed) == (8, 2, 1)
+    assert result.store.meta["fingerprint"] == prints
+
+
+def test_the_fine_tune_cache_fingerprint_is_the_one_the_previous_code_recorded():
+    from transferlab.config import DataConfig
+    from transferlab.data.fingerprint import data_fingerprint
+    from transferlab.runtime.record import rows_fingerprint
+
+    digest = {"base": "abc", "cut": "head", "pool": "none", "preprocess": {"input_size": [3]}}
+    data = DataConfig(root="/data")
+    compute = {"precision": "fp32", "fold_bn": True, "channels_last": True, "device": "cpu"}
+    stages_part = {**digest, "data": data_fingerprint(data)}  # finetune/stages.py before
+    previous = {**stages_part, "compute": compute}  # training/cache.py before
+    assert rows_fingerprint(digest, data, compute) == previous
+
+
 if __name__ == "__main__":
     import tempfile
 

@@ -20,10 +20,13 @@ _EXPORTS = {
     "CutError": "errors", "DataError": "errors", "StoreError": "errors",
     # backbones, cuts, preprocessing
     "Backbone": "models.backbones", "build_backbone": "models.backbones",
-    "CutSpec": "models.cuts", "FrozenExtractor": "models.cuts", "list_cut_points": "models.cuts",
-    "parse_cut": "models.cuts",
+    "CutSpec": "models.cuts", "CutOutput": "models.cuts", "FrozenExtractor": "models.cuts",
+    "list_cut_points": "models.cuts", "parse_cut": "models.cuts",
+    "MultiCutExtractor": "models.multicut",
+    # one builder for one cut (a tensor) or several (a list of tensors, one base pass)
     "ExtractorBundle": "models.extractor", "build_extractor": "models.extractor",
-    "extractor_from_config": "models.extractor",
+    "extractor_from_config": "models.extractor", "load_backbone": "models.extractor",
+    "FeatureComputer": "models.engine",
     "PreprocessSpec": "data.preprocess", "build_transform": "data.preprocess",
     "resolve_preprocess": "data.preprocess",
     # data and stores
