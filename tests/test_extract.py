@@ -326,7 +326,7 @@ def test_keyboard_interrupt_leaves_a_store_that_resumes_identically(messy, tmp_p
                                                                      monkeypatch):
     """KeyboardInterrupt from inside the loop: finished shards stay; the rerun feeds the model
     exactly the batches the uninterrupted run did and ends identical, value for value."""
-    from transferlab.extract import compute as extract
+    from transferlab.models import engine as extract
 
     cfg = load_config(messy["store"] / "config.yaml", [f"output.dir={tmp_path / 's'}"],
                       ExtractConfig)
@@ -400,7 +400,7 @@ def test_threaded_batch_decoding_equals_reading_one_by_one(messy):
 
 def test_extraction_decodes_in_threads_only_without_loader_workers(tmp_path):
     from transferlab.data.sources import build_dataset
-    from transferlab.extract.pipeline import build_loader
+    from transferlab.extract.run import build_loader
     from transferlab.runtime.device import resolve_runtime
 
     make_image_tree(tmp_path / "data", per_class=2, unicode_name=False)

@@ -20,17 +20,20 @@ _EXPORTS = {
     "CutError": "errors", "DataError": "errors", "StoreError": "errors",
     # backbones, cuts, preprocessing
     "Backbone": "models.backbones", "build_backbone": "models.backbones",
-    "CutSpec": "models.cuts", "FrozenExtractor": "models.cuts", "list_cut_points": "models.cuts",
-    "parse_cut": "models.cuts",
+    "CutSpec": "models.cuts", "CutOutput": "models.cuts", "FrozenExtractor": "models.cuts",
+    "list_cut_points": "models.cuts", "parse_cut": "models.cuts",
+    "MultiCutExtractor": "models.multicut",
+    # one builder for one cut (a tensor) or several (a list of tensors, one base pass)
     "ExtractorBundle": "models.extractor", "build_extractor": "models.extractor",
-    "extractor_from_config": "models.extractor",
+    "extractor_from_config": "models.extractor", "load_backbone": "models.extractor",
+    "FeatureComputer": "models.engine",
     "PreprocessSpec": "data.preprocess", "build_transform": "data.preprocess",
     "resolve_preprocess": "data.preprocess",
     # data and stores
     "ImageDataset": "data.datasets", "build_dataset": "data.sources",
     "FeatureStore": "store.reader", "StoreWriter": "store.writer",
     # runners
-    "ExtractResult": "extract.run", "run_extract": "extract.run", "embed_images": "extract.compute",
+    "ExtractResult": "extract.run", "run_extract": "extract.run", "embed_images": "extract.queries",
     "run_finetune": "finetune.run", "FinetuneResult": "finetune.outputs",
     "load_model": "models.classifier", "Classifier": "models.classifier", "HeadError": "errors",
     # downstream

@@ -6,7 +6,10 @@
 - ``checkpoint``: the safetensors checkpoint file with its JSON metadata.
 - ``classifier``: fine-tuned classifiers saved and loaded (``load_model``).
 - ``cuts``: cut specs -> ``FrozenExtractor``; ``list_cut_points``.
+- ``multicut``: several cuts in one pass of the base -> ``MultiCutExtractor``.
 - ``fusion``: frozen BatchNorm folded into the convolution before it.
 - ``heads``: linear / MLP / keep heads on a cut.
-- ``extractor``: backbone + cut + preprocessing in one call (``build_extractor``).
+- ``extractor``: backbone + one cut or several + preprocessing in one call
+  (``build_extractor``, ``extractor_from_config``, ``load_backbone``).
+- ``engine``: the frozen forward pass every command runs (``FeatureComputer``).
 """

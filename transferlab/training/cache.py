@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import DataConfig
 from ..models.fusion import fold_batchnorm
 from ..runtime.device import Runtime, frozen_forward
-from ..runtime.record import compute_record
+from ..runtime.record import compute_record, rows_fingerprint
 from ..store.writer import StoreWriter
 from .network import Network
 from .sources import ArraySource, LoaderSource, Source, TensorSource
@@ -97,17 +98,20 @@ def frozen_features(net: Network, src: Source, positions: torch.Tensor, batch_si
 def cache_features(net: Network, src: Source, where: str, rt: Runtime, batch_size: int,
                    feature_shape: Sequence[int], keys: Sequence[str] | None = None,
                    cache_dir: Path | None = None, fingerprint: dict | None = None,
-                   progress: bool = False, fold_bn: bool = False) -> Source:
+                   progress: bool = False, fold_bn: bool = False,
+                   data: DataConfig | None = None) -> Source:
     """Run the frozen base once over ``src``; a source of its features (same targets).
 
     Items that fail to decode are left out (the returned source is shorter); ``where`` is
-    a ``plan_cache`` answer. 'disk' needs ``keys``, ``cache_dir`` and ``fingerprint``.
+    a ``plan_cache`` answer. 'disk' needs ``keys``, ``cache_dir`` and ``fingerprint``: what
+    the rows depend on besides ``data`` (the images the keys name) and the computation,
+    completed by ``runtime.record.rows_fingerprint`` as extraction completes a store's.
     ``fold_bn`` runs a copy of the base with its BatchNorms folded (``caching_base``).
     """
     base, folded = caching_base(net, fold_bn)
     if where == "disk":
         return _cache_on_disk(net, base, folded, src, rt, batch_size, feature_shape, keys,
-                              cache_dir, fingerprint or {}, progress)
+                              cache_dir, fingerprint or {}, progress, data)
     device = rt.device if where == "device" else torch.device("cpu")
     buf = torch.empty((len(src), *feature_shape), dtype=torch.float32, device=device)
     done = torch.zeros(len(src), dtype=torch.bool)
@@ -124,11 +128,12 @@ def cache_features(net: Network, src: Source, where: str, rt: Runtime, batch_siz
 
 def _cache_on_disk(net: Network, base: nn.Module | None, folded: bool, src: Source, rt: Runtime,
                    batch_size: int, feature_shape: Sequence[int], keys: Sequence[str] | None,
-                   cache_dir: Path | None, fingerprint: dict, progress: bool) -> Source:
+                   cache_dir: Path | None, fingerprint: dict, progress: bool,
+                   data: DataConfig | None) -> Source:
     if keys is None or cache_dir is None:
         raise ValueError("the disk cache needs keys and cache_dir")
     # rows of another precision, layout, folding or device type must not mix: rebuilt
-    fingerprint = {**fingerprint, "compute": compute_record(rt, folded)}
+    fingerprint = rows_fingerprint(fingerprint, data, compute_record(rt, folded))
     writer = StoreWriter(cache_dir, fingerprint, dtype="float32", overwrite=True, fsync=False)
     try:
         done = writer.done_keys
