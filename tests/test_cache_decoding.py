@@ -15,24 +15,7 @@ from transferlab.data.sources import build_dataset
 from transferlab.runtime.device import Runtime
 from transferlab.training.cache import frozen_features
 from transferlab.training.network import Network
-from transferlab.training.sources import LoaderSource, ThreadedItems
-
-
-class Recording(torch.utils.data.Dataset):
-    """Items 0..n-1 that record the thread each was read in (and wait a moment, so a pool
-    of two threads really shares the work)."""
-
-    def __init__(self, n: int):
-        self.n, self.threads, self.lock = n, set(), threading.Lock()
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        with self.lock:
-            self.threads.add(threading.current_thread().name)
-        threading.Event().wait(0.01)
-        return i
+from transferlab.training.sources import LoaderSource
 
 
 def folder(tmp_path, n: int = 7, bad: int = 3):
@@ -53,16 +36,6 @@ def image_source(tmp_path) -> LoaderSource:
     ds.transform = build_transform(spec, normalize=False)
     ds.image_mode, ds.draft_size = spec.image_mode, spec.scale_size()
     return LoaderSource(ds, np.maximum(ds.labels, 0), torch.device("cpu"))
-
-
-def test_threaded_items_come_in_index_order_from_several_threads():
-    base = Recording(8)
-    items = ThreadedItems(base, 2).__getitems__([5, 1, 7, 0, 2, 6])
-    assert items == [5, 1, 7, 0, 2, 6]
-    assert len(base.threads) == 2 and all(t.startswith("decode") for t in base.threads)
-    one = Recording(8)
-    assert ThreadedItems(one, 1).__getitems__([3, 2]) == [3, 2]
-    assert one.threads == {threading.current_thread().name}
 
 
 def test_threaded_batches_equal_plain_ones_and_failures_are_shared(tmp_path):
