@@ -12,9 +12,9 @@ from transferlab.config import DataConfig
 from transferlab.data.datasets import ImageDataset
 from transferlab.data.preprocess import build_transform, resolve_preprocess
 from transferlab.data.sources import build_dataset
+from transferlab.models.classifier import Classifier
 from transferlab.runtime.device import Runtime
 from transferlab.training.cache import frozen_features
-from transferlab.training.network import Network
 from transferlab.training.sources import LoaderSource
 
 
@@ -64,7 +64,7 @@ def test_the_caching_pass_decodes_with_the_runtime_threads(tmp_path, monkeypatch
     monkeypatch.setattr(ImageDataset, "__getitem__", spy)
     src = image_source(tmp_path)
     spec = resolve_preprocess({"input_size": (3, 32, 32)})
-    net = Network(None, torch.nn.Identity(), spec)
+    net = Classifier(None, torch.nn.Identity(), ["c0", "c1"], spec)
     rt = Runtime(torch.device("cpu"), "fp32", False, 0, 2)
     feats = list(frozen_features(net, src, torch.arange(len(src)), 4, rt))
     assert [len(p) for _, p in feats] == [4, 2]  # 7 items, c1/003 bad, batches of 4
@@ -87,7 +87,7 @@ def test_the_caching_pass_runs_a_folded_copy_of_the_base_with_the_same_features(
 
     src = image_source(tmp_path)
     spec = resolve_preprocess({"input_size": (3, 32, 32)})
-    net = Network(conv_bn_base(), torch.nn.Identity(), spec)
+    net = Classifier(conv_bn_base(), torch.nn.Identity(), ["c0", "c1"], spec)
     rt = Runtime(torch.device("cpu"), "fp32", False, 0, 1)
     calls = []
     net.base.register_forward_hook(lambda *_: calls.append(1))
@@ -107,7 +107,7 @@ def test_the_disk_cache_records_whether_its_rows_come_from_a_folded_base(tmp_pat
 
     src = image_source(tmp_path)
     spec = resolve_preprocess({"input_size": (3, 32, 32)})
-    net = Network(conv_bn_base(), torch.nn.Identity(), spec)
+    net = Classifier(conv_bn_base(), torch.nn.Identity(), ["c0", "c1"], spec)
     rt = Runtime(torch.device("cpu"), "fp32", False, 0, 1)
     keys = list(src.dataset.keys)
     for fold in (True, False):

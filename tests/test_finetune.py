@@ -15,11 +15,10 @@ from transferlab.errors import ConfigError, DataError, HeadError, ModelError
 from transferlab.finetune.__main__ import command
 from transferlab.finetune.run import run_finetune
 from transferlab.models.checkpoint import read_checkpoint, save_checkpoint
-from transferlab.models.classifier import load_model
+from transferlab.models.classifier import Classifier, load_model
 from transferlab.models.lenet import lenet
 from transferlab.runtime.device import resolve_runtime
 from transferlab.training.loop import fit, make_optimizer, make_scheduler
-from transferlab.training.network import Network
 from transferlab.training.sources import TensorSource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -425,7 +424,7 @@ def test_early_stopping_stops_and_restores_the_best_epoch():
     rt = resolve_runtime(RuntimeConfig(device="cpu"))
     spec = PreprocessSpec((1, 1, 1), "bilinear", (0.0,), (1.0,), 1.0, "squash", "squash")
     head = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4))
-    net = Network(torch.nn.Identity(), head, spec)
+    net = Classifier(torch.nn.Identity(), head, list("abcd"), spec)
     src = TensorSource(x, y, "features", rt.device)
     train, val = src.subset(np.arange(150)), src.subset(np.arange(150, 200))
     cfg = TrainConfig(epochs=40, lr=0.01, batch_size=16, val_split=0.25, early_stopping=2)

@@ -1,4 +1,4 @@
-"""Fine-tuned classifiers: checkpoint format, ``load_model`` and prediction helpers.
+"""The classifier (normalise -> base -> head): trained, saved, loaded (``load_model``), used.
 
 A classifier checkpoint is a transferlab checkpoint (safetensors + JSON metadata, written
 atomically) holding ``base.*`` (the cut backbone) and ``head.*`` tensors. Its metadata
@@ -14,8 +14,9 @@ live in ``checkpoint``; what the metadata names is rebuilt within the rules of `
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,11 @@ from PIL import Image
 from torch import nn
 
 from ..config import HeadConfig
+from ..data.datasets import read_batch
 from ..data.imageio import load_image
 from ..data.preprocess import DeviceNormalize, PreprocessSpec, build_transform, resolve_preprocess
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
+from ..runtime.device import frozen_forward
 from .checkpoint import CLASSIFIER_FORMAT, read_checkpoint, save_checkpoint
 from .heads import cut_with_head
 from .library import build_library
@@ -37,14 +40,20 @@ ImageLike = Image.Image | str | os.PathLike
 
 
 class Classifier(nn.Module):
-    """``head(base(x))`` on normalised input, with its class names and preprocessing.
+    """normalise -> base -> head, with its class names and preprocessing: the one network
+    that fine-tuning trains and saves and ``load_model`` rebuilds.
 
-    ``forward`` takes what ``transform()`` makes (normalised float NCHW); ``predict`` and
-    ``predict_proba`` take PIL images, image paths, or a uint8 NCHW tensor of raw pixels.
+    ``base`` None: ``head`` is a whole model (the pretrain stage, a backbone checkpoint). A
+    frozen base (a ``FrozenExtractor``) runs without autograd and stays in eval mode;
+    ``unfreeze_last`` lets its last layers train. ``forward`` takes what ``transform()``
+    makes (normalised float NCHW); ``logits`` takes uint8 images or base features (training);
+    ``predict`` and ``predict_proba`` take PIL images, image paths, or a uint8 NCHW tensor of
+    raw pixels.
     """
 
-    def __init__(self, base: nn.Module, head: nn.Module, class_names: Sequence[str],
-                 preprocess: PreprocessSpec, meta: dict | None = None):
+    def __init__(self, base: nn.Module | None, head: nn.Module, class_names: Sequence[str],
+                 preprocess: PreprocessSpec, meta: dict | None = None,
+                 channels_last: bool = False):
         super().__init__()
         self.base = base
         self.head = head
@@ -52,9 +61,18 @@ class Classifier(nn.Module):
         self.preprocess = preprocess
         self.meta = meta or {}
         self.normalize = DeviceNormalize(preprocess.mean, preprocess.std)
+        self.channels_last = channels_last
+        self.base_trainable = False  # True in the partial-unfreeze phase
+        self.unfrozen: list[nn.Module] = []  # base modules that train (train mode) with it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.base(x))
+        return self.head(self.base(x) if self.base is not None else x)
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)  # a FrozenExtractor base stays in eval mode
+        for module in self.unfrozen:
+            module.train(mode)
+        return self
 
     def transform(self) -> Callable:
         """PIL image -> the normalised tensor ``forward`` expects."""
@@ -64,38 +82,95 @@ class Classifier(nn.Module):
     def device(self) -> torch.device:
         return self.normalize.scale.device
 
-    def pixels(self, images: Sequence[ImageLike] | torch.Tensor) -> torch.Tensor:
-        """uint8 NCHW pixels at the model's input size (images decoded and resized)."""
+    # -- training -------------------------------------------------------------------------
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW images -> the normalised input of the base, in the training layout."""
+        x = self.normalize(images)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Base output for uint8 images; no autograd through a frozen base."""
+        x = self.prepare(images)
+        if self.base is None:
+            return x
+        if self.base_trainable:
+            return self.base(x)
+        with frozen_forward():  # under the caller's autocast
+            out = self.base(x)
+        return out.clone()  # a normal tensor the head may save for backward
+
+    def logits(self, x: torch.Tensor, kind: str = "images") -> torch.Tensor:
+        """Class scores of uint8 images (``kind`` 'images') or of base outputs ('features')."""
+        return self.head(self.features(x) if kind == "images" else x)
+
+    def base_layers(self) -> list[tuple[str, nn.Module]]:
+        """Top-level layers of the cut base that hold parameters, in call order (what
+        ``unfreeze.layers`` counts from the end); the cut knows its layers."""
+        layers = self.base.layers(self.preprocess.input_size)
+        if layers is None:
+            raise ConfigError("unfreeze.layers is not available for a layer cut at a graph "
+                              "node; cut at a module name (layer:NAME) or use first:N / head")
+        return [(n, m) for n, m in layers if any(True for _ in m.parameters())]
+
+    def unfreeze_last(self, layers: Sequence[tuple[str, nn.Module]], count: int,
+                      train_bn: bool) -> list[str]:
+        """Make the last ``count`` of ``layers`` trainable; returns their names."""
+        chosen = list(layers)[-count:] if count > 0 else []
+        for _, module in chosen:
+            module.requires_grad_(True)
+        self.base_trainable = bool(chosen)
+        self.unfrozen = []
+        for _, module in chosen:
+            for sub in module.modules():
+                is_bn = isinstance(sub, nn.modules.batchnorm._BatchNorm)
+                if not list(sub.children()) and (train_bn or not is_bn):
+                    self.unfrozen.append(sub)
+        return [name for name, _ in chosen]
+
+    # -- prediction -----------------------------------------------------------------------
+
+    def pixel_batches(self, images: Iterable[ImageLike] | torch.Tensor, batch_size: int,
+                      threads: int = 1) -> Iterator[torch.Tensor]:
+        """uint8 NCHW batches at the model's input size, each decoded (by ``threads``
+        threads) only when the one before it has been taken: the pixels of one batch at a
+        time are alive, however many images there are."""
         if isinstance(images, torch.Tensor):
             if images.dtype != torch.uint8 or images.ndim != 4:
                 raise ModelError(f"predict takes PIL images, paths, or a uint8 (N, C, H, W) "
                                  f"tensor; got a {images.dtype} tensor of shape "
                                  f"{tuple(images.shape)} (call the model itself on normalised "
                                  "float input)")
-            return images
+            yield from images.split(batch_size)
+            return
         tf = build_transform(self.preprocess, normalize=False)
         mode, draft = self.preprocess.image_mode, self.preprocess.scale_size()
-        out = []
-        for im in images:
+
+        def pixels(im: ImageLike) -> torch.Tensor:
             if not isinstance(im, Image.Image):
                 im = load_image(im, mode, draft)
             elif im.mode != mode:
                 im = im.convert(mode)
-            out.append(tf(im))
-        return torch.stack(out) if out else torch.zeros(0, *self.preprocess.input_size,
-                                                        dtype=torch.uint8)
+            return tf(im)
+
+        items = iter(images)
+        while chunk := list(itertools.islice(items, batch_size)):
+            yield torch.stack(read_batch(lambda i: pixels(chunk[i]), range(len(chunk)),
+                                         threads))
 
     @torch.inference_mode()
-    def predict_proba(self, images: Sequence[ImageLike] | torch.Tensor,
+    def predict_proba(self, images: Iterable[ImageLike] | torch.Tensor,
                       batch_size: int = 32) -> torch.Tensor:
-        """(N, classes) softmax probabilities, on the CPU."""
+        """(N, classes) softmax probabilities, on the CPU; images are decoded and run a batch
+        at a time (only the probabilities are kept)."""
         self.eval()
-        pixels = self.pixels(images)
-        probs = [self(self.normalize(pixels[s:s + batch_size].to(self.device))).float()
-                 .softmax(1).cpu() for s in range(0, len(pixels), batch_size)]
+        probs = [self(self.normalize(pixels.to(self.device))).float().softmax(1).cpu()
+                 for pixels in self.pixel_batches(images, batch_size)]
         return torch.cat(probs) if probs else torch.zeros(0, len(self.class_names))
 
-    def predict(self, images: Sequence[ImageLike] | torch.Tensor,
+    def predict(self, images: Iterable[ImageLike] | torch.Tensor,
                 batch_size: int = 32) -> list[tuple[str, float]]:
         """(class name, probability) of the most likely class of each image."""
         probs = self.predict_proba(images, batch_size)
@@ -202,4 +277,4 @@ def _load_backbone_classifier(path: Path, state: dict[str, torch.Tensor], meta: 
     backbone = rebuild_backbone(path, state, meta, trust_code)
     spec = (spec_from_meta(meta["preprocess"], str(path)) if meta.get("preprocess") is not None
             else resolve_preprocess(backbone.data_config))
-    return Classifier(nn.Identity(), backbone.model, [str(n) for n in names], spec, meta)
+    return Classifier(None, backbone.model, [str(n) for n in names], spec, meta)

@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..models.classifier import Classifier
 from ..models.fusion import fold_batchnorm
 from ..runtime.device import Runtime, frozen_forward
 from ..runtime.record import compute_record
 from ..store.writer import StoreWriter
-from .network import Network
 from .sources import ArraySource, LoaderSource, Source, TensorSource
 
 # ---------------------------------------------------------------------------------------
@@ -60,7 +60,7 @@ def plan_cache(mode: str | bool, nbytes: int, rt: Runtime, max_gb: float | None,
     return "disk"
 
 
-def caching_base(net: Network, fold_bn: bool) -> tuple[nn.Module | None, bool]:
+def caching_base(net: Classifier, fold_bn: bool) -> tuple[nn.Module | None, bool]:
     """(the base the caching pass runs, whether its BatchNorms are folded).
 
     With ``fold_bn`` it is a folded copy, as extraction runs it (the same function, one pass
@@ -68,7 +68,7 @@ def caching_base(net: Network, fold_bn: bool) -> tuple[nn.Module | None, bool]:
     net.eval()
     if net.base is None or not fold_bn:
         return net.base, False
-    folded = fold_batchnorm(net.base, net.input_size)
+    folded = fold_batchnorm(net.base, net.preprocess.input_size)
     if folded is net.base:
         return folded, False
     if net.channels_last:  # the folded weights are new tensors, in the default layout
@@ -76,7 +76,7 @@ def caching_base(net: Network, fold_bn: bool) -> tuple[nn.Module | None, bool]:
     return folded, True
 
 
-def frozen_features(net: Network, src: Source, positions: torch.Tensor, batch_size: int,
+def frozen_features(net: Classifier, src: Source, positions: torch.Tensor, batch_size: int,
                     rt: Runtime, base: nn.Module | None = None
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(features, positions) batches of the frozen ``base`` (default ``net.base``), under
@@ -94,7 +94,7 @@ def frozen_features(net: Network, src: Source, positions: torch.Tensor, batch_si
         yield out.float(), pos
 
 
-def cache_features(net: Network, src: Source, where: str, rt: Runtime, batch_size: int,
+def cache_features(net: Classifier, src: Source, where: str, rt: Runtime, batch_size: int,
                    feature_shape: Sequence[int], keys: Sequence[str] | None = None,
                    cache_dir: Path | None = None, fingerprint: dict | None = None,
                    progress: bool = False, fold_bn: bool = False) -> Source:
@@ -122,7 +122,7 @@ def cache_features(net: Network, src: Source, where: str, rt: Runtime, batch_siz
     return TensorSource(buf[good.to(device)], targets[good], "features", rt.device)
 
 
-def _cache_on_disk(net: Network, base: nn.Module | None, folded: bool, src: Source, rt: Runtime,
+def _cache_on_disk(net: Classifier, base: nn.Module | None, folded: bool, src: Source, rt: Runtime,
                    batch_size: int, feature_shape: Sequence[int], keys: Sequence[str] | None,
                    cache_dir: Path | None, fingerprint: dict, progress: bool) -> Source:
     if keys is None or cache_dir is None:

@@ -7,9 +7,9 @@ Inputs come from a *source* yielding ``(x, y, positions)`` batches in a given or
 - ``LoaderSource``: images decoded by a DataLoader (image files, random augmentation);
 - ``ArraySource``: cached features read from disk (a feature store, or a memory-mapped .npy).
 
-``Network`` puts normalisation, base and head together. A frozen base runs under
-``torch.inference_mode`` and stays in eval mode (``FrozenExtractor``), so its weights and
-BatchNorm statistics never change. When the base is frozen and no random augmentation is on,
+``models.classifier.Classifier`` puts normalisation, base and head together. A frozen base
+runs under ``torch.inference_mode`` and stays in eval mode (``FrozenExtractor``), so its
+weights and BatchNorm statistics never change. When the base is frozen and no random augmentation is on,
 ``cache_features`` runs it once over the data and the head trains on the cached tensor: the
 same batches in the same order, so cached and uncached training give the same head.
 
