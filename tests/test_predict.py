@@ -6,11 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from tests.imagegen import random_image
 from transferlab.config import FinetuneConfig, load_config
+from transferlab.data.preprocess import resolve_preprocess
+from transferlab.errors import ModelError
 from transferlab.finetune.run import run_finetune
-from transferlab.models.classifier import load_model
+from transferlab.models.classifier import Classifier, load_model
 from transferlab.predict import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +117,6 @@ def test_a_backbone_checkpoint_without_class_names_is_refused(tmp_path, capsys):
 
 
 def test_plain_safetensors_file_is_not_a_classifier(tmp_path, capsys):
-    import torch
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
@@ -153,3 +156,45 @@ def test_predict_on_files_named_with_cr_and_non_utf8_round_trips(trained, tmp_pa
     assert sorted(r[0] for r in rows[1:]) == sorted(
         [str(folder / "a\rb.png"), str(folder / "plain.png"), str(folder) + "/\\xffc.png"])
     assert all(r[1] in ("d0", "d1") for r in rows[1:])
+
+
+def tiny_classifier():
+    """An untrained classifier on 8x8 RGB input (no training needed to check batching)."""
+    torch.manual_seed(0)
+    spec = resolve_preprocess({"input_size": (3, 8, 8)})
+    return Classifier(torch.nn.Flatten(), torch.nn.Linear(192, 3), ["a", "b", "c"], spec)
+
+
+def test_predict_streams_the_images_batch_by_batch():
+    """A generator of images is read a batch at a time, each batch only after the one before
+    it ran: the pixels of one batch are alive, not those of every image."""
+    model = tiny_classifier()
+    runs: list[int] = []
+    model.head.register_forward_hook(lambda *_: runs.append(1))
+    pulled: list[int] = []
+
+    def images():
+        for i in range(10):
+            pulled.append(len(runs))  # batches run before image i was asked for
+            yield random_image(12 + i, 10, seed=i)
+
+    probs = model.predict_proba(images(), batch_size=4)
+    assert pulled == [0] * 4 + [1] * 4 + [2] * 2 and len(runs) == 3
+    assert probs.shape == (10, 3)
+    listed = [random_image(12 + i, 10, seed=i) for i in range(10)]
+    torch.testing.assert_close(probs, model.predict_proba(listed, batch_size=3))
+    names = model.predict(iter(listed), batch_size=4)
+    assert [n for n, _ in names] == [model.class_names[int(i)] for i in probs.argmax(1)]
+
+
+def test_predict_takes_a_uint8_tensor_in_batches_and_refuses_float_input():
+    model = tiny_classifier()
+    sizes: list[int] = []
+    model.head.register_forward_hook(lambda _m, args, _o: sizes.append(len(args[0])))
+    pixels = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    probs = model.predict_proba(pixels, batch_size=2)
+    assert sizes == [2, 2, 1] and probs.shape == (5, 3)
+    assert torch.allclose(probs.sum(1), torch.ones(5))
+    assert model.predict_proba(pixels[:0]).shape == (0, 3)
+    with pytest.raises(ModelError, match="uint8"):
+        model.predict_proba(pixels.float())
