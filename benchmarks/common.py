@@ -239,10 +239,14 @@ class Forward:
     def __init__(self, cfg, batch_size: int | None = None):
         from torch import nn
 
-        from transferlab.extract.compute import FeatureComputer
+        from transferlab.models.engine import FeatureComputer
         from transferlab.models.extractor import extractor_from_config
-        from transferlab.runtime.device import (apply_runtime, default_batch_size,
-                                                resolve_runtime, seed_everything)
+        from transferlab.runtime.device import (
+            apply_runtime,
+            default_batch_size,
+            resolve_runtime,
+            seed_everything,
+        )
 
         seed_everything(cfg.runtime.seed)
         bundle = extractor_from_config(cfg.model, cfg.preprocess)

@@ -119,7 +119,8 @@ def run_command(config: Path, images: int, extra: Sequence[str] = (),
 def stage_child() -> None:
     """``python -m transferlab.extract`` with timers around its stages (one JSON line out)."""
     from transferlab.extract import __main__ as cli
-    from transferlab.extract import batches, compute
+    from transferlab.extract import batches
+    from transferlab.models import engine as compute
     from transferlab.store import writer
 
     spent = {"decode": 0.0, "compute": 0.0, "store": 0.0, "close": 0.0}

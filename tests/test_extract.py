@@ -326,7 +326,7 @@ def test_keyboard_interrupt_leaves_a_store_that_resumes_identically(messy, tmp_p
                                                                      monkeypatch):
     """KeyboardInterrupt from inside the loop: finished shards stay; the rerun feeds the model
     exactly the batches the uninterrupted run did and ends identical, value for value."""
-    from transferlab.extract import compute as extract
+    from transferlab.models import engine as extract
 
     cfg = load_config(messy["store"] / "config.yaml", [f"output.dir={tmp_path / 's'}"],
                       ExtractConfig)

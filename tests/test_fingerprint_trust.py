@@ -16,8 +16,9 @@ from tests.test_extract import cli, make_cfg, same_store, summary_counts, write_
 from transferlab.config import DataConfig, ExtractConfig, load_config
 from transferlab.data.fingerprint import data_fingerprint
 from transferlab.errors import StoreError
-from transferlab.extract import compute as compute_module
+from transferlab.extract.queries import embed_images
 from transferlab.extract.run import run_extract
+from transferlab.models.engine import FeatureComputer
 from transferlab.runtime.device import Runtime, resolve_precision
 from transferlab.runtime.record import compute_record
 from transferlab.store.reader import FeatureStore
@@ -183,12 +184,12 @@ def test_an_fp32_store_records_its_compute_and_queries_are_embedded_in_fp32(tmp_
     meta = json.loads(json.dumps(store.meta))
     meta["config"]["runtime"]["precision"] = "auto"  # the recorded computation wins
     meta["config"]["runtime"]["channels_last"] = False
-    got = compute_module.embed_images(meta, [root / k for k in keys], root=out)
+    got = embed_images(meta, [root / k for k in keys], root=out)
     rows = np.stack([np.asarray(store.get(k), np.float32).reshape(-1) for k in keys])
     np.testing.assert_allclose(got, rows, rtol=1e-5, atol=1e-6)
     if AUTO != "fp32":  # the check can fail: bf16 queries are further off than that
         meta["compute"]["precision"] = AUTO
-        other = compute_module.embed_images(meta, [root / k for k in keys], root=out)
+        other = embed_images(meta, [root / k for k in keys], root=out)
         assert not np.allclose(other, rows, rtol=1e-5, atol=1e-6)
 
 
@@ -201,8 +202,8 @@ def test_views_go_through_the_model_at_most_a_batch_at_a_time(tmp_path, monkeypa
     root = tmp_path / "data"
     make_image_tree(root, per_class=3)
     sizes: list[int] = []
-    start = compute_module.FeatureComputer.start
-    monkeypatch.setattr(compute_module.FeatureComputer, "start",
+    start = FeatureComputer.start
+    monkeypatch.setattr(FeatureComputer, "start",
                         lambda self, images: (sizes.append(len(images)), start(self, images))[1])
     common = ["model.name=lenet", "preprocess.input_size=null", "output.views=3",
               "output.dtype=float32", "runtime.precision=fp32"]

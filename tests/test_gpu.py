@@ -8,7 +8,7 @@ import torch
 
 from tests.imagegen import make_image_tree, random_image, save
 from tests.test_extract import make_cfg
-from transferlab.extract.compute import FeatureComputer
+from transferlab.models.engine import FeatureComputer
 from transferlab.extract.run import run_extract
 from transferlab.models.extractor import build_extractor
 from transferlab.runtime.device import Runtime, apply_runtime

@@ -118,7 +118,7 @@ def test_tests_run_on_the_cpu_unless_they_ask_for_cuda():
 
 
 def test_the_ready_event_is_recorded_on_the_rows_own_device(monkeypatch):
-    from transferlab.extract import compute
+    from transferlab.models import engine
 
     class FakeCudaRows:
         is_cuda, shape, dtype = True, (2, 3), torch.float32
@@ -138,25 +138,26 @@ def test_the_ready_event_is_recorded_on_the_rows_own_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream",
                         lambda device=None: streams.append(device) or f"stream of {device}")
     monkeypatch.setattr(torch, "empty", lambda *a, **k: Host() if k.get("pin_memory") else None)
-    rows = FakeCudaRows()
-    host, _ = compute.copy_to_host(rows)
+    rows, more = FakeCudaRows(), FakeCudaRows()
+    hosts, _ = engine.copy_to_host([rows, more])  # one event after the copies of every output
     assert streams == [torch.device("cuda", 1)] and recorded == ["stream of cuda:1"]
-    assert copies == [(rows, True)] and isinstance(host, Host)
+    assert copies == [(rows, True), (more, True)] and all(isinstance(h, Host) for h in hosts)
 
 
 @pytest.mark.parametrize("precision, hint", [("fp16", "runtime.precision=bf16"),
                                              ("fp32", "check the weights")])
 def test_non_finite_rows_are_refused(precision, hint):
     from transferlab.errors import ComputeError
-    from transferlab.extract.compute import FeatureComputer
+    from transferlab.models.engine import FeatureComputer
 
     computer = FeatureComputer.__new__(FeatureComputer)  # finish() needs only the runtime
     computer.rt = Runtime(torch.device("cpu"), precision, False, 0, 1)
     good = torch.ones(2, 3)
-    assert computer.finish((good, None)).tolist() == good.tolist()
+    assert [o.tolist() for o in computer.finish(([good, good[:, :1]], None))] == \
+        [good.tolist(), good[:, :1].tolist()]
     bad = torch.tensor([[1.0, float("inf")], [float("nan"), 0.0]])
     with pytest.raises(ComputeError, match=f"inf/NaN features in {precision}; .*{hint}"):
-        computer.finish((bad, None))
+        computer.finish(([good, bad], None))  # any output
 
 
 def test_processes_of_one_machine_share_its_loader_workers_and_threads(monkeypatch):
@@ -290,8 +291,8 @@ def test_out_of_gpu_memory_while_decoding_is_reported_not_retried(tmp_path, monk
 
 @pytest.mark.parametrize("name, cut", [("test_resnet", "stage:1"), ("test_vit", "layer:blocks.0")])
 def test_hook_cuts_compile_as_a_graph_with_the_same_values(monkeypatch, name, cut):
-    from transferlab.extract.compute import prepare_model
     from transferlab.models.cuts import TapModule
+    from transferlab.models.engine import prepare_model
     from transferlab.models.extractor import build_extractor
 
     built = build_extractor(name, cut=cut)
@@ -321,14 +322,16 @@ def test_a_hook_cut_fx_cannot_trace_is_one_line(monkeypatch):
 
 def test_a_short_batch_skips_cudnn_autotuning(flags, monkeypatch):
     """cuDNN times every algorithm for each new shape: worth it for the full batches only."""
-    from transferlab.extract.compute import FeatureComputer
+    from transferlab.models.engine import FeatureComputer
 
     computer = FeatureComputer.__new__(FeatureComputer)
     computer.rt, computer.widest = Runtime(torch.device("cuda"), "fp32", False, 0, 1), 0
     seen = []
-    monkeypatch.setattr(computer, "_start", lambda x: seen.append(torch.backends.cudnn.benchmark))
+    computer.reduces = []
+    monkeypatch.setattr(computer, "_outputs",
+                        lambda x: seen.append(torch.backends.cudnn.benchmark) or [x.float()])
     torch.backends.cudnn.benchmark = True
-    for size in (8, 8, 3, 8, 5):
-        computer.start(torch.zeros(size, 3, 4, 4, dtype=torch.uint8))
-    assert seen == [True, True, False, True, False]
+    for size, run in zip((8, 8, 3, 8, 5, 2), ("start", "forward") * 3):  # both entry points
+        getattr(computer, run)(torch.zeros(size, 3, 4, 4, dtype=torch.uint8))
+    assert seen == [True, True, False, True, False, False]
     assert torch.backends.cudnn.benchmark is True  # restored after each short batch

@@ -8,7 +8,7 @@ import pytest
 from tests.imagegen import make_image_tree
 from tests.test_extract import cli, make_cfg, same_store, write_config
 from transferlab.errors import StoreError
-from transferlab.extract.compute import embed_images
+from transferlab.extract.queries import embed_images
 from transferlab.extract.run import run_extract
 from transferlab.store.reader import FeatureStore
 

@@ -197,7 +197,7 @@ def copy_store(lenet_store, tmp_path, change):
 
 
 def test_store_naming_a_callable_is_refused(lenet_store, tmp_path, evil, capsys):
-    from transferlab.extract.compute import embed_images
+    from transferlab.extract.queries import embed_images
     from transferlab.neighbors import store_nearest
     from transferlab.search import main as search_main
     from transferlab.store.reader import FeatureStore
@@ -232,7 +232,7 @@ def test_store_weights_path_outside_the_store_is_refused(lenet_store, tmp_path, 
 def test_queries_are_embedded_as_the_store_computed_its_rows(lenet_store, tmp_path):
     """fp32 store: a query of its own image is its stored row (fp32 tolerance), even where
     this machine's default precision is bf16 (AMX CPUs)."""
-    from transferlab.extract.compute import embed_images
+    from transferlab.extract.queries import embed_images
     from transferlab.neighbors import store_nearest
     from transferlab.runtime.device import resolve_precision
     from transferlab.store.reader import FeatureStore

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError
-from .extract.compute import embed_images
+from .extract.queries import embed_images
 from .runtime.device import resolve_device
 from .store.index import load_index
 

@@ -2,6 +2,6 @@
 
 - ``run``: ``run_extract(cfg)``: dataset, model, resume, loader, writer, ranks.
 - ``batches``: the items of a run (views seeded per key, resume positions, aligned batches).
-- ``compute``: the compute engine (``FeatureComputer``), shared with search (``embed_images``).
+- ``queries``: a few images embedded as a store computed its rows (``embed_images``).
 - ``__main__``: the command line.
 """

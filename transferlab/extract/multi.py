@@ -21,13 +21,13 @@ from torch import nn
 from ..config import ExtractConfig, save_config
 from ..data.sources import build_dataset
 from ..errors import ConfigError
+from ..models.engine import FeatureComputer
 from ..models.multicut import ConcatCuts, multi_extractor_from_config, per_cut_configs
 from ..runtime.device import seed_everything
 from ..runtime.distributed import barrier, init_distributed, rank_dir
 from ..store.owner import prepare_store
 from ..store.writer import StoreWriter
 from .batches import resume_positions
-from .compute import FeatureComputer
 from .pipeline import (
     ExtractResult,
     build_loader,
@@ -46,7 +46,7 @@ from .pipeline import (
     stored_keys,
     write_features,
 )
-from .reduce import ReduceSpec, SplitReduce, parse_reduce
+from .reduce import ReduceSpec, parse_reduce
 
 
 class CutWriters:
@@ -101,10 +101,10 @@ def run_multi_extract(cfg: ExtractConfig, progress: bool = False,
     bundle = multi_extractor_from_config(cfg.model, cfg.preprocess)
     spec, flat = bundle.spec, ConcatCuts(bundle.extractor)
     dataset.image_mode, dataset.draft_size = spec.image_mode, spec.scale_size()
-    rt, batch_size = run_runtime(cfg, flat, info)
+    rt, batch_size = run_runtime(cfg, bundle.extractor, info)
     if cfg.runtime.gpu_decode:
         check_gpu_decode(cfg, spec)
-    compute = FeatureComputer(flat, spec, rt, fold_bn=False)
+    compute = FeatureComputer(bundle.extractor, spec, rt, fold_bn=False)
     computed = compute_settings(compute)
     parts = cut_bundles(cfg, bundle)
     dirs = [Path(cfg.output.dir) / name for name in bundle.dirs]
@@ -166,7 +166,7 @@ def open_cut_reductions(cfg: ExtractConfig, specs: Sequence[ReduceSpec | None],
                         writers: CutWriters, flat: ConcatCuts, dataset: Any,
                         compute: FeatureComputer, batch_size: int) -> list[nn.Module | None]:
     """Each cut's projection (pca fitted on the first rows of that cut, sampled once for
-    all cuts), set on ``compute`` as one ``SplitReduce``; the writers take the new widths."""
+    all cuts), set on ``compute`` by ``set_reduce``; the writers take the new widths."""
     if not any(specs):
         return [None] * len(specs)
     samples: dict[int, Any] = {}
@@ -179,9 +179,8 @@ def open_cut_reductions(cfg: ExtractConfig, specs: Sequence[ReduceSpec | None],
     modules = [None if s is None else make_reduction(
         cfg, s, d, w, len(dataset), lambda k, i=i: sample(k, i))
         for i, (s, d, w) in enumerate(zip(specs, flat.feature_dims, writers.writers))]
-    split = SplitReduce(flat.feature_dims, modules)
-    compute.set_reduce(split)
-    writers.dims = split.out_dims
+    compute.set_reduce(modules)
+    writers.dims = compute.out_dims
     return modules
 
 

@@ -20,6 +20,7 @@ from ..data.fingerprint import data_fingerprint, label_fingerprint
 from ..data.preprocess import PreprocessSpec
 from ..data.webdataset import item_shards
 from ..errors import ConfigError
+from ..models.engine import FeatureComputer, Pending
 from ..models.extractor import ExtractorBundle
 from ..runtime.cores import LoadFollower, usable_cores
 from ..runtime.device import (
@@ -42,7 +43,6 @@ from ..store.merge import merge_stores
 from ..store.reader import FeatureStore
 from ..store.writer import StoreWriter
 from .batches import ViewsDataset, aligned_batches, run_loader
-from .compute import FeatureComputer, Pending
 from .reduce import (
     ReduceSpec,
     SparseProjection,
@@ -252,7 +252,8 @@ def write_features(loader: DataLoader, compute: FeatureComputer, writer: StoreWr
             writer.add_failures(failures)
         if handles:
             b = len(batch["key"])
-            rows = np.concatenate([compute.finish(h) for h in handles])
+            # several outputs side by side (a multi-cut writer splits them by width)
+            rows = np.concatenate([np.concatenate(compute.finish(h), axis=1) for h in handles])
             feats = rows.reshape(b, cfg.output.views + 1, -1)
             add_rows(writer, batch["key"], batch["label"].numpy(), feats, cfg)
         new = sum(key not in done for key in batch["key"])
@@ -337,7 +338,7 @@ def open_reduction(cfg: ExtractConfig, spec: ReduceSpec | None, writer: StoreWri
     rows before any row is stored, and loaded (never refitted) when the store has rows."""
     if spec is None:
         return None
-    return make_reduction(cfg, spec, compute.model_width, writer, len(dataset),
+    return make_reduction(cfg, spec, compute.model_dims[0], writer, len(dataset),
                           lambda k: first_rows(cfg, dataset, k, compute, batch_size))
 
 
@@ -362,5 +363,5 @@ def first_rows(cfg: ExtractConfig, dataset: ImageDataset, k: int, compute: Featu
         for batch in loader:
             batch = prepare(batch) if prepare is not None else batch
             if batch["image"] is not None:
-                yield compute(batch["image"][:, 0])
+                yield np.concatenate(compute(batch["image"][:, 0]), axis=1)
     return collect_rows(rows(), k)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -385,22 +385,3 @@ def reduction_from_record(record: dict | None, root: str | Path | None) -> nn.Mo
         raise StoreError(f"the rebuilt {kind} projection differs from the one the store "
                          f"recorded (sha256); {fix}")
     return module
-
-
-class SplitReduce(nn.Module):
-    """Rows of several cuts side by side (``ConcatCuts``), each block projected by its own
-    module (None: kept as it is), concatenated again: one pass reduces every cut."""
-
-    def __init__(self, dims: Sequence[int], parts: Sequence[nn.Module | None]):
-        super().__init__()
-        self.dims = [int(d) for d in dims]
-        self.parts = nn.ModuleList([nn.Identity() if m is None else m for m in parts])
-        self.out_dims = [d if m is None else m.dim for d, m in zip(self.dims, parts)]
-
-    @property
-    def dim(self) -> int:
-        return sum(self.out_dims)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        blocks = torch.split(x, self.dims, dim=1)
-        return torch.cat([part(block) for part, block in zip(self.parts, blocks)], dim=1)

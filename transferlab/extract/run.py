@@ -15,6 +15,7 @@ import numpy as np
 
 from ..config import ExtractConfig, save_config
 from ..data.sources import build_dataset
+from ..models.engine import FeatureComputer
 from ..models.extractor import extractor_from_config
 from ..models.multicut import is_multi_cut
 from ..runtime.device import (
@@ -28,7 +29,6 @@ from ..runtime.distributed import (
 from ..store.owner import prepare_store
 from ..store.writer import StoreWriter
 from .batches import resume_positions
-from .compute import FeatureComputer
 from .pipeline import (
     ExtractResult,
     build_loader,
@@ -85,7 +85,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
         if info.is_main:  # one writer: ranks racing on one file lose each other's rename
             save_config(cfg, out_dir / "config.yaml")
         reduction = open_reduction(cfg, reduce_spec, writer, dataset, compute, batch_size)
-        compute.set_reduce(reduction)
+        compute.set_reduce([reduction])
         # no rows: sets the store's width now (also when every image fails) and checks it
         writer.add([], [], np.zeros((0, output_width(bundle, reduce_spec)), np.float32))
         done = writer.done_keys

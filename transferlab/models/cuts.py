@@ -197,6 +197,11 @@ class FrozenExtractor(nn.Module):
         """Length of the flattened output vector."""
         return int(torch.Size(self.output_shape).numel())
 
+    @property
+    def feature_dims(self) -> list[int]:
+        """``[feature_dim]``: the widths of the outputs, as a multi-cut extractor gives them."""
+        return [self.feature_dim]
+
     def layers(self, input_size: Sequence[int]) -> list[tuple[str, nn.Module]] | None:
         """The top-level layers this cut keeps, in call order; None for a cut at an FX graph
         node (its layers are not modules of the model)."""

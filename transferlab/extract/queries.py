@@ -1,0 +1,94 @@
+"""Embedding a few images with a store's own model (search queries, notebooks): the same
+engine as extraction, with the settings the store recorded."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import ExtractConfig, ModelConfig, RuntimeConfig, from_dict
+from ..data.imageio import load_image
+from ..data.preprocess import build_transform
+from ..models.engine import FeatureComputer
+from ..models.extractor import ExtractorBundle, extractor_from_config
+from ..models.recorded import checked_model, contained_path
+from ..runtime.device import (
+    DTYPES,
+    Runtime,
+    resolve_precision,
+    resolve_runtime,
+    seed_everything,
+)
+from .reduce import reduction_from_record
+
+
+def store_model(meta: dict, root: Path | None, trust_code: bool) -> tuple[ExtractConfig,
+                                                                          ModelConfig]:
+    """A store's config and its model config checked at the trust boundary: the architecture
+    from timm / torchvision / the built-ins, a weights path inside the store ``root``."""
+    cfg = from_dict(ExtractConfig, meta.get("config"), "store metadata")
+    if "window" not in (meta.get("preprocess") or {}):  # written before the crop window:
+        cfg = replace(cfg, preprocess=replace(cfg.preprocess, window="image"))  # whole image
+    origin = f"the store {root}" if root is not None else "the store metadata"
+    model = checked_model(cfg.model, origin, trust_code)
+    if model.weights:
+        model = replace(model, weights=contained_path(model.weights, root, origin, trust_code))
+    return cfg, replace(model, trust_code=trust_code)
+
+
+def bundle_from_meta(meta: dict, root: Path | None = None,
+                     trust_code: bool = False) -> ExtractorBundle:
+    """Rebuild the extractor a store was written with, from its metadata."""
+    cfg, model = store_model(meta, root, trust_code)
+    seed_everything(cfg.runtime.seed)  # same random-init weights as the run that wrote it
+    return extractor_from_config(model, cfg.preprocess)
+
+
+def store_runtime(meta: dict, cfg: ExtractConfig) -> tuple[Runtime, bool]:
+    """(runtime, fold_bn) the store's rows were computed with, on this machine's device.
+
+    ``meta["compute"]`` (precision, fold_bn, channels_last) is what extraction records; older
+    stores give the resolved ``meta["runtime"]``, then the configured runtime."""
+    local = resolve_runtime(RuntimeConfig(precision="fp32"))
+    recorded = meta.get("compute") or meta.get("runtime") or {}
+    if not isinstance(recorded, dict):
+        recorded = {}
+    precision = recorded.get("precision", cfg.runtime.precision)
+    if precision not in DTYPES:  # 'auto' of an old store: as this machine would resolve it
+        precision = resolve_precision(cfg.runtime.precision, local.device)
+    channels_last = recorded.get("channels_last", local.channels_last)
+    fold_bn = recorded.get("fold_bn", cfg.runtime.fold_bn)
+    rt = replace(local, precision=precision, channels_last=bool(channels_last))
+    return rt, bool(fold_bn)
+
+
+def embed_images(meta: dict, paths: Sequence[str | Path], batch_size: int = 16,
+                 root: str | Path | None = None, trust_code: bool = False) -> np.ndarray:
+    """Features of image files, computed exactly as the store of ``meta`` computed its rows
+    (same model, precision, BatchNorm folding, layout; this machine's device).
+
+    ``root`` is the store directory: a weights file the metadata names must lie inside it.
+    The store's model is rebuilt only from timm, torchvision or the built-ins unless
+    ``trust_code`` (a store's meta.json can be written by anyone)."""
+    root = Path(root) if root is not None else None
+    bundle = bundle_from_meta(meta, root, trust_code)
+    cfg = from_dict(ExtractConfig, meta["config"], "store metadata")
+    rt, fold_bn = store_runtime(meta, cfg)
+    compute = FeatureComputer(bundle.extractor, bundle.spec, rt, fold_bn=fold_bn)
+    compute.set_reduce([reduction_from_record(meta.get("reduce"), root)])  # as the rows were
+    transform = build_transform(bundle.spec, normalize=False)
+    spec = bundle.spec
+    rows = []
+    for chunk in chunks(list(paths), batch_size):
+        images = [transform(load_image(p, spec.image_mode, spec.scale_size(),
+                                       cfg.data.max_image_pixels)) for p in chunk]
+        rows.append(compute(torch.stack(images))[0])
+    return np.concatenate(rows) if rows else np.zeros((0, compute.out_dims[0]), np.float32)
+
+
+def chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

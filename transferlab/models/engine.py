@@ -1,0 +1,144 @@
+"""The frozen-forward engine: uint8 images in, float32 features out, for every command that
+runs a frozen base on images (extraction, the fine-tune caching pass, search queries).
+
+One path: normalise on the device, BatchNorm folded where it applies, channels_last,
+autocast by the resolved precision, ``inference_mode`` (``runtime.device.frozen_forward``).
+A model gives one tensor or a list of tensors (several cuts); the engine always answers
+with a list, one entry per output.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.preprocess import DeviceNormalize, PreprocessSpec
+from ..errors import ComputeError
+from ..runtime.device import Runtime, frozen_forward, without_autotuning
+from .fusion import fold_batchnorm
+
+Pending = tuple[list[torch.Tensor], Any]  # rows per output (on the host once ready), event
+
+
+def prepare_model(extractor: nn.Module, rt: Runtime, compile_model: bool = False) -> nn.Module:
+    """The (already folded, see ``FeatureComputer``) extractor ready to run: on the device,
+    channels_last, compiled."""
+    model = extractor.to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile_model:
+        from .graph import compilable
+
+        model = torch.compile(compilable(model))
+    return model
+
+
+def feature_dims(extractor: nn.Module) -> list[int]:
+    """The flattened width of each output of an extractor that declares them
+    (``feature_dims``), [] for a module that does not."""
+    return [int(d) for d in getattr(extractor, "feature_dims", None) or ()]
+
+
+class FeatureComputer:
+    """uint8 batches -> float32 features, one array per output of the model.
+
+    - ``forward(images)``: float32 tensors on the device, shaped as the model gives them
+      (for callers that keep features there, e.g. the fine-tune cache);
+    - ``start(images)`` / ``finish(pending)``: flattened rows (projected by ``set_reduce``)
+      copied to the host. On CUDA ``start`` queues the copy into pinned host memory and
+      ``finish`` waits for it, so the runner starts batch i + 1 before finishing batch i
+      and the GPU computes while the host stores rows and fetches the next batch;
+    - ``__call__(images)``: ``finish(start(images))``.
+    """
+
+    def __init__(self, extractor: nn.Module, spec: PreprocessSpec, rt: Runtime,
+                 compile_model: bool = False, fold_bn: bool = False):
+        self.rt, self.spec = rt, spec
+        self.model_dims = feature_dims(extractor)  # per output, before output.reduce
+        folded = fold_batchnorm(extractor, spec.input_size) if fold_bn else extractor
+        self.folded = folded is not extractor  # False also where nothing could be folded
+        self.model = prepare_model(folded, rt, compile_model)
+        self.normalize = DeviceNormalize(spec.mean, spec.std).to(rt.device)
+        self.reduces: list[nn.Module | None] = []  # none set: every output as it is
+        self.widest = 0  # the largest batch so far: smaller ones skip cuDNN autotuning
+
+    def set_reduce(self, reduces: Sequence[nn.Module | None]) -> None:
+        """Project the rows of output i with ``reduces[i]`` on the device (outside
+        ``torch.compile``); None keeps that output's rows as they are."""
+        if len(reduces) != len(self.model_dims):
+            raise ValueError(f"{len(reduces)} reductions for {len(self.model_dims)} outputs")
+        self.reduces = [None if r is None else r.to(self.rt.device) for r in reduces]
+
+    @property
+    def out_dims(self) -> list[int]:
+        """The width of each output's rows after its reduction."""
+        reduces = self.reduces or [None] * len(self.model_dims)
+        return [d if r is None else int(r.dim) for d, r in zip(self.model_dims, reduces)]
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """float32 outputs on the device, each shaped as the model gives it (no reduce)."""
+        with self._running(images):
+            return [out.float() for out in self._outputs(images)]
+
+    def __call__(self, images: torch.Tensor) -> list[np.ndarray]:
+        return self.finish(self.start(images))
+
+    def start(self, images: torch.Tensor) -> Pending:
+        with self._running(images):
+            return self._start(images)
+
+    @contextlib.contextmanager
+    def _running(self, images: torch.Tensor) -> Iterator[None]:
+        short = self.rt.is_cuda and len(images) < self.widest
+        self.widest = max(self.widest, len(images))
+        with frozen_forward(self.rt), without_autotuning(short):
+            yield
+
+    def _outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = images.to(self.rt.device, non_blocking=True)
+        x = self.normalize(x)
+        if self.rt.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self.model(x)
+        return [out] if isinstance(out, torch.Tensor) else list(out)
+
+    def _start(self, images: torch.Tensor) -> Pending:
+        rows = [out.float().flatten(1) for out in self._outputs(images)]
+        if self.reduces:
+            rows = [r if m is None else m(r) for r, m in zip(rows, self.reduces, strict=True)]
+        return copy_to_host(rows)
+
+    def finish(self, pending: Pending) -> list[np.ndarray]:
+        """The rows of a started batch, one array per output; inf/NaN rows are refused
+        (fp16 overflows silently)."""
+        rows, ready = pending
+        if ready is not None:
+            ready.synchronize()
+        out = [r.numpy() for r in rows]
+        if not all(np.isfinite(o).all() for o in out):
+            hint = ("fp16 overflowed: set runtime.precision=bf16 or fp32" if
+                    self.rt.precision == "fp16" else "check the weights and the input")
+            raise ComputeError(f"the model gave inf/NaN features in {self.rt.precision}; "
+                               f"{hint} (finished shards are kept)")
+        return out
+
+
+def copy_to_host(outs: Sequence[torch.Tensor]) -> Pending:
+    """``outs`` themselves on the CPU; on CUDA queued copies into pinned host memory and the
+    event that marks them done, recorded on the stream of the outputs' own device (with
+    ``runtime.device: cuda:1`` the current device may be another one)."""
+    outs = list(outs)
+    if not outs or not outs[0].is_cuda:
+        return outs, None
+    hosts = []
+    for out in outs:
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        hosts.append(host)
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(outs[0].device))
+    return hosts, ready
