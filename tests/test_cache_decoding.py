@@ -66,7 +66,7 @@ def test_the_caching_pass_decodes_with_the_runtime_threads(tmp_path, monkeypatch
     spec = resolve_preprocess({"input_size": (3, 32, 32)})
     net = Classifier(None, torch.nn.Identity(), ["c0", "c1"], spec)
     rt = Runtime(torch.device("cpu"), "fp32", False, 0, 2)
-    feats = list(frozen_features(net, src, torch.arange(len(src)), 4, rt))
+    feats = list(frozen_features(net.base_engine(rt), src, torch.arange(len(src)), 4))
     assert [len(p) for _, p in feats] == [4, 2]  # 7 items, c1/003 bad, batches of 4
     assert seen and all(name.startswith("decode") for name in seen)
     assert src.decode_threads == 1  # the caller's source is not changed

@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..models.checkpoint import BACKBONE_FORMAT
 from ..models.classifier import Classifier, classifier_meta, save_classifier
 from ..models.heads import cut_with_head, head_description
-from ..runtime.device import frozen_forward, seed_everything
+from ..runtime.device import seed_everything
 from ..runtime.distributed import (
     all_gather,
     barrier,
@@ -26,7 +26,7 @@ from ..runtime.distributed import (
     local_world_size,
     rank_dir,
 )
-from ..training.cache import cache_features, plan_cache
+from ..training.cache import cache_features, frozen_features, plan_cache
 from ..training.loop import evaluate, fit
 from ..training.parallel import state_digest
 from ..training.sources import Source
@@ -65,8 +65,7 @@ def run_pretrain(ctx: Context) -> tuple[StageResult, Path]:
     model = backbone.model.requires_grad_(True)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
-    net = Classifier(None, model, data.class_names, spec, channels_last=rt.channels_last)
-    net = net.to(rt.device)
+    net = Classifier(None, model, data.class_names, spec, runtime=rt).to(rt.device)
     images = image_source(data, spec, rt, cfg.pretrain.train.augment, ctx.worker_seed)
     train_src, val_src = split(take(images, share_rows(len(images), ctx.info, cfg.runtime.seed)),
                                cfg.pretrain.train.val_split, cfg.runtime.seed)
@@ -147,8 +146,7 @@ def run_head(ctx: Context) -> tuple[StageResult, HeadRun]:
                                cfg.head, len(data.labels), cfg.model.name)
     if rt.channels_last:
         base.to(memory_format=torch.channels_last)
-    net = Classifier(base, head, data.class_names, spec, channels_last=rt.channels_last)
-    net = net.to(rt.device)
+    net = Classifier(base, head, data.class_names, spec, runtime=rt).to(rt.device)
     t_cache = time.perf_counter()
     run = prepare_head_run(ctx, net, data, spec)
     cache_seconds = time.perf_counter() - t_cache
@@ -338,15 +336,14 @@ def gathered_features(ctx: Context, net: Classifier, src: Source
 
 def features_of(ctx: Context, net: Classifier, src: Source) -> tuple[torch.Tensor, np.ndarray]:
     """Flattened frozen-base features (from the cache when ``src`` holds features)."""
-    xs, ys = [], []
-    net.eval()
-    for x, y, _ in src.batches(torch.arange(len(src)), ctx.eval_batch):
-        if src.kind == "images":
-            with frozen_forward(ctx.rt):
-                x = net.base(net.prepare(x))
-        xs.append(x.float().flatten(1))
-        ys.append(y.cpu())
-    return torch.cat(xs), torch.cat(ys).numpy()
+    order = torch.arange(len(src))
+    net.eval()  # layers unfrozen in phase 2 too
+    if src.kind == "images":
+        batches = frozen_features(net.base_engine(ctx.rt), src, order, ctx.eval_batch)
+    else:
+        batches = ((x, pos) for x, _, pos in src.batches(order, ctx.eval_batch))
+    xs, positions = zip(*((x.float().flatten(1), pos) for x, pos in batches))
+    return torch.cat(xs), src.targets[torch.cat(positions).numpy()]
 
 
 

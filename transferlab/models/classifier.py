@@ -18,25 +18,27 @@ import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
 from torch import nn
 
-from ..config import HeadConfig
+from ..config import HeadConfig, RuntimeConfig
 from ..data.datasets import read_batch
 from ..data.imageio import load_image
 from ..data.preprocess import DeviceNormalize, PreprocessSpec, build_transform, resolve_preprocess
 from ..errors import ConfigError, ModelError
-from ..runtime.device import frozen_forward
+from ..runtime.device import Runtime, default_batch_size, resolve_runtime
 from .checkpoint import CLASSIFIER_FORMAT, read_checkpoint, save_checkpoint
+from .engine import FeatureComputer, Pending
 from .heads import cut_with_head
 from .library import build_library
 from .recorded import rebuild_backbone, recorded_arch, spec_from_meta
 from .weights import load_weights_into
 
 ImageLike = Image.Image | str | os.PathLike
+Tag = TypeVar("Tag")
 
 
 class Classifier(nn.Module):
@@ -44,16 +46,17 @@ class Classifier(nn.Module):
     that fine-tuning trains and saves and ``load_model`` rebuilds.
 
     ``base`` None: ``head`` is a whole model (the pretrain stage, a backbone checkpoint). A
-    frozen base (a ``FrozenExtractor``) runs without autograd and stays in eval mode;
-    ``unfreeze_last`` lets its last layers train. ``forward`` takes what ``transform()``
-    makes (normalised float NCHW); ``logits`` takes uint8 images or base features (training);
-    ``predict`` and ``predict_proba`` take PIL images, image paths, or a uint8 NCHW tensor of
-    raw pixels.
+    frozen base (a ``FrozenExtractor``) stays in eval mode and runs through the frozen-forward
+    engine (``models.engine``); ``unfreeze_last`` lets its last layers train. ``runtime`` is
+    the resolved runtime of a training run (None: ``inference_runtime()``). ``forward`` takes
+    what ``transform()`` makes (normalised float NCHW); ``logits`` takes uint8 images or base
+    features (training); ``predict`` and ``predict_proba`` take PIL images, image paths, or
+    a uint8 NCHW tensor of raw pixels.
     """
 
     def __init__(self, base: nn.Module | None, head: nn.Module, class_names: Sequence[str],
                  preprocess: PreprocessSpec, meta: dict | None = None,
-                 channels_last: bool = False):
+                 runtime: Runtime | None = None):
         super().__init__()
         self.base = base
         self.head = head
@@ -61,9 +64,10 @@ class Classifier(nn.Module):
         self.preprocess = preprocess
         self.meta = meta or {}
         self.normalize = DeviceNormalize(preprocess.mean, preprocess.std)
-        self.channels_last = channels_last
+        self.runtime = runtime
         self.base_trainable = False  # True in the partial-unfreeze phase
         self.unfrozen: list[nn.Module] = []  # base modules that train (train mode) with it
+        self.frozen: FeatureComputer | None = None  # the base's engine, made on first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.base(x) if self.base is not None else x)
@@ -82,25 +86,48 @@ class Classifier(nn.Module):
     def device(self) -> torch.device:
         return self.normalize.scale.device
 
+    def inference_runtime(self, config: RuntimeConfig | None = None,
+                          sample_load: bool = False) -> Runtime:
+        """``config`` (default: the defaults on the model's device: precision auto, threads
+        of the free cores) resolved for this model as extraction resolves it (channels_last
+        for conv nets). Nothing is applied to the process (``runtime.device.apply_runtime``
+        does that for a command)."""
+        config = config or RuntimeConfig(device=str(self.device))
+        conv_net = any(isinstance(m, nn.Conv2d) for m in self.modules())
+        return resolve_runtime(config, conv_net, sample_load)
+
+    def base_engine(self, runtime: Runtime | None = None,
+                    fold_bn: bool = False) -> FeatureComputer:
+        """The engine over the base: uint8 images -> base outputs (``fold_bn``: over a folded
+        copy, for passes that only read it, such as the fine-tune cache). The modes are left
+        as they are (a training step runs it): call ``eval()`` first where layers were
+        unfrozen."""
+        base = self.base if self.base is not None else nn.Identity()
+        return FeatureComputer(base, self.preprocess, runtime or self.default_runtime(),
+                               fold_bn=fold_bn)
+
+    def engine(self, runtime: Runtime | None = None, fold_bn: bool = True) -> FeatureComputer:
+        """The engine over the whole classifier: uint8 images -> class scores."""
+        self.eval()
+        return FeatureComputer(self, self.preprocess, runtime or self.default_runtime(),
+                               fold_bn=fold_bn)
+
+    def default_runtime(self) -> Runtime:
+        """The training run's ``runtime``, else ``inference_runtime()``."""
+        return self.runtime if self.runtime is not None else self.inference_runtime()
+
     # -- training -------------------------------------------------------------------------
 
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 NCHW images -> the normalised input of the base, in the training layout."""
-        x = self.normalize(images)
-        if self.channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
-
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Base output for uint8 images; no autograd through a frozen base."""
-        x = self.prepare(images)
-        if self.base is None:
-            return x
-        if self.base_trainable:
-            return self.base(x)
-        with frozen_forward():  # under the caller's autocast
-            out = self.base(x)
-        return out.clone()  # a normal tensor the head may save for backward
+        """Base output for uint8 images; a frozen base runs through its engine (no autograd)."""
+        if self.base is not None and not self.base_trainable:
+            if self.frozen is None:
+                self.frozen = self.base_engine()
+            return self.frozen.forward(images)[0].clone()  # a tensor autograd may save
+        x = self.normalize(images)
+        if self.runtime is not None and self.runtime.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.base(x) if self.base is not None else x
 
     def logits(self, x: torch.Tensor, kind: str = "images") -> torch.Tensor:
         """Class scores of uint8 images (``kind`` 'images') or of base outputs ('features')."""
@@ -135,8 +162,7 @@ class Classifier(nn.Module):
     def pixel_batches(self, images: Iterable[ImageLike] | torch.Tensor, batch_size: int,
                       threads: int = 1) -> Iterator[torch.Tensor]:
         """uint8 NCHW batches at the model's input size, each decoded (by ``threads``
-        threads) only when the one before it has been taken: the pixels of one batch at a
-        time are alive, however many images there are."""
+        threads, ``read_batch``) only when the one before it has been taken."""
         if isinstance(images, torch.Tensor):
             if images.dtype != torch.uint8 or images.ndim != 4:
                 raise ModelError(f"predict takes PIL images, paths, or a uint8 (N, C, H, W) "
@@ -160,22 +186,46 @@ class Classifier(nn.Module):
             yield torch.stack(read_batch(lambda i: pixels(chunk[i]), range(len(chunk)),
                                          threads))
 
-    @torch.inference_mode()
+    def proba_batches(self, batches: Iterable[tuple[torch.Tensor, Tag]],
+                      engine: FeatureComputer) -> Iterator[tuple[torch.Tensor, Tag]]:
+        """(softmax probabilities on the CPU, tag) of each (uint8 batch, tag), computed by
+        ``engine`` (``engine()``); batch i + 1 is started before batch i is finished, and
+        only the probabilities are kept."""
+        pending = None
+        for pixels, tag in batches:
+            started = engine.start(pixels), tag
+            if pending is not None:
+                yield probabilities(engine, *pending)
+            pending = started
+        if pending is not None:
+            yield probabilities(engine, *pending)
+
     def predict_proba(self, images: Iterable[ImageLike] | torch.Tensor,
-                      batch_size: int = 32) -> torch.Tensor:
-        """(N, classes) softmax probabilities, on the CPU; images are decoded and run a batch
-        at a time (only the probabilities are kept)."""
-        self.eval()
-        probs = [self(self.normalize(pixels.to(self.device))).float().softmax(1).cpu()
-                 for pixels in self.pixel_batches(images, batch_size)]
+                      batch_size: int | None = None, runtime: Runtime | None = None,
+                      fold_bn: bool = True) -> torch.Tensor:
+        """(N, classes) softmax probabilities, on the CPU. Images are decoded (by the
+        runtime's threads) and run a batch at a time through the engine with ``runtime``
+        (default ``default_runtime()``; the batch size by default extraction's for it);
+        ``fold_bn`` runs a copy with its BatchNorms folded, made once per call."""
+        rt = runtime or self.default_runtime()
+        batches = self.pixel_batches(images, default_batch_size(rt, batch_size), rt.threads)
+        probs = [p for p, _ in self.proba_batches(((b, None) for b in batches),
+                                                   self.engine(rt, fold_bn))]
         return torch.cat(probs) if probs else torch.zeros(0, len(self.class_names))
 
     def predict(self, images: Iterable[ImageLike] | torch.Tensor,
-                batch_size: int = 32) -> list[tuple[str, float]]:
+                batch_size: int | None = None, runtime: Runtime | None = None,
+                fold_bn: bool = True) -> list[tuple[str, float]]:
         """(class name, probability) of the most likely class of each image."""
-        probs = self.predict_proba(images, batch_size)
+        probs = self.predict_proba(images, batch_size, runtime, fold_bn)
         best, idx = probs.max(1) if len(probs) else (torch.zeros(0), torch.zeros(0, dtype=int))
         return [(self.class_names[int(i)], float(p)) for p, i in zip(best, idx)]
+
+
+def probabilities(engine: FeatureComputer, pending: Pending, tag: Tag) -> tuple[torch.Tensor,
+                                                                                Tag]:
+    """Softmax probabilities of a started batch of class scores, and its tag."""
+    return torch.from_numpy(engine.finish(pending)[0]).softmax(1), tag
 
 
 # ---------------------------------------------------------------------------------------
