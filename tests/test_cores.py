@@ -190,7 +190,7 @@ def test_threads_changed_mid_run_leave_the_rows_identical(tmp_path, monkeypatch,
         machine.advance()
 
     monkeypatch.setattr(cores, "busy_cores", lambda *a, **k: 0.0)
-    monkeypatch.setattr("transferlab.extract.pipeline.LoadFollower", fake)
+    monkeypatch.setattr("transferlab.extract.run.LoadFollower", fake)
     before = torch.get_num_threads()
     try:
         auto = run_extract(make_cfg(root, tmp_path / "auto", "runtime.threads=null",

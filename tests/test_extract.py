@@ -400,7 +400,7 @@ def test_threaded_batch_decoding_equals_reading_one_by_one(messy):
 
 def test_extraction_decodes_in_threads_only_without_loader_workers(tmp_path):
     from transferlab.data.sources import build_dataset
-    from transferlab.extract.pipeline import build_loader
+    from transferlab.extract.run import build_loader
     from transferlab.runtime.device import resolve_runtime
 
     make_image_tree(tmp_path / "data", per_class=2, unicode_name=False)

@@ -10,9 +10,8 @@ from transferlab.models.builtin import lenet
 from transferlab.models.extractor import build_extractor
 from transferlab.models.fusion import fold_batchnorm
 from transferlab.models.multicut import (
-    ConcatCuts,
+    MultiCutExtractor,
     block_names,
-    build_multi_extractor,
     cut_dirs,
     expand_cuts,
     is_multi_cut,
@@ -47,7 +46,7 @@ def single(name, source, cut, pool):
 
 def multi(name, cuts, pool=None, source="auto"):
     torch.manual_seed(0)
-    return build_multi_extractor(name, cuts, pool, source=source)
+    return build_extractor(name, cut=cuts, pool=pool, source=source)
 
 
 @pytest.mark.parametrize("name, source, cuts, pool", CASES)
@@ -179,19 +178,38 @@ def test_directory_names_are_safe_and_unique():
     assert is_multi_cut(["head"]) and is_multi_cut("all-blocks") and not is_multi_cut("head")
 
 
-def test_frozen_in_eval_and_flat_rows_split_back():
+def test_frozen_in_eval_and_the_engine_gives_one_array_per_cut():
+    from transferlab.models.engine import FeatureComputer
+    from transferlab.runtime.device import Runtime
+
     built = multi("test_resnet", ["stage:2", "head"])
     ext = built.extractor
     ext.train()
     assert not any(m.training for m in ext.modules())
     assert not any(p.requires_grad for p in ext.parameters())
-    flat = ConcatCuts(ext)
-    x = torch.randn(2, *built.spec.input_size)
+    compute = FeatureComputer(ext, built.spec, Runtime(torch.device("cpu"), "fp32", False, 0, 1))
+    images = torch.randint(0, 256, (2, *built.spec.input_size), dtype=torch.uint8)
+    rows = compute(images)
     with torch.no_grad():
-        outs, rows = ext(x), flat(x)
-    assert rows.shape == (2, sum(ext.feature_dims))
-    for out, part in zip(outs, flat.split(rows.numpy())):
+        outs = ext(compute.normalize(images))
+    assert [r.shape for r in rows] == [(2, d) for d in ext.feature_dims]
+    for out, part in zip(outs, rows):
         assert np.array_equal(part, out.flatten(1).numpy())
+
+
+def test_one_builder_a_string_cut_gives_a_tensor_a_list_gives_a_list():
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    one = build_extractor("test_resnet", cut="head").extractor
+    torch.manual_seed(0)
+    listed = build_extractor("test_resnet", cut=["head"]).extractor  # a list of one
+    with torch.no_grad():
+        a, b = one(x), listed(x)
+    assert isinstance(a, torch.Tensor) and isinstance(b, list) and len(b) == 1
+    assert isinstance(listed, MultiCutExtractor) and torch.equal(a, b[0])
+    assert [(str(o.cut), o.pool, o.pool_after_cut, o.shape) for o in one.outputs] == \
+        [(str(o.cut), o.pool, o.pool_after_cut, o.shape) for o in listed.outputs]
+    assert one.feature_dims == listed.feature_dims == [a.shape[1]]
 
 
 def test_batchnorm_folding_leaves_the_multi_cut_extractor_as_it_is():
@@ -199,18 +217,23 @@ def test_batchnorm_folding_leaves_the_multi_cut_extractor_as_it_is():
     # multi-cut runs; a folded single-cut head differs in the last bits)
     built = multi("test_resnet", ["stage:1", "head"])
     assert fold_batchnorm(built.extractor, built.spec.input_size) is built.extractor
-    flat = ConcatCuts(built.extractor)
-    assert fold_batchnorm(flat, built.spec.input_size) is flat
 
 
-def test_per_cut_configs_are_the_single_cut_configs():
-    from transferlab.config import ModelConfig
-    from transferlab.models.multicut import multi_extractor_from_config, per_cut_configs
+def test_each_cut_store_records_the_single_cut_config():
+    from pathlib import Path
 
-    cfg = ModelConfig(name="test_resnet")
+    from transferlab.config import ExtractConfig, ModelConfig, OutputConfig
+    from transferlab.extract.cutstore import cut_stores
+    from transferlab.models.extractor import extractor_from_config
+
+    model = ModelConfig(name="test_resnet", cut=["stage:1", "head"], pool={"head": "max"})
+    cfg = ExtractConfig(model=model, output=OutputConfig(dir="out"))
     torch.manual_seed(0)
-    bundle = multi_extractor_from_config(cfg, None, ["stage:1", "head"], {"head": "max"})
-    configs = per_cut_configs(cfg, bundle.extractor)
-    assert [(c.cut, c.pool, c.name) for c in configs] == [
+    bundle = extractor_from_config(cfg.model)
+    stores = cut_stores(cfg, bundle, multi=True)
+    assert [(s.cfg.model.cut, s.cfg.model.pool, s.cfg.model.name) for s in stores] == [
         ("stage:1", None, "test_resnet"), ("head", "max", "test_resnet")]
+    assert [s.dir for s in stores] == [Path("out/stage-1"), Path("out/head")]
     assert bundle.dirs == ["stage-1", "head"]
+    [one] = cut_stores(cfg, bundle, multi=False)  # one cut: output.dir, the config as given
+    assert one.dir == Path("out") and one.cfg is cfg

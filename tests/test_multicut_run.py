@@ -52,8 +52,8 @@ def test_the_base_runs_once_per_batch(data, tmp_path, monkeypatch):
             calls.append(len(x))
         return real(self, x)
 
-    from transferlab.models import multicut
-    build = multicut.multi_extractor_from_config
+    from transferlab.extract import run
+    build = run.extractor_from_config
 
     def marked(*args, **kwargs):
         bundle = build(*args, **kwargs)
@@ -62,7 +62,7 @@ def test_the_base_runs_once_per_batch(data, tmp_path, monkeypatch):
         return bundle
 
     monkeypatch.setattr(torch.nn.Conv2d, "forward", counted)
-    monkeypatch.setattr("transferlab.extract.multi.multi_extractor_from_config", marked)
+    monkeypatch.setattr(run, "extractor_from_config", marked)
     result = run_extract(make_cfg(data, tmp_path / "m", CUTS, "runtime.batch_size=4"))
     n = len(result.store)
     assert len(result.stores) == 3

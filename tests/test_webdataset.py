@@ -26,7 +26,7 @@ from transferlab.data.webdataset import (
     tar_shard_name,
 )
 from transferlab.errors import DataError
-from transferlab.extract.pipeline import rank_items
+from transferlab.extract.run import rank_items
 from transferlab.extract.run import run_extract
 from transferlab.runtime.distributed import DistInfo
 from transferlab.store.reader import FeatureStore
@@ -253,12 +253,12 @@ def test_killed_webdataset_run_resumes_to_the_same_store(resumable):
 
 def test_ranks_take_whole_shards_in_order(shards):
     ds = build_webdataset(DataConfig(source="webdataset", urls=shards["urls"]))
-    parts = [rank_items(ds, DistInfo(r, 3)) for r in range(3)]
+    parts = [rank_items(ds, DistInfo(r, 3), tar_shards=True) for r in range(3)]
     assert parts == [(0, 16), (16, 24), (24, 29)]  # shards 0-1, 2, 3
-    assert [rank_items(ds, DistInfo(r, 5)) for r in range(5)] == [
+    assert [rank_items(ds, DistInfo(r, 5), tar_shards=True) for r in range(5)] == [
         (0, 8), (8, 16), (16, 24), (24, 29), (29, 29)]  # more ranks than shards: one idle
     limited = ds.subset(range(20))
-    assert [rank_items(limited, DistInfo(r, 2)) for r in range(2)] == [(0, 16), (16, 20)]
+    assert [rank_items(limited, DistInfo(r, 2), tar_shards=True) for r in range(2)] == [(0, 16), (16, 20)]
 
 
 @pytest.mark.slow

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..cli import config_parser, load_cli_config, run_cli
-from ..config import ExtractConfig
+from ..cli import config_parser, run_cli
+from ..config import ExtractConfig, load_config
 from ..runtime.distributed import dist_info, shutdown
 from .run import ExtractResult, run_extract
 
@@ -14,7 +14,7 @@ def command(argv: Sequence[str] | None = None) -> ExtractResult:
     parser = config_parser("transferlab extract",
                            "Extract frozen features of every image into a feature store.")
     args = parser.parse_args(argv)
-    cfg = load_cli_config(args, ExtractConfig)
+    cfg = load_config(args.config, args.overrides, ExtractConfig)
     try:
         result = run_extract(cfg, progress=cfg.runtime.progress)
     finally:

@@ -5,12 +5,12 @@ import dataclasses
 from typing import Any
 
 from ..config import ModelConfig
-from ..data.preprocess import PreprocessSpec, resolve_preprocess
+from ..data.preprocess import PreprocessSpec
 from ..errors import ModelError
 from ..models import hub
-from ..models.backbones import Backbone, build_backbone, resolve_source
+from ..models.backbones import Backbone, resolve_source
 from ..models.checkpoint import read_meta
-from ..models.extractor import model_in_chans
+from ..models.extractor import load_backbone
 
 # ---------------------------------------------------------------------------------------
 # Model resolution
@@ -51,9 +51,7 @@ def check_weights_file(cfg: ModelConfig) -> None:
 
 def build_model(cfg: ModelConfig, preprocess: Any) -> tuple[Backbone, PreprocessSpec]:
     check_weights_file(cfg)
-    backbone = build_backbone(cfg)
-    spec = resolve_preprocess(backbone.data_config, preprocess, model_in_chans(backbone.model))
-    return backbone, spec
+    return load_backbone(cfg, preprocess)
 
 
 

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from ..config import DataConfig, to_dict
-from ..data.fingerprint import data_fingerprint
 from ..data.preprocess import PreprocessSpec
 from ..errors import ConfigError
 from ..models.checkpoint import BACKBONE_FORMAT
@@ -220,11 +219,10 @@ def cache(ctx: Context, net: Classifier, src: Source, where: str, keys: list[str
           data_cfg: DataConfig, digest: dict, name: str) -> Source:
     """Features of ``src`` (this process's share); a disk cache of each process goes to
     ``cache/ranks/world-N/rank-R`` as the parts of an extraction do."""
-    fingerprint = {**digest, "data": data_fingerprint(data_cfg)}  # as extraction names it
     folder = rank_dir(ctx.out / "cache", ctx.info)
     return cache_features(net, src, where, ctx.rt, ctx.eval_batch, net.base.output_shape,
-                          keys, folder / name, fingerprint, ctx.progress,
-                          fold_bn=ctx.cfg.runtime.fold_bn)
+                          keys, folder / name, digest, ctx.progress,
+                          fold_bn=ctx.cfg.runtime.fold_bn, data=data_cfg)
 
 
 def epoch_saver(ctx: Context, run: HeadRun) -> Any:

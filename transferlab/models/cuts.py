@@ -170,16 +170,34 @@ class Features(nn.Module):
         return self.model.forward_features(x)
 
 
+@dataclass(frozen=True)
+class CutOutput:
+    """One output of an extractor: its cut, the pool as asked (None: the model's own) and
+    as applied after the cut (a timm head pools inside the model: 'none' after it), and the
+    shape of one sample's output."""
+
+    cut: CutSpec
+    pool: str | None
+    pool_after_cut: str
+    shape: tuple[int, ...]
+
+    @property
+    def feature_dim(self) -> int:
+        """Length of the flattened output vector."""
+        return int(torch.Size(self.shape).numel())
+
+
 class FrozenExtractor(nn.Module):
     """A backbone cut at ``cut`` and pooled; parameters frozen and always in eval mode."""
 
     def __init__(self, body: nn.Module, pool: nn.Module, cut: CutSpec, pool_name: str,
-                 model_name: str = ""):
+                 model_name: str = "", asked_pool: str | None = None):
         super().__init__()
         self.body = body
         self.pool = pool
         self.cut = cut
         self.pool_name = pool_name
+        self.asked_pool = asked_pool
         self.model_name = model_name
         self.output_shape: tuple[int, ...] = ()
         self.requires_grad_(False)
@@ -198,8 +216,13 @@ class FrozenExtractor(nn.Module):
         return int(torch.Size(self.output_shape).numel())
 
     @property
+    def outputs(self) -> list[CutOutput]:
+        """Its one output (a ``MultiCutExtractor`` lists one per cut)."""
+        return [CutOutput(self.cut, self.asked_pool, self.pool_name, self.output_shape)]
+
+    @property
     def feature_dims(self) -> list[int]:
-        """``[feature_dim]``: the widths of the outputs, as a multi-cut extractor gives them."""
+        """``[feature_dim]``: the width of each output (what the engine reads)."""
         return [self.feature_dim]
 
     def layers(self, input_size: Sequence[int]) -> list[tuple[str, nn.Module]] | None:
@@ -211,7 +234,7 @@ class FrozenExtractor(nn.Module):
         if isinstance(body, FxNode):
             return None
         model = getattr(body, "model", body)  # TapModule / TimmHead / Features wrap a model
-        names = top_level_layers(model, trace_modules(model, input_size))
+        names = top_level_layers(trace_modules(model, input_size))
         if isinstance(body, TapModule):  # layers up to the tapped one
             names = names[:names.index(body.module_name.split(".")[0]) + 1]
         return [(n, model.get_submodule(n)) for n in names]
@@ -264,7 +287,7 @@ def trace_modules(model: nn.Module, input_size: Sequence[int]) -> dict[str, tupl
     return shapes
 
 
-def top_level_layers(model: nn.Module, shapes: dict[str, Any]) -> list[str]:
+def top_level_layers(shapes: dict[str, Any]) -> list[str]:
     """Top-level children in call order: the 'layers' counted by first:N and drop:N."""
     return [name for name in shapes if "." not in name]
 
@@ -288,7 +311,7 @@ def build_body(model: nn.Module, cut: CutSpec, pool: str | None, input_size: Seq
         return layer_body(model, str(cut.value), model_name), default_pool
     if cut.kind == "stage":
         return TapModule(model, stage_module(model, int(cut.value), model_name)), default_pool
-    layers = top_level_layers(model, trace_modules(model, input_size))
+    layers = top_level_layers(trace_modules(model, input_size))
     count = int(cut.value) if cut.kind == "first" else len(layers) - int(cut.value)
     if not 1 <= count <= len(layers):
         raise CutError(f"cut '{cut}' is out of range: {model_name or 'the model'} has "
@@ -434,7 +457,8 @@ def make_extractor(model: nn.Module, cut: str | dict | CutSpec, pool: str | None
     model.eval()
     body, pool_name = build_body(model, spec, pool, input_size, model_name)
     prefix = int(getattr(model, "num_prefix_tokens", 1) or 0)
-    extractor = FrozenExtractor(body, Pool(pool_name, prefix), spec, pool_name, model_name)
+    extractor = FrozenExtractor(body, Pool(pool_name, prefix), spec, pool_name, model_name,
+                                pool)
     extractor.output_shape = output_shape(extractor, input_size)
     return extractor
 
@@ -469,7 +493,7 @@ def list_cut_points(model: nn.Module, input_size: Sequence[int],
     ``layer:`` entries are listed for every module with ``all_modules``, else down to depth 2.
     """
     shapes = trace_modules(model, input_size)
-    layers = top_level_layers(model, shapes)
+    layers = top_level_layers(shapes)
     points = [CutPoint(f"first:{i + 1}", name, shapes[name]) for i, name in enumerate(layers)]
     for i, entry in enumerate(getattr(model, "feature_info", None) or []):
         points.append(CutPoint(f"stage:{i}", entry["module"], shapes.get(entry["module"])))

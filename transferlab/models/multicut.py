@@ -11,21 +11,18 @@ itself and only read here to see where each cut's value comes from.
 from __future__ import annotations
 
 import difflib
-import itertools
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import ModelConfig, PreprocessConfig
-from ..data.preprocess import PreprocessSpec, build_transform, resolve_preprocess
 from ..errors import ConfigError, CutError
-from .backbones import Backbone, build_backbone
 from .cuts import (
     POOLS,
+    CutOutput,
     CutSpec,
     Features,
     FxNode,
@@ -38,7 +35,6 @@ from .cuts import (
     model_device_dtype,
     parse_cut,
 )
-from .extractor import BuiltExtractor, model_in_chans
 
 CUT_SETS = ("all-stages", "all-blocks")
 CutLike = str | dict | CutSpec
@@ -281,12 +277,14 @@ class MultiCutExtractor(nn.Module):
     pooled tensor per cut, each equal to the single-cut extractor's output."""
 
     def __init__(self, model: nn.Module, cuts: Sequence[CutSpec], sources: Sequence[CutSource],
-                 pool_names: Sequence[str], model_name: str = ""):
+                 pool_names: Sequence[str], model_name: str = "",
+                 asked_pools: Sequence[str | None] | None = None):
         super().__init__()
         self.model = model
         self.cuts = list(cuts)
         self.sources = list(sources)
         self.pool_names = list(pool_names)
+        self.asked_pools = list(asked_pools or [None] * len(self.cuts))  # model.pool per cut
         self.model_name = model_name
         prefix = int(getattr(model, "num_prefix_tokens", 1) or 0)
         self.pools = nn.ModuleList(Pool(p, prefix) for p in pool_names)
@@ -298,7 +296,6 @@ class MultiCutExtractor(nn.Module):
         self.mode = ("seq" if isinstance(model, nn.Sequential) else
                      "timm" if kinds & {"features", "prelogits"} else "model")
         self.output_shapes: list[tuple[int, ...]] = []
-        self.asked_pools: list[str | None] = [None] * len(self.cuts)  # model.pool per cut
         self.requires_grad_(False)
         self.eval()
 
@@ -307,9 +304,15 @@ class MultiCutExtractor(nn.Module):
         return super().train(False)
 
     @property
+    def outputs(self) -> list[CutOutput]:
+        """One per cut, in cut order."""
+        return [CutOutput(*c) for c in zip(self.cuts, self.asked_pools, self.pool_names,
+                                           self.output_shapes)]
+
+    @property
     def feature_dims(self) -> list[int]:
         """Length of each cut's flattened output vector, in cut order."""
-        return [int(torch.Size(s).numel()) for s in self.output_shapes]
+        return [o.feature_dim for o in self.outputs]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         state = _Pass(self.pools)
@@ -356,31 +359,6 @@ class MultiCutExtractor(nn.Module):
         state.put(self.indices("output"), model(x))
 
 
-class ConcatCuts(nn.Module):
-    """A ``MultiCutExtractor`` as one (B, sum of feature_dims) tensor: the single-cut
-    ``FeatureComputer`` runs it unchanged (one host copy, one inf/NaN check per batch) and
-    ``split`` gives each cut's rows back."""
-
-    def __init__(self, multi: MultiCutExtractor):
-        super().__init__()
-        self.multi = multi
-
-    @property
-    def feature_dims(self) -> list[int]:
-        return self.multi.feature_dims
-
-    def train(self, mode: bool = True) -> ConcatCuts:
-        return super().train(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([o.flatten(1) for o in self.multi(x)], dim=1)
-
-    def split(self, rows: Any) -> list[Any]:
-        """(B, sum of dims) rows (tensor or numpy array) -> one (B, dim) block per cut."""
-        edges = [0, *itertools.accumulate(self.feature_dims)]
-        return [rows[:, a:b] for a, b in itertools.pairwise(edges)]
-
-
 def make_multi_extractor(model: nn.Module, cuts: CutLike | Sequence[CutLike],
                          pool: Any, input_size: Sequence[int],
                          model_name: str = "") -> MultiCutExtractor:
@@ -390,8 +368,7 @@ def make_multi_extractor(model: nn.Module, cuts: CutLike | Sequence[CutLike],
     pools = cut_pools(specs, pool)
     model.eval()
     sources, pool_names = cut_sources(model, specs, pools, input_size, model_name)
-    extractor = MultiCutExtractor(model, specs, sources, pool_names, model_name)
-    extractor.asked_pools = pools
+    extractor = MultiCutExtractor(model, specs, sources, pool_names, model_name, pools)
     device, dtype = model_device_dtype(model)
     try:
         with torch.no_grad():
@@ -403,58 +380,3 @@ def make_multi_extractor(model: nn.Module, cuts: CutLike | Sequence[CutLike],
                        f"{type(exc).__name__}: {exc}") from None
     extractor.output_shapes = [tuple(o.shape[1:]) for o in outs]
     return extractor
-
-
-@dataclass
-class MultiExtractorBundle:
-    """What a multi-cut runner needs: the extractor, its preprocessing (the single-cut
-    extractor's), the backbone, and the store directory of each cut."""
-
-    extractor: MultiCutExtractor
-    spec: PreprocessSpec
-    backbone: Backbone
-
-    @property
-    def dirs(self) -> list[str]:
-        return cut_dirs(self.extractor.cuts)
-
-    def transform(self, normalize: bool = True, augment: bool = False):
-        return build_transform(self.spec, normalize=normalize, augment=augment)
-
-
-def multi_extractor_from_config(model_cfg: ModelConfig,
-                                preprocess_cfg: PreprocessConfig | None = None,
-                                cuts: Any = None, pool: Any = None) -> MultiExtractorBundle:
-    """``extractor_from_config`` for several cuts: ``cuts`` / ``pool`` default to
-    ``model_cfg.cut`` / ``model_cfg.pool`` (a list, a set name, a per-cut mapping)."""
-    backbone = build_backbone(model_cfg)
-    spec = resolve_preprocess(backbone.data_config, preprocess_cfg,
-                              model_in_chans(backbone.model))
-    extractor = make_multi_extractor(backbone.model, model_cfg.cut if cuts is None else cuts,
-                                     model_cfg.pool if pool is None else pool,
-                                     spec.input_size, model_cfg.name)
-    return MultiExtractorBundle(extractor, spec, backbone)
-
-
-def per_cut_configs(model_cfg: ModelConfig, extractor: MultiCutExtractor) -> list[ModelConfig]:
-    """The single-cut ``model`` config of each cut (its cut and asked pool): what each
-    per-cut store records, so its fingerprint and config equal a single-cut run's."""
-    return [replace(model_cfg, cut=str(c), pool=p)
-            for c, p in zip(extractor.cuts, extractor.asked_pools)]
-
-
-def build_multi_extractor(name: str, cuts: Any = ("head",), pool: Any = None,
-                          pretrained: bool = False, weights: str | None = None,
-                          source: str = "auto",
-                          preprocess: PreprocessConfig | dict | None = None,
-                          trust_code: bool = False, **model_kwargs) -> BuiltExtractor:
-    """``build_extractor`` for several cuts: ``extractor, transform = build_multi_extractor(
-    "resnet50", ["stage:1", "stage:3", "head"])``; ``extractor(x)`` is a list of tensors,
-    ``extractor.feature_dims`` their widths, ``.spec`` the preprocessing."""
-    known = {k: model_kwargs.pop(k) for k in ("num_classes", "in_chans") if k in model_kwargs}
-    model_cfg = ModelConfig(name=name, source=source, pretrained=pretrained, weights=weights,
-                            kwargs=model_kwargs, trust_code=trust_code, **known)
-    if isinstance(preprocess, dict):
-        preprocess = PreprocessConfig(**preprocess)
-    bundle = multi_extractor_from_config(model_cfg, preprocess, cuts, pool)
-    return BuiltExtractor(bundle.extractor, bundle.transform(), bundle.spec)

@@ -1,11 +1,23 @@
-"""The compute settings stored rows depend on beyond their dtype's rounding."""
+"""What stored feature rows depend on: one rule for extraction stores and the fine-tune
+feature cache (a store or cache with another fingerprint is not reused)."""
 from __future__ import annotations
 
+from ..config import DataConfig
+from ..data.fingerprint import data_fingerprint
 from .device import Runtime
 
 
 def compute_record(rt: Runtime, fold_bn: bool = False) -> dict:
-    """Resolved values (precision 'auto' is recorded as what it chose), the device's type
-    only: cuda:0 and cuda:1 compute alike, a CPU and a GPU do not."""
+    """The compute settings rows depend on beyond their dtype's rounding: resolved values
+    (precision 'auto' is recorded as what it chose), the device's type only: cuda:0 and
+    cuda:1 compute alike, a CPU and a GPU do not."""
     return {"precision": rt.precision, "fold_bn": bool(fold_bn),
             "channels_last": bool(rt.channels_last), "device": rt.device.type}
+
+
+def rows_fingerprint(model: dict, data: DataConfig | None, compute: dict) -> dict:
+    """``model`` (what the caller computes the rows with: weights, cut, pooling,
+    preprocessing ...), the images the keys name (``data_fingerprint``; None: rows not tied
+    to a data source) and the computation (``compute_record``)."""
+    return {**model, **({"data": data_fingerprint(data)} if data is not None else {}),
+            "compute": compute}

@@ -191,7 +191,7 @@ def _read_sidecar(path: Path, rows: int) -> tuple[list[str], np.ndarray, np.ndar
     except (OSError, ValueError, KeyError, EOFError):
         return None
     if labels.shape != (rows,) or views.shape != (rows,) or blob.dtype != np.uint8 or \
-            labels.dtype != np.int64 or views.dtype != np.int64 or recorded != _sha256(path):
+            labels.dtype != np.int64 or views.dtype != np.int64 or recorded != file_sha256(path):
         return None
     try:
         keys = blob.tobytes().decode("utf-8").split("\0") if rows else []
@@ -200,7 +200,8 @@ def _read_sidecar(path: Path, rows: int) -> tuple[list[str], np.ndarray, np.ndar
     return (keys, labels, views) if len(keys) == rows else None
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import DataConfig
 from ..models.classifier import Classifier
 from ..models.engine import FeatureComputer
 from ..runtime.device import Runtime
-from ..runtime.record import compute_record
+from ..runtime.record import compute_record, rows_fingerprint
 from ..store.writer import StoreWriter
 from .sources import ArraySource, LoaderSource, Source, TensorSource
 
@@ -75,11 +76,14 @@ def frozen_features(engine: FeatureComputer, src: Source, positions: torch.Tenso
 def cache_features(net: Classifier, src: Source, where: str, rt: Runtime, batch_size: int,
                    feature_shape: Sequence[int], keys: Sequence[str] | None = None,
                    cache_dir: Path | None = None, fingerprint: dict | None = None,
-                   progress: bool = False, fold_bn: bool = False) -> Source:
+                   progress: bool = False, fold_bn: bool = False,
+                   data: DataConfig | None = None) -> Source:
     """Run the frozen base once over ``src``; a source of its features (same targets).
 
     Items that fail to decode are left out (the returned source is shorter); ``where`` is
-    a ``plan_cache`` answer. 'disk' needs ``keys``, ``cache_dir`` and ``fingerprint``.
+    a ``plan_cache`` answer. 'disk' needs ``keys``, ``cache_dir`` and ``fingerprint``: what
+    the rows depend on besides ``data`` (the images the keys name) and the computation,
+    completed by ``runtime.record.rows_fingerprint`` as extraction completes a store's.
     ``fold_bn`` runs a copy of the base with its BatchNorms folded, as extraction does (the
     same function, one pass over the activations less); the network keeps its own base, to
     unfreeze and to save.
@@ -88,7 +92,7 @@ def cache_features(net: Classifier, src: Source, where: str, rt: Runtime, batch_
     engine = net.base_engine(rt, fold_bn)
     if where == "disk":
         return _cache_on_disk(engine, src, batch_size, feature_shape, keys, cache_dir,
-                              fingerprint or {}, progress)
+                              fingerprint or {}, progress, data)
     device = rt.device if where == "device" else torch.device("cpu")
     buf = torch.empty((len(src), *feature_shape), dtype=torch.float32, device=device)
     done = torch.zeros(len(src), dtype=torch.bool)
@@ -105,12 +109,13 @@ def cache_features(net: Classifier, src: Source, where: str, rt: Runtime, batch_
 
 def _cache_on_disk(engine: FeatureComputer, src: Source, batch_size: int,
                    feature_shape: Sequence[int], keys: Sequence[str] | None,
-                   cache_dir: Path | None, fingerprint: dict, progress: bool) -> Source:
+                   cache_dir: Path | None, fingerprint: dict, progress: bool,
+                   data: DataConfig | None) -> Source:
     if keys is None or cache_dir is None:
         raise ValueError("the disk cache needs keys and cache_dir")
     # rows of another precision, layout, folding or device type must not mix: rebuilt
     rt = engine.rt
-    fingerprint = {**fingerprint, "compute": compute_record(rt, engine.folded)}
+    fingerprint = rows_fingerprint(fingerprint, data, compute_record(rt, engine.folded))
     writer = StoreWriter(cache_dir, fingerprint, dtype="float32", overwrite=True, fsync=False)
     try:
         done = writer.done_keys
