@@ -67,7 +67,7 @@ class Classifier(nn.Module):
         self.runtime = runtime
         self.base_trainable = False  # True in the partial-unfreeze phase
         self.unfrozen: list[nn.Module] = []  # base modules that train (train mode) with it
-        self.frozen: FeatureComputer | None = None  # the base's engine, made on first use
+        self._frozen_base: FeatureComputer | None = None  # the base's engine, on first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.base(x) if self.base is not None else x)
@@ -107,7 +107,9 @@ class Classifier(nn.Module):
                                fold_bn=fold_bn)
 
     def engine(self, runtime: Runtime | None = None, fold_bn: bool = True) -> FeatureComputer:
-        """The engine over the whole classifier: uint8 images -> class scores."""
+        """The engine over the whole classifier: uint8 images -> class scores. Where nothing
+        is folded the engine runs this module itself, moved to the runtime's device and
+        layout (channels_last: the same weights, another memory order)."""
         self.eval()
         return FeatureComputer(self, self.preprocess, runtime or self.default_runtime(),
                                fold_bn=fold_bn)
@@ -121,9 +123,9 @@ class Classifier(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Base output for uint8 images; a frozen base runs through its engine (no autograd)."""
         if self.base is not None and not self.base_trainable:
-            if self.frozen is None:
-                self.frozen = self.base_engine()
-            return self.frozen.forward(images)[0].clone()  # a tensor autograd may save
+            if self._frozen_base is None:
+                self._frozen_base = self.base_engine()
+            return self._frozen_base.forward(images)[0].clone()  # a tensor autograd may save
         x = self.normalize(images)
         if self.runtime is not None and self.runtime.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
