@@ -12,27 +12,10 @@ from transferlab.config import DataConfig
 from transferlab.data.datasets import ImageDataset
 from transferlab.data.preprocess import build_transform, resolve_preprocess
 from transferlab.data.sources import build_dataset
+from transferlab.models.classifier import Classifier
 from transferlab.runtime.device import Runtime
 from transferlab.training.cache import frozen_features
-from transferlab.training.network import Network
-from transferlab.training.sources import LoaderSource, ThreadedItems
-
-
-class Recording(torch.utils.data.Dataset):
-    """Items 0..n-1 that record the thread each was read in (and wait a moment, so a pool
-    of two threads really shares the work)."""
-
-    def __init__(self, n: int):
-        self.n, self.threads, self.lock = n, set(), threading.Lock()
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        with self.lock:
-            self.threads.add(threading.current_thread().name)
-        threading.Event().wait(0.01)
-        return i
+from transferlab.training.sources import LoaderSource
 
 
 def folder(tmp_path, n: int = 7, bad: int = 3):
@@ -53,16 +36,6 @@ def image_source(tmp_path) -> LoaderSource:
     ds.transform = build_transform(spec, normalize=False)
     ds.image_mode, ds.draft_size = spec.image_mode, spec.scale_size()
     return LoaderSource(ds, np.maximum(ds.labels, 0), torch.device("cpu"))
-
-
-def test_threaded_items_come_in_index_order_from_several_threads():
-    base = Recording(8)
-    items = ThreadedItems(base, 2).__getitems__([5, 1, 7, 0, 2, 6])
-    assert items == [5, 1, 7, 0, 2, 6]
-    assert len(base.threads) == 2 and all(t.startswith("decode") for t in base.threads)
-    one = Recording(8)
-    assert ThreadedItems(one, 1).__getitems__([3, 2]) == [3, 2]
-    assert one.threads == {threading.current_thread().name}
 
 
 def test_threaded_batches_equal_plain_ones_and_failures_are_shared(tmp_path):
@@ -91,9 +64,9 @@ def test_the_caching_pass_decodes_with_the_runtime_threads(tmp_path, monkeypatch
     monkeypatch.setattr(ImageDataset, "__getitem__", spy)
     src = image_source(tmp_path)
     spec = resolve_preprocess({"input_size": (3, 32, 32)})
-    net = Network(None, torch.nn.Identity(), spec)
+    net = Classifier(None, torch.nn.Identity(), ["c0", "c1"], spec)
     rt = Runtime(torch.device("cpu"), "fp32", False, 0, 2)
-    feats = list(frozen_features(net, src, torch.arange(len(src)), 4, rt))
+    feats = list(frozen_features(net.base_engine(rt), src, torch.arange(len(src)), 4))
     assert [len(p) for _, p in feats] == [4, 2]  # 7 items, c1/003 bad, batches of 4
     assert seen and all(name.startswith("decode") for name in seen)
     assert src.decode_threads == 1  # the caller's source is not changed
@@ -114,7 +87,7 @@ def test_the_caching_pass_runs_a_folded_copy_of_the_base_with_the_same_features(
 
     src = image_source(tmp_path)
     spec = resolve_preprocess({"input_size": (3, 32, 32)})
-    net = Network(conv_bn_base(), torch.nn.Identity(), spec)
+    net = Classifier(conv_bn_base(), torch.nn.Identity(), ["c0", "c1"], spec)
     rt = Runtime(torch.device("cpu"), "fp32", False, 0, 1)
     calls = []
     net.base.register_forward_hook(lambda *_: calls.append(1))
@@ -134,7 +107,7 @@ def test_the_disk_cache_records_whether_its_rows_come_from_a_folded_base(tmp_pat
 
     src = image_source(tmp_path)
     spec = resolve_preprocess({"input_size": (3, 32, 32)})
-    net = Network(conv_bn_base(), torch.nn.Identity(), spec)
+    net = Classifier(conv_bn_base(), torch.nn.Identity(), ["c0", "c1"], spec)
     rt = Runtime(torch.device("cpu"), "fp32", False, 0, 1)
     keys = list(src.dataset.keys)
     for fold in (True, False):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from transferlab.data.datasets import (
     DEBIAN_FASHION_MNIST,
     MNIST_5K,
     ImageDataset,
+    ThreadedItems,
     collate_skip_errors,
     from_arrays,
     make_loader,
@@ -330,3 +332,33 @@ def test_dataset_is_a_torch_dataset(tree):
     ds = build_dataset(DataConfig(source="folder", root=str(root)))
     assert isinstance(ds, torch.utils.data.Dataset) and isinstance(ds, ImageDataset)
     assert "items" in repr(ds)
+
+
+# ---- threaded batch decoding -----------------------------------------------------------
+
+
+class Recording(torch.utils.data.Dataset):
+    """Items 0..n-1 that record the thread each was read in (and wait a moment, so a pool
+    of two threads really shares the work)."""
+
+    def __init__(self, n: int):
+        self.n, self.threads, self.lock = n, set(), threading.Lock()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        with self.lock:
+            self.threads.add(threading.current_thread().name)
+        threading.Event().wait(0.01)
+        return i
+
+
+def test_threaded_items_come_in_index_order_from_several_threads():
+    base = Recording(8)
+    items = ThreadedItems(base, 2).__getitems__([5, 1, 7, 0, 2, 6])
+    assert items == [5, 1, 7, 0, 2, 6]
+    assert len(base.threads) == 2 and all(t.startswith("decode") for t in base.threads)
+    one = Recording(8)
+    assert ThreadedItems(one, 1).__getitems__([3, 2]) == [3, 2]
+    assert one.threads == {threading.current_thread().name}

@@ -15,11 +15,10 @@ from transferlab.errors import ConfigError, DataError, HeadError, ModelError
 from transferlab.finetune.__main__ import command
 from transferlab.finetune.run import run_finetune
 from transferlab.models.checkpoint import read_checkpoint, save_checkpoint
-from transferlab.models.classifier import load_model
+from transferlab.models.classifier import Classifier, load_model
 from transferlab.models.lenet import lenet
 from transferlab.runtime.device import resolve_runtime
 from transferlab.training.loop import fit, make_optimizer, make_scheduler
-from transferlab.training.network import Network
 from transferlab.training.sources import TensorSource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -426,7 +425,7 @@ def test_early_stopping_stops_and_restores_the_best_epoch():
     rt = resolve_runtime(RuntimeConfig(device="cpu"))
     spec = PreprocessSpec((1, 1, 1), "bilinear", (0.0,), (1.0,), 1.0, "squash", "squash")
     head = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4))
-    net = Network(torch.nn.Identity(), head, spec)
+    net = Classifier(torch.nn.Identity(), head, list("abcd"), spec)
     src = TensorSource(x, y, "features", rt.device)
     train, val = src.subset(np.arange(150)), src.subset(np.arange(150, 200))
     cfg = TrainConfig(epochs=40, lr=0.01, batch_size=16, val_split=0.25, early_stopping=2)
@@ -645,3 +644,33 @@ def test_the_cut_lists_its_layers_and_the_dataset_its_pixels():
     assert px.shape == (2, 1, 28, 28) and px.dtype == np.uint8
     assert np.array_equal(px[1, 0], np.asarray(ds.load_image(5)))
     assert ds.pixels((32, 32)) is None
+
+
+def test_the_disk_cache_holds_the_rows_extraction_writes(tmp_path):
+    """One engine: the caching pass and extraction of the same model, cut, preprocessing
+    and runtime (BatchNorm folded, fp32) give the same rows, key by key."""
+    import timm
+    from safetensors.torch import save_file
+
+    from transferlab.config import ExtractConfig
+    from transferlab.extract.run import run_extract
+    from transferlab.store.reader import FeatureStore
+
+    root = write_digit_folder(tmp_path / "digits", per_class=10)
+    model = timm.create_model("test_resnet", pretrained=False)
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    shared = ["model.name=test_resnet", f"model.weights={weights}",
+              "preprocess.input_size=[32, 32]", "data.source=folder", f"data.root={root}",
+              "runtime.precision=fp32", "runtime.batch_size=8", "runtime.progress=false"]
+    run_finetune(load_config(None, [*shared, "train.epochs=1", "train.cache=disk",
+                                    f"output.dir={tmp_path / 'ft'}"], FinetuneConfig))
+    run_extract(load_config(None, [*shared, "output.dtype=float32",
+                                   f"output.dir={tmp_path / 'ex'}"], ExtractConfig))
+    cache, store = FeatureStore.open(tmp_path / "ft" / "cache" / "train"), \
+        FeatureStore.open(tmp_path / "ex")
+    assert cache.meta["fingerprint"]["compute"] == store.meta["compute"]
+    assert store.meta["compute"]["fold_bn"] is True and sorted(cache.keys) == store.keys
+    rows = {k: i for i, k in enumerate(cache.keys)}
+    got = np.asarray(cache.features)[[rows[k] for k in store.keys]]
+    np.testing.assert_array_equal(got, np.asarray(store.features))

@@ -15,7 +15,7 @@ from tests.test_resume import REPO, env
 from transferlab.config import FinetuneConfig, load_config
 from transferlab.finetune.run import run_finetune
 from transferlab.models.checkpoint import read_checkpoint
-from transferlab.training.network import state_digest
+from transferlab.training.parallel import state_digest
 
 pytestmark = pytest.mark.slow
 

@@ -2,8 +2,8 @@
 
 Command line::
 
-    python -m transferlab.predict CHECKPOINT PATH... [--out preds.csv] [--batch-size 32]
-        [--device auto] [--workers N]
+    python -m transferlab.predict CHECKPOINT PATH... [--out preds.csv] [--batch-size N]
+        [--device auto] [--precision auto] [--workers N]
 
 ``PATH`` is an image file or a folder (searched recursively for image files). The CSV has
 one row per readable image: ``path,class,probability`` (the most likely class and its
@@ -17,22 +17,28 @@ import argparse
 import csv
 import io
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .cli import run_cli
-from .config import IMAGE_EXTENSIONS
-from .data.datasets import FileReader, ImageDataset, make_loader
+from .config import IMAGE_EXTENSIONS, RuntimeConfig
+from .data.datasets import FileReader, ImageDataset, ThreadedItems, make_loader
 from .data.imageio import DEFAULT_MAX_PIXELS, escape_name
 from .data.preprocess import build_transform
 from .data.sources import scan_folder
 from .errors import ConfigError, DataError
 from .models.classifier import Classifier, load_model
 from .runtime.atomicfile import atomic_write
-from .runtime.device import resolve_device
+from .runtime.device import (
+    Runtime,
+    apply_runtime,
+    default_batch_size,
+    resolve_device,
+)
 
 
 @dataclass
@@ -67,24 +73,34 @@ def collect_images(paths: Sequence[str | Path],
     return files
 
 
-def predict_files(model: Classifier, files: Sequence[str], batch_size: int = 32,
-                  num_workers: int = 0) -> PredictResult:
-    """Decode ``files`` (robustly: bad files become failures) and classify them. A name that
-    is not UTF-8 is read, and reported under its lossless escape (``escape_name``)."""
+def predict_files(model: Classifier, files: Sequence[str], batch_size: int | None = None,
+                  runtime: Runtime | None = None, fold_bn: bool = True) -> PredictResult:
+    """Decode ``files`` (robustly: bad files become failures) and classify them through the
+    frozen-forward engine with ``runtime`` (default ``model.default_runtime()``), read as
+    extraction reads: by its loader workers, or without them each batch by its threads;
+    the batch size by default extraction's. A name that is not UTF-8 is read, and reported
+    under its lossless escape (``escape_name``)."""
+    rt = runtime or model.default_runtime()
     spec = model.preprocess
     names = [escape_name(f) or f for f in files]
     ds = ImageDataset(FileReader(None, files, DEFAULT_MAX_PIXELS), names, np.full(len(files), -1),
                       transform=build_transform(spec, normalize=False),
                       image_mode=spec.image_mode, draft_size=spec.scale_size())
+    threaded = ThreadedItems(ds, rt.threads) if rt.num_workers == 0 else ds
+    loader = make_loader(threaded, default_batch_size(rt, batch_size), rt.num_workers,
+                         pin_memory=rt.is_cuda)
     result = PredictResult([])
-    for batch in make_loader(ds, batch_size, num_workers, pin_memory=model.device.type == "cuda"):
-        result.failures += batch["failures"]
-        if batch["image"] is None:
-            continue
-        probs = model.predict_proba(batch["image"], batch_size)
+
+    def batches() -> Iterator[tuple[torch.Tensor, list[str]]]:
+        for batch in loader:
+            result.failures += batch["failures"]
+            if batch["image"] is not None:
+                yield batch["image"], batch["key"]
+
+    for probs, keys in model.proba_batches(batches(), model.engine(rt, fold_bn)):
         best, idx = probs.max(1)
         result.predictions += [Prediction(path, model.class_names[int(i)], float(p))
-                               for path, p, i in zip(batch["key"], best, idx)]
+                               for path, p, i in zip(keys, best, idx)]
     return result
 
 
@@ -98,12 +114,21 @@ def write_csv(predictions: Sequence[Prediction], out: io.TextIOBase) -> None:
 
 
 def run_predict(checkpoint: str | Path, paths: Sequence[str | Path], out: str | Path | None,
-                batch_size: int = 32, device: str = "auto", num_workers: int = 0,
-                trust_code: bool = False) -> PredictResult:
+                batch_size: int | None = None, device: str = "auto",
+                num_workers: int | None = None, trust_code: bool = False,
+                precision: str = "auto") -> PredictResult:
     """Load ``checkpoint``, classify the images under ``paths`` and write the CSV to ``out``
-    (atomically; stdout when None). ``trust_code`` lets a trusted checkpoint name code to run."""
+    (atomically; stdout when None). ``trust_code`` lets a trusted checkpoint name code to run.
+
+    The runtime is resolved and applied as extraction's is (``runtime`` defaults: precision
+    ``auto``, channels_last for conv nets, threads of the free cores, BatchNorm folded; None
+    for the batch size or the workers: chosen for the device)."""
+    config = RuntimeConfig(device=device, precision=precision, batch_size=batch_size,
+                           num_workers=num_workers)
     model = load_model(checkpoint, resolve_device(device), trust_code)
-    result = predict_files(model, collect_images(paths), batch_size, num_workers)
+    rt = model.inference_runtime(config, sample_load=True)
+    apply_runtime(rt)
+    result = predict_files(model, collect_images(paths), batch_size, rt, config.fold_bn)
     if out is None:
         write_csv(result.predictions, sys.stdout)
         return result
@@ -119,9 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="model.safetensors written by transferlab.finetune")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--out", help="CSV file to write (default: stdout)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default: extraction's for the device (runtime.batch_size)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--workers", type=int, default=0, help="decoding processes")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision (auto: bf16 where the hardware computes it)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding processes (default: chosen for the machine)")
     p.add_argument("--trust-code", action="store_true",
                    help="let a trusted checkpoint name a module:callable to run")
     return p
@@ -130,10 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
 def command(argv: Sequence[str] | None = None) -> PredictResult:
     """Parse, predict, write the CSV; user mistakes raise TransferlabError."""
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     result = run_predict(args.checkpoint, args.paths, args.out, args.batch_size, args.device,
-                         args.workers, args.trust_code)
+                         args.workers, args.trust_code, args.precision)
     for path, reason in result.failures:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if args.out:

@@ -38,22 +38,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from ..errors import DataError
-from .imageio import ImageDecodeError, load_image
+from .imageio import ImageDecodeError, decoding_threads_quiet, load_image
 
 MNIST_5K = Path(__file__).parent / "mnist_5k.npz"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 PLACEHOLDER_SIZE = (32, 32)
 
 Transform = Callable[[Image.Image], Any]
+Item = TypeVar("Item")
 
 
 # ---------------------------------------------------------------------------------------
@@ -218,6 +220,38 @@ def collate_skip_errors(batch: list[dict[str, Any]]) -> dict[str, Any]:
             "label": torch.tensor([s["label"] for s in good], dtype=torch.int64),
             "index": torch.tensor([s["index"] for s in good], dtype=torch.int64),
             "key": [s["key"] for s in good], "failures": failures}
+
+
+def read_batch(read: Callable[[int], Item], indices: Sequence[int], threads: int) -> list[Item]:
+    """``read(i)`` for every index, in the order of ``indices``: the one threaded batch
+    decoder (extraction, the fine-tune caching pass, prediction).
+
+    Up to ``threads`` threads share the batch (PIL releases the GIL while it decodes and
+    resizes), on the cores the forward pass uses between batches; measured in BENCHMARKS.md.
+    Inside a loader worker (its own process) or with ``threads`` < 2 the items are read one by
+    one. Only for deterministic reads: threads would reorder a random transform's draws.
+    """
+    threads = min(threads, len(indices))
+    if threads < 2 or get_worker_info() is not None:
+        return [read(i) for i in indices]
+    with decoding_threads_quiet(), ThreadPoolExecutor(threads, "decode") as pool:
+        return list(pool.map(read, indices))
+
+
+class ThreadedItems(Dataset):
+    """A dataset whose DataLoader batches are read by ``threads`` threads (``read_batch``)."""
+
+    def __init__(self, dataset: Any, threads: int):
+        self.dataset, self.threads = dataset, threads
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[i]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        return read_batch(self.dataset.__getitem__, indices, self.threads)
 
 
 PREFETCH_FACTOR = 4  # batches each worker keeps ready: decoding is bursty, the model is not

@@ -4,15 +4,13 @@ from __future__ import annotations
 import random
 import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
-from ..data.datasets import ImageDataset, collate_skip_errors
+from ..data.datasets import ImageDataset, collate_skip_errors, read_batch
 from ..data.datasets import make_loader as _make_loader
-from ..data.imageio import decoding_threads_quiet
 from ..data.preprocess import PreprocessSpec, build_transform
 from ..runtime.device import Runtime
 
@@ -25,9 +23,8 @@ class ViewsDataset(Dataset):
     """Wraps an untransformed dataset; item image = (1 + views, C, H, W) uint8 tensor.
 
     ``decode_threads`` > 1: a batch read in the main process (no loader workers) is decoded
-    by that many threads (PIL releases the GIL), between forward passes, on the cores the
-    forward pass uses; measured in BENCHMARKS.md. Augmented views seed the global RNGs per
-    key, so with views the items are read one by one.
+    by that many threads (``data.datasets.read_batch``). Augmented views seed the global RNGs
+    per key, so with views the items are read one by one.
     """
 
     def __init__(self, base: ImageDataset, spec: PreprocessSpec, views: int, seed: int,
@@ -54,12 +51,8 @@ class ViewsDataset(Dataset):
         return item
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        """A batch for the DataLoader, in the order of ``indices``."""
-        threads = min(self.decode_threads, len(indices))
-        if threads < 2 or self.views or get_worker_info() is not None:
-            return [self[i] for i in indices]
-        with decoding_threads_quiet(), ThreadPoolExecutor(threads, "decode") as pool:
-            return list(pool.map(self.__getitem__, indices))
+        """A batch for the DataLoader, in the order of ``indices`` (``read_batch``)."""
+        return read_batch(self.__getitem__, indices, 1 if self.views else self.decode_threads)
 
     def transform(self, image: Any, key: str) -> torch.Tensor:
         if not self.views:  # a view: the collate's stack makes the one copy, in the main

@@ -8,7 +8,7 @@ import torch
 
 from ..runtime.device import derive_seed
 from ..runtime.distributed import DistInfo, all_gather, part_range
-from ..training.network import state_digest
+from ..training.parallel import state_digest
 from ..training.sources import Source
 from .context import Context
 

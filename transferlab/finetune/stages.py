@@ -14,9 +14,9 @@ from ..config import DataConfig, to_dict
 from ..data.preprocess import PreprocessSpec
 from ..errors import ConfigError
 from ..models.checkpoint import BACKBONE_FORMAT
-from ..models.classifier import classifier_meta, save_classifier
+from ..models.classifier import Classifier, classifier_meta, save_classifier
 from ..models.heads import cut_with_head, head_description
-from ..runtime.device import frozen_forward, seed_everything
+from ..runtime.device import seed_everything
 from ..runtime.distributed import (
     all_gather,
     barrier,
@@ -25,9 +25,9 @@ from ..runtime.distributed import (
     local_world_size,
     rank_dir,
 )
-from ..training.cache import cache_features, plan_cache
+from ..training.cache import cache_features, frozen_features, plan_cache
 from ..training.loop import evaluate, fit
-from ..training.network import Network, base_layers, state_digest, unfreeze_last
+from ..training.parallel import state_digest
 from ..training.sources import Source
 from .context import Context
 from .data import LabelledData, image_source, labelled_data, split, test_config
@@ -64,7 +64,7 @@ def run_pretrain(ctx: Context) -> tuple[StageResult, Path]:
     model = backbone.model.requires_grad_(True)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
-    net = Network(None, model, spec, rt.channels_last).to(rt.device)
+    net = Classifier(None, model, data.class_names, spec, runtime=rt).to(rt.device)
     images = image_source(data, spec, rt, cfg.pretrain.train.augment, ctx.worker_seed)
     train_src, val_src = split(take(images, share_rows(len(images), ctx.info, cfg.runtime.seed)),
                                cfg.pretrain.train.val_split, cfg.runtime.seed)
@@ -105,7 +105,7 @@ def jsonable(data: dict) -> dict:
                                  else str(v)))
 
 
-def held_out_eval(ctx: Context, net: Network, test_cfg: DataConfig | None,
+def held_out_eval(ctx: Context, net: Classifier, test_cfg: DataConfig | None,
                   classes: list | None, train: LabelledData, spec: PreprocessSpec,
                   val_src: Source | None, test_src: Source | None = None
                   ) -> tuple[str, float, Any] | None:
@@ -125,7 +125,7 @@ def held_out_eval(ctx: Context, net: Network, test_cfg: DataConfig | None,
 class HeadRun:
     """State of the head stage shared by its phases and the probe."""
 
-    net: Network
+    net: Classifier
     data: LabelledData
     spec: PreprocessSpec
     meta: dict
@@ -145,7 +145,7 @@ def run_head(ctx: Context) -> tuple[StageResult, HeadRun]:
                                cfg.head, len(data.labels), cfg.model.name)
     if rt.channels_last:
         base.to(memory_format=torch.channels_last)
-    net = Network(base, head, spec, rt.channels_last).to(rt.device)
+    net = Classifier(base, head, data.class_names, spec, runtime=rt).to(rt.device)
     t_cache = time.perf_counter()
     run = prepare_head_run(ctx, net, data, spec)
     cache_seconds = time.perf_counter() - t_cache
@@ -178,7 +178,7 @@ def run_head(ctx: Context) -> tuple[StageResult, HeadRun]:
                        held[0] if held else None, details), run
 
 
-def prepare_head_run(ctx: Context, net: Network, data: LabelledData,
+def prepare_head_run(ctx: Context, net: Classifier, data: LabelledData,
                      spec: PreprocessSpec) -> HeadRun:
     """Image sources, replaced by cached features when the base is frozen and not augmented."""
     cfg, rt = ctx.cfg, ctx.rt
@@ -215,7 +215,7 @@ def keys_of(data: LabelledData, rows: np.ndarray | None) -> list[str]:
     return list(keys) if rows is None else [keys[i] for i in rows]
 
 
-def cache(ctx: Context, net: Network, src: Source, where: str, keys: list[str],
+def cache(ctx: Context, net: Classifier, src: Source, where: str, keys: list[str],
           data_cfg: DataConfig, digest: dict, name: str) -> Source:
     """Features of ``src`` (this process's share); a disk cache of each process goes to
     ``cache/ranks/world-N/rank-R`` as the parts of an extraction do."""
@@ -243,12 +243,13 @@ def run_unfreeze(ctx: Context, run: HeadRun, gen: torch.Generator, details: dict
     in ``run`` (for the evaluation and the probe after this phase), which also frees the
     cache's memory (on the GPU: room for the activations the unfrozen layers keep)."""
     cfg, rt, net = ctx.cfg, ctx.rt, run.net
-    layers = base_layers(net.base, run.spec.input_size)
+    layers = net.base_layers()
     if cfg.unfreeze.layers > len(layers):
         names = ", ".join(n for n, _ in layers)
         raise ConfigError(f"unfreeze.layers={cfg.unfreeze.layers} but the base has only "
                           f"{len(layers)} layers with weights ({names})")
-    details["unfrozen"] = unfreeze_last(net, layers, cfg.unfreeze.layers, cfg.unfreeze.train_bn)
+    details["unfrozen"] = net.unfreeze_last(layers, cfg.unfreeze.layers,
+                                            cfg.unfreeze.train_bn)
     seed = cfg.runtime.seed
     images = image_source(run.data, run.spec, rt, cfg.train.augment, ctx.worker_seed)
     run.train_all = images = take(images, share_rows(len(images), ctx.info, seed))
@@ -317,7 +318,7 @@ def run_probe_stage(ctx: Context, run: HeadRun) -> StageResult:
     return from_main(stage)
 
 
-def gathered_features(ctx: Context, net: Network, src: Source
+def gathered_features(ctx: Context, net: Classifier, src: Source
                       ) -> tuple[torch.Tensor, np.ndarray] | None:
     """``features_of`` every process's ``src``, in rank order, in rank 0 (None elsewhere)."""
     if not ctx.info.enabled:
@@ -331,17 +332,16 @@ def gathered_features(ctx: Context, net: Network, src: Source
             np.concatenate([p[1] for p in parts]))
 
 
-def features_of(ctx: Context, net: Network, src: Source) -> tuple[torch.Tensor, np.ndarray]:
+def features_of(ctx: Context, net: Classifier, src: Source) -> tuple[torch.Tensor, np.ndarray]:
     """Flattened frozen-base features (from the cache when ``src`` holds features)."""
-    xs, ys = [], []
-    net.eval()
-    for x, y, _ in src.batches(torch.arange(len(src)), ctx.eval_batch):
-        if src.kind == "images":
-            with frozen_forward(ctx.rt):
-                x = net.base(net.prepare(x))
-        xs.append(x.float().flatten(1))
-        ys.append(y.cpu())
-    return torch.cat(xs), torch.cat(ys).numpy()
+    order = torch.arange(len(src))
+    net.eval()  # layers unfrozen in phase 2 too
+    if src.kind == "images":
+        batches = frozen_features(net.base_engine(ctx.rt), src, order, ctx.eval_batch)
+    else:
+        batches = ((x, pos) for x, _, pos in src.batches(order, ctx.eval_batch))
+    xs, positions = zip(*((x.float().flatten(1), pos) for x, pos in batches))
+    return torch.cat(xs), src.targets[torch.cat(positions).numpy()]
 
 
 

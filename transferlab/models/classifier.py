@@ -1,4 +1,4 @@
-"""Fine-tuned classifiers: checkpoint format, ``load_model`` and prediction helpers.
+"""The classifier (normalise -> base -> head): trained, saved, loaded (``load_model``), used.
 
 A classifier checkpoint is a transferlab checkpoint (safetensors + JSON metadata, written
 atomically) holding ``base.*`` (the cut backbone) and ``head.*`` tensors. Its metadata
@@ -14,37 +14,49 @@ live in ``checkpoint``; what the metadata names is rebuilt within the rules of `
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
 from torch import nn
 
-from ..config import HeadConfig
+from ..config import HeadConfig, RuntimeConfig
+from ..data.datasets import read_batch
 from ..data.imageio import load_image
 from ..data.preprocess import DeviceNormalize, PreprocessSpec, build_transform, resolve_preprocess
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
+from ..runtime.device import Runtime, default_batch_size, resolve_runtime
 from .checkpoint import CLASSIFIER_FORMAT, read_checkpoint, save_checkpoint
+from .engine import FeatureComputer, Pending
 from .heads import cut_with_head
 from .library import build_library
 from .recorded import rebuild_backbone, recorded_arch, spec_from_meta
 from .weights import load_weights_into
 
 ImageLike = Image.Image | str | os.PathLike
+Tag = TypeVar("Tag")
 
 
 class Classifier(nn.Module):
-    """``head(base(x))`` on normalised input, with its class names and preprocessing.
+    """normalise -> base -> head, with its class names and preprocessing: the one network
+    that fine-tuning trains and saves and ``load_model`` rebuilds.
 
-    ``forward`` takes what ``transform()`` makes (normalised float NCHW); ``predict`` and
-    ``predict_proba`` take PIL images, image paths, or a uint8 NCHW tensor of raw pixels.
+    ``base`` None: ``head`` is a whole model (the pretrain stage, a backbone checkpoint). A
+    frozen base (a ``FrozenExtractor``) stays in eval mode and runs through the frozen-forward
+    engine (``models.engine``); ``unfreeze_last`` lets its last layers train. ``runtime`` is
+    the resolved runtime of a training run (None: ``inference_runtime()``). ``forward`` takes
+    what ``transform()`` makes (normalised float NCHW); ``logits`` takes uint8 images or base
+    features (training); ``predict`` and ``predict_proba`` take PIL images, image paths, or
+    a uint8 NCHW tensor of raw pixels.
     """
 
-    def __init__(self, base: nn.Module, head: nn.Module, class_names: Sequence[str],
-                 preprocess: PreprocessSpec, meta: dict | None = None):
+    def __init__(self, base: nn.Module | None, head: nn.Module, class_names: Sequence[str],
+                 preprocess: PreprocessSpec, meta: dict | None = None,
+                 runtime: Runtime | None = None):
         super().__init__()
         self.base = base
         self.head = head
@@ -52,9 +64,19 @@ class Classifier(nn.Module):
         self.preprocess = preprocess
         self.meta = meta or {}
         self.normalize = DeviceNormalize(preprocess.mean, preprocess.std)
+        self.runtime = runtime
+        self.base_trainable = False  # True in the partial-unfreeze phase
+        self.unfrozen: list[nn.Module] = []  # base modules that train (train mode) with it
+        self._frozen_base: FeatureComputer | None = None  # the base's engine, on first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.base(x))
+        return self.head(self.base(x) if self.base is not None else x)
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)  # a FrozenExtractor base stays in eval mode
+        for module in self.unfrozen:
+            module.train(mode)
+        return self
 
     def transform(self) -> Callable:
         """PIL image -> the normalised tensor ``forward`` expects."""
@@ -64,43 +86,148 @@ class Classifier(nn.Module):
     def device(self) -> torch.device:
         return self.normalize.scale.device
 
-    def pixels(self, images: Sequence[ImageLike] | torch.Tensor) -> torch.Tensor:
-        """uint8 NCHW pixels at the model's input size (images decoded and resized)."""
+    def inference_runtime(self, config: RuntimeConfig | None = None,
+                          sample_load: bool = False) -> Runtime:
+        """``config`` (default: the defaults on the model's device: precision auto, threads
+        of the free cores) resolved for this model as extraction resolves it (channels_last
+        for conv nets). Nothing is applied to the process (``runtime.device.apply_runtime``
+        does that for a command)."""
+        config = config or RuntimeConfig(device=str(self.device))
+        conv_net = any(isinstance(m, nn.Conv2d) for m in self.modules())
+        return resolve_runtime(config, conv_net, sample_load)
+
+    def base_engine(self, runtime: Runtime | None = None,
+                    fold_bn: bool = False) -> FeatureComputer:
+        """The engine over the base: uint8 images -> base outputs (``fold_bn``: over a folded
+        copy, for passes that only read it, such as the fine-tune cache). The modes are left
+        as they are (a training step runs it): call ``eval()`` first where layers were
+        unfrozen."""
+        base = self.base if self.base is not None else nn.Identity()
+        return FeatureComputer(base, self.preprocess, runtime or self.default_runtime(),
+                               fold_bn=fold_bn)
+
+    def engine(self, runtime: Runtime | None = None, fold_bn: bool = True) -> FeatureComputer:
+        """The engine over the whole classifier: uint8 images -> class scores. Where nothing
+        is folded the engine runs this module itself, moved to the runtime's device and
+        layout (channels_last: the same weights, another memory order)."""
+        self.eval()
+        return FeatureComputer(self, self.preprocess, runtime or self.default_runtime(),
+                               fold_bn=fold_bn)
+
+    def default_runtime(self) -> Runtime:
+        """The training run's ``runtime``, else ``inference_runtime()``."""
+        return self.runtime if self.runtime is not None else self.inference_runtime()
+
+    # -- training -------------------------------------------------------------------------
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Base output for uint8 images; a frozen base runs through its engine (no autograd)."""
+        if self.base is not None and not self.base_trainable:
+            if self._frozen_base is None:
+                self._frozen_base = self.base_engine()
+            return self._frozen_base.forward(images)[0].clone()  # a tensor autograd may save
+        x = self.normalize(images)
+        if self.runtime is not None and self.runtime.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.base(x) if self.base is not None else x
+
+    def logits(self, x: torch.Tensor, kind: str = "images") -> torch.Tensor:
+        """Class scores of uint8 images (``kind`` 'images') or of base outputs ('features')."""
+        return self.head(self.features(x) if kind == "images" else x)
+
+    def base_layers(self) -> list[tuple[str, nn.Module]]:
+        """Top-level layers of the cut base that hold parameters, in call order (what
+        ``unfreeze.layers`` counts from the end); the cut knows its layers."""
+        layers = self.base.layers(self.preprocess.input_size)
+        if layers is None:
+            raise ConfigError("unfreeze.layers is not available for a layer cut at a graph "
+                              "node; cut at a module name (layer:NAME) or use first:N / head")
+        return [(n, m) for n, m in layers if any(True for _ in m.parameters())]
+
+    def unfreeze_last(self, layers: Sequence[tuple[str, nn.Module]], count: int,
+                      train_bn: bool) -> list[str]:
+        """Make the last ``count`` of ``layers`` trainable; returns their names."""
+        chosen = list(layers)[-count:] if count > 0 else []
+        for _, module in chosen:
+            module.requires_grad_(True)
+        self.base_trainable = bool(chosen)
+        self.unfrozen = []
+        for _, module in chosen:
+            for sub in module.modules():
+                is_bn = isinstance(sub, nn.modules.batchnorm._BatchNorm)
+                if not list(sub.children()) and (train_bn or not is_bn):
+                    self.unfrozen.append(sub)
+        return [name for name, _ in chosen]
+
+    # -- prediction -----------------------------------------------------------------------
+
+    def pixel_batches(self, images: Iterable[ImageLike] | torch.Tensor, batch_size: int,
+                      threads: int = 1) -> Iterator[torch.Tensor]:
+        """uint8 NCHW batches at the model's input size, each decoded (by ``threads``
+        threads, ``read_batch``) only when the one before it has been taken."""
         if isinstance(images, torch.Tensor):
             if images.dtype != torch.uint8 or images.ndim != 4:
                 raise ModelError(f"predict takes PIL images, paths, or a uint8 (N, C, H, W) "
                                  f"tensor; got a {images.dtype} tensor of shape "
                                  f"{tuple(images.shape)} (call the model itself on normalised "
                                  "float input)")
-            return images
+            yield from images.split(batch_size)
+            return
         tf = build_transform(self.preprocess, normalize=False)
         mode, draft = self.preprocess.image_mode, self.preprocess.scale_size()
-        out = []
-        for im in images:
+
+        def pixels(im: ImageLike) -> torch.Tensor:
             if not isinstance(im, Image.Image):
                 im = load_image(im, mode, draft)
             elif im.mode != mode:
                 im = im.convert(mode)
-            out.append(tf(im))
-        return torch.stack(out) if out else torch.zeros(0, *self.preprocess.input_size,
-                                                        dtype=torch.uint8)
+            return tf(im)
 
-    @torch.inference_mode()
-    def predict_proba(self, images: Sequence[ImageLike] | torch.Tensor,
-                      batch_size: int = 32) -> torch.Tensor:
-        """(N, classes) softmax probabilities, on the CPU."""
-        self.eval()
-        pixels = self.pixels(images)
-        probs = [self(self.normalize(pixels[s:s + batch_size].to(self.device))).float()
-                 .softmax(1).cpu() for s in range(0, len(pixels), batch_size)]
+        items = iter(images)
+        while chunk := list(itertools.islice(items, batch_size)):
+            yield torch.stack(read_batch(lambda i: pixels(chunk[i]), range(len(chunk)),
+                                         threads))
+
+    def proba_batches(self, batches: Iterable[tuple[torch.Tensor, Tag]],
+                      engine: FeatureComputer) -> Iterator[tuple[torch.Tensor, Tag]]:
+        """(softmax probabilities on the CPU, tag) of each (uint8 batch, tag), computed by
+        ``engine`` (``engine()``); batch i + 1 is started before batch i is finished, and
+        only the probabilities are kept."""
+        pending = None
+        for pixels, tag in batches:
+            started = engine.start(pixels), tag
+            if pending is not None:
+                yield probabilities(engine, *pending)
+            pending = started
+        if pending is not None:
+            yield probabilities(engine, *pending)
+
+    def predict_proba(self, images: Iterable[ImageLike] | torch.Tensor,
+                      batch_size: int | None = None, runtime: Runtime | None = None,
+                      fold_bn: bool = True) -> torch.Tensor:
+        """(N, classes) softmax probabilities, on the CPU. Images are decoded (by the
+        runtime's threads) and run a batch at a time through the engine with ``runtime``
+        (default ``default_runtime()``; the batch size by default extraction's for it);
+        ``fold_bn`` runs a copy with its BatchNorms folded, made once per call."""
+        rt = runtime or self.default_runtime()
+        batches = self.pixel_batches(images, default_batch_size(rt, batch_size), rt.threads)
+        probs = [p for p, _ in self.proba_batches(((b, None) for b in batches),
+                                                   self.engine(rt, fold_bn))]
         return torch.cat(probs) if probs else torch.zeros(0, len(self.class_names))
 
-    def predict(self, images: Sequence[ImageLike] | torch.Tensor,
-                batch_size: int = 32) -> list[tuple[str, float]]:
+    def predict(self, images: Iterable[ImageLike] | torch.Tensor,
+                batch_size: int | None = None, runtime: Runtime | None = None,
+                fold_bn: bool = True) -> list[tuple[str, float]]:
         """(class name, probability) of the most likely class of each image."""
-        probs = self.predict_proba(images, batch_size)
+        probs = self.predict_proba(images, batch_size, runtime, fold_bn)
         best, idx = probs.max(1) if len(probs) else (torch.zeros(0), torch.zeros(0, dtype=int))
         return [(self.class_names[int(i)], float(p)) for p, i in zip(best, idx)]
+
+
+def probabilities(engine: FeatureComputer, pending: Pending, tag: Tag) -> tuple[torch.Tensor,
+                                                                                Tag]:
+    """Softmax probabilities of a started batch of class scores, and its tag."""
+    return torch.from_numpy(engine.finish(pending)[0]).softmax(1), tag
 
 
 # ---------------------------------------------------------------------------------------
@@ -202,4 +329,4 @@ def _load_backbone_classifier(path: Path, state: dict[str, torch.Tensor], meta: 
     backbone = rebuild_backbone(path, state, meta, trust_code)
     spec = (spec_from_meta(meta["preprocess"], str(path)) if meta.get("preprocess") is not None
             else resolve_preprocess(backbone.data_config))
-    return Classifier(nn.Identity(), backbone.model, [str(n) for n in names], spec, meta)
+    return Classifier(None, backbone.model, [str(n) for n in names], spec, meta)

@@ -9,14 +9,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..config import DataConfig
-from ..models.fusion import fold_batchnorm
-from ..runtime.device import Runtime, frozen_forward
+from ..models.classifier import Classifier
+from ..models.engine import FeatureComputer
+from ..runtime.device import Runtime
 from ..runtime.record import compute_record, rows_fingerprint
 from ..store.writer import StoreWriter
-from .network import Network
 from .sources import ArraySource, LoaderSource, Source, TensorSource
 
 # ---------------------------------------------------------------------------------------
@@ -61,41 +60,20 @@ def plan_cache(mode: str | bool, nbytes: int, rt: Runtime, max_gb: float | None,
     return "disk"
 
 
-def caching_base(net: Network, fold_bn: bool) -> tuple[nn.Module | None, bool]:
-    """(the base the caching pass runs, whether its BatchNorms are folded).
-
-    With ``fold_bn`` it is a folded copy, as extraction runs it (the same function, one pass
-    over the activations less); the network keeps its own base, to unfreeze and to save."""
-    net.eval()
-    if net.base is None or not fold_bn:
-        return net.base, False
-    folded = fold_batchnorm(net.base, net.input_size)
-    if folded is net.base:
-        return folded, False
-    if net.channels_last:  # the folded weights are new tensors, in the default layout
-        folded = folded.to(memory_format=torch.channels_last)
-    return folded, True
-
-
-def frozen_features(net: Network, src: Source, positions: torch.Tensor, batch_size: int,
-                    rt: Runtime, base: nn.Module | None = None
-                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(features, positions) batches of the frozen ``base`` (default ``net.base``), under
-    inference mode and autocast.
+def frozen_features(engine: FeatureComputer, src: Source, positions: torch.Tensor,
+                    batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(features on the device, positions) batches of the frozen base ``engine`` runs
+    (``Classifier.base_engine``) over the images of ``src``.
 
     Images are decoded as extraction decodes them: without loader workers, each batch by
-    ``rt.threads`` threads (the caching pass has no random transform to reorder)."""
-    net.eval()
-    base = net.base if base is None else base
+    the runtime's threads (the caching pass has no random transform to reorder)."""
     if isinstance(src, LoaderSource):
-        src = src.with_decode_threads(rt.threads)
+        src = src.with_decode_threads(engine.rt.threads)
     for x, _, pos in src.batches(positions, batch_size):
-        with frozen_forward(rt):
-            out = base(net.prepare(x)) if base is not None else net.prepare(x)
-        yield out.float(), pos
+        yield engine.forward(x)[0], pos
 
 
-def cache_features(net: Network, src: Source, where: str, rt: Runtime, batch_size: int,
+def cache_features(net: Classifier, src: Source, where: str, rt: Runtime, batch_size: int,
                    feature_shape: Sequence[int], keys: Sequence[str] | None = None,
                    cache_dir: Path | None = None, fingerprint: dict | None = None,
                    progress: bool = False, fold_bn: bool = False,
@@ -106,16 +84,19 @@ def cache_features(net: Network, src: Source, where: str, rt: Runtime, batch_siz
     a ``plan_cache`` answer. 'disk' needs ``keys``, ``cache_dir`` and ``fingerprint``: what
     the rows depend on besides ``data`` (the images the keys name) and the computation,
     completed by ``runtime.record.rows_fingerprint`` as extraction completes a store's.
-    ``fold_bn`` runs a copy of the base with its BatchNorms folded (``caching_base``).
+    ``fold_bn`` runs a copy of the base with its BatchNorms folded, as extraction does (the
+    same function, one pass over the activations less); the network keeps its own base, to
+    unfreeze and to save.
     """
-    base, folded = caching_base(net, fold_bn)
+    net.eval()
+    engine = net.base_engine(rt, fold_bn)
     if where == "disk":
-        return _cache_on_disk(net, base, folded, src, rt, batch_size, feature_shape, keys,
-                              cache_dir, fingerprint or {}, progress, data)
+        return _cache_on_disk(engine, src, batch_size, feature_shape, keys, cache_dir,
+                              fingerprint or {}, progress, data)
     device = rt.device if where == "device" else torch.device("cpu")
     buf = torch.empty((len(src), *feature_shape), dtype=torch.float32, device=device)
     done = torch.zeros(len(src), dtype=torch.bool)
-    batches = frozen_features(net, src, torch.arange(len(src)), batch_size, rt, base)
+    batches = frozen_features(engine, src, torch.arange(len(src)), batch_size)
     for feats, pos in _progress(batches, progress, "caching features", len(src), batch_size):
         buf[pos.to(device)] = feats.to(device)
         done[pos] = True
@@ -126,19 +107,20 @@ def cache_features(net: Network, src: Source, where: str, rt: Runtime, batch_siz
     return TensorSource(buf[good.to(device)], targets[good], "features", rt.device)
 
 
-def _cache_on_disk(net: Network, base: nn.Module | None, folded: bool, src: Source, rt: Runtime,
-                   batch_size: int, feature_shape: Sequence[int], keys: Sequence[str] | None,
+def _cache_on_disk(engine: FeatureComputer, src: Source, batch_size: int,
+                   feature_shape: Sequence[int], keys: Sequence[str] | None,
                    cache_dir: Path | None, fingerprint: dict, progress: bool,
                    data: DataConfig | None) -> Source:
     if keys is None or cache_dir is None:
         raise ValueError("the disk cache needs keys and cache_dir")
     # rows of another precision, layout, folding or device type must not mix: rebuilt
-    fingerprint = rows_fingerprint(fingerprint, data, compute_record(rt, folded))
+    rt = engine.rt
+    fingerprint = rows_fingerprint(fingerprint, data, compute_record(rt, engine.folded))
     writer = StoreWriter(cache_dir, fingerprint, dtype="float32", overwrite=True, fsync=False)
     try:
         done = writer.done_keys
         todo = torch.tensor([i for i, k in enumerate(keys) if k not in done], dtype=torch.int64)
-        for feats, pos in _progress(frozen_features(net, src, todo, batch_size, rt, base),
+        for feats, pos in _progress(frozen_features(engine, src, todo, batch_size),
                                     progress, "caching features", len(todo), batch_size):
             p = pos.numpy()
             writer.add([keys[i] for i in p], src.targets[p], feats.flatten(1))

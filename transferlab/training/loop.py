@@ -1,4 +1,4 @@
-"""Optimiser, schedule, epochs: fitting and evaluating a Network on sources."""
+"""Optimiser, schedule, epochs: fitting and evaluating a Classifier on sources."""
 from __future__ import annotations
 
 import math
@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from ..config import TrainConfig
 from ..errors import ConfigError, DataError
+from ..models.classifier import Classifier
 from ..runtime.device import Runtime, derive_seed
 from ..runtime.distributed import all_gather, all_reduce_values, dist_info, part_sizes
-from .network import Network
 from .parallel import GradSync, average_buffers, broadcast_trainable
 from .sources import LoaderSource, Source, chunked
 
@@ -86,13 +86,13 @@ class FitResult:
     seconds: float = 0.0
 
 
-def train_epoch(net: Network, src: Source, order: torch.Tensor, cfg: TrainConfig,
+def train_epoch(net: Classifier, src: Source, order: torch.Tensor, cfg: TrainConfig,
                 opt: torch.optim.Optimizer, sched: Any, scaler: Any, rt: Runtime) -> dict:
     """One pass over ``src`` in ``order``; returns mean loss and accuracy."""
     return run_steps(net, src, chunked(order, cfg.batch_size), cfg, opt, sched, scaler, rt)
 
 
-def run_steps(net: Network, src: Source, chunks: Sequence[torch.Tensor], cfg: TrainConfig,
+def run_steps(net: Classifier, src: Source, chunks: Sequence[torch.Tensor], cfg: TrainConfig,
               opt: torch.optim.Optimizer, sched: Any, scaler: Any, rt: Runtime,
               sync: GradSync | None = None) -> dict:
     """One optimiser step per chunk of positions; mean loss and accuracy of the pass.
@@ -112,7 +112,7 @@ def run_steps(net: Network, src: Source, chunks: Sequence[torch.Tensor], cfg: Tr
         if batch is not None:
             x, y, _ = batch
             with rt.autocast():
-                logits = net(x, src.kind)
+                logits = net.logits(x, src.kind)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing,
                                    reduction="mean" if sync is None else "sum")
             scaler.scale(loss if sync is None else loss / sync.norm).backward()
@@ -134,7 +134,7 @@ def run_steps(net: Network, src: Source, chunks: Sequence[torch.Tensor], cfg: Tr
     return {"train_loss": float(loss_sum) / seen, "train_acc": float(correct) / seen}
 
 
-def evaluate(net: Network, src: Source, batch_size: int, rt: Runtime) -> EvalResult:
+def evaluate(net: Classifier, src: Source, batch_size: int, rt: Runtime) -> EvalResult:
     """Loss, accuracy and predictions of ``net`` on ``src`` (in source order).
 
     Under a process group ``src`` is this process's part: the result (the same in every
@@ -145,7 +145,7 @@ def evaluate(net: Network, src: Source, batch_size: int, rt: Runtime) -> EvalRes
     with torch.inference_mode():
         for x, y, pos in src.batches(torch.arange(len(src)), batch_size):
             with rt.autocast():
-                logits = net(x, src.kind).float()
+                logits = net.logits(x, src.kind).float()
             losses.append(F.cross_entropy(logits, y, reduction="sum"))
             preds.append(logits.argmax(1).cpu())
             targets.append(y.cpu())
@@ -179,18 +179,18 @@ def _gather_eval(losses: list, preds: list, targets: list, positions: list,
     return EvalResult(loss / len(tgt), float((pred == tgt).mean()), pred, tgt, pos)
 
 
-def trainable_state(net: Network) -> dict[str, torch.Tensor]:
+def trainable_state(net: Classifier) -> dict[str, torch.Tensor]:
     """A copy of what training changes (the head, plus the base when partly unfrozen)."""
     module = net if net.base_trainable or net.base is None else net.head
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def restore_state(net: Network, state: dict[str, torch.Tensor]) -> None:
+def restore_state(net: Classifier, state: dict[str, torch.Tensor]) -> None:
     module = net if net.base_trainable or net.base is None else net.head
     module.load_state_dict(state)
 
 
-def fit(net: Network, train_src: Source, val_src: Source | None, cfg: TrainConfig,
+def fit(net: Classifier, train_src: Source, val_src: Source | None, cfg: TrainConfig,
         rt: Runtime, groups: list[dict], generator: torch.Generator, phase: str = "head",
         on_epoch: Callable[[dict], None] | None = None, progress: bool = False) -> FitResult:
     """Train for ``cfg.epochs`` epochs (fewer with early stopping on validation loss).
@@ -253,7 +253,7 @@ class SharedSteps:
     sync: GradSync
 
     @classmethod
-    def plan(cls, net: Network, train_src: Source, val_src: Source | None, cfg: TrainConfig,
+    def plan(cls, net: Classifier, train_src: Source, val_src: Source | None, cfg: TrainConfig,
              rt: Runtime, groups: list[dict], phase: str) -> SharedSteps | None:
         rank, world = dist_info().rank, dist_info().world_size
         if world == 1:
@@ -267,7 +267,7 @@ class SharedSteps:
         return cls(rank, sizes[rank], max(1, -int(steps)), n_val < 0,
                    GradSync(params, float(sizes[0])))
 
-    def epoch(self, net: Network, src: Source, generator: torch.Generator, cfg: TrainConfig,
+    def epoch(self, net: Classifier, src: Source, generator: torch.Generator, cfg: TrainConfig,
               opt: torch.optim.Optimizer, sched: Any, scaler: Any, rt: Runtime) -> dict:
         """One epoch: this share in its own seeded order, one chunk per global step."""
         seed = int(torch.randint(2**62, (1,), generator=generator))  # the same everywhere

@@ -1,21 +1,22 @@
-"""Several processes (torchrun): gradient sums, broadcasts, shares."""
+"""Several processes (torchrun): gradient sums, broadcasts, weight digests."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..models.classifier import Classifier
 from ..runtime.distributed import dist_info
-from .network import Network
 
 # ---------------------------------------------------------------------------------------
 # Several processes (torchrun)
 # ---------------------------------------------------------------------------------------
 
 
-def trainable_modules(net: Network) -> list[nn.Module]:
+def trainable_modules(net: Classifier) -> list[nn.Module]:
     """The modules training changes (weights, and buffers such as BatchNorm statistics)."""
     return [net.head, *(net.unfrozen if net.base is not None and net.base_trainable else [])]
 
@@ -67,7 +68,7 @@ class GradSync:
         return True
 
 
-def broadcast_trainable(net: Network, params: Sequence[torch.Tensor]) -> None:
+def broadcast_trainable(net: Classifier, params: Sequence[torch.Tensor]) -> None:
     """Rank 0's trained parameters and buffers everywhere: every process starts alike."""
     with torch.no_grad():
         for p in params:
@@ -77,7 +78,7 @@ def broadcast_trainable(net: Network, params: Sequence[torch.Tensor]) -> None:
                 dist.broadcast(b, 0)
 
 
-def average_buffers(net: Network) -> None:
+def average_buffers(net: Classifier) -> None:
     """Mean of the floating buffers (BatchNorm running statistics) of the trained modules over
     the processes, each having seen its own batches; integer counters come from rank 0."""
     world = dist_info().world_size
@@ -89,3 +90,14 @@ def average_buffers(net: Network) -> None:
                     b.div_(world)
                 else:
                     dist.broadcast(b, 0)
+
+
+def state_digest(module: nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """A short hash of a module's weights (or of a state dict): cached features belong to
+    exactly these weights; processes that trained together hold the same ones."""
+    h = hashlib.sha256()
+    state = module.state_dict() if isinstance(module, nn.Module) else module
+    for name, tensor in sorted(state.items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

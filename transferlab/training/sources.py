@@ -7,9 +7,9 @@ Inputs come from a *source* yielding ``(x, y, positions)`` batches in a given or
 - ``LoaderSource``: images decoded by a DataLoader (image files, random augmentation);
 - ``ArraySource``: cached features read from disk (a feature store, or a memory-mapped .npy).
 
-``Network`` puts normalisation, base and head together. A frozen base runs under
-``torch.inference_mode`` and stays in eval mode (``FrozenExtractor``), so its weights and
-BatchNorm statistics never change. When the base is frozen and no random augmentation is on,
+``models.classifier.Classifier`` puts normalisation, base and head together. A frozen base
+runs under ``torch.inference_mode`` and stays in eval mode (``FrozenExtractor``), so its
+weights and BatchNorm statistics never change. When the base is frozen and no random augmentation is on,
 ``cache_features`` runs it once over the data and the head trains on the cached tensor: the
 same batches in the same order, so cached and uncached training give the same head.
 
@@ -22,12 +22,10 @@ identical everywhere; ``evaluate`` gathers the predictions of every share.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs, targets, source positions
 
@@ -164,7 +162,7 @@ class LoaderSource(ChunkedSource):
     def steps(self, chunks: Sequence[torch.Tensor]) -> Iterator[Batch | None]:
         """One batch per chunk of positions; None for an empty chunk or one whose every
         image failed to decode."""
-        from ..data.datasets import make_loader
+        from ..data.datasets import ThreadedItems, make_loader
         from ..runtime.device import derive_seed
 
         sampler = [pos.tolist() for pos in chunks if len(pos)]
@@ -188,29 +186,6 @@ class LoaderSource(ChunkedSource):
             y = torch.from_numpy(self.y[pos.numpy()])
             yield (batch["image"].to(self.device, non_blocking=True),
                    y.to(self.device, non_blocking=True), pos)
-
-
-class ThreadedItems(Dataset):
-    """A dataset whose batches are read by ``threads`` threads (PIL releases the GIL while it
-    decodes and resizes), in the order of the indices."""
-
-    def __init__(self, dataset: Any, threads: int):
-        self.dataset, self.threads = dataset, threads
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.dataset[i]
-
-    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
-        from ..data.imageio import decoding_threads_quiet
-
-        threads = min(self.threads, len(indices))
-        if threads < 2 or get_worker_info() is not None:
-            return [self.dataset[i] for i in indices]
-        with decoding_threads_quiet(), ThreadPoolExecutor(threads, "decode") as pool:
-            return list(pool.map(self.dataset.__getitem__, indices))
 
 
 Source = TensorSource | ArraySource | LoaderSource
