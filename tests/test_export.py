@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from transferlab.export import main
-from transferlab.store.export import export_store, store_to_pandas
+from transferlab.store.export_formats import export_store, store_to_pandas
 from transferlab.store.reader import FeatureStore
 from transferlab.store.writer import StoreWriter
 

@@ -7,12 +7,12 @@ import sys
 import numpy as np
 import pytest
 
-import transferlab.store.index as store_index
+import transferlab.store.faiss_index as store_index
 from transferlab.errors import StoreError
 from transferlab.index import main as index_main
 from transferlab.neighbors import nearest, store_nearest, store_search
 from transferlab.search import main as search_main
-from transferlab.store.index import build_index, index_paths, load_index
+from transferlab.store.faiss_index import build_index, index_paths, load_index
 from transferlab.store.reader import FeatureStore
 from transferlab.store.writer import StoreWriter
 

@@ -37,7 +37,7 @@ _EXPORTS = {
     "ProbeResult": "probe", "fit_logistic": "probe", "knn_accuracy": "probe",
     "run_probe": "probe", "KMeansResult": "cluster", "kmeans": "cluster",
     "run_cluster": "cluster", "nearest": "neighbors",
-    "store_nearest": "neighbors", "export_store": "store.export", "build_index": "store.index",
+    "store_nearest": "neighbors", "export_store": "store.export_formats", "build_index": "store.faiss_index",
     "plot_map": "plots",
 }
 _SUBMODULES = {"plots"}

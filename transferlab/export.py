@@ -13,7 +13,7 @@ import argparse
 from collections.abc import Sequence
 
 from .cli import run_cli
-from .store.export import FORMATS, export_store
+from .store.export_formats import FORMATS, export_store
 from .store.reader import FeatureStore
 
 

@@ -15,7 +15,7 @@ import argparse
 from collections.abc import Sequence
 
 from .cli import run_cli
-from .store.index import INDEX_METRICS, KINDS, build_index, index_paths
+from .store.faiss_index import INDEX_METRICS, KINDS, build_index, index_paths
 from .store.reader import FeatureStore
 
 

@@ -21,7 +21,7 @@ import torch
 from .errors import ConfigError, DataError
 from .extract.compute import embed_images
 from .runtime.device import resolve_device
-from .store.index import load_index
+from .store.faiss_index import load_index
 
 _log = logging.getLogger(__name__)
 METRICS = ("cosine", "euclidean")

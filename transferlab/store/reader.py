@@ -180,14 +180,14 @@ class FeatureStore:
     def export(self, path: str | os.PathLike, format: str | None = None,
                overwrite: bool = False) -> Path:
         """Write the store as Parquet, HDF5, .npz or pickle (format from the suffix), chunk
-        by chunk; see ``transferlab.store.export``."""
-        from .export import export_store
+        by chunk; see ``transferlab.store.export_formats``."""
+        from .export_formats import export_store
 
         return export_store(self, path, format, overwrite)
 
     def to_pandas(self) -> Any:
         """A DataFrame (key, label, class_name, view, embedding) of a small store."""
-        from .export import store_to_pandas
+        from .export_formats import store_to_pandas
 
         return store_to_pandas(self)
 
