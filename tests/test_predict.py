@@ -11,7 +11,7 @@ from PIL import Image
 from transferlab.config import FinetuneConfig, load_config
 from transferlab.finetune.run import run_finetune
 from transferlab.models.classifier import load_model
-from transferlab.predict import main
+from transferlab.commands.predict import main
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT / "transferlab" / "data" / "mnist_5k.npz"
@@ -125,7 +125,7 @@ def test_plain_safetensors_file_is_not_a_classifier(tmp_path, capsys):
 def test_csv_round_trips_file_names_with_line_breaks_commas_and_quotes():
     import io
 
-    from transferlab.predict import Prediction, write_csv
+    from transferlab.models.prediction import Prediction, write_csv
 
     names = ['a\rb.png', 'c\nd.png', 'e,f.png', 'g"h.png', 'plain.png']
     out = io.StringIO()

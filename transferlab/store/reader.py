@@ -195,7 +195,8 @@ class FeatureStore:
                 trust_code: bool = False, exact: bool = False) -> list[list[tuple[str, float]]]:
         """``transferlab.store_nearest(self, ...)``: the nearest stored keys of feature vectors,
         stored keys or image files (embedded as the store computed its rows)."""
-        from ..neighbors import store_nearest  # the query side lives downstream of the store
+        # the query side lives downstream of the store
+        from ..analysis.neighbors import store_nearest
 
         return store_nearest(self, queries, k, metric, trust_code, exact)
 
