@@ -210,6 +210,9 @@ def test_probe_cli_errors_exit_2(tmp_path, capsys):
     make_store(tmp_path / "ok", x, np.repeat([0, 1, 2], 5))
     assert main([str(tmp_path / "ok"), "--val-fraction", "1.5"]) == 2
     assert "--val-fraction" in capsys.readouterr().err
+    assert main([str(tmp_path / "ok"), "--l2", "1e-3", "-1"]) == 2  # run_probe's l2s is --l2
+    assert capsys.readouterr().err.startswith(
+        "error: --l2 must be a non-empty list of values >= 0, got [0.001, -1.0]")
 
 
 def test_views_never_leak_across_the_split(tmp_path):

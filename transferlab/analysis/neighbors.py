@@ -199,8 +199,8 @@ def store_search(store: Any, vectors: np.ndarray, k: int, metric: str = "cosine"
     per_key = int(np.max(views)) + 1 if views is not None and len(views) else 1
     index = None if exact else load_index(store, metric)
     if index is not None:
-        _log.info("searching through the store's %s FAISS index (%s; exact=True scans every "
-                  "row instead)", index.kind, index.metric)
+        _log.info("searching through the store's %s FAISS index (%s; an exact search scans "
+                  "every row instead)", index.kind, index.metric)
         dist, idx = index.search(vectors, k * per_key)
     else:
         dist, idx = nearest(store, vectors, k * per_key, metric, device=device)

@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="feature store directory")
     p.add_argument("--test", metavar="STORE2", help="test store (default: a validation split)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="validation share per class")
-    p.add_argument("--l2", dest="l2s", type=float, nargs="+", default=list(DEFAULT_L2),
-                   help="L2 strengths, all trained together")
+    p.add_argument("--l2", dest="l2s", metavar="L2", type=float, nargs="+",  # run_probe's l2s
+                   default=list(DEFAULT_L2), help="L2 strengths, all trained together")
     p.add_argument("--knn", type=int, default=5, help="k of the kNN probe (0: skip)")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
     p.add_argument("--max-iter", type=int, default=500, help="L-BFGS iterations at most")
