@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import transferlab.store.faiss_index as store_index
-from transferlab.errors import StoreError
-from transferlab.commands.index import main as index_main
 from transferlab.analysis.neighbors import nearest, store_nearest, store_search
+from transferlab.commands.index import main as index_main
 from transferlab.commands.search import main as search_main
+from transferlab.errors import StoreError
 from transferlab.store.faiss_index import build_index, index_paths, load_index
 from transferlab.store.reader import FeatureStore
 from transferlab.store.writer import StoreWriter

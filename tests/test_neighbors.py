@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import transferlab
-from transferlab.errors import DataError
 from transferlab.analysis.neighbors import nearest, store_nearest
+from transferlab.errors import DataError
 
 
 def brute_force(x: np.ndarray, q: np.ndarray, k: int, metric: str):
@@ -201,9 +201,9 @@ def test_store_nearest_dedupes_views(tmp_path):
 def test_search_end_to_end_embeds_with_the_stores_backbone(tmp_path, capsys):
     """Extract a tiny store with the built-in LeNet, then query with its own image files."""
     from tests.imagegen import make_image_tree
+    from transferlab.commands.search import main
     from transferlab.config import ExtractConfig, load_config
     from transferlab.extract.run import run_extract
-    from transferlab.commands.search import main
 
     keys = make_image_tree(tmp_path / "data", per_class=3)
     cfg = load_config(None, [f"data.root={tmp_path / 'data'}", "model.name=lenet",

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from transferlab.commands.predict import main
 from transferlab.config import FinetuneConfig, load_config
 from transferlab.finetune.run import run_finetune
 from transferlab.models.classifier import load_model
-from transferlab.commands.predict import main
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT / "transferlab" / "data" / "mnist_5k.npz"

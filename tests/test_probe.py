@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from transferlab.errors import ConfigError, DataError, SettingError
 from transferlab.analysis.linear_probe import fit_logistic
 from transferlab.analysis.neighbors import knn_accuracy, knn_predict
 from transferlab.analysis.splits import stratified_split
+from transferlab.errors import ConfigError, DataError, SettingError
 
 
 def gaussian_clusters(n_per_class=80, d=6, classes=(2, 5, 7), spread=1.6, seed=0):

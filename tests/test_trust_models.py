@@ -197,9 +197,9 @@ def copy_store(lenet_store, tmp_path, change):
 
 
 def test_store_naming_a_callable_is_refused(lenet_store, tmp_path, evil, capsys):
-    from transferlab.extract.compute import embed_images
     from transferlab.analysis.neighbors import store_nearest
     from transferlab.commands.search import main as search_main
+    from transferlab.extract.compute import embed_images
     from transferlab.store.reader import FeatureStore
 
     def change(meta):
@@ -232,8 +232,8 @@ def test_store_weights_path_outside_the_store_is_refused(lenet_store, tmp_path, 
 def test_queries_are_embedded_as_the_store_computed_its_rows(lenet_store, tmp_path):
     """fp32 store: a query of its own image is its stored row (fp32 tolerance), even where
     this machine's default precision is bf16 (AMX CPUs)."""
-    from transferlab.extract.compute import embed_images
     from transferlab.analysis.neighbors import store_nearest
+    from transferlab.extract.compute import embed_images
     from transferlab.runtime.device import resolve_precision
     from transferlab.store.reader import FeatureStore
 
