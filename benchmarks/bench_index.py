@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import base_parser, machine_line, resolve_device, table, write_json
+from transferlab.analysis.neighbors import nearest
 from transferlab.errors import StoreError
-from transferlab.neighbors import nearest
-from transferlab.store.index import build_index, load_index
+from transferlab.store.faiss_index import build_index, load_index
 from transferlab.store.reader import FeatureStore
 from transferlab.store.writer import StoreWriter
 

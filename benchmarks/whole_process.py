@@ -118,7 +118,7 @@ def run_command(config: Path, images: int, extra: Sequence[str] = (),
 
 def stage_child() -> None:
     """``python -m transferlab.extract`` with timers around its stages (one JSON line out)."""
-    from transferlab.extract import __main__ as cli
+    from transferlab.commands import extraction as cli
     from transferlab.extract import batches
     from transferlab.models import engine as compute
     from transferlab.store import writer

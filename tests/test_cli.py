@@ -9,13 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from transferlab.__main__ import COMMANDS, main
+from transferlab.commands import COMMANDS, main, main_of
 
-MODULES = {"extract": "transferlab.extract.__main__", "finetune": "transferlab.finetune.__main__",
-           "predict": "transferlab.predict", "inspect": "transferlab.inspect",
-           "probe": "transferlab.probe", "search": "transferlab.search",
-           "cluster": "transferlab.cluster", "export": "transferlab.export",
-           "index": "transferlab.index", "maps": "transferlab.maps"}
+# command -> (its module, the module `python -m` runs for it)
+MODULES = {"extract": ("transferlab.commands.extraction", "transferlab.extract.__main__"),
+           "finetune": ("transferlab.commands.finetuning", "transferlab.finetune.__main__"),
+           "predict": ("transferlab.commands.predict", "transferlab.predict"),
+           "inspect": ("transferlab.commands.inspection", "transferlab.inspect"),
+           "probe": ("transferlab.commands.probe", "transferlab.probe"),
+           "search": ("transferlab.commands.search", "transferlab.search"),
+           "cluster": ("transferlab.commands.cluster", "transferlab.cluster"),
+           "export": ("transferlab.commands.export", "transferlab.export"),
+           "index": ("transferlab.commands.index", "transferlab.index"),
+           "maps": ("transferlab.commands.maps", "transferlab.maps")}
 
 
 def console_script() -> str | None:
@@ -45,10 +51,16 @@ def test_unknown_command_is_one_line_with_a_close_match(capsys):
 
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_every_command_has_the_same_entry_points(name):
-    """Each command module: command(argv) raises on user mistakes, main(argv) -> exit code."""
-    module = importlib.import_module(MODULES[name])
-    assert callable(module.command) and callable(module.main)
-    assert COMMANDS[name][1]() is module.main
+    """Each command module: build_parser(), command(argv) raises on user mistakes, main(argv)
+    -> exit code; `transferlab NAME`, `python -m transferlab NAME` and `python -m
+    transferlab.NAME` all run that main."""
+    home, entry = MODULES[name]
+    module = importlib.import_module(home)
+    assert callable(module.build_parser) and callable(module.command)
+    assert module.build_parser().prog == f"transferlab {name}"
+    assert main_of(name) is module.main
+    assert importlib.import_module(entry).main is module.main
+    assert importlib.import_module("transferlab.__main__").main is main
 
 
 @pytest.mark.parametrize("name, argv", [("probe", ["{tmp}/missing"]),
@@ -100,3 +112,33 @@ def _config(tmp_path):
     path.write_text("model: {name: test_resnet, pretrained: false}\n"
                     "runtime: {progress: false, device: cpu}\n", encoding="utf-8")
     return path
+
+
+def test_a_setting_error_names_the_commands_option(capsys):
+    """The library names its parameter (n_init); the command line names its option for it."""
+    import argparse
+    import pickle
+
+    from transferlab.commands import run_cli
+    from transferlab.errors import SettingError
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("-k", type=int)
+    parser.add_argument("--n-init", type=int)
+
+    def mistaken(setting):
+        def command(argv):
+            raise SettingError(setting, "must be at least 1, got 0")
+        return command
+
+    assert run_cli(mistaken("n_init"), [], parser) == 2
+    assert capsys.readouterr().err == "error: --n-init must be at least 1, got 0\n"
+    assert run_cli(mistaken("k"), [], parser) == 2
+    assert capsys.readouterr().err == "error: -k must be at least 1, got 0\n"
+    assert run_cli(mistaken("batch_size"), [], parser) == 2  # no option sets it: kept
+    assert capsys.readouterr().err == "error: batch_size must be at least 1, got 0\n"
+    assert run_cli(mistaken("n_init"), []) == 2  # no parser: the library's name
+    assert capsys.readouterr().err == "error: n_init must be at least 1, got 0\n"
+    again = pickle.loads(pickle.dumps(SettingError("n_init", "must be at least 1, got 0")))
+    assert (again.setting, again.problem, str(again)) == (
+        "n_init", "must be at least 1, got 0", "n_init must be at least 1, got 0")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from transferlab.cluster import _lloyd, kmeans, nmi, purity
-from transferlab.errors import ConfigError
+from transferlab.analysis.kmeans import _lloyd, kmeans, nmi, purity
+from transferlab.errors import SettingError
 
 
 def blobs(n_per=100, k=5, d=8, sep=20.0, seed=0):
@@ -68,10 +68,13 @@ def test_kmeans_with_fewer_distinct_points_than_k():
 
 
 def test_kmeans_errors():
-    with pytest.raises(ConfigError, match="-k must be between 1"):
+    # the library names its parameters; the command names its flags (test_cluster_cli_errors)
+    with pytest.raises(SettingError, match="^k must be between 1 and the number of rows"):
         kmeans(np.zeros((3, 2)), 4)
-    with pytest.raises(ConfigError, match="--n-init"):
+    with pytest.raises(SettingError, match="^n_init must be at least 1"):
         kmeans(np.zeros((3, 2)), 2, n_init=0)
+    with pytest.raises(SettingError, match="^max_iter must be at least 1"):
+        kmeans(np.zeros((3, 2)), 2, max_iter=0)
 
 
 def test_nmi_and_purity_hand_computed():
@@ -112,7 +115,7 @@ def make_store(path, x, labels, keys=None, views=None):
 def test_cluster_cli_writes_assignments_and_scores(tmp_path, capsys):
     import csv
 
-    from transferlab.cluster import main
+    from transferlab.commands.cluster import main
 
     x, y = blobs(n_per=20, k=3, d=6)
     store = make_store(tmp_path / "s", x, y)
@@ -132,7 +135,8 @@ def test_cluster_cli_writes_assignments_and_scores(tmp_path, capsys):
 
 
 def test_cluster_uses_plain_views_and_handles_unlabelled(tmp_path, capsys):
-    from transferlab.cluster import main, run_cluster
+    from transferlab.analysis.cluster_report import run_cluster
+    from transferlab.commands.cluster import main
 
     x, _ = blobs(n_per=10, k=2, d=4)
     keys = [f"img{i}.png" for i in range(20)]
@@ -146,7 +150,7 @@ def test_cluster_uses_plain_views_and_handles_unlabelled(tmp_path, capsys):
 
 
 def test_cluster_cli_errors_exit_2(tmp_path, capsys):
-    from transferlab.cluster import main
+    from transferlab.commands.cluster import main
 
     x, y = blobs(n_per=3, k=2, d=4)
     make_store(tmp_path / "s", x, y)
@@ -158,7 +162,7 @@ def test_cluster_cli_errors_exit_2(tmp_path, capsys):
 
 def test_cluster_plot_method_tsne(tmp_path, capsys):
     pytest.importorskip("sklearn")
-    from transferlab.cluster import main
+    from transferlab.commands.cluster import main
 
     x, y = blobs(n_per=10, k=3, d=6)
     make_store(tmp_path / "s", x, y)

@@ -18,8 +18,9 @@ import pytest
 
 from tests.imagegen import make_image_tree
 from tests.test_cluster import blobs, make_store
-from transferlab import cluster, probe
-from transferlab.cli import run_cli
+from transferlab.analysis import cluster_report, probe_report
+from transferlab.analysis.splits import stratified_split
+from transferlab.commands import cluster, probe, run_cli
 from transferlab.config import (
     BOUNDS,
     DataConfig,
@@ -359,11 +360,11 @@ def test_cluster_max_iter_below_one(small_store, capsys, value):
 
 def test_probe_split_errors_name_the_real_setting(small_store, capsys):
     with pytest.raises(ConfigError, match=r"^val_fraction must be between 0 and 1"):
-        probe.stratified_split(np.arange(4), 1.0)
+        stratified_split(np.arange(4), 1.0)
     with pytest.raises(ConfigError, match=r"^train.val_split must be"):
-        probe.stratified_split(np.arange(4), -0.1, setting="train.val_split")
+        stratified_split(np.arange(4), -0.1, setting="train.val_split")
     with pytest.raises(ConfigError, match=r"^val_fraction must be"):
-        probe.run_probe(probe.FeatureStore.open(small_store), val_fraction=0.0)
+        probe_report.run_probe(probe.FeatureStore.open(small_store), val_fraction=0.0)
     line = one_line_error(capsys, probe.main([str(small_store), "--val-fraction", "1.5"]))
     assert line.startswith("error: --val-fraction must be between 0 and 1 (exclusive), got 1.5")
 
@@ -453,5 +454,6 @@ def test_run_cli_keeps_interrupt_and_mistake_codes(capsys):
 
 
 def test_report_formatters_have_distinct_names():
-    assert callable(probe.probe_report) and callable(cluster.cluster_report)
-    assert not hasattr(probe, "format_report") and not hasattr(cluster, "format_report")
+    assert callable(probe_report.probe_report) and callable(cluster_report.cluster_report)
+    assert not hasattr(probe_report, "format_report")
+    assert not hasattr(cluster_report, "format_report")

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from transferlab.export import main
-from transferlab.store.export import export_store, store_to_pandas
+from transferlab.commands.export import main
+from transferlab.store.export_formats import export_store, store_to_pandas
 from transferlab.store.reader import FeatureStore
 from transferlab.store.writer import StoreWriter
 
@@ -99,7 +99,8 @@ def test_existing_output_refused_unless_overwrite(tmp_path, capsys):
 def test_unknown_suffix_and_missing_store(tmp_path, capsys):
     multi_store(tmp_path / "s")
     assert main([str(tmp_path / "s"), str(tmp_path / "f.csv")]) == 2
-    assert "--format parquet|hdf5|npz|pickle" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--format is not given" in err and "name one of parquet|hdf5|npz|pickle" in err
     assert main([str(tmp_path / "nope"), str(tmp_path / "f.parquet")]) == 2
     assert "no feature store" in capsys.readouterr().err
     assert not (tmp_path / "f.parquet").exists()
@@ -156,7 +157,7 @@ def test_directory_output_refused(tmp_path, capsys):
 
 
 def test_the_store_methods_are_the_library_functions(tmp_path):
-    from transferlab.neighbors import store_nearest
+    from transferlab.analysis.neighbors import store_nearest
 
     store, _ = multi_store(tmp_path / "s")
     out = store.export(tmp_path / "m.parquet")

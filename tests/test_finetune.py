@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from transferlab.commands.finetuning import command
 from transferlab.config import FinetuneConfig, TrainConfig, load_config
 from transferlab.errors import ConfigError, DataError, HeadError, ModelError
-from transferlab.finetune.__main__ import command
 from transferlab.finetune.run import run_finetune
 from transferlab.models.checkpoint import read_checkpoint, save_checkpoint
 from transferlab.models.classifier import Classifier, load_model

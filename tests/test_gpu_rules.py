@@ -177,7 +177,7 @@ def test_solver_math_runs_without_tf32(flags, monkeypatch):
     """The probe's L-BFGS, kNN and k-means see full fp32 even after a bf16 run set TF32."""
     import numpy as np
 
-    from transferlab import cluster, probe
+    from transferlab.analysis import kmeans, linear_probe, neighbors
 
     apply_runtime(cuda_runtime("bf16"))
     seen = []
@@ -190,14 +190,14 @@ def test_solver_math_runs_without_tf32(flags, monkeypatch):
             return real(*args, **kwargs)
         monkeypatch.setattr(module, name, wrapper)
 
-    spy(probe, "_lbfgs")
-    spy(probe, "nearest")
-    spy(cluster, "_lloyd")
+    spy(linear_probe, "_lbfgs")
+    spy(neighbors, "nearest")
+    spy(kmeans, "_lloyd")
     x = np.random.default_rng(0).standard_normal((40, 4)).astype(np.float32)
     y = np.arange(40) % 2
-    probe.fit_logistic(x, y, l2s=[1e-2], device="cpu", max_iter=5)
-    probe.knn_predict(x, y, x[:5], k=3, device="cpu")
-    cluster.kmeans(x, 2, n_init=1, max_iter=3, device="cpu")
+    linear_probe.fit_logistic(x, y, l2s=[1e-2], device="cpu", max_iter=5)
+    neighbors.knn_predict(x, y, x[:5], k=3, device="cpu")
+    kmeans.kmeans(x, 2, n_init=1, max_iter=3, device="cpu")
     assert {name for name, _ in seen} == {"_lbfgs", "nearest", "_lloyd"}
     assert {mode for _, mode in seen} == {"ieee"}
     assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # restored afterwards

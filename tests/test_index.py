@@ -7,12 +7,12 @@ import sys
 import numpy as np
 import pytest
 
-import transferlab.store.index as store_index
+import transferlab.store.faiss_index as store_index
+from transferlab.analysis.neighbors import nearest, store_nearest, store_search
+from transferlab.commands.index import main as index_main
+from transferlab.commands.search import main as search_main
 from transferlab.errors import StoreError
-from transferlab.index import main as index_main
-from transferlab.neighbors import nearest, store_nearest, store_search
-from transferlab.search import main as search_main
-from transferlab.store.index import build_index, index_paths, load_index
+from transferlab.store.faiss_index import build_index, index_paths, load_index
 from transferlab.store.reader import FeatureStore
 from transferlab.store.writer import StoreWriter
 
@@ -83,7 +83,7 @@ def test_cli_and_api_agree_through_the_index(tmp_path, monkeypatch, capsys):
     def no_scan(*a, **kw):
         raise AssertionError("exact scan used although a fresh index exists")
 
-    monkeypatch.setattr("transferlab.neighbors.nearest", no_scan)
+    monkeypatch.setattr("transferlab.analysis.neighbors.nearest", no_scan)
     assert search_main([str(tmp_path / "s"), *keys[:3], "-k", "4", "--metric", "euclidean"]) == 0
     blocks = capsys.readouterr().out.split("\n\n")
     for block, hits in zip(blocks, api):

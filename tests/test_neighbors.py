@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import transferlab
+from transferlab.analysis.neighbors import nearest, store_nearest
 from transferlab.errors import DataError
-from transferlab.neighbors import nearest, store_nearest
 
 
 def brute_force(x: np.ndarray, q: np.ndarray, k: int, metric: str):
@@ -135,14 +135,14 @@ def fake_embedder(monkeypatch, table):
         assert store.meta["config"]["data"]["root"]  # the store's own metadata is passed on
         return np.stack([table[p] for p in paths])
 
-    monkeypatch.setattr("transferlab.neighbors.embed_query_images", embed)
+    monkeypatch.setattr("transferlab.analysis.neighbors.embed_query_images", embed)
     return calls
 
 
 def test_search_cli_prints_neighbours_and_plots(tmp_path, monkeypatch, capsys):
     from PIL import Image
 
-    from transferlab.search import main
+    from transferlab.commands.search import main
 
     store, x = image_store(tmp_path)
     queries = [tmp_path / "q1.png", tmp_path / "q2.png"]
@@ -167,7 +167,7 @@ def test_search_cli_prints_neighbours_and_plots(tmp_path, monkeypatch, capsys):
 
 
 def test_search_by_store_key_and_errors(tmp_path, monkeypatch, capsys):
-    from transferlab.search import main
+    from transferlab.commands.search import main
 
     image_store(tmp_path)
     calls = fake_embedder(monkeypatch, {})
@@ -201,9 +201,9 @@ def test_store_nearest_dedupes_views(tmp_path):
 def test_search_end_to_end_embeds_with_the_stores_backbone(tmp_path, capsys):
     """Extract a tiny store with the built-in LeNet, then query with its own image files."""
     from tests.imagegen import make_image_tree
+    from transferlab.commands.search import main
     from transferlab.config import ExtractConfig, load_config
     from transferlab.extract.run import run_extract
-    from transferlab.search import main
 
     keys = make_image_tree(tmp_path / "data", per_class=3)
     cfg = load_config(None, [f"data.root={tmp_path / 'data'}", "model.name=lenet",
@@ -240,7 +240,7 @@ def test_store_nearest_matches_brute_force(tmp_path):
 
 
 def test_fast_topk_orders_ties_inside_the_set_and_matches_the_tie_path():
-    from transferlab.neighbors import _topk_exact, _topk_ties
+    from transferlab.analysis.neighbors import _topk_exact, _topk_ties
 
     # three equal nearest rows fill k exactly (fast path): still in row order
     x = np.array([[5.0, 5.0], [1.0, 0.0], [9.0, 9.0], [1.0, 0.0], [1.0, 0.0]])
@@ -255,7 +255,7 @@ def test_fast_topk_orders_ties_inside_the_set_and_matches_the_tie_path():
 
 
 def test_default_chunk_is_a_few_mib_of_float32():
-    from transferlab.neighbors import _default_chunk_rows
+    from transferlab.analysis.neighbors import _default_chunk_rows
 
     assert _default_chunk_rows(np.zeros((10, 256))) == 8192
     assert _default_chunk_rows(np.zeros((10, 1 << 16))) == 256

@@ -1,4 +1,5 @@
-"""Every plot writes a real, non-empty PNG; PCA matches an SVD reference."""
+"""Every plot writes a real, non-empty PNG; PCA matches an SVD reference; `transferlab.plots` is
+the plots module the README names."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferlab import plots
+from transferlab.analysis import plots, projection
 from transferlab.errors import DataError, TransferlabError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -30,6 +31,12 @@ def features(n_per=30, d=12, k=3, seed=0):
     return x.astype(np.float32), np.repeat(np.arange(k), n_per)
 
 
+def test_the_public_plots_name_is_the_plots_module():
+    import transferlab
+
+    assert transferlab.plots is plots and callable(transferlab.plots.plot_neighbors)
+
+
 def test_class_columns(tmp_path):
     x, y = features(k=12)
     out = plots.plot_class_columns(x, y, tmp_path / "sub" / "cols.png",
@@ -40,13 +47,13 @@ def test_class_columns(tmp_path):
 
 def test_pca_matches_svd_and_scatter(tmp_path):
     x, y = features()
-    pts = plots.pca_2d(x)
+    pts = projection.pca_2d(x)
     xc = x.astype(np.float64) - x.mean(0)
     _, _, vt = np.linalg.svd(xc, full_matrices=False)
     ref = xc @ vt[:2].T
     for j in range(2):  # equal up to the sign of each component
         assert min(np.abs(pts[:, j] - ref[:, j]).max(), np.abs(pts[:, j] + ref[:, j]).max()) < 1e-6
-    assert np.array_equal(pts, plots.pca_2d(x))
+    assert np.array_equal(pts, projection.pca_2d(x))
     labels = y.copy()
     labels[:5] = -1  # unlabelled rows are drawn grey
     assert_png(plots.plot_pca(x, labels, tmp_path / "pca.png", class_names=["a", "b", "c"]))
@@ -56,7 +63,7 @@ def test_pca_matches_svd_and_scatter(tmp_path):
 def test_pca_randomized_for_wide_features():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(60, 5000)) + np.outer(rng.normal(size=60) * 30, rng.normal(size=5000))
-    pts = plots.pca_2d(x)
+    pts = projection.pca_2d(x)
     xc = x - x.mean(0)
     ref = xc @ np.linalg.svd(xc, full_matrices=False)[2][0]
     assert abs(np.corrcoef(pts[:, 0], ref)[0, 1]) > 0.999
@@ -110,9 +117,9 @@ def test_maps_per_method(tmp_path, method):
     if method == "umap":
         pytest.importorskip("umap", reason="UMAP needs umap-learn (pip install transferlab[umap])")
     x, y = features(n_per=20)
-    pts = plots.embed_2d(x, method)
+    pts = projection.embed_2d(x, method)
     assert pts.shape == (60, 2) and np.isfinite(pts).all()
-    assert np.array_equal(pts, plots.embed_2d(x, method))  # seeded
+    assert np.array_equal(pts, projection.embed_2d(x, method))  # seeded
     # well-separated classes stay apart: each point's nearest map neighbour shares its class
     d = np.linalg.norm(pts[:, None] - pts[None], axis=2) + np.eye(60) * 1e9
     assert (y[d.argmin(1)] == y).mean() > 0.95
@@ -155,13 +162,13 @@ def test_missing_map_dependency_names_the_fix(monkeypatch, method, module, fix):
     monkeypatch.setitem(sys.modules, module, None)
     monkeypatch.setitem(sys.modules, f"{module}.manifold", None)
     with pytest.raises(TransferlabError, match=fix.replace("[", r"\[").replace("]", r"\]")):
-        plots.embed_2d(features()[0], method)
+        projection.embed_2d(features()[0], method)
     with pytest.raises(DataError, match="use one of pca, tsne, umap"):
-        plots.embed_2d(features()[0], "mds")
+        projection.embed_2d(features()[0], "mds")
 
 
 def test_maps_command_writes_the_png(tmp_path, capsys):
-    from transferlab.maps import main
+    from transferlab.commands.maps import main
     from transferlab.store.writer import StoreWriter
 
     x, y = features(n_per=10)

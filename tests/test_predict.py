@@ -10,12 +10,13 @@ import torch
 from PIL import Image
 
 from tests.imagegen import random_image
+from transferlab.commands.predict import main
 from transferlab.config import FinetuneConfig, load_config
 from transferlab.data.preprocess import resolve_preprocess
 from transferlab.errors import ModelError
 from transferlab.finetune.run import run_finetune
 from transferlab.models.classifier import Classifier, load_model
-from transferlab.predict import main, run_predict
+from transferlab.models.prediction import run_predict
 from transferlab.runtime.device import Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +130,7 @@ def test_plain_safetensors_file_is_not_a_classifier(tmp_path, capsys):
 def test_csv_round_trips_file_names_with_line_breaks_commas_and_quotes():
     import io
 
-    from transferlab.predict import Prediction, write_csv
+    from transferlab.models.prediction import Prediction, write_csv
 
     names = ['a\rb.png', 'c\nd.png', 'e,f.png', 'g"h.png', 'plain.png']
     out = io.StringIO()

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from transferlab.errors import ConfigError, DataError
-from transferlab.probe import fit_logistic, knn_accuracy, knn_predict, stratified_split
+from transferlab.analysis.linear_probe import fit_logistic
+from transferlab.analysis.neighbors import knn_accuracy, knn_predict
+from transferlab.analysis.splits import stratified_split
+from transferlab.errors import ConfigError, DataError, SettingError
 
 
 def gaussian_clusters(n_per_class=80, d=6, classes=(2, 5, 7), spread=1.6, seed=0):
@@ -98,7 +100,7 @@ def test_logistic_input_errors():
     x, y = gaussian_clusters()
     with pytest.raises(DataError, match="two classes"):
         fit_logistic(x, np.zeros(len(x), dtype=int), [1e-3])
-    with pytest.raises(ConfigError, match="--l2"):
+    with pytest.raises(SettingError, match="^l2s must be a non-empty list"):
         fit_logistic(x, y, [])
     with pytest.raises(DataError, match=r"\(N, D\)"):
         fit_logistic(x, y[:-1], [1e-3])
@@ -162,7 +164,8 @@ def make_store(path, x, labels, class_names=None, views=None, keys=None):
 
 
 def test_probe_cli_prints_table(tmp_path, capsys):
-    from transferlab.probe import main, run_probe
+    from transferlab.analysis.probe_report import run_probe
+    from transferlab.commands.probe import main
     from transferlab.store.reader import FeatureStore
 
     x, y = gaussian_clusters(n_per_class=30, classes=(0, 1, 2))
@@ -182,7 +185,7 @@ def test_probe_cli_prints_table(tmp_path, capsys):
 
 
 def test_probe_cli_with_test_store(tmp_path, capsys):
-    from transferlab.probe import main
+    from transferlab.commands.probe import main
 
     x, y = gaussian_clusters(n_per_class=40, classes=(0, 1, 2))
     make_store(tmp_path / "train", x[::2], y[::2])
@@ -194,7 +197,7 @@ def test_probe_cli_with_test_store(tmp_path, capsys):
 
 
 def test_probe_cli_errors_exit_2(tmp_path, capsys):
-    from transferlab.probe import main
+    from transferlab.commands.probe import main
 
     x, _ = gaussian_clusters(n_per_class=5)
     make_store(tmp_path / "unlabelled", x, np.full(len(x), -1))
@@ -207,10 +210,14 @@ def test_probe_cli_errors_exit_2(tmp_path, capsys):
     make_store(tmp_path / "ok", x, np.repeat([0, 1, 2], 5))
     assert main([str(tmp_path / "ok"), "--val-fraction", "1.5"]) == 2
     assert "--val-fraction" in capsys.readouterr().err
+    assert main([str(tmp_path / "ok"), "--l2", "1e-3", "-1"]) == 2  # run_probe's l2s is --l2
+    assert capsys.readouterr().err.startswith(
+        "error: --l2 must be a non-empty list of values >= 0, got [0.001, -1.0]")
 
 
 def test_views_never_leak_across_the_split(tmp_path):
-    from transferlab.probe import _labelled, split_by_key
+    from transferlab.analysis.probe_report import _labelled
+    from transferlab.analysis.splits import split_by_key
 
     x, y = gaussian_clusters(n_per_class=10, classes=(0, 1))
     keys = [f"c{lab}/{i}.png" for i, lab in enumerate(y)]
@@ -237,7 +244,7 @@ def test_tensor_inputs_as_a_finetune_runner_passes_them():
 
 def test_probe_plot_method_tsne(tmp_path, capsys):
     pytest.importorskip("sklearn")
-    from transferlab.probe import main
+    from transferlab.commands.probe import main
 
     x, y = gaussian_clusters(n_per_class=15, classes=(0, 1))
     make_store(tmp_path / "s", x, y, class_names=["a", "b"])

@@ -197,9 +197,9 @@ def copy_store(lenet_store, tmp_path, change):
 
 
 def test_store_naming_a_callable_is_refused(lenet_store, tmp_path, evil, capsys):
+    from transferlab.analysis.neighbors import store_nearest
+    from transferlab.commands.search import main as search_main
     from transferlab.extract.queries import embed_images
-    from transferlab.neighbors import store_nearest
-    from transferlab.search import main as search_main
     from transferlab.store.reader import FeatureStore
 
     def change(meta):
@@ -221,7 +221,7 @@ def test_store_naming_a_callable_is_refused(lenet_store, tmp_path, evil, capsys)
 
 @pytest.mark.parametrize("weights", ["/etc/hostname", "../outside.safetensors"])
 def test_store_weights_path_outside_the_store_is_refused(lenet_store, tmp_path, capsys, weights):
-    from transferlab.search import main as search_main
+    from transferlab.commands.search import main as search_main
 
     store_dir, images = copy_store(lenet_store, tmp_path,
                                    lambda m: m["config"]["model"].update(weights=weights))
@@ -232,8 +232,8 @@ def test_store_weights_path_outside_the_store_is_refused(lenet_store, tmp_path, 
 def test_queries_are_embedded_as_the_store_computed_its_rows(lenet_store, tmp_path):
     """fp32 store: a query of its own image is its stored row (fp32 tolerance), even where
     this machine's default precision is bf16 (AMX CPUs)."""
+    from transferlab.analysis.neighbors import store_nearest
     from transferlab.extract.queries import embed_images
-    from transferlab.neighbors import store_nearest
     from transferlab.runtime.device import resolve_precision
     from transferlab.store.reader import FeatureStore
 
@@ -259,7 +259,7 @@ def test_queries_are_embedded_as_the_store_computed_its_rows(lenet_store, tmp_pa
 def test_plot_never_opens_keys_outside_the_data_root(tmp_path, monkeypatch):
     from PIL import Image as PILImage
 
-    from transferlab.search import plot_search
+    from transferlab.analysis.search_report import plot_search
     from transferlab.store.writer import StoreWriter
 
     root = tmp_path / "data"

@@ -1,8 +1,9 @@
 """transferlab: reuse trained networks — frozen feature extraction and head-only fine-tuning.
 
-The public API, for notebooks and scripts; each command-line module
-(``python -m transferlab.extract`` ...) is a thin wrapper over these functions. Names are
-imported on first use, so ``python -m transferlab.X`` starts without loading every module.
+The public API, for notebooks and scripts; each command (``transferlab/commands/``, run as
+``transferlab extract`` or ``python -m transferlab.extract`` ...) is a thin wrapper over
+these functions. Names are imported on first use, so ``python -m transferlab.X`` starts
+without loading every module.
 """
 from __future__ import annotations
 
@@ -37,20 +38,22 @@ _EXPORTS = {
     "run_finetune": "finetune.run", "FinetuneResult": "finetune.outputs",
     "load_model": "models.classifier", "Classifier": "models.classifier", "HeadError": "errors",
     # downstream
-    "ProbeResult": "probe", "fit_logistic": "probe", "knn_accuracy": "probe",
-    "run_probe": "probe", "KMeansResult": "cluster", "kmeans": "cluster",
-    "run_cluster": "cluster", "nearest": "neighbors",
-    "store_nearest": "neighbors", "export_store": "store.export", "build_index": "store.index",
-    "plot_map": "plots",
+    "ProbeResult": "analysis.linear_probe", "fit_logistic": "analysis.linear_probe",
+    "knn_accuracy": "analysis.neighbors", "run_probe": "analysis.probe_report",
+    "KMeansResult": "analysis.kmeans", "kmeans": "analysis.kmeans",
+    "run_cluster": "analysis.cluster_report", "nearest": "analysis.neighbors",
+    "store_nearest": "analysis.neighbors", "export_store": "store.export_formats",
+    "build_index": "store.faiss_index", "plot_map": "analysis.plots",
 }
-_SUBMODULES = {"plots"}
+# public submodule name -> module
+_SUBMODULES = {"plots": "analysis.plots"}
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
+        return importlib.import_module(f".{_SUBMODULES[name]}", __name__)
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value  # later lookups skip this function

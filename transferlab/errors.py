@@ -40,3 +40,19 @@ class MissingDependencyError(TransferlabError, ImportError):
 
 class ComputeError(TransferlabError):
     """The model's numbers cannot be stored: inf/NaN features (fp16 overflow, broken weights)."""
+
+
+class SettingError(ConfigError):
+    """One setting (a function's parameter, a config key) cannot take the value it was given.
+
+    ``str(exc)`` is ``f"{setting} {problem}"``: the library names its parameter, and a command
+    names its own flag for it instead (``--n-init`` for ``n_init``).
+    """
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting} {problem}")
+        self.setting = setting
+        self.problem = problem
+
+    def __reduce__(self) -> tuple:  # pickles with both parts (Exception keeps only the message)
+        return type(self), (self.setting, self.problem)

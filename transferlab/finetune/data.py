@@ -144,7 +144,7 @@ def split(src: Source, fraction: float, seed: int) -> tuple[Source, Source | Non
     """Stratified, seeded (train, validation) split; no validation when fraction is 0."""
     if fraction <= 0:
         return src, None
-    from ..probe import stratified_split
+    from ..analysis.splits import stratified_split
 
     train_rows, val_rows = stratified_split(src.targets, fraction, seed)
     return src.subset(train_rows), src.subset(val_rows)

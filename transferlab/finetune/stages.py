@@ -288,7 +288,8 @@ def run_probe_stage(ctx: Context, run: HeadRun) -> StageResult:
     Under torchrun the items are drawn from every process's share; their features (and
     those of the test parts) are gathered, rank 0 fits, and every process gets its result.
     """
-    from ..probe import fit_logistic, stratified_split
+    from ..analysis.linear_probe import fit_logistic
+    from ..analysis.splits import stratified_split
 
     cfg, pcfg = ctx.cfg, ctx.cfg.probe
     t0 = time.perf_counter()

@@ -180,14 +180,14 @@ class FeatureStore:
     def export(self, path: str | os.PathLike, format: str | None = None,
                overwrite: bool = False) -> Path:
         """Write the store as Parquet, HDF5, .npz or pickle (format from the suffix), chunk
-        by chunk; see ``transferlab.store.export``."""
-        from .export import export_store
+        by chunk; see ``transferlab.store.export_formats``."""
+        from .export_formats import export_store
 
         return export_store(self, path, format, overwrite)
 
     def to_pandas(self) -> Any:
         """A DataFrame (key, label, class_name, view, embedding) of a small store."""
-        from .export import store_to_pandas
+        from .export_formats import store_to_pandas
 
         return store_to_pandas(self)
 
@@ -195,7 +195,8 @@ class FeatureStore:
                 trust_code: bool = False, exact: bool = False) -> list[list[tuple[str, float]]]:
         """``transferlab.store_nearest(self, ...)``: the nearest stored keys of feature vectors,
         stored keys or image files (embedded as the store computed its rows)."""
-        from ..neighbors import store_nearest  # the query side lives downstream of the store
+        # the query side lives downstream of the store
+        from ..analysis.neighbors import store_nearest
 
         return store_nearest(self, queries, k, metric, trust_code, exact)
 

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ConfigError, DataError
-from .extract.queries import embed_images
-from .runtime.device import resolve_device
-from .store.index import load_index
+from ..errors import DataError, SettingError
+from ..extract.queries import embed_images
+from ..runtime.device import exact_fp32, resolve_device
+from ..store.faiss_index import load_index
 
 _log = logging.getLogger(__name__)
 METRICS = ("cosine", "euclidean")
@@ -162,7 +162,7 @@ def _to_tensor(x: Any, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
 
 def check_k(k: int) -> int:
     if k < 1:
-        raise ConfigError(f"k must be at least 1, got {k}; pass -k 1 or more")
+        raise SettingError("k", f"must be at least 1, got {k}")
     return k
 
 
@@ -170,7 +170,6 @@ def _check_metric(metric: str) -> str:
     if metric not in METRICS:
         raise DataError(f"unknown metric '{metric}'; use one of {', '.join(METRICS)}")
     return metric
-
 
 
 def store_nearest(store: Any, vectors_or_paths: np.ndarray | Sequence[str], k: int = 5,
@@ -200,8 +199,8 @@ def store_search(store: Any, vectors: np.ndarray, k: int, metric: str = "cosine"
     per_key = int(np.max(views)) + 1 if views is not None and len(views) else 1
     index = None if exact else load_index(store, metric)
     if index is not None:
-        _log.info("searching through the store's %s FAISS index (%s; --exact scans instead)",
-                  index.kind, index.metric)
+        _log.info("searching through the store's %s FAISS index (%s; an exact search scans "
+                  "every row instead)", index.kind, index.metric)
         dist, idx = index.search(vectors, k * per_key)
     else:
         dist, idx = nearest(store, vectors, k * per_key, metric, device=device)
@@ -254,3 +253,40 @@ def embed_query_images(store: Any, paths: list[str], trust_code: bool = False) -
 
 def _as_list(items: Iterable[Any] | str) -> list[Any]:
     return [items] if isinstance(items, str) else list(items)
+
+
+# ---------------------------------------------------------------------------------------
+# kNN classification (the kNN probe)
+# ---------------------------------------------------------------------------------------
+
+
+@exact_fp32()
+def knn_predict(train_features: Any, train_labels: Any, query_features: Any, k: int = 5,
+                device: str | torch.device | None = None) -> np.ndarray:
+    """Cosine k-nearest-neighbour majority vote.
+
+    A tied vote goes to the tied class whose closest member ranks first (neighbours are
+    ordered by distance, then by training row).
+    """
+    _, idx = nearest(train_features, query_features, k, "cosine", device=device)
+    votes = _numpy(train_labels)[idx]  # (Q, k) in rank order
+    classes, inv = np.unique(votes, return_inverse=True)
+    inv = inv.reshape(votes.shape)
+    q, kk = inv.shape
+    rows = np.repeat(np.arange(q), kk)
+    counts = np.zeros((q, len(classes)), dtype=np.int64)
+    np.add.at(counts, (rows, inv.ravel()), 1)
+    first = np.full((q, len(classes)), kk, dtype=np.int64)
+    np.minimum.at(first, (rows, inv.ravel()), np.tile(np.arange(kk), q))
+    return classes[(counts * (kk + 1) - first).argmax(1)]
+
+
+def knn_accuracy(train_features: Any, train_labels: Any, query_features: Any,
+                 query_labels: Any, k: int = 5, device: str | torch.device | None = None) -> float:
+    """Accuracy of ``knn_predict`` on labelled queries."""
+    pred = knn_predict(train_features, train_labels, query_features, k, device)
+    return float((pred == _numpy(query_labels)).mean())
+
+
+def _numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, MissingDependencyError, StoreError
+from ..errors import ConfigError, MissingDependencyError, SettingError, StoreError
 from ..runtime.atomicfile import atomic_write_text, replaced
 
 INDEX_DIR, INDEX_FILE, INDEX_META = "index", "faiss.index", "index.json"
@@ -98,12 +98,12 @@ def index_params(kind: str, rows: int, nlist: int | None = None, nprobe: int | N
     for name, value in (("nlist", nlist), ("nprobe", nprobe), ("hnsw_m", hnsw_m),
                         ("ef_search", ef_search)):
         if value is not None and value < 1:
-            raise ConfigError(f"{name} must be at least 1, got {value}")
+            raise SettingError(name, f"must be at least 1, got {value}")
     if kind == "ivf":
         lists = nlist or max(1, min(round(math.sqrt(rows)), rows // 39 or 1))
         if lists > rows:
-            raise ConfigError(f"nlist {lists} exceeds the store's {rows} rows; pass a smaller "
-                              "--nlist or --kind flat")
+            raise SettingError("nlist", f"{lists} exceeds the store's {rows} rows; pass a smaller "
+                               "one, or the flat kind")
         probe = min(lists, nprobe or max(8, math.ceil(lists / 16)))
         return {"nlist": lists, "nprobe": probe,
                 "train_rows": min(rows, lists * _IVF_TRAIN_PER_LIST)}
@@ -260,7 +260,7 @@ def _read_index(path: Path, store: Any, record: dict) -> Any:
         faiss = _faiss()
     except MissingDependencyError:
         raise MissingDependencyError('the store has a FAISS index but faiss is not installed: '
-                                     'pip install "transferlab[faiss]", or search with --exact '
+                                     'pip install "transferlab[faiss]", or search exactly '
                                      '(exact=True)') from None
     index = faiss.read_index(str(path))
     if index.ntotal != record["rows"] or index.d != record["dim"]:
@@ -283,7 +283,7 @@ def _check_record(store: Any, record: dict) -> None:
         raise StoreError(f"the FAISS index of {store.dir} is stale (built for the store "
                          f"written at {built}, the store was written at "
                          f"{store.meta.get('written_at')}); rebuild it: "
-                         f"{rebuild_command(store, record)} (or search with --exact)")
+                         f"{rebuild_command(store, record)} (or search exactly: exact=True)")
 
 
 def rebuild_command(store: Any, record: dict | None = None) -> str:

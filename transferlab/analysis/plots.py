@@ -1,9 +1,10 @@
 """Pictures of features and results, written as PNG files.
 
 matplotlib is an optional extra (``pip install transferlab[plots]``), as are scikit-learn
-(t-SNE maps) and umap-learn (UMAP maps, ``transferlab[umap]``); each is imported only
-when a plot needs it, and figures are rendered with the Agg canvas directly, so pyplot's
-global backend (a notebook's, say) is never touched. Every function returns the PNG path.
+(t-SNE maps) and umap-learn (UMAP maps, ``transferlab[umap]``, both through ``projection``);
+each is imported only when a plot needs it, and figures are rendered with the Agg canvas
+directly, so pyplot's global backend (a notebook's, say) is never touched. Every function
+returns the PNG path.
 """
 from __future__ import annotations
 
@@ -13,12 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from .errors import DataError, MissingDependencyError
-
-_MAX_SCATTER_POINTS = 20000
-_EXACT_PCA_MAX_DIMS = 4096
+from ..errors import DataError, MissingDependencyError
+from .projection import MAP_MAX_POINTS, METHOD_NAMES, check_method, embed_2d, pca_2d, sample_rows
 
 
 def _figure(width: float, height: float) -> Any:
@@ -88,30 +86,6 @@ def plot_class_columns(features: Any, labels: Any, out: str | Path,
 # ---------------------------------------------------------------------------------------
 
 
-def pca_2d(features: Any) -> np.ndarray:
-    """Projection of (N, D) features on their first two principal components, (N, 2).
-
-    Deterministic: exact covariance eigenvectors (seeded randomized PCA above 4096 dims),
-    each component's sign fixed so its largest loading is positive.
-    """
-    x = torch.as_tensor(np.asarray(features, dtype=np.float64))
-    if x.ndim != 2 or len(x) < 2:
-        raise DataError(f"PCA needs at least two (N, D) feature rows, got {tuple(x.shape)}")
-    xc = x - x.mean(0)
-    if x.shape[1] <= _EXACT_PCA_MAX_DIMS:
-        _, vecs = torch.linalg.eigh(xc.T @ xc)
-        comps = vecs[:, -2:].flip(1) if x.shape[1] >= 2 else vecs
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            comps = torch.pca_lowrank(xc, q=min(10, *x.shape), center=False, niter=4)[2][:, :2]
-    signs = torch.sign(comps.gather(0, comps.abs().argmax(0, keepdim=True)))
-    proj = xc @ (comps * signs)
-    if proj.shape[1] == 1:
-        proj = torch.cat([proj, torch.zeros_like(proj)], 1)
-    return proj.numpy()
-
-
 def plot_pca(features: Any, labels: Any = None, out: str | Path = "pca.png",
              class_names: Sequence[str] | None = None, title: str | None = None) -> Path:
     """2-D PCA scatter, coloured by label (grey for unlabelled, -1)."""
@@ -144,9 +118,8 @@ def _scatter(pts: np.ndarray, y: np.ndarray, out: str | Path,
 
 
 def _subsample(n: int) -> np.ndarray:
-    if n <= _MAX_SCATTER_POINTS:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(0).choice(n, _MAX_SCATTER_POINTS, replace=False))
+    """A PCA scatter draws at most as many points as a PCA map samples."""
+    return sample_rows(n, MAP_MAX_POINTS["pca"])
 
 
 def _colormap(n: int) -> Any:
@@ -158,50 +131,8 @@ def _colormap(n: int) -> Any:
 
 
 # ---------------------------------------------------------------------------------------
-# (b2) 2-D maps: PCA, t-SNE (scikit-learn), UMAP (umap-learn), on a sample of large sets
+# (b2) 2-D maps (coordinates from ``projection``), on a sample of large sets
 # ---------------------------------------------------------------------------------------
-
-MAP_METHODS = ("pca", "tsne", "umap")
-_METHOD_NAMES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
-# Points embedded and drawn per method: t-SNE costs O(N log N) with a large constant, so it
-# gets a smaller sample than PCA and UMAP.
-MAP_MAX_POINTS = {"pca": _MAX_SCATTER_POINTS, "tsne": 5000, "umap": _MAX_SCATTER_POINTS}
-
-
-def embed_2d(features: Any, method: str = "pca", seed: int = 0) -> np.ndarray:
-    """(N, 2) coordinates of (N, D) features by ``method`` (pca, tsne, umap); seeded."""
-    x = np.asarray(features, dtype=np.float32)
-    if method not in MAP_METHODS:
-        raise DataError(f"unknown map method {method!r}; use one of {', '.join(MAP_METHODS)}")
-    if x.ndim != 2 or len(x) < 3:
-        raise DataError(f"a {_METHOD_NAMES[method]} map needs at least three (N, D) feature "
-                        f"rows, got {tuple(x.shape)}")
-    if method == "pca":
-        return pca_2d(x)
-    if method == "tsne":
-        try:
-            from sklearn.manifold import TSNE
-        except ImportError:
-            raise MissingDependencyError("t-SNE maps need scikit-learn: pip install "
-                                         "scikit-learn") from None
-        perplexity = float(min(30.0, (len(x) - 1) / 3))
-        return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
-    try:
-        import umap
-    except ImportError:
-        raise MissingDependencyError('UMAP maps need umap-learn: pip install '
-                                     '"transferlab[umap]"') from None
-    # a seed makes UMAP single-threaded anyway; saying so keeps it from warning
-    reducer = umap.UMAP(n_components=2, n_neighbors=min(15, len(x) - 1), random_state=seed,
-                        n_jobs=1)
-    return np.asarray(reducer.fit_transform(x))
-
-
-def sample_rows(n: int, max_points: int, seed: int = 0) -> np.ndarray:
-    """Sorted row numbers: all ``n`` rows, or a seeded random ``max_points`` of them."""
-    if n <= max_points:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
 
 
 def plot_map(features: Any, labels: Any = None, out: str | Path = "map.png",
@@ -213,11 +144,10 @@ def plot_map(features: Any, labels: Any = None, out: str | Path = "map.png",
     x = features if hasattr(features, "shape") else np.asarray(features, dtype=np.float32)
     n = len(x)
     y = np.full(n, -1) if labels is None else np.asarray(labels, dtype=np.int64)
-    if method not in MAP_METHODS:
-        raise DataError(f"unknown map method {method!r}; use one of {', '.join(MAP_METHODS)}")
+    check_method(method)
     keep = sample_rows(n, max_points or MAP_MAX_POINTS[method], seed)
     pts = embed_2d(np.asarray(x[keep] if len(keep) < n else x, dtype=np.float32), method, seed)
-    name = _METHOD_NAMES[method]
+    name = METHOD_NAMES[method]
     shown = f"a random sample of {len(keep)} of {n}" if len(keep) < n else f"{n}"
     return _scatter(pts, y[keep], out, class_names,
                     title or f"{name} of {shown} feature vectors", (f"{name} 1", f"{name} 2"))
@@ -231,11 +161,10 @@ def plot_store_map(store: Any, out: str | Path = "map.png", method: str = "pca",
     if len(rows) < 3:
         have = sorted(set(np.asarray(store.views).tolist()))
         raise DataError(f"the store has {len(rows)} rows of view {view}, a map needs at least "
-                        f"three; pick --view from {have}")
-    if method not in MAP_METHODS:
-        raise DataError(f"unknown map method {method!r}; use one of {', '.join(MAP_METHODS)}")
+                        f"three; pick a view from {have}")
+    check_method(method)
     keep = rows[sample_rows(len(rows), max_points or MAP_MAX_POINTS[method], seed)]
-    name = _METHOD_NAMES[method]
+    name = METHOD_NAMES[method]
     shown = f"a random sample of {len(keep)} of {len(rows)}" if len(keep) < len(rows) else (
         f"{len(rows)}")
     return plot_map(store.features[keep], np.asarray(store.labels)[keep], out, method,

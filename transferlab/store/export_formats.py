@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, MissingDependencyError, StoreError
+from ..errors import ConfigError, MissingDependencyError, SettingError, StoreError
 from ..runtime.atomicfile import replaced
 
 FORMATS = ("parquet", "hdf5", "npz", "pickle")
@@ -35,8 +35,8 @@ def export_format(path: str | os.PathLike, format: str | None = None) -> str:
         return format
     suffix = Path(path).suffix.lower()
     if suffix not in _SUFFIXES:
-        raise ConfigError(f"cannot tell the export format of {str(path)!r}; end it in "
-                          f"{', '.join(_SUFFIXES)} or pass --format {'|'.join(FORMATS)}")
+        raise SettingError("format", f"is not given and {str(path)!r} does not end in one of "
+                           f"{', '.join(_SUFFIXES)}; name one of {'|'.join(FORMATS)}")
     return _SUFFIXES[suffix]
 
 
@@ -44,7 +44,7 @@ def chunk_rows(store: Any, rows: int | None = None) -> int:
     """Rows per chunk: ``rows`` if given, else as many as fit in ``CHUNK_BYTES``."""
     if rows is not None:
         if rows < 1:
-            raise ConfigError(f"rows per chunk must be at least 1, got {rows}")
+            raise SettingError("rows_per_chunk", f"must be at least 1, got {rows}")
         return rows
     row_bytes = max(1, store.features.shape[1] * store.features.dtype.itemsize)
     return max(1, min(MAX_ROWS_PER_CHUNK, CHUNK_BYTES // row_bytes))
@@ -62,8 +62,8 @@ def export_store(store: Any, path: str | os.PathLike, format: str | None = None,
         raise StoreError(f"{path} is a directory; pass a file path such as {path / 'store'}"
                          f"{'.' + fmt if fmt != 'hdf5' else '.h5'}")
     if path.exists() and not overwrite:
-        raise StoreError(f"{path} already exists; choose another path or pass --overwrite "
-                         "(overwrite=True) to replace it")
+        raise SettingError("overwrite", f"is not set and {path} already exists; choose another "
+                           "path, or set it to replace the file")
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "pickle":  # export_pickle writes atomically itself
         return store.export_pickle(path)
