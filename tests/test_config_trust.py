@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import blobs, make_store
 from tests.imagegen import make_image_tree
-from tests.test_cluster import blobs, make_store
 from transferlab import cluster, probe
 from transferlab.cli import run_cli
 from transferlab.config import ExtractConfig, FinetuneConfig, load_config
