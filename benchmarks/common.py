@@ -269,47 +269,30 @@ class Forward:
 
     def images_per_second(self, seconds: float = 3.0, warmup: int = 2,
                           min_steps: int = 2) -> float:
-        return self.measure(seconds, warmup, min_steps)[0]
-
-    def measure(self, seconds: float = 3.0, warmup: int = 2,
-                min_steps: int = 2) -> tuple[float, float]:
-        """(images/s, CPU seconds per image) over at least ``min_steps`` timed batches."""
-        """Batches until ``seconds`` have passed (at least ``min_steps``) after a warmup."""
+        """Batches until ``seconds`` have passed (at least ``min_steps``) after ``warmup``
+        untimed ones."""
         from transferlab.runtime.device import apply_runtime
 
         apply_runtime(self.rt)  # threads: another measurement may have changed them
         for _ in range(warmup):
             self.step()
         sync(self.rt.device)
-        steps, started, cpu = 0, time.perf_counter(), cpu_seconds()
+        steps, started = 0, time.perf_counter()
         while steps < min_steps or time.perf_counter() - started < seconds:
             self.step()
             steps += 1
         sync(self.rt.device)
-        n = steps * self.batch_size
-        return n / (time.perf_counter() - started), (cpu_seconds() - cpu) / n
+        return steps * self.batch_size / (time.perf_counter() - started)
 
 
-def run_extract_ips(cfg, stamps: list | None = None) -> tuple[float, Any]:
-    """images/s of the extraction loop (read, decode, compute, write) of a fresh store.
-
-    ``stamps``, when given, receives ``(wall, cpu, images_done)`` after every batch.
-    """
+def run_extract_ips(cfg) -> tuple[float, Any]:
+    """images/s of the extraction loop (read, decode, compute, write) of a fresh store, and
+    the run's result."""
     from transferlab.extract.run import run_extract
 
     clear_store(Path(cfg.output.dir))
-    on_batch = None
-    if stamps is not None:
-        on_batch = lambda n: stamps.append((time.perf_counter(), cpu_seconds(), n))  # noqa: E731
-    result = run_extract(cfg, on_batch=on_batch)
+    result = run_extract(cfg)
     return result.images_per_second, result
-
-
-def steady_cpu_per_image(stamps: list) -> float | None:
-    """CPU seconds per image between the first and the last batch (after start-up)."""
-    if len(stamps) < 2 or stamps[-1][2] == stamps[0][2]:
-        return None
-    return (stamps[-1][1] - stamps[0][1]) / (stamps[-1][2] - stamps[0][2])
 
 
 def decode_ms(files: Sequence[Path], spec, count: int = 32) -> float:
@@ -364,27 +347,6 @@ def median(values: Sequence[float]) -> float:
 def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).write_text(json.dumps(payload, indent=2, default=str))
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    started = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - started, out
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process (all threads) plus its finished children (loader workers)."""
-    import resource
-
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + kids.ru_utime + kids.ru_stime
-
-
-def measure(fn: Callable[[], Any]) -> tuple[float, float, Any]:
-    """(wall seconds, CPU seconds, result) of ``fn()``."""
-    cpu0, wall0 = cpu_seconds(), time.perf_counter()
-    out = fn()
-    return time.perf_counter() - wall0, cpu_seconds() - cpu0, out
 
 
 def load_line() -> str:

@@ -1,4 +1,6 @@
-"""Which CPU settings are fastest on this machine? Evidence for ``transferlab/runtime.py``.
+"""Which CPU settings are fastest on this machine? Evidence for the automatic runtime
+settings (``transferlab/runtime/device.py``: ``resolve_runtime``, ``default_batch_size``,
+``tune_malloc``).
 
     PYTHONPATH=. python benchmarks/cpu_defaults.py                 # resnet50
     PYTHONPATH=. python benchmarks/cpu_defaults.py --models resnet50,legacy_xception
@@ -17,7 +19,7 @@ of the machine (``common.sample``), and its ratio to the automatic setting's:
    automatic thread split (cores - workers) and with all cores for torch (oversubscribed),
    plus the best forward batch sizes with workers 0.
 
-3. glibc malloc as is (``runtime.tune_malloc=false``) vs ``runtime.tune_malloc()`` (the
+3. glibc malloc as is (``runtime.tune_malloc=false``) vs ``tune_malloc()`` (the
    default: big blocks from the heap, no trimming), each in a fresh process: forward at
    batch 4, 16, 32 and end to end.
 

@@ -86,7 +86,7 @@ def run_command(config: Path, images: int, extra: Sequence[str] = (),
                 ) -> tuple[float, dict]:
     """Wall seconds of one ``python -m transferlab.extract CONFIG data.limit=N ...`` (spawn to
     exit) and, with ``stages``, the child's per-stage seconds; ``candidate``: the same
-    command with a decode candidate patched in (``decode_candidates.py``); ``watch(store
+    command run as a decode candidate (``decode_candidates.py``); ``watch(store
     dir, child)`` runs while the child does (``contention.py`` changes the load in it)."""
     args = [str(config), f"data.limit={images}", *extra]
     clear_store(Path(yaml_value(config, "dir")))  # a fresh store: never a resume
@@ -214,8 +214,9 @@ def measure_model(model: str, data: Path, bench: Path, sizes: tuple[int, int], r
                   batches: Sequence[int], search_s: float, extra: Sequence[str],
                   device: str, warm: bool = True, candidates: Sequence[str] = (),
                   options: dict[str, list[str]] | None = None) -> dict:
-    """``candidates``: decode candidates patched in; ``options``: name -> overrides, the
-    shipped command with those settings (``gpu_decode``, ``compile``), measured alike."""
+    """``candidates``: decode candidates (``decode_candidates.py``); ``options``: name ->
+    overrides, the shipped command with those settings (``gpu_decode``, ``compile``),
+    measured alike."""
     out = bench / "stores" / f"whole_{model}"
     config = write_config(bench / "configs" / f"whole_{model}.yaml", data, out, model)
     grid, best = search_ceiling(data, out, model, batches, device, search_s)
@@ -283,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--search-seconds", type=float, default=1.0,
                    help="seconds per ceiling-search configuration")
     p.add_argument("--candidates", default="",
-                   help="decode candidates to measure beside the shipped path, e.g. pil,image,dct "
+                   help="decode candidates to measure beside the shipped path: pil, image "
                    "(benchmarks/decode_candidates.py)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra override for the command (repeatable)")

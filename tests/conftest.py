@@ -7,6 +7,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+pytest.register_assert_rewrite("tests.helpers")  # before any test module imports it
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

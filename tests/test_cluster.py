@@ -7,17 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import blobs, make_store
 from transferlab.analysis.kmeans import _lloyd, kmeans, nmi, purity
 from transferlab.errors import SettingError
-
-
-def blobs(n_per=100, k=5, d=8, sep=20.0, seed=0):
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(scale=sep, size=(k, d))
-    x = np.concatenate([c + rng.normal(size=(n_per, d)) for c in centers])
-    y = np.repeat(np.arange(k), n_per)
-    perm = rng.permutation(len(y))
-    return x[perm].astype(np.float32), y[perm]
 
 
 def test_kmeans_recovers_separated_clusters():
@@ -100,16 +92,6 @@ def test_nmi_edge_cases():
 # ---------------------------------------------------------------------------------------
 # Store level and command line
 # ---------------------------------------------------------------------------------------
-
-
-def make_store(path, x, labels, keys=None, views=None):
-    from transferlab.store.writer import StoreWriter
-
-    if keys is None:
-        keys = [f"dir,{lab}/img ü {i}.png" for i, lab in enumerate(labels)]  # csv-hostile names
-    writer = StoreWriter(path, fingerprint={"test": "cluster"}, dtype="float16", shard_size=32)
-    writer.add(keys, labels, x, views=views)
-    return writer.close({"class_names": [f"class {c}" for c in range(int(max(labels)) + 1)]})
 
 
 def test_cluster_cli_writes_assignments_and_scores(tmp_path, capsys):

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import blobs, make_store
 from tests.imagegen import make_image_tree
-from tests.test_cluster import blobs, make_store
 from transferlab.analysis import cluster_report, probe_report
 from transferlab.analysis.splits import stratified_split
 from transferlab.commands import cluster, probe, run_cli

@@ -165,8 +165,8 @@ def test_threads_changed_mid_run_leave_the_rows_identical(tmp_path, monkeypatch,
     torch and decoding, records when, and stores the very rows of a 2-thread run."""
     import torch
 
+    from tests.helpers import make_cfg, same_store
     from tests.imagegen import make_image_tree
-    from tests.test_extract import make_cfg, same_store
     from transferlab.extract.run import run_extract
 
     root = tmp_path / "imgs"

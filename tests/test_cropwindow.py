@@ -90,8 +90,8 @@ def test_the_window_box_matches_torchvisions_resize_and_crop_arithmetic():
 
 
 def test_a_store_written_before_the_window_embeds_queries_with_the_whole_image(tmp_path):
+    from tests.helpers import make_cfg
     from tests.imagegen import make_image_tree
-    from tests.test_extract import make_cfg
     from transferlab.extract.queries import bundle_from_meta
     from transferlab.extract.run import run_extract
     from transferlab.store.reader import FeatureStore

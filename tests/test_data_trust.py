@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import cli, same_store, summary_counts, write_config
 from tests.imagegen import make_image_tree, random_image, save
-from tests.test_extract import cli, same_store, summary_counts, write_config
 from transferlab.config import DataConfig
 from transferlab.data import datasets
 from transferlab.data.datasets import from_arrays

@@ -5,9 +5,7 @@ whole run takes about a second once torch is imported.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import warnings
 from pathlib import Path
@@ -15,64 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
+from tests.helpers import cli, make_cfg, same_store, summary_counts, write_config
 from tests.imagegen import add_bad_files, make_image_tree, make_messy_tree, random_image, save
 from transferlab.config import ExtractConfig, load_config, to_dict
 from transferlab.data.imageio import load_image
 from transferlab.errors import ConfigError, StoreError
-from transferlab.extract.__main__ import main
 from transferlab.extract.batches import ViewsDataset, aligned_batches, resume_positions
 from transferlab.extract.run import run_extract
 from transferlab.models.extractor import extractor_from_config
 from transferlab.runtime.device import seed_everything
 from transferlab.store.reader import FeatureStore
-
-BASE = {"model": {"name": "test_resnet", "pretrained": False},
-        "preprocess": {"input_size": [32, 32]},  # timm's center crop: short side 33, crop 32
-        # fp32: the tests compare with reference computations ('auto' is bf16 on AMX CPUs)
-        "runtime": {"batch_size": 4, "num_workers": 0, "threads": 1, "progress": False,
-                    "precision": "fp32", "device": "cpu"},  # GPU tests ask for cuda
-        "output": {"shard_size": 8}}
-
-
-def write_config(path: Path, extra: dict | None = None) -> Path:
-    data = json.loads(json.dumps(BASE))
-    for section, values in (extra or {}).items():
-        data.setdefault(section, {}).update(values)
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return path
-
-
-def make_cfg(root: Path, out: Path, *overrides: str) -> ExtractConfig:
-    items = [f"{k}.{s}={json.dumps(v)}" for k, sec in BASE.items() for s, v in sec.items()]
-    return load_config(None, [*items, f"data.root={root}", f"output.dir={out}", *overrides],
-                       ExtractConfig)
-
-
-def cli(*argv: str) -> tuple[int, str, str]:
-    """Run the real entry point in-process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
-
-
-def summary_counts(text: str) -> tuple[int, int, int]:
-    words = text.split()
-    return (int(words[words.index("written,") - 2]), int(words[words.index("failed,") - 1]),
-            int(words[words.index("skipped") - 1]))
-
-
-def same_store(a: FeatureStore, b: FeatureStore) -> None:
-    """Value for value: rows, keys, labels, views, failures and shard layout."""
-    assert a.keys == b.keys
-    np.testing.assert_array_equal(a.labels, b.labels)
-    np.testing.assert_array_equal(a.views, b.views)
-    assert a.failures == b.failures
-    assert [s["rows"] for s in a.meta["shards"]] == [s["rows"] for s in b.meta["shards"]]
-    assert np.array_equal(np.asarray(a.features), np.asarray(b.features))
 
 
 @pytest.fixture(scope="module")

@@ -47,9 +47,9 @@ def both(data: bytes, mode: str, draft, monkeypatch) -> tuple[Image.Image, Image
 
     monkeypatch.setattr(simplejpeg, "decode_jpeg", spy)
     fast = decode_image(io.BytesIO(data), mode, draft)
-    monkeypatch.setattr(fastjpeg, "ENABLED", False)
+    monkeypatch.setattr(fastjpeg, "simplejpeg", None)  # as without simplejpeg installed
     plain = decode_image(io.BytesIO(data), mode, draft)
-    monkeypatch.setattr(fastjpeg, "ENABLED", True)
+    monkeypatch.setattr(fastjpeg, "simplejpeg", simplejpeg)
     return fast, plain, len(calls)
 
 
@@ -85,7 +85,7 @@ def test_a_damaged_jpeg_gets_pillows_verdict(cut, monkeypatch):
     broken = data[:int(len(data) * cut)]
     reasons = []
     for enabled in (True, False):
-        monkeypatch.setattr(fastjpeg, "ENABLED", enabled)
+        monkeypatch.setattr(fastjpeg, "simplejpeg", simplejpeg if enabled else None)
         with pytest.raises(ImageDecodeError) as err:
             decode_image(io.BytesIO(broken), "RGB", (64, 64))
         reasons.append(err.value.short())

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from tests.helpers import MNIST, tiny, write_digit_folder
 from transferlab.commands.finetuning import command
 from transferlab.config import FinetuneConfig, TrainConfig, load_config
 from transferlab.errors import ConfigError, DataError, HeadError, ModelError
@@ -22,16 +23,6 @@ from transferlab.training.loop import fit, make_optimizer, make_scheduler
 from transferlab.training.sources import TensorSource
 
 ROOT = Path(__file__).resolve().parents[1]
-MNIST = ROOT / "transferlab" / "data" / "mnist_5k.npz"
-
-
-def tiny(tmp_path, *overrides, name="run"):
-    """LeNet on the 1,200 bundled training digits 5-7 (300 test digits), two quick epochs."""
-    return load_config(None, [
-        "model.name=lenet", "model.cut=first:7", "data.source=mnist-5k",
-        "data.classes=[5, 6, 7]", "test.split=test",
-        "head.type=mlp", "head.hidden=[64]", "train.epochs=2", "train.batch_size=32",
-        "runtime.progress=false", f"output.dir={tmp_path / name}", *overrides], FinetuneConfig)
 
 
 def head_tensors(path):
@@ -40,20 +31,6 @@ def head_tensors(path):
 
 def base_tensors(path):
     return {k[5:]: v for k, v in load_file(str(path)).items() if k.startswith("base.")}
-
-
-def write_digit_folder(root, per_class=12, classes=(3, 7), split="train"):
-    """Real MNIST digits as PNG files in class sub-folders (learnable, tiny)."""
-    with np.load(MNIST) as data:
-        images, labels = data["images"], data["labels"]
-    for c in classes:
-        rows = np.flatnonzero(labels == c)
-        rows = rows[:per_class] if split == "train" else rows[-per_class:]
-        for i, r in enumerate(rows):
-            path = Path(root) / f"digit{c}" / f"{i:03d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images[r]).save(path)
-    return Path(root)
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import cli, make_cfg, same_store, summary_counts, write_config
 from tests.imagegen import make_image_tree, random_image, save
-from tests.test_extract import cli, make_cfg, same_store, summary_counts, write_config
 from transferlab.config import DataConfig, ExtractConfig, load_config
 from transferlab.data.fingerprint import data_fingerprint
 from transferlab.errors import StoreError
@@ -267,7 +267,7 @@ def test_every_source_has_a_fingerprint_case_above():
 
 
 def test_extraction_and_the_finetune_cache_describe_the_data_alike(tmp_path, monkeypatch):
-    from tests.test_finetune import write_digit_folder
+    from tests.helpers import write_digit_folder
     from transferlab.config import FinetuneConfig
     from transferlab.finetune.run import run_finetune
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import make_cfg
 from tests.imagegen import make_image_tree, random_image, save
-from tests.test_extract import make_cfg
 from transferlab.models.engine import FeatureComputer
 from transferlab.extract.run import run_extract
 from transferlab.models.extractor import build_extractor
@@ -132,7 +132,7 @@ def test_interrupted_gpu_extraction_resumes_identically(cuda, tmp_path):
     ("off", None, "off")])
 def test_finetune_on_gpu_with_every_cache_kind_and_fp16(cuda, tmp_path, monkeypatch, cache,
                                                         budget, where):
-    from tests.test_finetune import tiny
+    from tests.helpers import tiny
     from transferlab.finetune.run import run_finetune
 
     extra = [f"train.cache_max_gb={budget}"] if budget else []

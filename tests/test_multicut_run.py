@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.helpers import cli, make_cfg, same_store, write_config
 from tests.imagegen import make_image_tree
-from tests.test_extract import cli, make_cfg, same_store, write_config
 from transferlab.extract.run import run_extract
 from transferlab.store.reader import FeatureStore
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import make_store
 from transferlab.analysis.linear_probe import fit_logistic
 from transferlab.analysis.neighbors import knn_accuracy, knn_predict
 from transferlab.analysis.splits import stratified_split
@@ -151,16 +152,6 @@ def test_stratified_split_is_seeded_and_per_class():
 # ---------------------------------------------------------------------------------------
 # Store level and command line
 # ---------------------------------------------------------------------------------------
-
-
-def make_store(path, x, labels, class_names=None, views=None, keys=None):
-    from transferlab.store.writer import StoreWriter
-
-    if keys is None:
-        keys = [f"class{lab}/img_{i:03d}.png" for i, lab in enumerate(labels)]
-    writer = StoreWriter(path, fingerprint={"test": "probe"}, dtype="float32", shard_size=16)
-    writer.add(keys, labels, x, views=views)
-    return writer.close({"class_names": class_names, "config": {"data": {"root": None}}})
 
 
 def test_probe_cli_prints_table(tmp_path, capsys):

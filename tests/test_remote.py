@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.helpers import CONFIG, extract, make_shards, make_tree
 from tests.s3server import BUCKET, closed_port, isolated_env, s3_server
-from tests.test_resume import CONFIG, make_tree
-from tests.test_webdataset import extract, make_shards
 from transferlab.config import DataConfig
 from transferlab.data import remote, webdataset
 from transferlab.data.imageio import ImageDecodeError

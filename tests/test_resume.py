@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,43 +18,22 @@ import pytest
 import yaml
 from torch import nn
 
-from tests.imagegen import add_bad_files, random_image, save
-from tests.test_extract import same_store, summary_counts
+from tests.helpers import (
+    ATOL,
+    CONFIG,
+    REPO,
+    cli_command,
+    complete,
+    env,
+    finished_shards,
+    kill_when,
+    make_tree,
+    same_store,
+)
+from tests.imagegen import add_bad_files
 from transferlab.config import ExtractConfig, load_config
 from transferlab.extract.run import run_extract
 from transferlab.store.reader import FeatureStore
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = {"model": {"name": "test_resnet", "pretrained": False},
-          "preprocess": {"input_size": [48, 48]},
-          "runtime": {"batch_size": 8, "num_workers": 0, "threads": 1, "progress": False,
-                      "device": "cpu"},
-          "output": {"shard_size": 16}}
-# Float16 rows (relative step 2**-11) of float32 features whose last bits depend on the batch
-# a row was computed in (CPU kernels block and sum differently for other batch shapes, and a
-# different last bit can flip a float16 rounding): such rows agree to about one float16 step
-# of the largest feature. Resumed runs recompute whole batches and agree exactly.
-ATOL = 1e-3
-
-
-def make_tree(root: Path, count: int, size: int = 0) -> list[str]:
-    """``count`` small images in three class folders (JPEG and PNG, various sizes)."""
-    keys = []
-    for i in range(count):
-        ext = ".jpg" if i % 2 else ".png"
-        w, h = (size, size) if size else (24 + i % 17, 20 + i % 13)
-        key = f"{'abc'[i % 3]}/{i:04d}{ext}"
-        save(random_image(w, h, seed=i), root / key)
-        keys.append(key)
-    return keys
-
-
-def cli_command(config: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "transferlab.extract", str(config), *overrides]
-
-
-def env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
 
 
 @pytest.fixture(scope="module")
@@ -76,40 +53,6 @@ def folder(tmp_path_factory):
                                   ExtractConfig))
     assert (ref.written, ref.failed) == (300, 4) and len(ref.store.meta["shards"]) == 19
     return {"tmp": tmp, "config": config, "overrides": overrides, "ref": ref.store}
-
-
-def finished_shards(out: Path) -> int:
-    return len(list((out / "shards").glob("shard-*.json"))) if (out / "shards").is_dir() else 0
-
-
-def kill_when(folder: dict, out: Path, ready, extra_delay: float = 0.0) -> int:
-    """Start the CLI, SIGKILL it once ``ready(elapsed_seconds)`` holds; finished shards then."""
-    proc = subprocess.Popen(cli_command(folder["config"], *folder["overrides"],
-                                        f"output.dir={out}"),
-                            cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    started = time.monotonic()
-    try:
-        while not ready(time.monotonic() - started):
-            assert proc.poll() is None, "the run ended before the kill; make it slower"
-            assert time.monotonic() - started < 240, "the run made no progress"
-            time.sleep(0.005)
-        time.sleep(extra_delay)
-        shards = finished_shards(out)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (out / "meta.json").exists(), "the run finished before the kill"
-    return shards
-
-
-def complete(folder: dict, out: Path) -> tuple[int, int, int]:
-    done = subprocess.run(cli_command(folder["config"], *folder["overrides"],
-                                      f"output.dir={out}"),
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return summary_counts(done.stdout)
 
 
 def test_sigkill_after_a_finished_shard_then_rerun_is_identical(folder):

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import cli, write_config
 from tests.imagegen import make_image_tree
-from tests.test_extract import cli, write_config
 from transferlab.errors import StoreError
 from transferlab.store.merge import merge_stores
 from transferlab.store.reader import FeatureStore

@@ -3,27 +3,19 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 import yaml
 
-from tests.test_resume import CONFIG, REPO, env, make_tree
+from tests.helpers import CONFIG, REPO, assert_same_rows, env, make_tree, torchrun
 from transferlab.config import ExtractConfig, load_config
 from transferlab.extract.run import run_extract
 from transferlab.store.reader import FeatureStore
 
 pytestmark = pytest.mark.slow
-ATOL = 1e-3  # float16 rows computed in other batch compositions (see test_resume)
-
-
-def torchrun(*args: str, nproc: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", *args]
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -48,14 +40,6 @@ def write_config(tmp_path: Path, data_root: Path, out: Path) -> Path:
 
 def single_process_store(config: Path, out: Path) -> FeatureStore:
     return run_extract(load_config(config, [f"output.dir={out}"], ExtractConfig)).store
-
-
-def assert_same_rows(got: FeatureStore, want: FeatureStore) -> None:
-    assert got.keys == want.keys
-    assert np.array_equal(got.labels, want.labels)
-    assert np.allclose(np.asarray(got.features, np.float32), np.asarray(want.features, np.float32),
-                       atol=ATOL * float(np.abs(np.asarray(want.features)).max()))
-    assert sorted(got.failures) == sorted(want.failures)
 
 
 def test_two_process_extraction_equals_single_process(tmp_path):

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_resume import REPO, env
+from tests.helpers import REPO, env
+from tests.helpers import torchrun as torchrun_command
 from transferlab.config import FinetuneConfig, load_config
 from transferlab.finetune.run import run_finetune
 from transferlab.models.checkpoint import read_checkpoint
@@ -50,9 +51,8 @@ def write_config(tmp_path: Path) -> Path:
 
 
 def torchrun(tmp_path: Path, out: Path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", "-m", "transferlab.finetune", str(write_config(tmp_path)),
-               f"output.dir={out}", *overrides]
+    command = torchrun_command("-m", "transferlab.finetune", str(write_config(tmp_path)),
+                               f"output.dir={out}", *overrides)
     proc = subprocess.run(command, env=env(), cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -4,8 +4,6 @@ is one line before the model loads; kills resume to an identical store; ranks ta
 shards."""
 from __future__ import annotations
 
-import io
-import json
 import subprocess
 import tarfile
 from pathlib import Path
@@ -14,9 +12,17 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.helpers import (
+    CONFIG,
+    add_member,
+    complete,
+    extract,
+    kill_when,
+    make_shards,
+    make_tree,
+    same_store,
+)
 from tests.imagegen import add_bad_files, jpeg_bytes
-from tests.test_extract import same_store
-from tests.test_resume import CONFIG, complete, kill_when, make_tree
 from transferlab.config import DataConfig, ExtractConfig, load_config
 from transferlab.data.webdataset import (
     build_webdataset,
@@ -30,40 +36,6 @@ from transferlab.extract.run import rank_items
 from transferlab.extract.run import run_extract
 from transferlab.runtime.distributed import DistInfo
 from transferlab.store.reader import FeatureStore
-
-
-def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def make_shards(src: Path, keys: list[str], out: Path, per_shard: int,
-                name: str = "train") -> dict[str, str]:
-    """WebDataset shards of the images ``src/key`` in key order: per image the member
-    ``key`` plus its class name (.txt), class index (.cls) and a .json; returns
-    {tar key: folder key}."""
-    out.mkdir(parents=True, exist_ok=True)
-    mapping = {}
-    for s in range(0, len(keys), per_shard):
-        shard = f"{name}-{s // per_shard:06d}"
-        with tarfile.open(out / f"{shard}.tar", "w") as tar:
-            for key in keys[s:s + per_shard]:
-                stem, cls = key.rsplit(".", 1)[0], key.split("/")[0]
-                add_member(tar, key, (src / key).read_bytes())
-                add_member(tar, f"{stem}.txt", cls.encode())
-                add_member(tar, f"{stem}.cls", str("abc".index(cls)).encode())
-                add_member(tar, f"{stem}.json", json.dumps({"label": cls}).encode())
-                mapping[f"{shard}/{stem}"] = key
-    return mapping
-
-
-def extract(tmp: Path, name: str, data: dict, *overrides: str) -> FeatureStore:
-    raw = {**CONFIG, "data": data, "output": {**CONFIG["output"], "dir": str(tmp / name)}}
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    cfg = load_config(path, list(overrides), ExtractConfig)
-    return run_extract(cfg).store
 
 
 @pytest.fixture(scope="module")
@@ -263,8 +235,7 @@ def test_ranks_take_whole_shards_in_order(shards):
 
 @pytest.mark.slow
 def test_two_torchrun_ranks_equal_one_process(tmp_path, shards):
-    from tests.test_resume import REPO, env
-    from tests.test_torchrun import assert_same_rows, torchrun
+    from tests.helpers import REPO, assert_same_rows, env, torchrun
 
     data = {"source": "webdataset", "urls": shards["urls"], "label_key": "txt"}
     config = tmp_path / "cfg.yaml"

@@ -178,11 +178,6 @@ class ImageDataset(Dataset):
         arr = images[self.rows]
         return arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
 
-    def without_keys(self, done: Iterable[str]) -> ImageDataset:
-        """The items whose key is not in ``done`` (order kept): what a resumed run still needs."""
-        done = set(done)
-        return self.subset([i for i, key in enumerate(self.keys) if key not in done])
-
     def __repr__(self) -> str:
         classes = f", {len(self.class_names)} classes" if self.class_names else ""
         return f"ImageDataset({len(self)} items{classes}, mode={self.image_mode})"

@@ -24,12 +24,10 @@ try:  # optional: pip install simplejpeg
 except ImportError:  # pragma: no cover - depends on the environment
     simplejpeg = None
 
-ENABLED = True  # tests switch it off to compare with Pillow
-
 
 def available() -> bool:
-    """True when simplejpeg is installed (and not switched off)."""
-    return ENABLED and simplejpeg is not None
+    """True when simplejpeg is installed."""
+    return simplejpeg is not None
 
 
 def decode(fp: Any, im: Image.Image, mode: str, reduced: bool,

@@ -1,8 +1,6 @@
 """One writer per output directory: a non-blocking ``flock`` on its ``.lock`` file."""
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -44,12 +42,3 @@ def acquire_dir_lock(directory: Path, key: str = "output.dir") -> IO[str]:
                           f"set another {key}")
     return handle
 
-
-@contextlib.contextmanager
-def dir_lock(directory: Path, key: str = "output.dir") -> Iterator[None]:
-    """``acquire_dir_lock`` for the duration of a ``with`` block."""
-    handle = acquire_dir_lock(directory, key)
-    try:
-        yield
-    finally:
-        handle.close()

@@ -1,13 +1,18 @@
 """The feature store: a directory of .npy shards, a CSV index and JSON metadata.
 
-- ``format``: file names, the layout, fingerprint comparison, small JSON helpers.
-- ``files``: each of the store's own files read (checked before it is trusted) and written.
-- ``owner``: which directories are stores; deleting only what a store wrote.
-- ``recovery``: what a killed run finished, what to delete, what to redo.
+Writing and reading:
+
+- ``format``: the layout (documented there), file names, fingerprint comparison, JSON helpers.
+- ``files``: each of a store's own files read (checked before it is trusted) and written.
 - ``writer``: ``StoreWriter``, resumable and atomic, shards written on a background thread.
-- ``reader``: ``FeatureStore``, memory-mapped shards and the index.
+- ``recovery``: reopening a store a killed run left (what is finished, what to redo).
+- ``owner``: which directories are stores, and deleting only what a store wrote.
 - ``merge``: the stores of several processes (torchrun) as one.
-- ``rows``: the rows downstream tools read (plain views, labelled rows) as float32.
-- ``export_formats``: a store as Parquet, HDF5, .npz or a ``{key: vector}`` pickle.
-- ``faiss_index``: a FAISS index inside a store, for nearest-neighbour search at scale.
+- ``reader``: ``FeatureStore``, memory-mapped shards and the index.
+
+Downstream of a finished store:
+
+- ``rows``: which rows the downstream tools read, as float32.
+- ``export_formats``: the store in other tools' formats (Parquet, HDF5, .npz, pickle).
+- ``faiss_index``: a FAISS index inside the store, for nearest-neighbour search at scale.
 """

@@ -67,14 +67,8 @@ class StoreWriter:
     def done_keys(self) -> frozenset[str]:
         """Keys whose rows were on disk when the writer opened: the runner skips these.
         Keys that failed before are not done: a rerun tries them again (the file may have
-        been fixed). A snapshot, cheap to test membership on; ``is_done`` gives the live
-        state."""
+        been fixed). A snapshot, cheap to test membership on."""
         return self._done_at_open
-
-    def is_done(self, key: str) -> bool:
-        """True once ``key``'s rows are in a shard (in this or an earlier run) or it failed
-        in this run."""
-        return key in self._done
 
     def add(self, keys: Sequence[str], labels: Sequence[int] | np.ndarray, features: Any,
             views: Sequence[int] | np.ndarray | None = None) -> None:
