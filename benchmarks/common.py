@@ -288,7 +288,7 @@ class Forward:
 def run_extract_ips(cfg) -> tuple[float, Any]:
     """images/s of the extraction loop (read, decode, compute, write) of a fresh store, and
     the run's result."""
-    from transferlab.extract.run import run_extract
+    from transferlab.extract.runner import run_extract
 
     clear_store(Path(cfg.output.dir))
     result = run_extract(cfg)

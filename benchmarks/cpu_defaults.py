@@ -39,10 +39,24 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (Forward, Sample, base_parser, busy_note, cpu_cores,  # noqa: E402
-                               extract_config, folder_stats, jpeg_folder, load_line,
-                               machine_line, others, pick, rounds_of, run_extract_ips, table,
-                               write_json)
+from benchmarks.common import (  # noqa: E402
+    Forward,
+    Sample,
+    base_parser,
+    busy_note,
+    cpu_cores,
+    extract_config,
+    folder_stats,
+    jpeg_folder,
+    load_line,
+    machine_line,
+    others,
+    pick,
+    rounds_of,
+    run_extract_ips,
+    table,
+    write_json,
+)
 from transferlab.runtime.device import cpu_has_bf16_units, resolve_precision, tune_malloc
 
 

@@ -21,10 +21,25 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (Forward, base_parser, busy_note, decode_ms,  # noqa: E402
-                               extract_config, folder_stats, jpeg_folder, load_line,
-                               machine_line, median, others, pick, resolve_device, rounds_of,
-                               run_extract_ips, table, write_json)
+from benchmarks.common import (  # noqa: E402
+    Forward,
+    base_parser,
+    busy_note,
+    decode_ms,
+    extract_config,
+    folder_stats,
+    jpeg_folder,
+    load_line,
+    machine_line,
+    median,
+    others,
+    pick,
+    resolve_device,
+    rounds_of,
+    run_extract_ips,
+    table,
+    write_json,
+)
 
 MODELS = {"resnet50": None, "legacy_xception": None}  # input size: the model's own (224, 299)
 

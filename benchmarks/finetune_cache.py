@@ -27,10 +27,23 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (QUIET, base_parser, busy_note, clear_store,  # noqa: E402
-                               extract_config, folder_stats, jpeg_folder, load_line,
-                               machine_line, others, resolve_device, rounds_of,
-                               run_extract_ips, table, write_json)
+from benchmarks.common import (  # noqa: E402
+    QUIET,
+    base_parser,
+    busy_note,
+    clear_store,
+    extract_config,
+    folder_stats,
+    jpeg_folder,
+    load_line,
+    machine_line,
+    others,
+    resolve_device,
+    rounds_of,
+    run_extract_ips,
+    table,
+    write_json,
+)
 
 
 def finetune_config(data: Path, out: Path, model: str, epochs: int, cache: str,

@@ -21,8 +21,16 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (base_parser, extract_config, load_line, machine_line,  # noqa: E402
-                               resolve_device, table, tiny_folder, write_json)
+from benchmarks.common import (  # noqa: E402
+    base_parser,
+    extract_config,
+    load_line,
+    machine_line,
+    resolve_device,
+    table,
+    tiny_folder,
+    write_json,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +47,7 @@ def child(args) -> None:
     import resource
 
     from benchmarks.common import clear_store
-    from transferlab.extract.run import run_extract
+    from transferlab.extract.runner import run_extract
 
     extra = [f"preprocess.input_size=[{args.input_size},{args.input_size}]",
              f"runtime.device={args.device_type}", *args.set]

@@ -20,16 +20,25 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (base_parser, clear_store, extract_config, jpeg_folder,  # noqa: E402
-                               load_line, machine_line, median, resolve_device, table,
-                               write_json)
+from benchmarks.common import (  # noqa: E402
+    base_parser,
+    clear_store,
+    extract_config,
+    jpeg_folder,
+    load_line,
+    machine_line,
+    median,
+    resolve_device,
+    table,
+    write_json,
+)
 
 CUTS = ["stage:1", "stage:2", "stage:3", "head"]
 
 
 def timed_runs(data: Path, out: Path, model: str, extra: list[str], cuts: list[str],
                multi: bool) -> float:
-    from transferlab.extract.run import run_extract
+    from transferlab.extract.runner import run_extract
 
     clear_store(out)
     started = time.perf_counter()

@@ -41,10 +41,24 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import (base_parser, busy_note, extract_config,  # noqa: E402
-                               folder_stats, jpeg_folder, load_line, machine_line, median,
-                               others, pick, resolve_device, rounds_of, run_extract_ips, sync,
-                               table, write_json)
+from benchmarks.common import (  # noqa: E402
+    base_parser,
+    busy_note,
+    extract_config,
+    folder_stats,
+    jpeg_folder,
+    load_line,
+    machine_line,
+    median,
+    others,
+    pick,
+    resolve_device,
+    rounds_of,
+    run_extract_ips,
+    sync,
+    table,
+    write_json,
+)
 
 
 def image_files(root: Path, limit: int) -> list[Path]:

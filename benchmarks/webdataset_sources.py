@@ -95,7 +95,7 @@ class WaitClock:
     """Wraps extraction's loader to add up the time spent waiting for batches."""
 
     def __init__(self) -> None:
-        from transferlab.extract import run
+        from transferlab.extract import runner as run
 
         self.run, self.waited, self.original = run, 0.0, run.build_loader
 
@@ -127,7 +127,7 @@ def case(clock: WaitClock, cfg: Any):
     def go() -> tuple[float, Any]:
         import shutil
 
-        from transferlab.extract.run import run_extract
+        from transferlab.extract.runner import run_extract
 
         shutil.rmtree(cfg.output.dir, ignore_errors=True)
         clock.waited = 0.0

@@ -21,9 +21,9 @@ import yaml
 from PIL import Image
 
 from tests.imagegen import random_image, save
-from transferlab.config import ExtractConfig, FinetuneConfig, load_config
 from transferlab.commands.extraction import main
-from transferlab.extract.run import run_extract
+from transferlab.config import ExtractConfig, FinetuneConfig, load_config
+from transferlab.extract.runner import run_extract
 from transferlab.store.reader import FeatureStore
 from transferlab.store.writer import StoreWriter
 

@@ -8,8 +8,8 @@ import torch
 
 from tests.helpers import make_cfg
 from tests.imagegen import make_image_tree, random_image, save
+from transferlab.extract.runner import run_extract
 from transferlab.models.engine import FeatureComputer
-from transferlab.extract.run import run_extract
 from transferlab.models.extractor import build_extractor
 from transferlab.runtime.device import Runtime, apply_runtime
 from transferlab.store.reader import FeatureStore

@@ -124,20 +124,12 @@ def basename(module: str) -> str:
     return module.rpartition(".")[2]
 
 
-# Names shared before this test, by modules other parts of issue 23 reshape (data/ and
-# finetune/data.py, finetune/ and training/ parallel.py, extract/ and finetune/ run.py, data/
-# and training/ sources.py): each leaves this list when it is renamed.
-SHARED_BEFORE = {"data", "parallel", "run", "sources"}
-
-
 def test_no_two_modules_share_a_name() -> None:
     homes: dict[str, list[str]] = {}
     for name in modules():
         if name not in ENTRY_SHIMS and basename(name) != "__main__":
             homes.setdefault(basename(name), []).append(name)
-    shared = {b: m for b, m in homes.items() if len(m) > 1}
-    assert {b: m for b, m in shared.items() if b not in SHARED_BEFORE} == {}
-    assert SHARED_BEFORE <= set(shared)  # a name no longer shared leaves the list
+    assert {b: m for b, m in homes.items() if len(m) > 1} == {}
 
 
 def test_no_module_is_named_like_a_standard_library_module() -> None:

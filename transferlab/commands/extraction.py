@@ -5,7 +5,7 @@ import argparse
 from collections.abc import Sequence
 
 from ..config import ExtractConfig, load_config
-from ..extract.run import ExtractResult, run_extract
+from ..extract.runner import ExtractResult, run_extract
 from ..runtime.distributed import dist_info, shutdown
 from . import config_parser, run_cli
 

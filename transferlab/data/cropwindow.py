@@ -5,7 +5,7 @@ keeps the centre crop: for 500x375 -> 298x224 kept of 341x256, and resizing is t
 cost of reading an image (BENCHMARKS.md 11). Here Pillow resamples only the window, with the
 same filter, sample positions, pass order (horizontal, then vertical, as Pillow does for
 such a resize) and rounding. Pillow takes the window's box in float32, so 1 value in 1,000
-to 10,000 differs by 1 (rarely 2) from resize-then-crop (tests/test_cropwindow.py). The
+to 10,000 differs by 1 (rarely 2) from resize-then-crop (tests/data/test_cropwindow.py). The
 store records the window in its preprocessing, so rows of the two never mix.
 """
 from __future__ import annotations

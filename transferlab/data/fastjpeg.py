@@ -11,7 +11,7 @@ holds, and every other file goes through Pillow as before (``None`` is returned)
 - no reduction by Pillow's ``draft`` (a large JPEG decoded at 1/2, 1/4, 1/8: Pillow);
 - decoded without any libjpeg warning (``strict``): a damaged file gets Pillow's verdict.
 
-``tests/test_imageio.py`` checks the pixels against Pillow's on the kinds above.
+``tests/data/test_imageio.py`` checks the pixels against Pillow's on the kinds above.
 """
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ from ..runtime.distributed import (
 from ..runtime.lock import acquire_dir_lock
 from ..training.loop import check_train_config
 from .context import Context
-from .data import labelled_data, resolve_data, test_config
+from .labelled import labelled_data, resolve_data, test_config
 from .outputs import MODEL_FILE, FinetuneResult, MetricsLog
 from .stages import run_head, run_pretrain, run_probe_stage
 

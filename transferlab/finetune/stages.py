@@ -26,11 +26,11 @@ from ..runtime.distributed import (
     rank_dir,
 )
 from ..training.cache import cache_features, frozen_features, plan_cache
+from ..training.feeds import Source
 from ..training.loop import evaluate, fit
-from ..training.parallel import state_digest
-from ..training.sources import Source
+from ..training.sync import state_digest
 from .context import Context
-from .data import LabelledData, image_source, labelled_data, split, test_config
+from .labelled import LabelledData, image_source, labelled_data, split, test_config
 from .model import build_model, resolve_arch
 from .outputs import (
     MODEL_FILE,
@@ -39,7 +39,7 @@ from .outputs import (
     confusion_matrix,
     write_confusion,
 )
-from .parallel import (
+from .replicas import (
     check_replicas,
     part_rows,
     reseed_per_process,

@@ -16,7 +16,7 @@ from ..models.engine import FeatureComputer
 from ..runtime.device import Runtime
 from ..runtime.record import compute_record, rows_fingerprint
 from ..store.writer import StoreWriter
-from .sources import ArraySource, LoaderSource, Source, TensorSource
+from .feeds import ArraySource, LoaderSource, Source, TensorSource
 
 # ---------------------------------------------------------------------------------------
 # Feature cache

@@ -17,8 +17,8 @@ from ..errors import ConfigError, DataError
 from ..models.classifier import Classifier
 from ..runtime.device import Runtime, derive_seed
 from ..runtime.distributed import all_gather, all_reduce_values, dist_info, part_sizes
-from .parallel import GradSync, average_buffers, broadcast_trainable
-from .sources import LoaderSource, Source, chunked
+from .feeds import LoaderSource, Source, chunked
+from .sync import GradSync, average_buffers, broadcast_trainable
 
 # ---------------------------------------------------------------------------------------
 # Optimiser and schedule
