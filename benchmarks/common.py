@@ -107,12 +107,14 @@ def structured_image(rng: np.random.Generator, size: tuple[int, int]) -> Image.I
     """A photo-like image: a colour gradient, blurred shapes, texture and sensor noise.
 
     Pure noise makes huge, slow JPEGs; flat colour makes tiny ones. This lands at a JPEG size
-    and decode cost near real photos of the same size (~60-70 KB at 500x375, quality 90; Flickr8k, the data set of the Keras Xception
+    and decode cost near real photos of the same size (~60-70 KB at 500x375, quality 90;
+    Flickr8k, the data set of the Keras Xception
     example, averages ~100 KB at the same size).
     """
     w, h = size
     c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-    t = np.linspace(0.0, 1.0, w)[None, :, None] * 0.6 + np.linspace(0.0, 1.0, h)[:, None, None] * 0.4
+    t = (np.linspace(0.0, 1.0, w)[None, :, None] * 0.6
+         + np.linspace(0.0, 1.0, h)[:, None, None] * 0.4)
     im = Image.fromarray((c0 * (1 - t) + c1 * t).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(im)
     for _ in range(int(rng.integers(12, 30))):

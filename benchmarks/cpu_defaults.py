@@ -39,7 +39,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     Forward,
     Sample,
     base_parser,
@@ -267,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                       "on" if r["cl"] else "off", r["precision"], "on" if r["fold_bn"] else "off",
                       r["workers"], r["threads"],
                       r["ips"], r["others"], r["vs_default"],
-                      " ".join(f"{x:.1f}/{f * 100:.0f}%" for x, f in zip(r["rounds"], r["foreign"]))]
+                      " ".join(f"{x:.1f}/{f * 100:.0f}%"
+                               for x, f in zip(r["rounds"], r["foreign"]))]
                      for r in all_rows]))
         print(busy_note())
         print("all measurements: img/s / others % of every round (and retry) of that row.")

@@ -4,7 +4,8 @@
     PYTHONPATH=. python benchmarks/multicut.py --quick    # tiny model, a few images
 
 Both sides are ``run_extract`` with the automatic settings, ``runtime.fold_bn=false`` (what
-the per-cut stores of a multi-cut run equal) and average-pooled cuts, writing fresh stores: the multi-cut run
+the per-cut stores of a multi-cut run equal) and average-pooled cuts, writing fresh stores:
+the multi-cut run
 decodes each image once and runs the base once per batch; the four single-cut runs decode
 and run their part of the base four times. Measured in one process, alternating the two
 ``--rounds`` times; the table gives each side's seconds and the per-round ratio.
@@ -20,7 +21,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     base_parser,
     clear_store,
     extract_config,

@@ -170,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print()
     print("img/s: (N_big - N_small) / (t_big - t_small) of the round's two runs of one "
           "command (spawn to exit); medians over the quiet rounds (others <= 10% in all four "
-          "runs of the round; * marks the others), over every round when none was quiet. " + busy_note())
+          "runs of the round; * marks the others), over every round when none was quiet. "
+          + busy_note())
     write_json(args.json, {"machine": machine_line(device), "results": results})
     return results
 

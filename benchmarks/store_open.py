@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import base_parser, machine_line, table  # noqa: E402
+from benchmarks.common import base_parser, machine_line, table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def build_store(directory: Path, rows: int, dim: int = 8) -> Path:
     try:
         if len(FeatureStore.open(directory)) == rows:
             return directory
-    except Exception:  # noqa: BLE001 - not built yet (or damaged): build it
+    except Exception:
         pass
     rng = np.random.default_rng(0)
     with StoreWriter(directory, {"bench": rows}, "float16", 4096, overwrite=True,

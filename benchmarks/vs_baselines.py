@@ -1,6 +1,6 @@
 """transferlab's extraction against the two ways a user would write it by hand.
 
-    PYTHONPATH=. python benchmarks/vs_baselines.py            # legacy_xception at 299 (the Keras example)
+    PYTHONPATH=. python benchmarks/vs_baselines.py   # legacy_xception at 299 (the Keras example)
     PYTHONPATH=. python benchmarks/vs_baselines.py --quick    # tiny model, a few images
     PYTHONPATH=. python benchmarks/vs_baselines.py --models legacy_xception,resnet50
 
@@ -38,10 +38,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     base_parser,
     busy_note,
     extract_config,
@@ -225,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(machine_line(device))
     print(f"data: {data} ({folder_stats(data)}); {images} images per pass, {rounds} rounds")
     print(f"transferlab settings: automatic{' + ' + ' '.join(extra) if extra else ''}; "
-          f"{'all in this process' if args.quick or args.in_process else 'a fresh process per measurement'}")
+          ("all in this process" if args.quick or args.in_process
+           else "a fresh process per measurement"))
     print(f"before: {load_line()}")
     results, rows = [], []
     for model_name in models:

@@ -99,7 +99,7 @@ class WaitClock:
 
         self.run, self.waited, self.original = run, 0.0, run.build_loader
 
-    def __enter__(self) -> WaitClock:  # noqa: PYI034 - no typing_extensions dependency
+    def __enter__(self) -> WaitClock:
         self.run.build_loader = self._build
         return self
 

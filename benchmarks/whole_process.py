@@ -270,8 +270,9 @@ def stage_row(r: dict) -> list:
     st, n_big = r["stages"], r["sizes"][1]
     loop = st["loop"]
     rest = loop - st["decode"] - st["compute"] - st["store"]
-    return [r["model"], n_big, st["wall"], st["wall"] - st["run"], st["run"] - loop - st["close"], st["decode"], st["compute"],
-            st["store"], rest, st["close"], st["written"] / loop if loop else 0.0,
+    return [r["model"], n_big, st["wall"], st["wall"] - st["run"],
+            st["run"] - loop - st["close"], st["decode"], st["compute"], st["store"], rest,
+            st["close"], st["written"] / loop if loop else 0.0,
             (st.get("runtime") or {}).get("threads", "-")]
 
 
@@ -338,8 +339,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print()
     print("whole process img/s: (N_big - N_small) / (t_big - t_small) of the round's two runs "
           "(spawn to exit); ratio: over the ceiling measured in the same round; medians over "
-          "the quiet rounds (others <= 10% in all three measurements; * marks the others). model + setup: "
-          "data scan, model, BatchNorm folding, cut check, store set-up. decode: the batches' decode + resize + crop (ViewsDataset.__getitems__); compute: "
+          "the quiet rounds (others <= 10% in all three measurements; * marks the others). "
+          "model + setup: data scan, model, BatchNorm folding, cut check, store set-up. "
+          "decode: the batches' decode + resize + crop (ViewsDataset.__getitems__); compute: "
           "normalise + forward + rows to numpy; store: StoreWriter calls. "
           + busy_note())
     write_json(args.json, {"machine": machine_line(device), "results": results})

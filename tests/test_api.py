@@ -39,7 +39,7 @@ def test_exported_name_is_the_documented_definition(name):
 
 def test_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        transferlab.nope  # noqa: B018
+        transferlab.nope
 
 
 def test_command_module_runs_without_import_warnings():
@@ -53,7 +53,8 @@ def test_command_module_runs_without_import_warnings():
 def test_build_extractor_unpacks_and_declares_its_preprocessing():
     built = transferlab.build_extractor("lenet", cut="first:7")
     extractor, transform = built
-    assert isinstance(built.spec, transferlab.PreprocessSpec) and built.spec.input_size == (1, 28, 28)
+    assert isinstance(built.spec, transferlab.PreprocessSpec)
+    assert built.spec.input_size == (1, 28, 28)
     assert not hasattr(extractor, "preprocess")  # no undeclared attribute on the module
     from PIL import Image
 

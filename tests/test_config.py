@@ -64,7 +64,8 @@ def test_unknown_override_key(tmp_path):
 
 def test_wrong_type(tmp_path):
     path = write(tmp_path, "runtime:\n  batch_size: lots\n")
-    with pytest.raises(ConfigError, match=r"wrong type for 'runtime.batch_size'.*expected an integer"):
+    with pytest.raises(ConfigError,
+                       match=r"wrong type for 'runtime.batch_size'.*expected an integer"):
         load_config(path)
 
 

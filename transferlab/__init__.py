@@ -34,7 +34,8 @@ _EXPORTS = {
     "ImageDataset": "data.datasets", "build_dataset": "data.sources",
     "FeatureStore": "store.reader", "StoreWriter": "store.writer",
     # runners
-    "ExtractResult": "extract.runner", "run_extract": "extract.runner", "embed_images": "extract.queries",
+    "ExtractResult": "extract.runner", "run_extract": "extract.runner",
+    "embed_images": "extract.queries",
     "run_finetune": "finetune.run", "FinetuneResult": "finetune.outputs",
     "load_model": "models.classifier", "Classifier": "models.classifier", "HeadError": "errors",
     # downstream

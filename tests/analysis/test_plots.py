@@ -73,7 +73,8 @@ def test_neighbors_grid(tmp_path):
     paths = []
     for n in range(4):
         p = tmp_path / f"img{n}.png"
-        Image.fromarray((np.random.default_rng(n).random((40, 50, 3)) * 255).astype(np.uint8)).save(p)
+        pixels = (np.random.default_rng(n).random((40, 50, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(p)
         paths.append(p)
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
@@ -156,8 +157,9 @@ def _has(module):
     return True
 
 
-@pytest.mark.parametrize("method, module, fix", [("tsne", "sklearn", "pip install scikit-learn"),
-                                                 ("umap", "umap", 'pip install "transferlab[umap]"')])
+@pytest.mark.parametrize("method, module, fix", [
+    ("tsne", "sklearn", "pip install scikit-learn"),
+    ("umap", "umap", 'pip install "transferlab[umap]"')])
 def test_missing_map_dependency_names_the_fix(monkeypatch, method, module, fix):
     monkeypatch.setitem(sys.modules, module, None)
     monkeypatch.setitem(sys.modules, f"{module}.manifold", None)

@@ -101,8 +101,8 @@ def test_a_huge_value_in_an_error_is_cut_to_one_short_line(tmp_path, capsys):
     (tmp_path / "a").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "a" / "x.png")
     huge = "x" * 20000
-    code = extract_main([str(_config(tmp_path)), f"data.root={tmp_path}", f"output.dir={tmp_path / 'o'}",
-                         f"model.cut=[layer:{huge}, head]"])
+    code = extract_main([str(_config(tmp_path)), f"data.root={tmp_path}",
+                         f"output.dir={tmp_path / 'o'}", f"model.cut=[layer:{huge}, head]"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and len(err) < 2100 and " ... " in err
 

@@ -163,8 +163,8 @@ def peak_rss_mb(config: Path, root: Path, out: Path) -> float:
 def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path):
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump({
-        "model": {"name": "tests.extract.test_resume:wide_conv", "source": "callable", "cut": "first:1",
-                  "pool": "none"},
+        "model": {"name": "tests.extract.test_resume:wide_conv", "source": "callable",
+                  "cut": "first:1", "pool": "none"},
         "preprocess": {"input_size": [80, 80], "resize": "squash"},
         "runtime": {"batch_size": 16, "num_workers": 0, "threads": 1, "progress": False,
                     "device": "cpu"},

@@ -100,7 +100,8 @@ def not_a_module():
 
 
 def test_callable_source():
-    backbone = build_backbone(ModelConfig(name="tests.models.test_backbones:tiny_net", num_classes=5))
+    name = "tests.models.test_backbones:tiny_net"
+    backbone = build_backbone(ModelConfig(name=name, num_classes=5))
     assert backbone.source == "callable"
     assert backbone.model(torch.zeros(1, 3, 8, 8)).shape == (1, 5)
     with pytest.raises(ModelError, match="not a torch.nn.Module"):

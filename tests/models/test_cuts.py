@@ -111,9 +111,11 @@ def test_stage_cut_equals_timm_features_only():
 
 
 def test_torchvision_head_cuts():
-    assert make_extractor(torchvision.models.resnet18(), "head", None, (3, 64, 64)).output_shape == (512,)
+    resnet = make_extractor(torchvision.models.resnet18(), "head", None, (3, 64, 64))
+    assert resnet.output_shape == (512,)
     # VGG: classifier removed, global average pooling like Keras include_top=False, pooling='avg'
-    assert make_extractor(torchvision.models.vgg11(), "head", None, (3, 64, 64)).output_shape == (512,)
+    vgg = make_extractor(torchvision.models.vgg11(), "head", None, (3, 64, 64))
+    assert vgg.output_shape == (512,)
     assert make_extractor(torchvision.models.mobilenet_v3_small(), "head", None,
                           (3, 64, 64)).output_shape == (576,)
 

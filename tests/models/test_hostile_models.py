@@ -44,7 +44,7 @@ def evil(tmp_path, monkeypatch):
 def rewrite_meta(path, change) -> None:
     """Rewrite a checkpoint's metadata with safetensors itself (as an attacker would)."""
     with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = json.loads(f.metadata()[META_KEY])
     raw = change(meta)
     save_file(tensors, str(path), metadata={META_KEY: raw if isinstance(raw, str)

@@ -14,13 +14,12 @@ pytest.importorskip("huggingface_hub")
 from huggingface_hub import constants  # noqa: E402
 from timm.models import save_for_hf  # noqa: E402
 
+from tests.imagegen import random_image, save  # noqa: E402
 from transferlab.config import ExtractConfig, ModelConfig, load_config  # noqa: E402
 from transferlab.errors import ModelError  # noqa: E402
 from transferlab.extract.runner import run_extract  # noqa: E402
 from transferlab.models.backbones import build_backbone, resolve_source  # noqa: E402
 from transferlab.models.extractor import build_extractor  # noqa: E402
-
-from tests.imagegen import random_image, save  # noqa: E402
 
 REPO = "me/tiny_vit"
 COMMIT = "a" * 40
@@ -128,11 +127,10 @@ def test_extract_and_inspect_take_a_hub_name(hub_cache, tmp_path):
 def test_finetuned_hub_model_reloads_offline_without_the_hub(hub_cache, tmp_path, monkeypatch):
     """The checkpoint records timm's architecture and config.json's arguments, not the hub
     name: it loads (and predicts the same) with an empty Hub cache."""
+    from tests.imagegen import make_image_tree
     from transferlab.config import FinetuneConfig
     from transferlab.finetune.run import run_finetune
     from transferlab.models.classifier import load_model
-
-    from tests.imagegen import make_image_tree
 
     make_image_tree(tmp_path / "img", classes=("cat", "dog"), per_class=4)
     cfg = load_config(None, [f"model.name=hf-hub:{REPO}", "model.pretrained=true",

@@ -26,7 +26,7 @@ def test_concurrent_writers_of_one_file_never_collide(tmp_path):
     def thread_body(text: str) -> None:
         try:
             write_many(str(path), text, 200)
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=thread_body, args=(t,)) for t in ("c" * 10, "d" * 10)]

@@ -1,4 +1,4 @@
-"""The three trust rules of runtime.untrusted: regular files only, bounded, no write through a link."""
+"""The trust rules of runtime.untrusted: regular files only, bounded, no write through a link."""
 from __future__ import annotations
 
 import os

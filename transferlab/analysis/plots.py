@@ -273,7 +273,8 @@ def plot_training_curves(history: Sequence[dict] | str | Path, out: str | Path,
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     for ax, group in zip(axes, groups):
         for key in group:
-            pts = [(r.get(x, i + 1), r[key]) for i, r in enumerate(records) if _is_number(r.get(key))]
+            pts = [(r.get(x, i + 1), r[key]) for i, r in enumerate(records)
+                   if _is_number(r.get(key))]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=key)
         ax.set_xlabel(x)
         if logx:

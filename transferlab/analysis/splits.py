@@ -33,7 +33,7 @@ def stratified_split(labels: Any, val_fraction: float = 0.2, seed: int = 0, *,
         rows = np.flatnonzero(labels == c)
         if len(rows) < 2:
             continue
-        n_val = min(max(int(round(len(rows) * val_fraction)), 1), len(rows) - 1)  # noqa: RUF046
+        n_val = min(max(int(round(len(rows) * val_fraction)), 1), len(rows) - 1)
         val.append(rng.permutation(rows)[:n_val])
     val_rows = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
     train_rows = np.setdiff1d(np.arange(len(labels)), val_rows)

@@ -79,7 +79,8 @@ class CropWindowResize:
                            box=(0, box[1] - first, crop_w, box[3] - first))
 
     def __repr__(self) -> str:
-        return f"CropWindowResize(short={self.short}, crop={self.crop}, {self.resize.interpolation})"
+        return (f"CropWindowResize(short={self.short}, crop={self.crop}, "
+                f"{self.resize.interpolation})")
 
 
 def resample_crop_window(transform: Callable) -> Callable:

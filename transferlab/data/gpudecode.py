@@ -80,7 +80,7 @@ def jpeg_decoder(device: torch.device) -> tuple[Any, str]:
         except torch.OutOfMemoryError:
             raise ComputeError("out of GPU memory before decoding the first JPEG; set "
                                "runtime.gpu_decode=false") from None
-        except Exception as exc:  # noqa: BLE001 - any failure: try the next decoder
+        except Exception as exc:
             errors.append(f"{name}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
             continue
         return decode, name
@@ -127,7 +127,7 @@ def read_jpeg(path: str | Path, max_pixels: int | None,
                 check_resized((width, height), draft_size, max_pixels)
                 if int(im.getexif().get(ORIENTATION, 1) or 1) != 1:
                     return None
-    except Exception:  # noqa: BLE001 - anything odd: let the PIL path decide
+    except Exception:
         return None
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
@@ -246,7 +246,7 @@ class BatchDecoder:
         except torch.OutOfMemoryError:
             raise ComputeError(f"out of GPU memory decoding {len(data)} JPEGs; lower "
                                "runtime.batch_size or set runtime.gpu_decode=false") from None
-        except Exception:  # noqa: BLE001 - one bad file fails the whole batched call
+        except Exception:
             out: list[torch.Tensor | None] = []
             for one in data:
                 try:
@@ -255,7 +255,7 @@ class BatchDecoder:
                     raise ComputeError("out of GPU memory decoding a JPEG; lower "
                                        "runtime.batch_size or set runtime.gpu_decode=false"
                                        ) from None
-                except Exception:  # noqa: BLE001
+                except Exception:
                     out.append(None)
             return out
 

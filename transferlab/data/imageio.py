@@ -186,7 +186,7 @@ def decode_image(fp: io.BufferedIOBase | io.BytesIO, mode: str = "RGB",
         raise _decoder_error(exc) from None
     except MemoryError:
         raise ImageDecodeError(TOO_LARGE, "out of memory while decoding") from None
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
+    except Exception as exc:
         raise _decoder_error(exc) from None
 
 
@@ -272,7 +272,7 @@ def _apply_draft(im: Image.Image, mode: str, draft_size: tuple[int, int] | None,
 def _orientation(im: Image.Image) -> int:
     try:
         return int(im.getexif().get(0x0112, 1))
-    except Exception:  # noqa: BLE001 - unreadable EXIF means 'as stored'
+    except Exception:
         return 1
 
 
@@ -280,7 +280,7 @@ def _upright(im: Image.Image) -> Image.Image:
     """Apply EXIF orientation; broken EXIF keeps the image as stored rather than failing it."""
     try:
         return ImageOps.exif_transpose(im)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return im
 
 

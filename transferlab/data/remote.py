@@ -140,7 +140,7 @@ def call_listing(url: str, key: str, call: Callable[[], T]) -> T:
         return retrying(url, call)
     except TransferlabError:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise unreachable(url, exc, key) from None
 
 
@@ -214,7 +214,7 @@ class UrlReader:
             raise ImageDecodeError("missing", "no such object", key) from None
         except MissingDependencyError:
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ImageDecodeError(UNREADABLE, f"after {ATTEMPTS} tries: {error_line(exc)}",
                                    key) from None
 

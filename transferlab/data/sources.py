@@ -412,7 +412,7 @@ def _from_torchvision(name: str, root: Path | None, cfg: DataConfig) -> ImageDat
     except RuntimeError as exc:
         raise DataError(f"{name} not found under {root} ({exc}); set data.download=true or "
                         f"point data.root to the dataset files") from None
-    except Exception as exc:  # noqa: BLE001 - network and archive errors
+    except Exception as exc:
         raise DataError(f"{name} could not be loaded from {root}: {exc}; check data.root or "
                         "set data.download=true with network access") from None
     images = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else np.asarray(ds.data)

@@ -204,7 +204,7 @@ def scan_tar(fileobj: BinaryIO, size: int, url: str, extensions: list[str],
     """The samples of one shard (``fileobj`` positioned at 0, ``size`` bytes long)."""
     name = tar_shard_name(url)
     try:
-        tar = tarfile.open(fileobj=fileobj, mode="r:")  # noqa: SIM115 - caller closes fileobj
+        tar = tarfile.open(fileobj=fileobj, mode="r:")
     except tarfile.TarError as exc:
         raise DataError(f"data.urls: {url} is not a tar file or is cut before its first "
                         f"member ({error_line(exc)}); re-copy it or drop it from data.urls"
@@ -310,7 +310,7 @@ class TarReader:
                     data = f.read(size)
             else:
                 data = self._remote(i, j, start, size)
-        except Exception as exc:  # noqa: BLE001 - after the retries: this item failed
+        except Exception as exc:
             raise ImageDecodeError(UNREADABLE, f"shard {url}: {error_line(exc)}", key) from None
         if len(data) != size:
             raise ImageDecodeError(TRUNCATED, f"{len(data)} of {size} bytes in shard {url} "

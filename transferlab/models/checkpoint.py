@@ -73,7 +73,7 @@ def read_meta(path: str | Path) -> dict | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
-    except Exception:  # noqa: BLE001 - not a safetensors file: not ours
+    except Exception:
         return None
     return parse_meta(raw, path) if raw else None
 

@@ -62,7 +62,8 @@ def parse_cut(cut: str | dict | CutSpec) -> CutSpec:
             raise CutError(f"cut 'head' takes no value, got '{cut}'")
         return CutSpec("head")
     if value is None:
-        raise CutError(f"cut '{kind}' needs a value, e.g. '{kind}:{'NAME' if kind == 'layer' else 2}'")
+        example = "NAME" if kind == "layer" else 2
+        raise CutError(f"cut '{kind}' needs a value, e.g. '{kind}:{example}'")
     if kind == "layer":
         return CutSpec("layer", str(value))
     try:

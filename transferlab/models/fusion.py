@@ -28,7 +28,7 @@ def fold_batchnorm(model: nn.Module, input_size: Sequence[int], rtol: float = 1e
 
     try:
         folded = fuse(model, inplace=False)
-    except Exception as exc:  # noqa: BLE001 - any untraceable forward: keep the model as is
+    except Exception as exc:
         log.debug("BatchNorm not folded (%s: %s)", type(exc).__name__, exc)
         return model
     device = next(model.parameters()).device

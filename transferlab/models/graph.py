@@ -38,7 +38,7 @@ def compilable(extractor: nn.Module) -> nn.Module:
         return extractor
     try:
         graph = GraphTap(body)
-    except Exception as exc:  # noqa: BLE001 - whatever fx cannot trace
+    except Exception as exc:
         raise ConfigError(f"runtime.compile cannot compile the cut at '{body.module_name}' "
                           f"(torch.fx cannot trace this model: {type(exc).__name__}); set "
                           "runtime.compile=false or choose model.cut=head") from None

@@ -375,7 +375,7 @@ def make_multi_extractor(model: nn.Module, cuts: CutLike | Sequence[CutLike],
             outs = extractor(dummy_input(input_size).to(device, dtype))
     except CutError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any failure of the dummy pass is one line
+    except Exception as exc:
         raise CutError(f"the cut model fails on a dummy input of shape {tuple(input_size)}: "
                        f"{type(exc).__name__}: {exc}") from None
     extractor.output_shapes = [tuple(o.shape[1:]) for o in outs]

@@ -40,5 +40,5 @@ class BackgroundJobs:
             if self.error is None:
                 try:
                     job()
-                except BaseException as exc:  # noqa: BLE001 - surfaced in the caller's thread
+                except BaseException as exc:
                     self.error = exc

@@ -55,7 +55,8 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"runtime.device '{name}' is not a device (auto, cpu, cuda, cuda:N)") from None
+        raise ConfigError(f"runtime.device '{name}' is not a device "
+                          "(auto, cpu, cuda, cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("runtime.device asks for CUDA but no GPU is visible to PyTorch; "
                           "set runtime.device=cpu (or auto)")
@@ -80,7 +81,7 @@ def _cpu_supports(check: str) -> bool:
     probe = getattr(torch.cpu, check, None)  # private: may go away
     try:
         return bool(probe()) if probe is not None else False
-    except Exception:  # noqa: BLE001 - an unknown CPU is treated as one without the units
+    except Exception:
         return False
 
 

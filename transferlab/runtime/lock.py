@@ -18,7 +18,7 @@ def try_lock(directory: Path) -> IO[str] | None:
     """Create ``directory`` and take its ``.lock`` without waiting: the open handle (the lock
     lasts until it is closed), or None when another process holds it."""
     directory.mkdir(parents=True, exist_ok=True)
-    handle = open(directory / LOCK_FILE, "a")  # noqa: SIM115 - held until the caller closes it
+    handle = open(directory / LOCK_FILE, "a")
     if fcntl is not None:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -131,7 +131,7 @@ def open_inside(path: str | os.PathLike, mode: str, root: str | os.PathLike, wha
     _no_link_below(path, root, what, error)
     try:
         fd = os.open(path, _WRITE_MODES[base] | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0), 0o644)
-    except OSError as exc:
+    except OSError:
         if path.is_symlink():
             raise error(f"{what} {path} is a link; transferlab does not write through links "
                         "inside a store (remove it)") from None

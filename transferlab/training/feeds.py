@@ -9,9 +9,10 @@ Inputs come from a *source* yielding ``(x, y, positions)`` batches in a given or
 
 ``models.classifier.Classifier`` puts normalisation, base and head together. A frozen base
 runs under ``torch.inference_mode`` and stays in eval mode (``FrozenExtractor``), so its
-weights and BatchNorm statistics never change. When the base is frozen and no random augmentation is on,
-``cache_features`` runs it once over the data and the head trains on the cached tensor: the
-same batches in the same order, so cached and uncached training give the same head.
+weights and BatchNorm statistics never change. When the base is frozen and no random
+augmentation is on, ``cache_features`` runs it once over the data and the head trains on the
+cached tensor: the same batches in the same order, so cached and uncached training give the
+same head.
 
 Under ``torchrun`` (a process group of several processes) each process holds its own share
 of the data in its sources: ``fit`` splits every global batch of ``batch_size`` items across

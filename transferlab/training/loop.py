@@ -54,12 +54,14 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig,
     """Stepped after every batch: cosine decay to zero over all steps, or a step decay."""
     total = max(1, cfg.epochs * steps_per_epoch)
     every = max(1, cfg.step_epochs * steps_per_epoch)
-    if cfg.schedule == "cosine":
-        factor = lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-    elif cfg.schedule == "step":
-        factor = lambda step: cfg.step_gamma ** (step // every)
-    else:
-        factor = lambda step: 1.0
+
+    def factor(step: int) -> float:
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+        if cfg.schedule == "step":
+            return cfg.step_gamma ** (step // every)
+        return 1.0
+
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
@@ -271,7 +273,8 @@ class SharedSteps:
               opt: torch.optim.Optimizer, sched: Any, scaler: Any, rt: Runtime) -> dict:
         """One epoch: this share in its own seeded order, one chunk per global step."""
         seed = int(torch.randint(2**62, (1,), generator=generator))  # the same everywhere
-        order = torch.randperm(len(src), generator=torch.Generator().manual_seed(derive_seed(seed, self.rank)))
+        generator = torch.Generator().manual_seed(derive_seed(seed, self.rank))
+        order = torch.randperm(len(src), generator=generator)
         chunks = [order[s * self.batch:(s + 1) * self.batch] for s in range(self.steps)]
         stats = run_steps(net, src, chunks, cfg, opt, sched, scaler, rt, self.sync)
         average_buffers(net)
