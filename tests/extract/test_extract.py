@@ -444,3 +444,36 @@ def test_tensor_resize_crop_matches_timm_geometry(tmp_path, resize, crop_pct):
     assert (tensor - pil).abs().mean() < 2.0  # of 255: kernels differ, geometry does not
     shifted = torch.roll(pil, 2, dims=2)  # a 2-pixel misalignment is clearly worse
     assert (tensor - shifted).abs().mean() > 2 * (tensor - pil).abs().mean()
+
+
+def test_inf_nan_features_stop_the_run_in_one_line_keeping_finished_shards(tmp_path,
+                                                                            monkeypatch):
+    """The engine refuses non-finite rows (its line names no store: predict runs it too);
+    extraction adds what a rerun does, and the rerun continues after the finished shard."""
+    from transferlab.errors import ComputeError
+    from transferlab.models.engine import FeatureComputer
+
+    root = tmp_path / "img"
+    for i in range(3):
+        save(random_image(32, 32, seed=i), root / "a" / f"{i}.png")
+    real = FeatureComputer.finish
+    calls = []
+
+    def poisoned(self, pending):
+        calls.append(1)
+        if len(calls) == 2:
+            rows, ready = pending
+            poisoned_rows = rows[0].clone()
+            poisoned_rows[0, 0] = float("nan")
+            pending = ([poisoned_rows, *rows[1:]], ready)
+        return real(self, pending)
+
+    monkeypatch.setattr(FeatureComputer, "finish", poisoned)
+    with pytest.raises(ComputeError, match=r"inf/NaN features in fp32; check the weights "
+                                           r"and the input \(finished shards are kept\)$"):
+        run_extract(make_cfg(root, tmp_path / "out", "runtime.batch_size=1",
+                             "output.shard_size=1"))
+    monkeypatch.undo()
+    resumed = run_extract(make_cfg(root, tmp_path / "out", "runtime.batch_size=1",
+                                   "output.shard_size=1"))
+    assert resumed.skipped == 1 and resumed.written == 2

@@ -24,7 +24,7 @@ from ..config import ExtractConfig, save_config
 from ..data.datasets import ImageDataset
 from ..data.preprocess import PreprocessSpec
 from ..data.sources import build_dataset
-from ..errors import ConfigError
+from ..errors import ComputeError, ConfigError
 from ..models.engine import FeatureComputer, Pending
 from ..models.extractor import extractor_from_config
 from ..models.multicut import is_multi_cut
@@ -144,8 +144,11 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
         follower = load_follower(cfg, rt, loader, info)
         loop_started = time.time()
         with progress_bar(len(dataset) - skipped, progress and info.is_main) as bar:
-            written, failed = write_features(loader, compute, writers, done, cfg, bar,
-                                             on_batch, prepare, batch_size, follower)
+            try:
+                written, failed = write_features(loader, compute, writers, done, cfg, bar,
+                                                 on_batch, prepare, batch_size, follower)
+            except ComputeError as exc:  # the engine's line, and what a rerun does
+                raise ComputeError(f"{exc} (finished shards are kept)") from None
         counts = (written, failed, skipped)
         metas = [{**store_meta(s, bundle, rt, dataset, batch_size, counts,
                                time.time() - started, follower), "compute": computed,

@@ -123,7 +123,7 @@ class FeatureComputer:
             hint = ("fp16 overflowed: set runtime.precision=bf16 or fp32" if
                     self.rt.precision == "fp16" else "check the weights and the input")
             raise ComputeError(f"the model gave inf/NaN features in {self.rt.precision}; "
-                               f"{hint} (finished shards are kept)")
+                               f"{hint}")
         return out
 
 
