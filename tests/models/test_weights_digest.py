@@ -134,6 +134,32 @@ def test_random_initial_weights_are_still_named_by_their_seed(tmp_path, images):
     assert stored_weights(tmp_path / "store") == {"random_init_seed": 0}
 
 
+def test_a_folder_store_recorded_as_random_init_is_refused_in_words(tmp_path, images):
+    """Before #24 a folder with pretrained: false (its weights read all the same) recorded
+    random initial weights."""
+    folder, out = tmp_path / "folder", tmp_path / "store"
+    save_folder(folder, seed=0)
+    extract(images, out, f"model.name={folder}")
+    path = out / "fingerprint.json"
+    record = json.loads(path.read_text())
+    record["fingerprint"]["weights"] = {"random_init_seed": 0}
+    path.write_text(json.dumps(record))
+    with pytest.raises(StoreError, match=r"random initial weights \(seed 0\), this run's "
+                                         "from weights it reads.*output.overwrite=true"):
+        extract(images, out, f"model.name={folder}")
+
+
+def test_a_callable_with_pretrained_names_its_tensors(tmp_path):
+    backbone = build_backbone(ModelConfig(name="torch.nn:Linear", pretrained=True,
+                                          kwargs={"in_features": 3, "out_features": 2}))
+    assert set(backbone.weights_digest) == {"state_sha256"}
+    other = build_backbone(ModelConfig(name="torch.nn:Linear", pretrained=True,
+                                       kwargs={"in_features": 3, "out_features": 2}))
+    assert other.weights_digest != backbone.weights_digest  # other random weights
+    assert build_backbone(ModelConfig(name="torch.nn:Linear", kwargs={
+        "in_features": 3, "out_features": 2})).weights_digest is None
+
+
 # ---------------------------------------------------------------------------------------
 # The Hub cache and downloads (timm names, hf-hub names, torchvision)
 # ---------------------------------------------------------------------------------------

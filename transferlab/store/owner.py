@@ -105,6 +105,9 @@ def _refusal(directory: Path, stored: Any, wanted: dict) -> str:
         why = ("it records its weights only as 'pretrained' (an earlier transferlab), so its "
                "rows cannot be checked against the weights read now, which are named by "
                "content")
+    elif _seed(_weights(stored)) is not None and _seed(_weights(wanted)) is None:
+        why = (f"its rows come from random initial weights (seed {_seed(_weights(stored))}), "
+               "this run's from weights it reads")
     else:
         old, new = _flatten(_compared(stored)), _flatten(_compared(wanted))
         changed = [f"{k}: stored {shown(old[k])}, now {shown(new.get(k))}"
@@ -122,6 +125,10 @@ def _refusal(directory: Path, stored: Any, wanted: dict) -> str:
 def _weights(record: dict) -> Any:
     fingerprint = record.get("fingerprint")
     return fingerprint.get("weights") if isinstance(fingerprint, dict) else None
+
+
+def _seed(weights: Any) -> Any:
+    return weights.get("random_init_seed") if isinstance(weights, dict) else None
 
 
 def wipe_store(directory: str | os.PathLike) -> None:
