@@ -12,18 +12,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from ..config import ExtractConfig, to_dict
 from ..data.datasets import ImageDataset
 from ..data.fingerprint import label_fingerprint
 from ..models.cuts import CutOutput
 from ..models.extractor import ExtractorBundle
+from ..models.provenance import weights_record
 from ..runtime.cores import LoadFollower
 from ..runtime.device import Runtime
 from ..runtime.distributed import DistInfo, barrier, rank_dir
 from ..runtime.record import rows_fingerprint
-from ..store.files import file_sha256
 from ..store.format import library_versions
 from ..store.owner import prepare_store
 from ..store.writer import StoreWriter
@@ -57,17 +56,10 @@ def fingerprint(store: CutStore, bundle: ExtractorBundle, compute: dict,
     fingerprint is refused. ``compute`` is ``compute_record``: the resolved settings that
     change the numbers beyond the store dtype's rounding."""
     cfg, model = store.cfg, store.cfg.model
-    weights: Any = None
-    if model.weights:
-        weights = {"file": str(Path(model.weights).resolve()),
-                   "sha256": file_sha256(model.weights)}
-    elif bundle.backbone.source == "checkpoint":
-        weights = {"checkpoint": str(Path(model.name).resolve()),
-                   "sha256": file_sha256(model.name)}
-    elif model.pretrained:
-        weights = "pretrained"
-    else:
-        weights = {"random_init_seed": cfg.runtime.seed}
+    # the weights by content (a file's or a Hub file's digest), never by how they were
+    # asked for: new weights saved into the same folder are another fingerprint
+    weights = weights_record(model.name, model.weights, bundle.backbone.source,
+                             bundle.backbone.weights_digest, cfg.runtime.seed)
     return rows_fingerprint({
         "backbone": model.name, "source": bundle.backbone.source, "weights": weights,
         "kwargs": model.kwargs, "num_classes": model.num_classes, "in_chans": model.in_chans,

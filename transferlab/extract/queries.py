@@ -12,8 +12,10 @@ import torch
 from ..config import ExtractConfig, ModelConfig, RuntimeConfig, from_dict
 from ..data.imageio import load_image
 from ..data.preprocess import build_transform
+from ..errors import ModelError
 from ..models.engine import FeatureComputer
 from ..models.extractor import ExtractorBundle, extractor_from_config
+from ..models.provenance import content, has_digest, short, weights_record
 from ..models.recorded import checked_model, contained_path
 from ..runtime.device import (
     DTYPES,
@@ -76,6 +78,7 @@ def embed_images(meta: dict, paths: Sequence[str | Path], batch_size: int = 16,
     root = Path(root) if root is not None else None
     bundle = bundle_from_meta(meta, root, trust_code)
     cfg = from_dict(ExtractConfig, meta["config"], "store metadata")
+    check_weights(meta, bundle, root, trust_code)
     rt, fold_bn = store_runtime(meta, cfg)
     compute = FeatureComputer(bundle.extractor, bundle.spec, rt, fold_bn=fold_bn)
     compute.set_reduce([reduction_from_record(meta.get("reduce"), root)])  # as the rows were
@@ -87,6 +90,28 @@ def embed_images(meta: dict, paths: Sequence[str | Path], batch_size: int = 16,
                                        cfg.data.max_image_pixels)) for p in chunk]
         rows.append(compute(torch.stack(images))[0])
     return np.concatenate(rows) if rows else np.zeros((0, compute.out_dims[0]), np.float32)
+
+
+def check_weights(meta: dict, bundle: ExtractorBundle, root: Path | None,
+                  trust_code: bool) -> None:
+    """A ModelError (one line) when the store names its weights by content and the model
+    rebuilt now has other weights: queries embedded with them would be compared with rows
+    of another model. Stores that record no digest (written before transferlab named
+    weights by content, or random initial weights) are not checked."""
+    fingerprint = meta.get("fingerprint")
+    stored = fingerprint.get("weights") if isinstance(fingerprint, dict) else None
+    if not has_digest(stored):
+        return
+    _, model = store_model(meta, root, trust_code)
+    seed = from_dict(ExtractConfig, meta["config"], "store metadata").runtime.seed
+    now = weights_record(model.name, model.weights, bundle.backbone.source,
+                         bundle.backbone.weights_digest, seed)
+    if content(now) != content(stored):
+        where = f"the store {root}" if root is not None else "the store"
+        raise ModelError(f"{where} was computed with other weights than '{model.name}' gives "
+                         f"now (stored: {short(stored)}; now: {short(now)}); queries would be "
+                         "embedded by another model: restore those weights, or extract the "
+                         "store again (output.overwrite=true)")
 
 
 def chunks(items: list, size: int) -> Iterator[list]:

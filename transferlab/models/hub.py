@@ -72,14 +72,19 @@ def not_fetched(name: str, exc: Exception) -> ModelError:
         "(config.json + model.safetensors), or set model.weights to a weights file")
 
 
+def reads_weights(cfg: ModelConfig) -> bool:
+    """Whether timm reads the weights of ``cfg``: a folder carries its weights; a hub name
+    downloads them only when asked to; ``model.weights`` replaces both."""
+    return (not is_hub_name(cfg.name) or cfg.pretrained) and not cfg.weights
+
+
 def create(cfg: ModelConfig, kwargs: dict) -> object:
     """``timm.create_model`` for a hub name or a folder; errors become one ModelError line."""
     import timm
 
     name = timm_name(cfg.name)
     folder = not is_hub_name(cfg.name)
-    # a folder carries its weights; a hub name downloads them only when asked to
-    pretrained = (folder or cfg.pretrained) and not cfg.weights
+    pretrained = reads_weights(cfg)
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ModelError
-from . import hub
+from . import hub, provenance
 from .builtin import BUILTIN_DATA_CONFIGS, BUILTIN_MODELS
 
 
@@ -29,6 +29,8 @@ class Backbone:
     source: str
     # timm-style data config: input_size, interpolation, mean, std, crop_pct, crop_mode
     data_config: dict = field(default_factory=dict)
+    # the weights the builder read, by content (``provenance``); None: random initial weights
+    weights_digest: dict | None = None
 
 
 @functools.lru_cache(maxsize=1)
@@ -109,13 +111,16 @@ def build_timm(cfg: ModelConfig) -> Backbone:
             raise fetch_failed(cfg.name, exc) from None
         raise ModelError(f"timm could not build '{cfg.name}': {exc}") from None
     data_config = dict(timm.data.resolve_model_data_config(model))
-    return Backbone(model, cfg.name, "timm", data_config)
+    digest = provenance.timm_record(model, cfg.kwargs.get("cache_dir")) if pretrained else None
+    return Backbone(model, cfg.name, "timm", data_config, digest)
 
 
 def build_hub(cfg: ModelConfig) -> Backbone:
     """A Hugging Face Hub repository (hf-hub:ORG/NAME) or a timm model folder, through timm."""
     model = hub.create(cfg, model_kwargs(cfg))
-    return Backbone(model, cfg.name, "hub", hub.data_config(model))
+    digest = provenance.timm_record(model, cfg.kwargs.get("cache_dir"), config_json=True) \
+        if hub.reads_weights(cfg) else None
+    return Backbone(model, cfg.name, "hub", hub.data_config(model), digest)
 
 
 def build_torchvision(cfg: ModelConfig) -> Backbone:
@@ -132,7 +137,8 @@ def build_torchvision(cfg: ModelConfig) -> Backbone:
         if weights:
             raise fetch_failed(cfg.name, exc) from None
         raise ModelError(f"torchvision could not build '{cfg.name}': {exc}") from None
-    return Backbone(model, cfg.name, "torchvision", torchvision_data_config(cfg.name))
+    digest = provenance.torchvision_record(cfg.name, model) if weights else None
+    return Backbone(model, cfg.name, "torchvision", torchvision_data_config(cfg.name), digest)
 
 
 def torchvision_data_config(name: str) -> dict:
@@ -176,7 +182,9 @@ def build_callable(cfg: ModelConfig) -> Backbone:
         raise ModelError(f"'{cfg.name}' returned {type(model).__name__}, not a torch.nn.Module")
     data_config = dict(getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
                        or {})
-    return Backbone(model, cfg.name, "callable", data_config)
+    # what the factory loaded is known only by what it built
+    digest = provenance.state_record(model) if cfg.pretrained and not cfg.weights else None
+    return Backbone(model, cfg.name, "callable", data_config, digest)
 
 
 # One entry per model.source a library builds (a new source: its builder here, its rule in

@@ -18,6 +18,11 @@ def compute_record(rt: Runtime, fold_bn: bool = False) -> dict:
 def rows_fingerprint(model: dict, data: DataConfig | None, compute: dict) -> dict:
     """``model`` (what the caller computes the rows with: weights, cut, pooling,
     preprocessing ...), the images the keys name (``data_fingerprint``; None: rows not tied
-    to a data source) and the computation (``compute_record``)."""
+    to a data source) and the computation (``compute_record``).
+
+    Weights are named by content, never by how they were asked for: a store names them
+    with ``models.provenance.weights_record`` (the digest of each file read, or the seed of
+    random initial weights), the fine-tune feature cache with the digest of the base's
+    tensors, so rows of other weights never join a store or a cache."""
     return {**model, **({"data": data_fingerprint(data)} if data is not None else {}),
             "compute": compute}

@@ -101,6 +101,13 @@ def _compared(record: dict) -> dict:
 def _refusal(directory: Path, stored: Any, wanted: dict) -> str:
     if not isinstance(stored, dict):
         why = f"it has no readable {FINGERPRINT}"
+    elif _weights(stored) == "pretrained" and _weights(wanted) != "pretrained":
+        why = ("it records its weights only as 'pretrained' (an earlier transferlab), so its "
+               "rows cannot be checked against the weights read now, which are named by "
+               "content")
+    elif _seed(_weights(stored)) is not None and _seed(_weights(wanted)) is None:
+        why = (f"its rows come from random initial weights (seed {_seed(_weights(stored))}), "
+               "this run's from weights it reads")
     else:
         old, new = _flatten(_compared(stored)), _flatten(_compared(wanted))
         changed = [f"{k}: stored {shown(old[k])}, now {shown(new.get(k))}"
@@ -113,6 +120,15 @@ def _refusal(directory: Path, stored: Any, wanted: dict) -> str:
                    f"{', '.join(unrecorded[:4])}, so its rows cannot be checked against this run")
     return (f"the store {directory} was written with another configuration ({why}); use "
             "another output.dir, or set output.overwrite=true to replace it")
+
+
+def _weights(record: dict) -> Any:
+    fingerprint = record.get("fingerprint")
+    return fingerprint.get("weights") if isinstance(fingerprint, dict) else None
+
+
+def _seed(weights: Any) -> Any:
+    return weights.get("random_init_seed") if isinstance(weights, dict) else None
 
 
 def wipe_store(directory: str | os.PathLike) -> None:
