@@ -406,3 +406,30 @@ def test_concurrent_key_creation_agrees(tmp_path, monkeypatch):
     keys = {p.communicate(timeout=120)[0].strip() for p in procs}
     assert len(keys) == 1 and len(keys.pop()) == 64
     assert [p.name for p in (tmp_path / "k").iterdir()] == ["index.key"]
+
+
+@pytest.mark.parametrize("planted", ["folder-link", "folder-file", "index-link", "index-fifo"])
+def test_planted_index_names_are_replaced_not_followed(tmp_path, caplog, no_hang, planted):
+    store = write_store(tmp_path / "s")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "faiss.index").write_bytes(b"keep me")
+    folder = tmp_path / "s" / "index"
+    if planted == "folder-link":
+        folder.symlink_to(outside, target_is_directory=True)
+    elif planted == "folder-file":
+        folder.write_bytes(b"not a folder")
+    else:
+        folder.mkdir()
+        if planted == "index-link":
+            (folder / "faiss.index").symlink_to(outside / "faiss.index")
+        else:
+            os.mkfifo(folder / "faiss.index")
+        forge(store, None, key=None)
+    assert fi.load_index(store, "l2") is None
+    assert index_main([str(tmp_path / "s"), "--kind", "flat", "--metric", "l2"]) == 0
+    assert (outside / "faiss.index").read_bytes() == b"keep me"
+    assert sorted(p.name for p in outside.iterdir()) == ["faiss.index"]
+    assert folder.is_dir() and not folder.is_symlink()
+    assert not (folder / "faiss.index").is_symlink()
+    assert fi.load_index(store, "l2") is not None

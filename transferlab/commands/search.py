@@ -8,8 +8,9 @@ Command line::
     python -m transferlab.search STORE QUERY_IMAGE... [-k 5] [--metric cosine] [--plot out.png]
         [--exact] [--overwrite]
 
-With a FAISS index built for the metric (``python -m transferlab.index STORE``) the search
-goes through it while the store is unchanged; ``--exact`` scans every row instead.
+With a FAISS index built for the metric (``python -m transferlab.index STORE``) by this user
+on this machine, the search goes through it while the store is unchanged; an index that came
+with the store is ignored (one line on stderr) and every row scanned, as with ``--exact``.
 """
 from __future__ import annotations
 

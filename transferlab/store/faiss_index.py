@@ -202,7 +202,6 @@ def build_index(store: Any, kind: str = "auto", metric: str = "cosine",
     kind = resolve_kind(kind, rows)
     chosen = index_params(kind, rows, **params)
     key = local_key(create=True)  # before the work: a key that cannot be made fails now
-    _refuse_links(store)
     started = time.perf_counter()
     index = _new_index(faiss, kind, dim, metric, chosen)
     if kind == "ivf":
@@ -222,11 +221,13 @@ def build_index(store: Any, kind: str = "auto", metric: str = "cosine",
 
 def _save(faiss: Any, store: Any, index: Any, record: dict, key: bytes) -> None:
     """Write the index (through a temporary sibling, created without following a link),
-    then its tagged record. A link or FIFO planted at either name is replaced, never
-    written through."""
+    then its tagged record. A link or FIFO planted at either name, or at the index folder's,
+    is replaced, never written through."""
     path, meta_path = index_paths(store)
-    _refuse_links(store)
-    path.parent.mkdir(exist_ok=True)
+    folder = path.parent
+    if folder.is_symlink() or (os.path.lexists(folder) and not folder.is_dir()):
+        folder.unlink()  # a link (only the link goes) or a file where the folder belongs
+    folder.mkdir(exist_ok=True)
     _refuse_links(store)
     for p in (path, meta_path):
         if p.is_dir() and not p.is_symlink():
