@@ -384,13 +384,14 @@ def load_index(store: Any, metric: str | None = None) -> StoreIndex | None:
     one line: the caller scans exactly). Raises StoreError if ours but stale."""
     if getattr(store, "dir", None) is None:
         return None
+    wanted = None if metric is None else index_metric(metric)
     path, meta_path = index_paths(store)
     if not os.path.lexists(meta_path):
         return None  # no index (or a killed build's, without its record): scan
     try:
         _refuse_links(store)
         record = read_record(meta_path, path.parent)
-        if metric is not None and record["metric"] != index_metric(metric):
+        if wanted is not None and record["metric"] != wanted:
             return None
         _check_tag(record)
     except (_Untrusted, TransferlabError) as exc:
