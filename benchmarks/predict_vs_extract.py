@@ -80,7 +80,7 @@ def run(cmd: list[str], check: str) -> tuple[float, None]:
 
 def predict_case(ckpt: Path, data: Path, images: int, out: Path, device: str):
     cmd = [sys.executable, "-m", "transferlab.predict", str(ckpt), str(data), "--out",
-           str(out), "--device", device]
+           str(out), "--overwrite", "--device", device]  # rounds rewrite it
     return lambda: run(cmd, f"{images} predictions written")
 
 

@@ -25,6 +25,13 @@ def _cpu_unless_cuda_is_asked():
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _index_key_of_the_session(tmp_path_factory):
+    """FAISS indexes built by tests are tagged with a key made for the session (subprocesses
+    inherit it), never the key of the user running them (~/.config/transferlab)."""
+    os.environ["TRANSFERLAB_INDEX_KEY_FILE"] = str(tmp_path_factory.mktemp("key") / "index.key")
+
+
 @pytest.fixture
 def cuda(monkeypatch):
     if not _REAL_CUDA_AVAILABLE():

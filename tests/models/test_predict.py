@@ -265,3 +265,38 @@ def test_the_command_in_fp32_gives_the_plain_forward_and_takes_the_runtime_flags
     result = run_predict(ckpt, [tmp_path / "n"], tmp_path / "q.csv", precision="fp32")
     assert [(p.label, round(p.probability, 6)) for p in result.predictions] == \
         [(r["class"], float(r["probability"])) for r in rows]
+
+
+def test_out_follows_the_output_policy(trained, tmp_path, capsys, monkeypatch):
+    """An existing --out is refused before the model loads (it was silently replaced) unless
+    --overwrite; a FIFO is refused without blocking; the CSV appears only whole."""
+    import os
+    import signal
+
+    ckpt, _ = trained
+    write_digits(tmp_path / "n", digits=(0,), per_class=2, offset=460)
+    out = tmp_path / "p.csv"
+    out.write_text("keep me")
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("transferlab.models.prediction.load_model", no_model)
+        assert main([str(ckpt), str(tmp_path / "n"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite is not set" in err and str(out) in err
+    assert out.read_text() == "keep me"
+    assert main([str(ckpt), str(tmp_path / "n"), "--out", str(out), "--overwrite"]) == 0
+    assert len(read_rows(out)) == 2
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    old = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(AssertionError("hang")))
+    signal.alarm(60)
+    try:
+        assert main([str(ckpt), str(tmp_path / "n"), "--out", str(fifo), "--overwrite"]) == 2
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert "is a FIFO" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.csv", "n", "p.csv"]

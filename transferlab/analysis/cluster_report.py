@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..runtime.outputs import write_output
 from ..store.rows import load_features, plain_rows
 from .kmeans import KMeansResult, kmeans, nmi, purity
 
@@ -49,15 +50,16 @@ def run_cluster(store: Any, k: int, n_init: int = 4, seed: int = 0, normalize: b
                          int(known.sum()), res)
 
 
-def write_assignments(path: str | Path, keys: Sequence[str], clusters: Sequence[int]) -> Path:
-    """CSV with header ``key,cluster``, one stored item per line."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
+def write_assignments(path: str | Path, keys: Sequence[str], clusters: Sequence[int],
+                      overwrite: bool = False) -> Path:
+    """CSV with header ``key,cluster``, one stored item per line; an existing file is
+    refused unless ``overwrite`` (``runtime.outputs``: written whole, never onto a FIFO)."""
+    def write(f: Any) -> None:
         w = csv.writer(f)
         w.writerow(["key", "cluster"])
         w.writerows(zip(keys, (int(c) for c in clusters)))
-    return path
+
+    return write_output(path, write, overwrite=overwrite, what="--out")
 
 
 def cluster_report(report: ClusterReport, k: int) -> str:
@@ -80,10 +82,17 @@ def plot_clusters(store: Any, report: ClusterReport, out_dir: Path,
 
     x = load_features(store, report.rows)
     names = [f"cluster {c}" for c in range(len(report.sizes))]
-    out = [plots.plot_map(x, report.clusters, out_dir / f"clusters_{method}.png", method,
-                          class_names=names, title="k-means clusters")]
+    paths = cluster_plot_paths(out_dir, method, report.purity is not None)
+    out = [plots.plot_map(x, report.clusters, paths[0], method, class_names=names,
+                          title="k-means clusters")]
     if report.purity is not None:
         labels = np.asarray(store.labels)[report.rows]
-        out.append(plots.plot_map(x, labels, out_dir / f"labels_{method}.png", method,
-                                  class_names=store.class_names, title="labels"))
+        out.append(plots.plot_map(x, labels, paths[1], method, class_names=store.class_names,
+                                  title="labels"))
     return out
+
+
+def cluster_plot_paths(out_dir: Path, method: str, labelled: bool) -> list[Path]:
+    """The PNGs ``plot_clusters`` writes (the command checks them before k-means runs)."""
+    names = [f"clusters_{method}.png"] + ([f"labels_{method}.png"] if labelled else [])
+    return [Path(out_dir) / name for name in names]

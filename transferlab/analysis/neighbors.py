@@ -5,8 +5,9 @@ merged after each chunk, so a store larger than RAM can be searched with many qu
 once. Results are exact and deterministic: equal distances are ordered by lower row index.
 
 ``store_search`` / ``store_nearest`` use the store's FAISS index (``python -m
-transferlab.index``) when one was built for the metric and the store has not changed since;
-a stale index is refused (StoreError), and ``exact=True`` always scans.
+transferlab.index``) when this user built one for the metric and the store has not changed
+since; a stale index is refused (StoreError), one that came with the store is ignored (one
+logged line, then the exact scan: ``store.faiss_index``), and ``exact=True`` always scans.
 """
 from __future__ import annotations
 

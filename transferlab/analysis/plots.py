@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError, MissingDependencyError
+from ..runtime.outputs import write_output
 from .projection import MAP_MAX_POINTS, METHOD_NAMES, check_method, embed_2d, pca_2d, sample_rows
 
 
@@ -31,13 +32,19 @@ def _figure(width: float, height: float) -> Any:
     return fig
 
 
-def _save(fig: Any, out: str | Path) -> Path:
+def png_path(out: str | Path) -> Path:
+    """The file a plot named ``out`` is written to (``.png`` added to a bare name)."""
     path = Path(out)
-    if not path.suffix:
-        path = path.with_suffix(".png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", bbox_inches="tight")
-    return path
+    return path if path.suffix else path.with_suffix(".png")
+
+
+def _save(fig: Any, out: str | Path) -> Path:
+    """Written whole through a temporary sibling (``runtime.outputs``; never onto a FIFO or
+    device). The library replaces an existing PNG; commands refuse one unless --overwrite,
+    before they start (``check_output``)."""
+    return write_output(png_path(out),
+                        lambda f: fig.savefig(f, format="png", bbox_inches="tight"), "wb",
+                        overwrite=True, what="the plot")
 
 
 def _label_name(label: int, class_names: Sequence[str] | None) -> str:

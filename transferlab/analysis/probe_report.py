@@ -116,9 +116,16 @@ def plot_probe(store: Any, report: ProbeReport, out_dir: Path, method: str = "pc
     names = getattr(store, "class_names", None)
     sweep = [{"l2": l2, "train_acc": a, "test_acc": b}
              for l2, a, b in zip(report.l2s, report.train_acc, report.test_acc)]
-    return [plots.plot_map(x, y, out_dir / f"{method}.png", method, class_names=names),
-            plots.plot_class_columns(x, y, out_dir / "class_columns.png", class_names=names),
-            plots.plot_training_curves(sweep, out_dir / "l2_sweep.png", x="l2", logx=True)]
+    map_png, columns_png, sweep_png = probe_plot_paths(out_dir, method)
+    return [plots.plot_map(x, y, map_png, method, class_names=names),
+            plots.plot_class_columns(x, y, columns_png, class_names=names),
+            plots.plot_training_curves(sweep, sweep_png, x="l2", logx=True)]
+
+
+def probe_plot_paths(out_dir: Path, method: str) -> list[Path]:
+    """The PNGs ``plot_probe`` writes (the command checks them before the probe runs)."""
+    return [Path(out_dir) / name for name in (f"{method}.png", "class_columns.png",
+                                              "l2_sweep.png")]
 
 
 def _store_name(store: Any) -> str:

@@ -3,6 +3,7 @@
 Command line::
 
     python -m transferlab.cluster STORE -k 10 [--n-init 4] [--out assignments.csv] [--plot DIR]
+        [--overwrite]
 """
 from __future__ import annotations
 
@@ -10,9 +11,18 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..analysis.cluster_report import cluster_report, plot_clusters, run_cluster, write_assignments
+import numpy as np
+
+from ..analysis.cluster_report import (
+    cluster_plot_paths,
+    cluster_report,
+    plot_clusters,
+    run_cluster,
+    write_assignments,
+)
 from ..analysis.projection import MAP_METHODS
 from ..errors import ConfigError
+from ..runtime.outputs import check_output
 from ..store.reader import FeatureStore
 from . import run_cli
 
@@ -31,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="DIR", help="write 2-D maps by cluster and label here")
     p.add_argument("--plot-method", choices=MAP_METHODS, default="pca",
                    help="the 2-D map of --plot")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing --out / --plot files (default: refuse them)")
     return p
 
 
@@ -39,11 +51,16 @@ def command(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     _check_outputs(args)
     store = FeatureStore.open(args.store)
+    if args.plot is not None:
+        labelled = bool((np.asarray(store.labels) >= 0).any())
+        for path in cluster_plot_paths(Path(args.plot), args.plot_method, labelled):
+            check_output(path, args.overwrite, "--plot")
     report = run_cluster(store, args.k, n_init=args.n_init, seed=args.seed,
                          normalize=args.normalize, max_iter=args.max_iter, device=args.device)
     print(cluster_report(report, args.k))
     if args.out:
-        print(f"wrote {write_assignments(args.out, report.keys, report.clusters)}")
+        out = write_assignments(args.out, report.keys, report.clusters, args.overwrite)
+        print(f"wrote {out}")
     if args.plot:
         for path in plot_clusters(store, report, Path(args.plot), args.plot_method):
             print(f"wrote {path}")
@@ -56,10 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Refuse output paths that cannot be written before the store is read and k-means runs
-    (the numeric options are checked by kmeans itself)."""
+    (the numeric options are checked by kmeans itself): ``runtime.outputs``' policy."""
     if args.out is not None and Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out} is a directory; name a CSV file in it, e.g. "
                           f"--out {Path(args.out) / 'assignments.csv'}")
+    if args.out is not None:
+        check_output(args.out, args.overwrite, "--out")
     if args.plot is not None and Path(args.plot).exists() and not Path(args.plot).is_dir():
         raise ConfigError(f"--plot {args.plot} is a file; name a directory, e.g. "
                           f"--plot {args.plot}_plots")

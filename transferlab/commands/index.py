@@ -4,10 +4,12 @@ Command line::
 
     python -m transferlab.index STORE [--kind auto|flat|ivf|hnsw] [--metric cosine|l2]
 
-The index is written to STORE/index/ with what it was built from; ``search`` and
+The index is written to STORE/index/ with what it was built from, tagged with this user's
+key (``~/.config/transferlab/index.key`` or ``$TRANSFERLAB_INDEX_KEY_FILE``); ``search`` and
 ``store_nearest`` use it while the store is unchanged (``--exact`` scans instead) and refuse
-it once the store has been rewritten or resumed. ``auto``: flat (exact) up to 100,000 rows,
-IVF above.
+it once the store has been rewritten or resumed. An index this user did not build (one that
+came with a store) is never read: searches scan exactly until this command replaces it.
+``auto``: flat (exact) up to 100,000 rows, IVF above.
 """
 from __future__ import annotations
 

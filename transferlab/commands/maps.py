@@ -3,6 +3,7 @@
 Command line::
 
     python -m transferlab.maps STORE OUT.png [--method pca|tsne|umap] [--max-points N]
+        [--overwrite]
 
 Large stores are sampled (seeded; only the sampled rows are read) and the title says how
 many points of how many are shown. t-SNE needs scikit-learn, UMAP ``transferlab[umap]``.
@@ -12,9 +13,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from ..analysis.plots import plot_store_map
+from ..analysis.plots import plot_store_map, png_path
 from ..analysis.projection import MAP_MAX_POINTS, MAP_METHODS
 from ..errors import ConfigError
+from ..runtime.outputs import check_output
 from ..store.reader import FeatureStore
 from . import run_cli
 
@@ -30,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                         + ", ".join(f"{m} {n}" for m, n in MAP_MAX_POINTS.items()) + ")")
     p.add_argument("--view", type=int, default=0, help="which view's rows to map")
     p.add_argument("--seed", type=int, default=0, help="sampling and embedding seed")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT (default: refuse it)")
     return p
 
 
@@ -38,6 +42,7 @@ def command(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.max_points is not None and args.max_points < 3:
         raise ConfigError(f"--max-points must be at least 3, got {args.max_points}")
+    check_output(png_path(args.out), args.overwrite, "OUT")
     store = FeatureStore.open(args.store)
     out = plot_store_map(store, args.out, args.method, args.view, args.max_points, args.seed)
     print(f"wrote {out}")

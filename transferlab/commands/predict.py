@@ -2,8 +2,8 @@
 
 Command line::
 
-    python -m transferlab.predict CHECKPOINT PATH... [--out preds.csv] [--batch-size N]
-        [--device auto] [--precision auto] [--workers N]
+    python -m transferlab.predict CHECKPOINT PATH... [--out preds.csv] [--overwrite]
+        [--batch-size N] [--device auto] [--precision auto] [--workers N]
 
 ``PATH`` is an image file or a folder (searched recursively for image files). The CSV has
 one row per readable image: ``path,class,probability`` (``models/prediction.py``); files
@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="model.safetensors written by transferlab.finetune")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--out", help="CSV file to write (default: stdout)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file (default: refuse it)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="default: extraction's for the device (runtime.batch_size)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -45,7 +47,7 @@ def command(argv: Sequence[str] | None = None) -> PredictResult:
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     result = run_predict(args.checkpoint, args.paths, args.out, args.batch_size, args.device,
-                         args.workers, args.trust_code, args.precision)
+                         args.workers, args.trust_code, args.precision, args.overwrite)
     for path, reason in result.failures:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if args.out:

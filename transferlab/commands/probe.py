@@ -4,7 +4,7 @@ features solve?
 Command line::
 
     python -m transferlab.probe STORE [--test STORE2] [--val-fraction 0.2]
-        [--l2 1e-4 1e-3 ...] [--knn 5] [--plot DIR]
+        [--l2 1e-4 1e-3 ...] [--knn 5] [--plot DIR] [--overwrite]
 """
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..analysis.linear_probe import DEFAULT_L2
-from ..analysis.probe_report import plot_probe, probe_report, run_probe
+from ..analysis.probe_report import plot_probe, probe_plot_paths, probe_report, run_probe
 from ..analysis.projection import MAP_METHODS
 from ..analysis.splits import check_fraction
 from ..errors import ConfigError
+from ..runtime.outputs import check_output
 from ..store.reader import FeatureStore
 from . import run_cli
 
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="DIR", help="write a map, class-column and sweep plots here")
     p.add_argument("--plot-method", choices=MAP_METHODS, default="pca",
                    help="the 2-D map of --plot")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing --plot files (default: refuse them)")
     return p
 
 
@@ -46,6 +49,12 @@ def command(argv: Sequence[str] | None = None) -> None:
         raise ConfigError(f"--knn must be 0 (skip) or more, got {args.knn}")
     if args.test is None:  # before any store is read
         check_fraction(args.val_fraction)
+    if args.plot is not None:
+        if Path(args.plot).exists() and not Path(args.plot).is_dir():
+            raise ConfigError(f"--plot {args.plot} is a file; name a directory, e.g. "
+                              f"--plot {args.plot}_plots")
+        for path in probe_plot_paths(Path(args.plot), args.plot_method):
+            check_output(path, args.overwrite, "--plot")
     store = FeatureStore.open(args.store)
     test = FeatureStore.open(args.test) if args.test else None
     report = run_probe(store, test, val_fraction=args.val_fraction, l2s=args.l2s, knn=args.knn,

@@ -6,10 +6,11 @@ from its metadata); a query may also be a key of the store, whose stored vector 
 Command line::
 
     python -m transferlab.search STORE QUERY_IMAGE... [-k 5] [--metric cosine] [--plot out.png]
-        [--exact]
+        [--exact] [--overwrite]
 
-With a FAISS index built for the metric (``python -m transferlab.index STORE``) the search
-goes through it while the store is unchanged; ``--exact`` scans every row instead.
+With a FAISS index built for the metric (``python -m transferlab.index STORE``) by this user
+on this machine, the search goes through it while the store is unchanged; an index that came
+with the store is ignored (one line on stderr) and every row scanned, as with ``--exact``.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import argparse
 from collections.abc import Sequence
 
 from ..analysis.neighbors import METRICS, check_k, query_vectors, store_search
+from ..analysis.plots import png_path
 from ..analysis.search_report import format_hits, plot_search
+from ..runtime.outputs import check_output
 from ..store.reader import FeatureStore
 from . import run_cli
 
@@ -33,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=METRICS, default="cosine")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
     p.add_argument("--plot", metavar="PNG", help="write a grid of queries and neighbours")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --plot file (default: refuse it)")
     p.add_argument("--exact", action="store_true",
                    help="scan every row even when the store has a FAISS index")
     p.add_argument("--trust-code", action="store_true",
@@ -44,6 +49,8 @@ def command(argv: Sequence[str] | None = None) -> None:
     """Parse, run, print; user mistakes raise TransferlabError."""
     args = build_parser().parse_args(argv)
     check_k(args.k)
+    if args.plot is not None:
+        check_output(png_path(args.plot), args.overwrite, "--plot")
     store = FeatureStore.open(args.store)
     vectors = query_vectors(store, args.queries, args.trust_code)
     hits = store_search(store, vectors, args.k, args.metric, device=args.device,

@@ -24,8 +24,8 @@ from ..data.imageio import DEFAULT_MAX_PIXELS, escape_name
 from ..data.preprocess import build_transform
 from ..data.sources import scan_folder
 from ..errors import DataError
-from ..runtime.atomicfile import atomic_write
 from ..runtime.device import Runtime, apply_runtime, default_batch_size, resolve_device
+from ..runtime.outputs import check_output, write_output
 from .classifier import Classifier, load_model
 
 
@@ -104,13 +104,17 @@ def write_csv(predictions: Sequence[Prediction], out: io.TextIOBase) -> None:
 def run_predict(checkpoint: str | Path, paths: Sequence[str | Path], out: str | Path | None,
                 batch_size: int | None = None, device: str = "auto",
                 num_workers: int | None = None, trust_code: bool = False,
-                precision: str = "auto") -> PredictResult:
+                precision: str = "auto", overwrite: bool = False) -> PredictResult:
     """Load ``checkpoint``, classify the images under ``paths`` and write the CSV to ``out``
-    (atomically; stdout when None). ``trust_code`` lets a trusted checkpoint name code to run.
+    (stdout when None; a file under ``runtime.outputs``' policy: an existing one is refused
+    unless ``overwrite``, checked before the model loads, and written whole). ``trust_code``
+    lets a trusted checkpoint name code to run.
 
     The runtime is resolved and applied as extraction's is (``runtime`` defaults: precision
     ``auto``, channels_last for conv nets, threads of the free cores, BatchNorm folded; None
     for the batch size or the workers: chosen for the device)."""
+    if out is not None:
+        check_output(out, overwrite, "--out")
     config = RuntimeConfig(device=device, precision=precision, batch_size=batch_size,
                            num_workers=num_workers)
     model = load_model(checkpoint, resolve_device(device), trust_code)
@@ -120,7 +124,6 @@ def run_predict(checkpoint: str | Path, paths: Sequence[str | Path], out: str | 
     if out is None:
         write_csv(result.predictions, sys.stdout)
         return result
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda f: write_csv(result.predictions, f), fsync=False)
+    write_output(out, lambda f: write_csv(result.predictions, f), overwrite=overwrite,
+                 what="--out")
     return result

@@ -2,20 +2,23 @@
 ``datasets``), HDF5 (h5py, MATLAB), .npz and the ``{key: vector}`` pickle.
 
 Parquet and HDF5 are written chunk by chunk from the memory-mapped shards (one chunk in RAM
-at a time) into a temporary sibling that is renamed over the target only when complete, so a
-killed export never leaves half a file under the final name.
+at a time). Every format goes through the output policy of ``runtime.outputs``: an existing
+file is refused unless ``overwrite``, a FIFO or device is refused without being opened, and
+the file is written to a temporary sibling (``NAME.PID-TID.tmp``) renamed into place only
+when complete, so a killed export never leaves half a file under the final name.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError, MissingDependencyError, SettingError, StoreError
-from ..runtime.atomicfile import replaced
+from ..runtime.outputs import check_output, output_file
 
 FORMATS = ("parquet", "hdf5", "npz", "pickle")
 _SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".h5": "hdf5", ".hdf5": "hdf5",
@@ -61,22 +64,33 @@ def export_store(store: Any, path: str | os.PathLike, format: str | None = None,
     if path.is_dir():
         raise StoreError(f"{path} is a directory; pass a file path such as {path / 'store'}"
                          f"{'.' + fmt if fmt != 'hdf5' else '.h5'}")
-    if path.exists() and not overwrite:
-        raise SettingError("overwrite", f"is not set and {path} already exists; choose another "
-                           "path, or set it to replace the file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "pickle":  # export_pickle writes atomically itself
-        return store.export_pickle(path)
-    with replaced(path) as tmp:
+    check_output(path, overwrite, "the export")  # before any work
+    with output_file(path, overwrite, "the export") as tmp:
         if fmt == "parquet":
             write_parquet(store, tmp, rows_per_chunk)
         elif fmt == "hdf5":
             write_hdf5(store, tmp, rows_per_chunk)
+        elif fmt == "npz":
+            with open(tmp, "xb") as f:  # a file object: np.savez appends no suffix
+                write_npz(store, f)
         else:
-            written = Path(store.export_npz(tmp))  # np.savez appends .npz to a bare name
-            if written != tmp:
-                os.replace(written, tmp)
+            with open(tmp, "xb") as f:
+                write_pickle(store, f)
     return path
+
+
+def write_npz(store: Any, f: Any) -> None:
+    """``features``, ``paths``, ``labels``, ``views`` as one .npz (no pickles)."""
+    np.savez(f, features=np.asarray(store.features), paths=np.array(store.keys, dtype=str),
+             labels=store.labels, views=store.views)
+
+
+def write_pickle(store: Any, f: Any, view: int = 0) -> None:
+    """``{key: vector}`` (rows of ``view``), for code that expects the Keras-example dump.
+    Export only: transferlab never loads pickles."""
+    rows = np.flatnonzero(np.asarray(store.views) == view)
+    feats = store.features[rows]
+    pickle.dump({store.keys[r]: feats[i] for i, r in enumerate(rows)}, f, protocol=4)
 
 
 def _pyarrow() -> tuple[Any, Any]:

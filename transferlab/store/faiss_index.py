@@ -3,15 +3,28 @@
 Layout (beside the shards)::
 
     <store>/index/faiss.index   the FAISS index (faiss.write_index), rows in store order
-    <store>/index/index.json    what it was built from: kind, metric, parameters, and the
-                                store's rows / written_at / fingerprint / meta.json digest
-                                and mtime
+    <store>/index/index.json    what it was built from: kind, metric, parameters, the
+                                store's rows / written_at / fingerprint / meta.json and
+                                index.csv digests, the index file's size and SHA-256, and
+                                a tag: an HMAC-SHA256 of all of it under this user's key
 
-``index.json`` is written last and removed first, so an index without it (a killed build)
-is never used. It is read before FAISS opens anything, and FAISS opens only the fixed path
-above (never a path read from a file, never a link, never a pickle). An index whose recorded
-store state differs from the store's (rewritten, resumed or merged after the build) is
-stale: loading it raises a one-line StoreError naming the rebuild command.
+Trust (issue #24): FAISS parses what a file says (an on-disk inverted-lists path it then
+maps, sizes it allocates before reading), and everything that makes an index look fresh can
+be written by whoever sent the store. So transferlab uses only indexes this user built on
+this machine: ``build_index`` tags ``index.json`` with a key made once from ``os.urandom``
+and kept outside every store (``runtime.localkey``: ``~/.config/transferlab/index.key``, or
+``$TRANSFERLAB_INDEX_KEY_FILE``). ``load_index`` reads ``index.json`` (a regular file of at
+most 1 MiB), checks its fields and its tag, then reads the index file (a regular file of
+exactly the recorded size, read once into memory), checks its SHA-256, its type's magic
+bytes, and only then hands the bytes to FAISS (from memory, never a path, so no path in
+the file is followed); the loaded index must be the recorded type, metric, rows and width.
+An index without a valid tag (built elsewhere, crafted, truncated, replaced, a link, a
+FIFO, malformed ``index.json``) is never read by FAISS: it is ignored with one logged line
+and the search scans exactly; ``python -m transferlab.index STORE`` replaces it. An index of
+ours whose recorded store state differs from the store's (rewritten, resumed or merged
+after the build) is stale: loading it raises a one-line StoreError naming the rebuild
+command. Rows an index returns are checked to lie in the store; a FAISS failure is a
+StoreError, never FAISS's RuntimeError.
 
 Kinds: ``flat`` (exact), ``ivf`` (inverted lists over k-means cells; ``nprobe`` cells are
 scanned per query), ``hnsw`` (a graph; ``ef_search`` candidates). ``auto`` is ``flat`` up to
@@ -22,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -30,11 +44,20 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, MissingDependencyError, SettingError, StoreError
-from ..runtime.atomicfile import atomic_write_text, replaced
+from ..errors import (
+    ConfigError,
+    MissingDependencyError,
+    SettingError,
+    StoreError,
+    TransferlabError,
+)
+from ..runtime.atomicfile import replaced
+from ..runtime.localkey import local_key, tag, tagged
+from ..runtime.untrusted import claimed_size, open_inside, open_untrusted, read_bounded
 
+_log = logging.getLogger(__name__)
 INDEX_DIR, INDEX_FILE, INDEX_META = "index", "faiss.index", "index.json"
-INDEX_FORMAT, INDEX_VERSION = "transferlab-faiss-index", 1
+INDEX_FORMAT, INDEX_VERSION = "transferlab-faiss-index", 2
 KINDS = ("auto", "flat", "ivf", "hnsw")
 INDEX_METRICS = ("cosine", "l2")
 _ALIASES = {"euclidean": "l2"}  # the exact scan's name for l2
@@ -42,6 +65,13 @@ _ALIASES = {"euclidean": "l2"}  # the exact scan's name for l2
 AUTO_FLAT_MAX_ROWS = 100_000
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
 _IVF_TRAIN_PER_LIST = 64  # k-means training rows per inverted list (faiss wants >= 39)
+_RECORD_LIMIT = 1 << 20  # index.json: a few hundred bytes when transferlab writes it
+_TAG_DOMAIN = b"transferlab-faiss-index-v2\n"
+# The first four bytes faiss writes for each (kind, metric) transferlab builds.
+_MAGIC = {("flat", "cosine"): b"IxFI", ("flat", "l2"): b"IxF2", ("ivf", "cosine"): b"IwFl",
+          ("ivf", "l2"): b"IwFl", ("hnsw", "cosine"): b"IHNf", ("hnsw", "l2"): b"IHNf"}
+_TYPES = {"flat": ("IndexFlatIP", "IndexFlatL2", "IndexFlat"), "ivf": ("IndexIVFFlat",),
+          "hnsw": ("IndexHNSWFlat",)}
 
 
 def _faiss() -> Any:
@@ -69,18 +99,42 @@ def index_paths(store: Any) -> tuple[Path, Path]:
 
 
 def store_state(store: Any) -> dict:
-    """What an index must match: rows, written_at, the fingerprint and meta.json's digest
-    (a rewrite, resume or merge writes a new meta.json)."""
+    """What an index must match: rows, written_at, the fingerprint, meta.json's digest and
+    mtime (a rewrite, resume or merge writes a new meta.json) and index.csv's digest (the
+    keys the index's rows stand for)."""
     meta = store.meta
     fingerprint = json.dumps(meta.get("fingerprint"), sort_keys=True, default=str)
     meta_file = Path(store.dir) / "meta.json"
-    found = meta_file.is_file()
+    meta_digest, meta_mtime = _digest(meta_file, store.dir)
     # the mtime catches a rewrite within written_at's one second (a plain copy of the store
     # changes it too: then the index reads as stale and is rebuilt, never wrongly used)
     return {"rows": int(meta.get("rows", len(store))), "written_at": meta.get("written_at"),
             "fingerprint": hashlib.sha256(fingerprint.encode()).hexdigest(),
-            "meta_sha256": hashlib.sha256(meta_file.read_bytes()).hexdigest() if found else None,
-            "meta_mtime_ns": meta_file.stat().st_mtime_ns if found else None}
+            "meta_sha256": meta_digest, "meta_mtime_ns": meta_mtime,
+            "index_csv_sha256": _digest(Path(store.dir) / "index.csv", store.dir)[0]}
+
+
+# SHA-256 of files read for store_state, keyed by (path, device, inode, size, mtime): a
+# notebook's repeated searches hash a large index.csv once.
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _digest(path: Path, root: Any) -> tuple[str | None, int | None]:
+    """(SHA-256, mtime_ns) of a store file (a regular file inside the store); (None, None)
+    when it is missing."""
+    if not os.path.lexists(path):
+        return None, None
+    with open_untrusted(path, "the store file", StoreError, root) as handle:
+        st = os.fstat(handle.fileno())
+        stamp = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if stamp not in _DIGESTS:
+            digest = hashlib.sha256()
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+            if len(_DIGESTS) > 8:
+                _DIGESTS.clear()
+            _DIGESTS[stamp] = digest.hexdigest()
+        return _DIGESTS[stamp], st.st_mtime_ns
 
 
 def resolve_kind(kind: str, rows: int) -> str:
@@ -138,8 +192,8 @@ def prepare_vectors(x: Any, metric: str) -> np.ndarray:
 def build_index(store: Any, kind: str = "auto", metric: str = "cosine",
                 rows_per_chunk: int = 65536, seed: int = 0, **params: Any) -> dict:
     """Build a FAISS index of ``store`` chunk by chunk from its memory-mapped shards, save it
-    inside the store and return its ``index.json`` record. ``params``: nlist, nprobe
-    (IVF), hnsw_m, ef_search (HNSW)."""
+    inside the store, tagged with this user's key, and return its ``index.json`` record.
+    ``params``: nlist, nprobe (IVF), hnsw_m, ef_search (HNSW)."""
     faiss = _faiss()
     metric = index_metric(metric)
     rows, dim = store.features.shape
@@ -147,6 +201,7 @@ def build_index(store: Any, kind: str = "auto", metric: str = "cosine",
         raise StoreError(f"the store {store.dir} is empty; extract features before indexing")
     kind = resolve_kind(kind, rows)
     chosen = index_params(kind, rows, **params)
+    key = local_key(create=True)  # before the work: a key that cannot be made fails now
     started = time.perf_counter()
     index = _new_index(faiss, kind, dim, metric, chosen)
     if kind == "ivf":
@@ -160,41 +215,123 @@ def build_index(store: Any, kind: str = "auto", metric: str = "cosine",
               "faiss_version": getattr(faiss, "__version__", "unknown"),
               "build_seconds": round(time.perf_counter() - started, 3),
               "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _save(faiss, store, index, record)
+    _save(faiss, store, index, record, key)
     return record
 
 
-def _save(faiss: Any, store: Any, index: Any, record: dict) -> None:
+def _save(faiss: Any, store: Any, index: Any, record: dict, key: bytes) -> None:
+    """Write the index (through a temporary sibling, created without following a link),
+    then its tagged record. A link or FIFO planted at either name, or at the index folder's,
+    is replaced, never written through."""
     path, meta_path = index_paths(store)
+    folder = path.parent
+    if folder.is_symlink() or (os.path.lexists(folder) and not folder.is_dir()):
+        folder.unlink()  # a link (only the link goes) or a file where the folder belongs
+    folder.mkdir(exist_ok=True)
     _refuse_links(store)
-    path.parent.mkdir(exist_ok=True)
-    if read_record(meta_path) is not None:  # ours: drop it first so a kill leaves no pairing
+    for p in (path, meta_path):
+        if p.is_dir() and not p.is_symlink():
+            raise StoreError(f"{p} is a directory; transferlab keeps its index there as a "
+                             "file: remove it and rebuild")
+    if os.path.lexists(meta_path):  # dropped first: a kill leaves an index without a record
         meta_path.unlink()
-    with replaced(path) as tmp:
-        faiss.write_index(index, str(tmp))
-    atomic_write_text(meta_path, json.dumps(record, indent=1), fsync=True)
+    digest, size = hashlib.sha256(), 0
+    with replaced(path) as tmp, open_inside(tmp, "xb", store.dir, "the index", StoreError) as f:
+        def write(data: Any) -> int:
+            nonlocal size
+            data = bytes(data)
+            f.write(data)
+            digest.update(data)
+            size += len(data)
+            return len(data)
+
+        if hasattr(faiss, "PyCallbackIOWriter"):
+            faiss.write_index(index, faiss.PyCallbackIOWriter(write))
+        else:  # older faiss: the bytes once in memory
+            write(faiss.serialize_index(index).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    record.update(index_bytes=size, index_sha256=digest.hexdigest())
+    record["tag"] = tag(key, _tag_payload(record))
+    text = json.dumps(record, indent=1)
+    with replaced(meta_path) as tmp, open_inside(tmp, "x", store.dir, "the index record",
+                                                 StoreError, encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _tag_payload(record: dict) -> bytes:
+    """What the tag covers: every field of the record but the tag, canonically."""
+    fields = {k: v for k, v in record.items() if k != "tag"}
+    return _TAG_DOMAIN + json.dumps(fields, sort_keys=True, separators=(",", ":"),
+                                    ensure_ascii=True).encode("ascii")
 
 
 def _refuse_links(store: Any) -> None:
-    path, meta_path = index_paths(store)
-    for p in (path.parent, path, meta_path):
-        if p.is_symlink() or (p.exists() and not (p.is_dir() if p == path.parent
-                                                  else p.is_file())):
-            raise StoreError(f"{p} is a link or not a regular file; transferlab writes and "
-                             "reads the index only as its own files: remove it and rebuild")
+    """The index folder must be a real folder of the store: a link there would carry the
+    index's writes outside it."""
+    folder = index_paths(store)[0].parent
+    if folder.is_symlink() or (os.path.lexists(folder) and not folder.is_dir()):
+        raise StoreError(f"{folder} is a link or not a folder; transferlab writes and reads "
+                         "the index only as its own files: remove it and rebuild")
 
 
-def read_record(meta_path: Path) -> dict | None:
-    """A parsed index.json written by transferlab, else None."""
-    if meta_path.is_symlink() or not meta_path.is_file():
-        return None
+class _Untrusted(Exception):
+    """An index that is not used (a reason, logged in one line; the search scans)."""
+
+
+def read_record(meta_path: Path, root: Any = None) -> dict:
+    """The parsed ``index.json`` (a regular file of at most 1 MiB, inside ``root``), every
+    field checked; _Untrusted otherwise."""
     try:
-        record = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
+        data = read_bounded(meta_path, _RECORD_LIMIT, "the index record", StoreError, root)
+        record = json.loads(data.decode("utf-8"))
+    except TransferlabError as exc:
+        raise _Untrusted(str(exc)) from None
+    except (ValueError, RecursionError):
+        raise _Untrusted(f"{meta_path} is not JSON") from None
     if not isinstance(record, dict) or record.get("format") != INDEX_FORMAT:
-        return None
+        raise _Untrusted(f"{meta_path} is not a transferlab index record")
+    if record.get("version") != INDEX_VERSION:
+        raise _Untrusted(f"{meta_path} has format version {shown(record.get('version'))}, "
+                         f"not {INDEX_VERSION} (an older transferlab, or not transferlab)")
+    _check_fields(meta_path, record)
     return record
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_fields(meta_path: Path, record: dict) -> None:
+    """Types and ranges of every field load_index uses: one reason instead of a traceback."""
+    def bad(field: str, value: Any) -> _Untrusted:
+        return _Untrusted(f"{meta_path}: {field} is {shown(value)}")
+
+    kind, metric, params = record.get("kind"), record.get("metric"), record.get("params")
+    if kind not in KINDS[1:]:
+        raise bad("kind", kind)
+    if metric not in INDEX_METRICS:
+        raise bad("metric", metric)
+    try:
+        for field, limit in (("rows", 1 << 40), ("dim", 1 << 24), ("index_bytes", 1 << 50)):
+            claimed_size(record.get(field), limit, f"{meta_path}: {field}", StoreError, 1)
+        wanted = {"ivf": ("nlist", "nprobe"), "hnsw": ("m", "ef_search")}.get(kind, ())
+        if not isinstance(params, dict):
+            raise bad("params", params)
+        for name in wanted:
+            claimed_size(params.get(name), 1 << 31, f"{meta_path}: params.{name}",
+                         StoreError, 1)
+    except StoreError as exc:
+        raise _Untrusted(str(exc)) from None
+    for field in ("tag", "index_sha256"):
+        value = record.get(field)
+        if not isinstance(value, str) or len(value) != 64:
+            raise bad(field, value)
+    if not isinstance(record.get("store"), dict):
+        raise bad("store", record.get("store"))
 
 
 class StoreIndex:
@@ -211,79 +348,159 @@ class StoreIndex:
 
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(Q, k) distances and rows sorted by distance then row; missing hits are row -1
-        at distance inf (IVF cells holding fewer than k rows)."""
+        at distance inf (IVF cells holding fewer than k rows). A row outside the store or a
+        FAISS failure is a StoreError."""
         q = prepare_vectors(np.atleast_2d(np.asarray(queries, dtype=np.float32)), self.metric)
-        if q.shape[1] != self.record["dim"]:
-            raise StoreError(f"queries have {q.shape[1]} dimensions but the index holds "
+        rows = int(self.record["rows"])
+        if q.ndim != 2 or q.shape[1] != self.record["dim"]:
+            raise StoreError(f"queries have {q.shape[-1]} dimensions but the index holds "
                              f"{self.record['dim']}; embed queries with the store's backbone")
-        if self.kind == "hnsw":
-            self.index.hnsw.efSearch = max(int(self.record["params"]["ef_search"]), k)
-        d, i = self.index.search(q, min(k, int(self.record["rows"])))
+        try:
+            if self.kind == "hnsw":
+                self.index.hnsw.efSearch = max(int(self.record["params"]["ef_search"]), k)
+            d, i = self.index.search(q, min(k, rows))
+        except RuntimeError as exc:
+            raise StoreError(f"the FAISS index failed ({_first_line(exc)}); search exactly "
+                             "(exact=True, --exact) or rebuild it") from None
+        i = np.asarray(i, dtype=np.int64)
+        outside = i[(i < -1) | (i >= rows)]
+        if outside.size:
+            raise StoreError(f"the FAISS index returned row {int(outside[0])}, outside the "
+                             f"store's {rows} rows; rebuild it or search exactly (--exact)")
         d = (1.0 - d) if self.metric == "cosine" else np.sqrt(np.maximum(d, 0.0))
         d = np.where(i < 0, np.inf, d).astype(np.float32)
         order = np.lexsort((np.where(i < 0, np.iinfo(np.int64).max, i), d), axis=1)
         return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return shown(lines[-1] if lines else type(exc).__name__, 200)
+
+
 def load_index(store: Any, metric: str | None = None) -> StoreIndex | None:
-    """The store's index if one exists for ``metric`` (any metric when None); None when there
-    is none. Raises StoreError if it is stale or damaged."""
+    """The store's index if this user built one for ``metric`` (any metric when None) and
+    the store is unchanged since; None when there is none or it is not trusted (logged in
+    one line: the caller scans exactly). Raises StoreError if ours but stale."""
     if getattr(store, "dir", None) is None:
         return None
+    wanted = None if metric is None else index_metric(metric)
     path, meta_path = index_paths(store)
-    record = read_record(meta_path)
-    if record is None or (metric is not None and record.get("metric") != index_metric(metric)):
+    if not os.path.lexists(meta_path):
+        return None  # no index (or a killed build's, without its record): scan
+    try:
+        _refuse_links(store)
+        record = read_record(meta_path, path.parent)
+        if wanted is not None and record["metric"] != wanted:
+            return None
+        _check_tag(record)
+    except (_Untrusted, TransferlabError) as exc:
+        _ignore(store, str(exc))
         return None
-    _check_record(store, record)
-    _refuse_links(store)
-    if not path.is_file():
-        raise StoreError(f"{path} is missing; rebuild it: {rebuild_command(store, record)}")
-    stamp = (str(path.resolve()), _stat(path), _stat(meta_path))
+    _check_fresh(store, record)
+    stamp = (str(path.resolve()), record["tag"])
     if stamp not in _LOADED:
+        try:
+            index = _read_index(path, record)
+        except _Untrusted as exc:
+            _ignore(store, str(exc), record)
+            return None
         _LOADED.clear()  # keep one index in RAM: a large one takes as much as its vectors
-        _LOADED[stamp] = StoreIndex(_read_index(path, store, record), record)
+        _LOADED[stamp] = StoreIndex(index, record)
     return _LOADED[stamp]
 
 
-# The last index loaded, keyed by its path and both files' (mtime, size, inode): a notebook
-# calling store_nearest repeatedly reads it once; a rebuild replaces the files, so the key.
+# The last index loaded, keyed by its path and its record's tag: a notebook calling
+# store_nearest repeatedly reads it once; a rebuild writes a new tag. The index in memory
+# was checked against the tag when read, whatever happens to the file later.
 _LOADED: dict[tuple, StoreIndex] = {}
 
 
-def _stat(path: Path) -> tuple[int, int, int]:
-    st = path.stat()
-    return st.st_mtime_ns, st.st_size, st.st_ino
+def _ignore(store: Any, reason: str, record: dict | None = None) -> None:
+    _log.warning("ignoring the FAISS index of %s (%s): searching exactly; `%s` rebuilds it",
+                 store.dir, " ".join(reason.split()), rebuild_command(store, record))
 
 
-def _read_index(path: Path, store: Any, record: dict) -> Any:
+def _check_tag(record: dict) -> None:
+    """The record's tag must be ours: made with this user's key on this machine."""
+    try:
+        key = local_key(create=False)
+    except TransferlabError as exc:
+        raise _Untrusted(str(exc)) from None
+    if key is None:
+        raise _Untrusted("no index was built on this machine by this user: it came with the "
+                         "store")
+    if not tagged(key, _tag_payload(record), record["tag"]):
+        raise _Untrusted("it was not built by this user on this machine (its tag does not "
+                         "match): transferlab reads only indexes it built")
+
+
+def _check_fresh(store: Any, record: dict) -> None:
+    """Our index, for this store as it is now: else a one-line StoreError (stale)."""
+    rows, dim = store.features.shape
+    if record["store"] != store_state(store) or record["rows"] != rows or \
+            record["dim"] != dim:
+        built = record["store"].get("written_at")
+        raise StoreError(f"the FAISS index of {store.dir} is stale (built for the store "
+                         f"written at {built}, the store was written at "
+                         f"{store.meta.get('written_at')}); rebuild it: "
+                         f"{rebuild_command(store, record)} (or search exactly: exact=True)")
+
+
+def _read_index(path: Path, record: dict) -> Any:
+    """The index file's bytes (a regular file of exactly the recorded size, read once),
+    checked against the record's digest and magic bytes, then parsed by FAISS from memory;
+    the result must be the recorded type, metric, rows and width."""
     try:
         faiss = _faiss()
     except MissingDependencyError:
         raise MissingDependencyError('the store has a FAISS index but faiss is not installed: '
                                      'pip install "transferlab[faiss]", or search exactly '
                                      '(exact=True)') from None
-    index = faiss.read_index(str(path))
-    if index.ntotal != record["rows"] or index.d != record["dim"]:
-        raise StoreError(f"{path} does not match its index.json; rebuild it: "
-                         f"{rebuild_command(store, record)}")
-    if record["kind"] == "ivf":
-        faiss.extract_index_ivf(index).nprobe = int(record["params"]["nprobe"])
+    size = record["index_bytes"]
+    try:
+        data = read_bounded(path, size, "the index", StoreError, path.parent)
+    except StoreError as exc:
+        raise _Untrusted(str(exc)) from None
+    if len(data) != size or hashlib.sha256(data).hexdigest() != record["index_sha256"]:
+        raise _Untrusted(f"{path} is not the file its index.json describes (truncated or "
+                         "replaced)")
+    kind, metric = record["kind"], record["metric"]
+    if data[:4] != _MAGIC[kind, metric]:
+        raise _Untrusted(f"{path} does not hold a {kind} index")
+    try:
+        index = _deserialize(faiss, data)
+    except RuntimeError as exc:
+        raise _Untrusted(f"faiss cannot read {path}: {_first_line(exc)}") from None
+    del data
+    want = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+    if type(index).__name__ not in _TYPES[kind] or index.metric_type != want or \
+            index.ntotal != record["rows"] or index.d != record["dim"]:
+        raise _Untrusted(f"{path} holds a {type(index).__name__} of {index.ntotal} x {index.d}, "
+                         f"not the {kind} index of {record['rows']} x {record['dim']} its "
+                         "index.json describes")
+    if kind == "ivf":
+        ivf = faiss.extract_index_ivf(index)
+        if ivf.nlist != record["params"]["nlist"]:
+            raise _Untrusted(f"{path} has {ivf.nlist} lists, not {record['params']['nlist']}")
+        ivf.nprobe = min(int(record["params"]["nprobe"]), ivf.nlist)
     return index
 
 
-def _check_record(store: Any, record: dict) -> None:
-    ok = (record.get("version") == INDEX_VERSION and record.get("kind") in KINDS[1:]
-          and record.get("metric") in INDEX_METRICS and isinstance(record.get("params"), dict)
-          and isinstance(record.get("rows"), int) and isinstance(record.get("dim"), int))
-    if not ok:
-        raise StoreError(f"{index_paths(store)[1]} is not an index record this transferlab "
-                         f"reads; rebuild it: {rebuild_command(store, record)}")
-    if record.get("store") != store_state(store):
-        built = (record.get("store") or {}).get("written_at")
-        raise StoreError(f"the FAISS index of {store.dir} is stale (built for the store "
-                         f"written at {built}, the store was written at "
-                         f"{store.meta.get('written_at')}); rebuild it: "
-                         f"{rebuild_command(store, record)} (or search exactly: exact=True)")
+def _deserialize(faiss: Any, data: bytes) -> Any:
+    """An index parsed from ``data`` in memory (no copy of it where faiss has a callback
+    reader)."""
+    if not hasattr(faiss, "PyCallbackIOReader"):
+        return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    view, position = memoryview(data), 0
+
+    def read(n: int) -> bytes:
+        nonlocal position
+        chunk = view[position:position + n]
+        position += len(chunk)
+        return bytes(chunk)
+
+    return faiss.read_index(faiss.PyCallbackIOReader(read))
 
 
 def rebuild_command(store: Any, record: dict | None = None) -> str:
