@@ -37,6 +37,7 @@ Sources (``DataConfig.source``):
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,12 +51,35 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from ..errors import DataError
 from .imageio import ImageDecodeError, decoding_threads_quiet, load_image
 
+# Limits on what a data source names (issue #24): a key (a listed path, a tar member name) is
+# written to a store's index, and a label is an int64 there; longer or wider ones are refused
+# where they are read (one line naming the line of a list file, or a failure of the item).
+MAX_KEY_CHARS = 4096  # characters of a key (PATH_MAX on Linux); the store writer checks it too
+MAX_LABEL_DIGITS = 18  # an integer label has at most 18 digits: |label| < 1e18 fits int64
+_LABEL_TEXT = re.compile(rf"-?[0-9]{{1,{MAX_LABEL_DIGITS}}}")
+
 MNIST_5K = Path(__file__).parent / "mnist_5k.npz"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 PLACEHOLDER_SIZE = (32, 32)
 
 Transform = Callable[[Image.Image], Any]
 Item = TypeVar("Item")
+
+
+def integer_label(text: str) -> int | None:
+    """``text`` as an integer label (``-?[0-9]{1,18}``, ASCII digits only), None when it is not
+    one: a number of more digits cannot be a class index and would not fit int64."""
+    return int(text) if _LABEL_TEXT.fullmatch(text) else None
+
+
+def label_problem(text: str) -> str | None:
+    """Why ``text``, which looks like an integer, cannot be an integer label (too many digits),
+    or None."""
+    digits = len(text) - text.startswith("-")
+    if digits > MAX_LABEL_DIGITS and text.lstrip("-").isdigit():
+        return (f"an integer of {digits:,} digits (a label has at most {MAX_LABEL_DIGITS} "
+                "digits)")
+    return None
 
 
 # ---------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from ..errors import DataError, MissingDependencyError, TransferlabError
+from ..runtime.untrusted import file_size, open_untrusted
 from .imageio import UNREADABLE, ImageDecodeError, decode_bytes, is_image_file
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ T = TypeVar("T")
 SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "http": None, "https": None}
 ATTEMPTS = 4  # tries per request (the first included)
 BACKOFF_S = 0.25  # sleep before the second try; doubled before each further one
+MAX_TEXT_BYTES = 1 << 30  # a list file is read whole into memory: 1 GiB holds ~20M paths
 # Errors that retrying cannot cure: a missing object, no permission, a bad request, our own
 # verdicts (a shard that is not a tar file).
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
@@ -151,11 +153,46 @@ def read_bytes(url: str, start: int | None = None, end: int | None = None,
     return call_listing(url, key, lambda: fs.cat_file(path, start=start, end=end))
 
 
+def read_text(path: str | Path, key: str = "data.list_file",
+              limit: int = MAX_TEXT_BYTES) -> str:
+    """A text file (a list file), local or remote, of at most ``limit`` bytes, as UTF-8 (a BOM
+    dropped), line ends kept as written (CSV fields may hold them); ``UnicodeDecodeError``
+    when it is not UTF-8. A local file is read only when it is a regular file (a FIFO or a
+    device is one line, never a hang: ``runtime.untrusted.open_untrusted``)."""
+    if is_remote(path):
+        data = read_at_most(str(path), limit, key)
+    else:
+        with open_untrusted(local_path(path), key, DataError) as f:
+            _check_text_size(path, file_size(f), limit, key)
+            data = f.read(limit + 1)
+    _check_text_size(path, len(data), limit, key)  # grew while being read
+    return data.decode("utf-8-sig")
+
+
 def open_text(path: str | Path, key: str = "data.list_file") -> io.StringIO:
-    """A small text file (a list file), local or remote, as UTF-8 (a BOM dropped), line ends
-    kept as written (CSV fields may hold them); ``UnicodeDecodeError`` when it is not UTF-8."""
-    data = read_bytes(str(path), key=key) if is_remote(path) else local_path(path).read_bytes()
-    return io.StringIO(data.decode("utf-8-sig"), newline="")
+    """``read_text`` as a file object (``newline=""``, as ``csv`` wants it)."""
+    return io.StringIO(read_text(path, key), newline="")
+
+
+def _check_text_size(path: str | Path, size: int, limit: int, key: str) -> None:
+    if size > limit:
+        raise DataError(f"{key} {path} is more than {limit:,} bytes ({size:,} read); a list "
+                        "that long is not read into memory: split the data into tar shards "
+                        "(data.source=webdataset) or into several lists")
+
+
+def read_at_most(url: str, limit: int, key: str) -> bytes:
+    """At most ``limit + 1`` bytes of object ``url`` (whatever size it claims), retried."""
+    fs, path = filesystem(url)
+
+    def call() -> bytes:
+        with fs.open(path, "rb") as f:
+            size = getattr(f, "size", None)
+            if isinstance(size, int) and size > limit:
+                _check_text_size(url, size, limit, key)
+            return f.read(limit + 1)
+
+    return call_listing(url, key, call)
 
 
 def object_info(url: str, key: str) -> dict:
