@@ -73,12 +73,11 @@ def integer_label(text: str) -> int | None:
 
 
 def label_problem(text: str) -> str | None:
-    """Why ``text``, which looks like an integer, cannot be an integer label (too many digits),
-    or None."""
+    """Why ``text``, which looks like an integer, cannot be an integer label ("is an integer of
+    N digits ..."), or None."""
     digits = len(text) - text.startswith("-")
     if digits > MAX_LABEL_DIGITS and text.lstrip("-").isdigit():
-        return (f"an integer of {digits:,} digits (a label has at most {MAX_LABEL_DIGITS} "
-                "digits)")
+        return f"is an integer of {digits:,} digits (a label has at most {MAX_LABEL_DIGITS})"
     return None
 
 

@@ -38,7 +38,7 @@ T = TypeVar("T")
 SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "http": None, "https": None}
 ATTEMPTS = 4  # tries per request (the first included)
 BACKOFF_S = 0.25  # sleep before the second try; doubled before each further one
-MAX_TEXT_BYTES = 1 << 30  # a list file is read whole into memory: 1 GiB holds ~20M paths
+MAX_TEXT_BYTES = 1 << 30  # a list file is read whole into memory (1 GiB: some 20M paths)
 # Errors that retrying cannot cure: a missing object, no permission, a bad request, our own
 # verdicts (a shard that is not a tar file).
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
@@ -153,12 +153,12 @@ def read_bytes(url: str, start: int | None = None, end: int | None = None,
     return call_listing(url, key, lambda: fs.cat_file(path, start=start, end=end))
 
 
-def read_text(path: str | Path, key: str = "data.list_file",
-              limit: int = MAX_TEXT_BYTES) -> str:
+def read_text(path: str | Path, key: str = "data.list_file", limit: int | None = None) -> str:
     """A text file (a list file), local or remote, of at most ``limit`` bytes, as UTF-8 (a BOM
     dropped), line ends kept as written (CSV fields may hold them); ``UnicodeDecodeError``
     when it is not UTF-8. A local file is read only when it is a regular file (a FIFO or a
     device is one line, never a hang: ``runtime.untrusted.open_untrusted``)."""
+    limit = MAX_TEXT_BYTES if limit is None else limit
     if is_remote(path):
         data = read_at_most(str(path), limit, key)
     else:
@@ -176,8 +176,8 @@ def open_text(path: str | Path, key: str = "data.list_file") -> io.StringIO:
 
 def _check_text_size(path: str | Path, size: int, limit: int, key: str) -> None:
     if size > limit:
-        raise DataError(f"{key} {path} is more than {limit:,} bytes ({size:,} read); a list "
-                        "that long is not read into memory: split the data into tar shards "
+        raise DataError(f"{key} {path} holds more than {limit:,} bytes ({size:,}); a list that "
+                        "long is not read into memory: split the data into tar shards "
                         "(data.source=webdataset) or into several lists")
 
 

@@ -304,17 +304,17 @@ def _read_csv(path: Path | str, path_column: str, label_column: str | None
             entry = (row.get(path_column) or "").strip()
             if not entry:
                 continue
-            paths.append(_check_entry(path, reader.line_num, entry, "path"))
+            line = reader.reader.line_num  # DictReader's own is one row behind on an error
+            paths.append(_check_entry(path, line, entry, "path"))
             if labels is not None:
-                label = _check_entry(path, reader.line_num,
-                                     (row.get(label_column) or "").strip(), "label")
+                label = (row.get(label_column) or "").strip()
                 problem = label_problem(label)
                 if problem is not None:
-                    raise DataError(f"data.list_file {path} line {reader.line_num}: the label "
-                                    f"is {problem}; fix that line")
-                labels.append(label)
+                    raise DataError(f"data.list_file {path} line {line}: the label {problem}; "
+                                    "fix that line")
+                labels.append(_check_entry(path, line, label, "label"))
     except csv.Error as exc:
-        raise DataError(f"data.list_file {path} line {reader.line_num}: {exc}; fix that line"
+        raise DataError(f"data.list_file {path} line {reader.reader.line_num}: {exc}; fix that line"
                         ) from None
     return paths, labels
 

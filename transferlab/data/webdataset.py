@@ -102,6 +102,7 @@ _DIGITS = re.compile(rb"[0-9]+")
 _EXTENDED = {tarfile.GNUTYPE_LONGNAME: "GNU long-name", tarfile.GNUTYPE_LONGLINK:
              "GNU long-link", tarfile.XHDTYPE: "pax", tarfile.SOLARIS_XHDTYPE: "pax",
              tarfile.XGLTYPE: "pax global"}
+_GUARDED = {*_EXTENDED, tarfile.GNUTYPE_SPARSE}
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,14 +253,13 @@ class _HeaderGuard:
             for _ in range(MAX_EXTENDED_CHAIN + 1):
                 self.fileobj.seek(pos)
                 block = self.fileobj.read(tarfile.BLOCKSIZE)
-                if len(block) < tarfile.BLOCKSIZE or not _is_header(block):
-                    return  # the end, or a damaged header: tarfile says which
                 kind = block[156:157]
+                if kind not in _GUARDED or len(block) < tarfile.BLOCKSIZE or not _is_header(
+                        block):
+                    return  # a member header, the end, or damage: tarfile says which
                 if kind == tarfile.GNUTYPE_SPARSE:
                     raise UnsafeHeader(f"GNU sparse member at byte {pos}: sparse members are "
                                        "not read from shards (write the shard without --sparse)")
-                if kind not in _EXTENDED:
-                    return
                 pos = self._extended(block, kind, pos)
         finally:
             self.fileobj.seek(offset)
