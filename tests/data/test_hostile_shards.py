@@ -64,6 +64,15 @@ def pax(*records: tuple[str, str | bytes]) -> bytes:
     return member("PaxHeader", body, tarfile.XHDTYPE)
 
 
+def negative_size(name: str) -> bytes:
+    """A member header whose base-256 size field says -1 (checksum fixed)."""
+    block = bytearray(header(name, 0))
+    block[124:136] = b"\xff" * 12
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % tarfile.calc_chksums(bytes(block))[0]
+    return bytes(block)
+
+
 GOOD = member("good.jpg", IMAGE)  # the hostile header starts after it, at byte AT
 LATER = member("later.jpg", IMAGE)
 AT = len(GOOD)
@@ -93,6 +102,8 @@ HOSTILE_HEADERS = {
                    "malformed pax record at byte 0 of the header"),
     "sparse": (GOOD + pax(("GNU.sparse.major", "1"), ("GNU.sparse.minor", "0")) + LATER + END,
                "GNU sparse member; sparse members are not read from shards"),
+    "pax-size": (GOOD + pax(("size", "-5")) + LATER + END,
+                 "the member size is not a whole number"),
 }
 FIRST_HEADER = {  # nothing before the hostile header: the shard is one failure at byte 0
     "first-pax-64g": (header("p", 64 << 30, tarfile.XHDTYPE) + b"a" * 512 + END,
@@ -183,6 +194,14 @@ def test_a_member_name_longer_than_a_key_is_a_bad_name_at_its_offset(tmp_path):
     assert ds[1]["error"] == ("bad-name: member name is 5,004 characters (a key has at most "
                               "4,096)")
     assert ds[2]["error"] == ds[1]["error"] and ds[0]["error"] is None
+
+
+def test_a_member_claiming_a_negative_size_is_never_read(tmp_path):
+    shard = tmp_path / "neg.tar"
+    shard.write_bytes(GOOD + negative_size("neg.jpg") + negative_size("neg.cls") + END)
+    ds = build_webdataset(DataConfig(source="webdataset", urls=str(shard), label_key="cls"))
+    assert ds.keys[:2] == ["neg/good", "neg/neg"]
+    assert ds[1]["error"] == "corrupt: member header claims -1 bytes; never read"
 
 
 def test_honest_pax_and_gnu_shards_list_as_before(tmp_path):

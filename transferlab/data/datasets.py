@@ -22,7 +22,11 @@ Sources (``DataConfig.source``):
   that escapes the base (absolute elsewhere, or leading out with ``..``) is never read: it
   is a failure ``outside-root``. The check is on the listed text; symlinks inside the base
   are followed (whoever owns the data folder put them there, as with ``folder``). File order
-  is kept.
+  is kept. The list is read only when it is a regular file (a FIFO or a device is one
+  line, never a hang) of at most ``remote.MAX_TEXT_BYTES`` and ``sources.MAX_LIST_LINES``
+  lines; a path or a label longer than ``MAX_KEY_CHARS``, an integer label of more than
+  ``MAX_LABEL_DIGITS`` digits or a CSV field over ``csv``'s limit is one error naming its
+  line.
 - ``torchvision``: MNIST, FashionMNIST, KMNIST, CIFAR10, CIFAR100 via ``torchvision.datasets``
   (keys ``train/000123``). MNIST-style datasets are read directly from idx files (``.gz`` or
   not) when ``root`` holds them, e.g. Debian's ``/usr/share/datasets/fashion-mnist`` (used for

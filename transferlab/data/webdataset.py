@@ -13,8 +13,11 @@ with one key form one sample, as WebDataset reads them).
   run resumes on the same items and the keys are stable.
 - ``data.label_key`` names the member with the label: ``cls`` (an integer, as WebDataset
   writes it), ``txt`` (a class name; names sorted give the labels) or ``json`` (its
-  ``"label"`` value, integer or class name). A sample without a readable label gets -1.
-  Other members are ignored.
+  ``"label"`` value, integer or class name). A sample without a label member (or an empty
+  one, or JSON without ``"label"``) gets -1. A label member that is not a label (not an
+  integer, more than 18 digits, JSON nested deeper than ``MAX_JSON_DEPTH``, a class name
+  longer than a key, more than ``MAX_LABEL_BYTES``) makes the sample a failure
+  ``bad-label`` saying why. Other members are ignored.
 
 Listing reads each shard's tar headers once (and its label members); nothing is unpacked to
 disk. Items are read by offset: a local shard by seek + read, a remote one through windows
@@ -26,8 +29,18 @@ Bad data are item failures with a reason, never a crash: an undecodable member i
 ``truncated`` (the members before it are read); when the tar structure itself breaks
 (a damaged header, a shard cut between members) a failure ``<shard>/@<byte>`` says from
 where on the shard was lost. A member name that is absolute or uses ``..`` is
-``outside-root`` and never read. A missing shard, or a file that is not a tar at all, is a
-one-line ``DataError`` before the model loads.
+``outside-root`` and never read; one longer than ``MAX_KEY_CHARS`` is ``bad-name``, keyed
+``<shard>/@<byte>`` by its header. A missing shard, a FIFO or a device where a shard is
+expected, or a file that is not a tar at all, is a one-line ``DataError`` before the model
+loads.
+
+Tar headers are checked before ``tarfile`` parses them (``_HeaderGuard``): an extended
+header (pax, GNU long name) claiming more than ``MAX_EXTENDED_BYTES`` or more than the
+shard holds, more than ``MAX_EXTENDED_CHAIN`` of them in a row, a malformed pax record, a
+run of more than ``MAX_DIGIT_RUN`` digits (``tarfile``'s quadratic backtracking,
+CVE-2024-6232) or a GNU sparse member ends the listing of that shard there, as a damaged
+header does: listing stays linear in the shard's bytes and allocates no more than it holds.
+Brace patterns are counted before they are expanded (``MAX_SHARDS``).
 
 Under torchrun every rank takes whole shards, contiguous runs of them
 (``runtime.distributed.part_range`` over the shards), so no shard is read by two ranks and
@@ -307,9 +320,12 @@ def _check_pax(data: bytes, what: str) -> None:
         equals = data.find(b"=", space + 1, end)
         if not (space + 1 < equals < end <= len(data)) or data[end - 1] != 0x0A:
             raise UnsafeHeader(f"{what}: malformed pax record at byte {pos} of the header")
-        if data[space + 1:equals].startswith(b"GNU.sparse"):
+        keyword = data[space + 1:equals]
+        if keyword.startswith(b"GNU.sparse"):
             raise UnsafeHeader(f"{what}: GNU sparse member; sparse members are not read from "
                                "shards (write the shard without --sparse)")
+        if keyword == b"size" and not data[equals + 1:end - 1].isdigit():
+            raise UnsafeHeader(f"{what}: the member size is not a whole number")
         pos = end
     if data[pos:].strip(b"\0"):
         raise UnsafeHeader(f"{what}: malformed pax record at byte {pos} of the header")
@@ -333,6 +349,8 @@ def _rejection(key: str, member: tarfile.TarInfo, shard_size: int) -> tuple[str,
         return OUTSIDE_ROOT, "member name leaves the shard (absolute or '..'); never read"
     if not member.isreg():
         return UNREADABLE, "not a regular file member (link or device); never read"
+    if member.size < 0:  # a base-256 size field can say so
+        return CORRUPT, f"member header claims {member.size:,} bytes; never read"
     end = member.offset_data + member.size
     if end > shard_size:
         return TRUNCATED, (f"member data ends at byte {end} but the shard has {shard_size} "
@@ -376,7 +394,7 @@ def _label_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo, shard_size: int)
     """The bytes of a label member, or why they are not read."""
     if not member.isreg() or member.sparse is not None:
         return "is not a regular file member"
-    if member.size > MAX_LABEL_BYTES:
+    if not 0 <= member.size <= MAX_LABEL_BYTES:
         return f"is {member.size:,} bytes (a label has at most {MAX_LABEL_BYTES:,})"
     if member.offset_data + member.size > shard_size:
         return "is cut off by the end of the shard"
