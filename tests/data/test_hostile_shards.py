@@ -386,10 +386,20 @@ def test_list_files_are_bounded_in_bytes_and_lines(tmp_path, monkeypatch):
         build_dataset(DataConfig(source="list", list_file=str(listed)))
 
 
-def test_a_remote_list_file_is_read_no_further_than_the_limit(monkeypatch):
+@pytest.fixture
+def memfs():
+    """fsspec's in-memory filesystem (one per process), emptied of what the test wrote."""
     import fsspec
 
     fs = fsspec.filesystem("memory")
+    yield fs
+    for top in ("/b", "/f"):
+        if fs.exists(top):
+            fs.rm(top, recursive=True)
+
+
+def test_a_remote_list_file_is_read_no_further_than_the_limit(monkeypatch, memfs):
+    fs = memfs
     fs.pipe("/b/list.txt", "".join(f"{i}.jpg\n" for i in range(1000)).encode())
     monkeypatch.setattr(remote, "filesystem", lambda url: (fs, "/b/list.txt"))
     monkeypatch.setattr(remote, "MAX_TEXT_BYTES", 100)
@@ -399,6 +409,18 @@ def test_a_remote_list_file_is_read_no_further_than_the_limit(monkeypatch):
     monkeypatch.setattr(remote, "MAX_TEXT_BYTES", 10_000)
     ds = build_dataset(DataConfig(source="list", list_file="s3://b/list.txt", root="s3://b/"))
     assert ds.keys[:2] == ["0.jpg", "1.jpg"] and len(ds) == 1000
+
+
+def test_a_remote_folder_key_longer_than_a_key_is_one_line(monkeypatch, memfs):
+    fs = memfs
+    fs.pipe("/f/imgs/a.jpg", IMAGE)
+    fs.pipe("/f/imgs/" + "d/" * 2100 + "x.jpg", IMAGE)
+    monkeypatch.setattr(remote, "filesystem", lambda url: (fs, "/f/imgs"))
+    with pytest.raises(DataError, match=r"holds an object key of 4,205 characters \(at most "
+                                        r"4,096\): d/d/.*; rename it"):
+        remote.find_images("s3://f/imgs", [".jpg"])
+    fs.rm("/f/imgs/" + "d/" * 2100 + "x.jpg")
+    assert remote.find_images("s3://f/imgs", [".jpg"]) == ["a.jpg"]
 
 
 def in_thread(call, fifo: Path):

@@ -29,6 +29,7 @@ from PIL import Image
 
 from ..errors import DataError, MissingDependencyError, TransferlabError
 from ..runtime.untrusted import file_size, open_untrusted
+from .datasets import MAX_KEY_CHARS
 from .imageio import UNREADABLE, ImageDecodeError, decode_bytes, is_image_file
 
 log = logging.getLogger(__name__)
@@ -211,9 +212,15 @@ def find_images(root: str, extensions: list[str]) -> list[str]:
                         "the image folder (a prefix ending in /)")
     base = path.rstrip("/") + "/"
     found = call_listing(root, "data.root", lambda: fs.find(path))
-    keys = [p[len(base):] for p in found if p.startswith(base)]
-    return sorted(k for k in keys if not any(part.startswith(".") for part in k.split("/"))
+    keys = sorted(k for k in (p[len(base):] for p in found if p.startswith(base))
+                  if not any(part.startswith(".") for part in k.split("/"))
                   and is_image_file(k, extensions))
+    longest = max(keys, key=len, default="")
+    if len(longest) > MAX_KEY_CHARS:  # keys are written to a store's index
+        raise DataError(f"data.root {root!r} holds an object key of {len(longest):,} characters "
+                        f"(at most {MAX_KEY_CHARS:,}): {longest[:80]}...; rename it or move it "
+                        "out of data.root")
+    return keys
 
 
 def join(base: str, key: str) -> str:
