@@ -381,6 +381,9 @@ def test_list_files_are_bounded_in_bytes_and_lines(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "MAX_LIST_LINES", 5)
     with pytest.raises(DataError, match="has more than 5 lines; a list that long"):
         build_dataset(DataConfig(source="list", list_file=str(listed)))
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"".join(b"%d.jpg\r\n" % i for i in range(4)) + b"a.jpg\r\n")
+    assert len(build_dataset(DataConfig(source="list", list_file=str(crlf)))) == 5
     monkeypatch.setattr(remote, "MAX_TEXT_BYTES", 40)
     with pytest.raises(DataError, match=r"l.txt holds more than 40 bytes \(60\); a list"):
         build_dataset(DataConfig(source="list", list_file=str(listed)))

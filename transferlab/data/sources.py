@@ -258,7 +258,7 @@ def _list_text(path: Path | str) -> str:
     """The list file's text (at most ``remote.MAX_TEXT_BYTES``) with at most
     ``MAX_LIST_LINES`` lines, counted before any line is split off."""
     text = read_text(path)
-    breaks = text.count("\n") + text.count("\r")
+    breaks = text.count("\n") + text.count("\r") - text.count("\r\n")
     if breaks > MAX_LIST_LINES:
         raise DataError(f"data.list_file {path} has more than {MAX_LIST_LINES:,} lines; a list "
                         "that long is not read into memory: split the data into tar shards "

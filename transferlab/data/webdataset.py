@@ -183,15 +183,20 @@ def _range(body: str, spec: str) -> tuple[int, int, int]:
     """(first, last, zero-padded width) of a range group ``body`` (``000..123``)."""
     match = _RANGE.fullmatch(body)
     if match is None:
-        raise DataError(f"data.urls {shown(spec)}: the range {{{shown(body)[1:-1]}}} "
-                        "must be two integers like {000000..000123}; fix data.urls")
+        raise DataError(f"data.urls {shown(spec)}: the range {{{_cut(body)}}} "
+                        "must be two integers (of at most 18 digits) like {000000..000123}; "
+                        "fix data.urls")
     first, last = match.groups()
     a, b = int(first), int(last)
     if abs(b - a) >= MAX_SHARDS:
-        raise DataError(f"data.urls {shown(spec)}: the range {{{body}}} names more than "
+        raise DataError(f"data.urls {shown(spec)}: the range {{{_cut(body)}}} names more than "
                         f"{MAX_SHARDS:,} shards; check the brace range")
     width = len(first) if first.startswith("0") or len(first) == len(last) else 0
     return a, b, width
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _brace_options(body: str, spec: str) -> Iterator[str]:
@@ -425,7 +430,7 @@ def scan_tar(fileobj: BinaryIO, size: int, url: str, extensions: list[str],
         ext = _image_ext(members, wanted)
         if ext is None or key in seen:
             if ext is not None:
-                log.warning("%s: sample %r appears twice; the later one is skipped", url,
+                log.warning("%s: sample %s appears twice; the later one is skipped", url,
                             shown(key))
             continue
         seen.add(key)
