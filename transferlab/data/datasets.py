@@ -22,7 +22,11 @@ Sources (``DataConfig.source``):
   that escapes the base (absolute elsewhere, or leading out with ``..``) is never read: it
   is a failure ``outside-root``. The check is on the listed text; symlinks inside the base
   are followed (whoever owns the data folder put them there, as with ``folder``). File order
-  is kept.
+  is kept. The list is read only when it is a regular file (a FIFO or a device is one
+  line, never a hang) of at most ``remote.MAX_TEXT_BYTES`` and ``sources.MAX_LIST_LINES``
+  lines; a path or a label longer than ``MAX_KEY_CHARS``, an integer label of more than
+  ``MAX_LABEL_DIGITS`` digits or a CSV field over ``csv``'s limit is one error naming its
+  line.
 - ``torchvision``: MNIST, FashionMNIST, KMNIST, CIFAR10, CIFAR100 via ``torchvision.datasets``
   (keys ``train/000123``). MNIST-style datasets are read directly from idx files (``.gz`` or
   not) when ``root`` holds them, e.g. Debian's ``/usr/share/datasets/fashion-mnist`` (used for
@@ -37,6 +41,7 @@ Sources (``DataConfig.source``):
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,12 +55,34 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from ..errors import DataError
 from .imageio import ImageDecodeError, decoding_threads_quiet, load_image
 
+# Limits on what a data source names (issue #24): a key (a listed path, a tar member name) is
+# written to a store's index, and a label is an int64 there; longer or wider ones are refused
+# where they are read (one line naming the line of a list file, or a failure of the item).
+MAX_KEY_CHARS = 4096  # characters of a key (PATH_MAX on Linux); the store writer checks it too
+MAX_LABEL_DIGITS = 18  # an integer label has at most 18 digits: |label| < 1e18 fits int64
+_LABEL_TEXT = re.compile(rf"-?[0-9]{{1,{MAX_LABEL_DIGITS}}}")
+
 MNIST_5K = Path(__file__).parent / "mnist_5k.npz"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 PLACEHOLDER_SIZE = (32, 32)
 
 Transform = Callable[[Image.Image], Any]
 Item = TypeVar("Item")
+
+
+def integer_label(text: str) -> int | None:
+    """``text`` as an integer label (``-?[0-9]{1,18}``, ASCII digits only), None when it is not
+    one: a number of more digits cannot be a class index and would not fit int64."""
+    return int(text) if _LABEL_TEXT.fullmatch(text) else None
+
+
+def label_problem(text: str) -> str | None:
+    """Why ``text``, which looks like an integer, cannot be an integer label ("is an integer of
+    N digits ..."), or None."""
+    digits = len(text) - text.startswith("-")
+    if digits > MAX_LABEL_DIGITS and text.lstrip("-").isdigit():
+        return f"is an integer of {digits:,} digits (a label has at most {MAX_LABEL_DIGITS})"
+    return None
 
 
 # ---------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from ..errors import DataError, MissingDependencyError, TransferlabError
+from ..runtime.untrusted import file_size, open_untrusted
+from .datasets import MAX_KEY_CHARS
 from .imageio import UNREADABLE, ImageDecodeError, decode_bytes, is_image_file
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ T = TypeVar("T")
 SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "http": None, "https": None}
 ATTEMPTS = 4  # tries per request (the first included)
 BACKOFF_S = 0.25  # sleep before the second try; doubled before each further one
+MAX_TEXT_BYTES = 1 << 30  # a list file is read whole into memory (1 GiB: some 20M paths)
 # Errors that retrying cannot cure: a missing object, no permission, a bad request, our own
 # verdicts (a shard that is not a tar file).
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
@@ -151,11 +154,46 @@ def read_bytes(url: str, start: int | None = None, end: int | None = None,
     return call_listing(url, key, lambda: fs.cat_file(path, start=start, end=end))
 
 
+def read_text(path: str | Path, key: str = "data.list_file", limit: int | None = None) -> str:
+    """A text file (a list file), local or remote, of at most ``limit`` bytes, as UTF-8 (a BOM
+    dropped), line ends kept as written (CSV fields may hold them); ``UnicodeDecodeError``
+    when it is not UTF-8. A local file is read only when it is a regular file (a FIFO or a
+    device is one line, never a hang: ``runtime.untrusted.open_untrusted``)."""
+    limit = MAX_TEXT_BYTES if limit is None else limit
+    if is_remote(path):
+        data = read_at_most(str(path), limit, key)
+    else:
+        with open_untrusted(local_path(path), key, DataError) as f:
+            _check_text_size(path, file_size(f), limit, key)
+            data = f.read(limit + 1)
+    _check_text_size(path, len(data), limit, key)  # grew while being read
+    return data.decode("utf-8-sig")
+
+
 def open_text(path: str | Path, key: str = "data.list_file") -> io.StringIO:
-    """A small text file (a list file), local or remote, as UTF-8 (a BOM dropped), line ends
-    kept as written (CSV fields may hold them); ``UnicodeDecodeError`` when it is not UTF-8."""
-    data = read_bytes(str(path), key=key) if is_remote(path) else local_path(path).read_bytes()
-    return io.StringIO(data.decode("utf-8-sig"), newline="")
+    """``read_text`` as a file object (``newline=""``, as ``csv`` wants it)."""
+    return io.StringIO(read_text(path, key), newline="")
+
+
+def _check_text_size(path: str | Path, size: int, limit: int, key: str) -> None:
+    if size > limit:
+        raise DataError(f"{key} {path} holds more than {limit:,} bytes ({size:,}); a list that "
+                        "long is not read into memory: split the data into tar shards "
+                        "(data.source=webdataset) or into several lists")
+
+
+def read_at_most(url: str, limit: int, key: str) -> bytes:
+    """At most ``limit + 1`` bytes of object ``url`` (whatever size it claims), retried."""
+    fs, path = filesystem(url)
+
+    def call() -> bytes:
+        with fs.open(path, "rb") as f:
+            size = getattr(f, "size", None)
+            if isinstance(size, int) and size > limit:
+                _check_text_size(url, size, limit, key)
+            return f.read(limit + 1)
+
+    return call_listing(url, key, call)
 
 
 def object_info(url: str, key: str) -> dict:
@@ -174,9 +212,15 @@ def find_images(root: str, extensions: list[str]) -> list[str]:
                         "the image folder (a prefix ending in /)")
     base = path.rstrip("/") + "/"
     found = call_listing(root, "data.root", lambda: fs.find(path))
-    keys = [p[len(base):] for p in found if p.startswith(base)]
-    return sorted(k for k in keys if not any(part.startswith(".") for part in k.split("/"))
+    keys = sorted(k for k in (p[len(base):] for p in found if p.startswith(base))
+                  if not any(part.startswith(".") for part in k.split("/"))
                   and is_image_file(k, extensions))
+    longest = max(keys, key=len, default="")
+    if len(longest) > MAX_KEY_CHARS:  # keys are written to a store's index
+        raise DataError(f"data.root {root!r} holds an object key of {len(longest):,} characters "
+                        f"(at most {MAX_KEY_CHARS:,}): {longest[:80]}...; rename it or move it "
+                        "out of data.root")
+    return keys
 
 
 def join(base: str, key: str) -> str:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import csv
 import difflib
 import gzip
+import io
 import logging
 import os
 import posixpath
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -24,17 +26,23 @@ from ..config import DataConfig, check_range
 from ..errors import DataError
 from .datasets import (
     DEBIAN_FASHION_MNIST,
+    MAX_KEY_CHARS,
     MNIST_5K,
     ArrayReader,
     FileReader,
     ImageDataset,
     Transform,
+    integer_label,
+    label_problem,
 )
 from .imageio import BAD_NAME, OUTSIDE_ROOT, escape_name, is_image_file
-from .remote import UrlReader, absolute, find_images, is_remote, local_path, open_text
+from .remote import UrlReader, absolute, find_images, is_remote, local_path, read_text
 from .webdataset import build_webdataset
 
 log = logging.getLogger(__name__)
+
+MAX_LIST_LINES = 20_000_000  # lines of data.list_file (ImageNet-21k lists 14M images)
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 # ---------------------------------------------------------------------------------------
 # Building from a DataConfig
@@ -198,7 +206,7 @@ def _list(cfg: DataConfig) -> ImageDataset:
     if is_remote(cfg.list_file) or is_remote(cfg.root):
         return _url_list(cfg)
     list_file = local_path(cfg.list_file)
-    if not list_file.is_file():
+    if not list_file.exists():  # a FIFO or a device is refused in one line by read_text
         raise DataError(f"data.list_file {str(list_file)!r} not found; fix data.list_file")
     base = _existing_dir(cfg.root, "folder the listed paths are relative to") \
         if cfg.root is not None else list_file.parent
@@ -235,7 +243,7 @@ def _url_list(cfg: DataConfig) -> ImageDataset:
     if not is_remote(base):
         raise DataError(f"data.list_file {list_file} is a URL: set data.root to the URL its "
                         "paths are relative to (or null: the list file's folder)")
-    if not is_remote(list_file) and not local_path(list_file).is_file():
+    if not is_remote(list_file) and not local_path(list_file).exists():
         raise DataError(f"data.list_file {list_file!r} not found; fix data.list_file")
     paths, raw_labels = _read_list(list_file, cfg)
     keys = [posixpath.normpath(p.replace("\\", "/")) for p in paths]
@@ -246,16 +254,45 @@ def _url_list(cfg: DataConfig) -> ImageDataset:
     return ImageDataset(reader, keys, labels, class_names)
 
 
+def _list_text(path: Path | str) -> str:
+    """The list file's text (at most ``remote.MAX_TEXT_BYTES``) with at most
+    ``MAX_LIST_LINES`` lines, counted before any line is split off."""
+    text = read_text(path)
+    breaks = text.count("\n") + text.count("\r") - text.count("\r\n")
+    if breaks > MAX_LIST_LINES:
+        raise DataError(f"data.list_file {path} has more than {MAX_LIST_LINES:,} lines; a list "
+                        "that long is not read into memory: split the data into tar shards "
+                        "(data.source=webdataset) or into several lists")
+    return text
+
+
+def _check_entry(path: Path | str, line: int, value: str, what: str) -> str:
+    """``value`` (a path or a label of line ``line``) when it is at most ``MAX_KEY_CHARS``
+    long: keys are written to a store's index (csv) and are file paths (PATH_MAX)."""
+    if len(value) > MAX_KEY_CHARS:
+        raise DataError(f"data.list_file {path} line {line}: the {what} is {len(value):,} "
+                        f"characters long, more than {MAX_KEY_CHARS:,}; fix that line")
+    return value
+
+
 def _read_lines(path: Path | str) -> list[str]:
-    lines = open_text(path).read().splitlines()
-    return [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
+    """Paths of a plain list: one a line (``\\n``, ``\\r\\n`` or ``\\r``), blank and ``#`` lines
+    skipped."""
+    out = []
+    for n, line in enumerate(_LINE_BREAK.split(_list_text(path)), 1):
+        entry = line.strip()
+        if entry and not entry.startswith("#"):
+            out.append(_check_entry(path, n, entry, "path"))
+    return out
 
 
 def _read_csv(path: Path | str, path_column: str, label_column: str | None
               ) -> tuple[list[str], list[str] | None]:
     delimiter = "\t" if PurePosixPath(str(path)).suffix.lower() == ".tsv" else ","
-    with open_text(path) as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
+    reader = csv.DictReader(io.StringIO(_list_text(path), newline=""), delimiter=delimiter)
+    paths: list[str] = []
+    labels: list[str] | None = [] if label_column else None
+    try:
         columns = reader.fieldnames or []
         for key, column in (("path_column", path_column), ("label_column", label_column)):
             if column is not None and column not in columns:
@@ -263,9 +300,22 @@ def _read_csv(path: Path | str, path_column: str, label_column: str | None
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise DataError(f"{path} has no column {column!r}{hint} (columns: "
                                 f"{', '.join(columns)}); set data.{key}")
-        rows = [r for r in reader if (r.get(path_column) or "").strip()]
-    paths = [r[path_column].strip() for r in rows]
-    labels = [(r.get(label_column) or "").strip() for r in rows] if label_column else None
+        for row in reader:
+            entry = (row.get(path_column) or "").strip()
+            if not entry:
+                continue
+            line = reader.reader.line_num  # DictReader's own is one row behind on an error
+            paths.append(_check_entry(path, line, entry, "path"))
+            if labels is not None:
+                label = (row.get(label_column) or "").strip()
+                problem = label_problem(label)
+                if problem is not None:
+                    raise DataError(f"data.list_file {path} line {line}: the label {problem}; "
+                                    "fix that line")
+                labels.append(_check_entry(path, line, label, "label"))
+    except csv.Error as exc:
+        raise DataError(f"data.list_file {path} line {reader.reader.line_num}: {exc}; fix that line"
+                        ) from None
     return paths, labels
 
 
@@ -313,8 +363,8 @@ def _parse_labels(raw: list[str] | None, n: int) -> tuple[np.ndarray, list[str] 
     if raw is None:
         return np.full(n, -1, np.int64), None
     given = [v for v in raw if v != ""]
-    if all(v.lstrip("-").isdigit() for v in given):
-        return np.array([int(v) if v else -1 for v in raw], np.int64), None
+    if all(integer_label(v) is not None for v in given):
+        return np.array([integer_label(v) if v else -1 for v in raw], np.int64), None
     names = sorted(set(given))
     lookup = {name: i for i, name in enumerate(names)}
     return np.array([lookup[v] if v else -1 for v in raw], np.int64), names
