@@ -225,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(machine_line(device))
     print(f"data: {data} ({folder_stats(data)}); {images} images per pass, {rounds} rounds")
     print(f"transferlab settings: automatic{' + ' + ' '.join(extra) if extra else ''}; "
-          ("all in this process" if args.quick or args.in_process
+          + ("all in this process" if args.quick or args.in_process
            else "a fresh process per measurement"))
     print(f"before: {load_line()}")
     results, rows = [], []

@@ -17,7 +17,7 @@ from transferlab.commands.maps import main as maps_main
 from transferlab.commands.probe import main as probe_main
 from transferlab.commands.search import main as search_main
 from transferlab.errors import ConfigError, SettingError
-from transferlab.runtime import outputs
+from transferlab.runtime import userfiles
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("pyarrow")
@@ -101,14 +101,14 @@ def test_link_at_the_path_is_replaced_not_written_through(tmp_path):
     link = tmp_path / "out.csv"
     link.symlink_to(outside)
     with pytest.raises(SettingError, match="already exists"):
-        outputs.write_output(link, lambda f: f.write("new"))
-    outputs.write_output(link, lambda f: f.write("new"), overwrite=True)
+        userfiles.write_output(link, lambda f: f.write("new"))
+    userfiles.write_output(link, lambda f: f.write("new"), overwrite=True)
     assert outside.read_text() == "keep me"
     assert not link.is_symlink() and link.read_text() == "new"
     dangling = tmp_path / "dangling.csv"
     dangling.symlink_to(tmp_path / "nowhere")
     with pytest.raises(SettingError, match="already exists"):
-        outputs.check_output(dangling)
+        userfiles.check_output(dangling)
 
 
 def test_a_file_appearing_meanwhile_is_not_replaced(tmp_path):
@@ -119,16 +119,16 @@ def test_a_file_appearing_meanwhile_is_not_replaced(tmp_path):
         f.write("ours")
 
     with pytest.raises(SettingError, match="already exists"):
-        outputs.write_output(target, write)
+        userfiles.write_output(target, write)
     assert target.read_text() == "someone else's"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv"]
 
 
 def test_directory_and_device_refused(tmp_path):
     with pytest.raises(ConfigError, match="is a directory"):
-        outputs.check_output(tmp_path, overwrite=True)
+        userfiles.check_output(tmp_path, overwrite=True)
     with pytest.raises(ConfigError, match="is a device"):
-        outputs.check_output("/dev/null", overwrite=True)
+        userfiles.check_output("/dev/null", overwrite=True)
 
 
 def test_library_writers_follow_the_policy(store_dir, tmp_path):

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..runtime.outputs import write_output
+from ..runtime.userfiles import write_output
 from ..store.rows import load_features, plain_rows
 from .kmeans import KMeansResult, kmeans, nmi, purity
 
@@ -53,7 +53,7 @@ def run_cluster(store: Any, k: int, n_init: int = 4, seed: int = 0, normalize: b
 def write_assignments(path: str | Path, keys: Sequence[str], clusters: Sequence[int],
                       overwrite: bool = False) -> Path:
     """CSV with header ``key,cluster``, one stored item per line; an existing file is
-    refused unless ``overwrite`` (``runtime.outputs``: written whole, never onto a FIFO)."""
+    refused unless ``overwrite`` (``runtime.userfiles``: written whole, never onto a FIFO)."""
     def write(f: Any) -> None:
         w = csv.writer(f)
         w.writerow(["key", "cluster"])

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError, MissingDependencyError
-from ..runtime.outputs import write_output
+from ..runtime.userfiles import write_output
 from .projection import MAP_MAX_POINTS, METHOD_NAMES, check_method, embed_2d, pca_2d, sample_rows
 
 
@@ -39,7 +39,7 @@ def png_path(out: str | Path) -> Path:
 
 
 def _save(fig: Any, out: str | Path) -> Path:
-    """Written whole through a temporary sibling (``runtime.outputs``; never onto a FIFO or
+    """Written whole through a temporary sibling (``runtime.userfiles``; never onto a FIFO or
     device). The library replaces an existing PNG; commands refuse one unless --overwrite,
     before they start (``check_output``)."""
     return write_output(png_path(out),

@@ -22,7 +22,7 @@ from ..analysis.cluster_report import (
 )
 from ..analysis.projection import MAP_METHODS
 from ..errors import ConfigError
-from ..runtime.outputs import check_output
+from ..runtime.userfiles import check_output
 from ..store.reader import FeatureStore
 from . import run_cli
 
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Refuse output paths that cannot be written before the store is read and k-means runs
-    (the numeric options are checked by kmeans itself): ``runtime.outputs``' policy."""
+    (the numeric options are checked by kmeans itself): ``runtime.userfiles``' policy."""
     if args.out is not None and Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out} is a directory; name a CSV file in it, e.g. "
                           f"--out {Path(args.out) / 'assignments.csv'}")

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from ..analysis.plots import plot_store_map, png_path
 from ..analysis.projection import MAP_MAX_POINTS, MAP_METHODS
 from ..errors import ConfigError
-from ..runtime.outputs import check_output
+from ..runtime.userfiles import check_output
 from ..store.reader import FeatureStore
 from . import run_cli
 

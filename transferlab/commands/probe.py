@@ -17,7 +17,7 @@ from ..analysis.probe_report import plot_probe, probe_plot_paths, probe_report, 
 from ..analysis.projection import MAP_METHODS
 from ..analysis.splits import check_fraction
 from ..errors import ConfigError
-from ..runtime.outputs import check_output
+from ..runtime.userfiles import check_output
 from ..store.reader import FeatureStore
 from . import run_cli
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from ..analysis.neighbors import METRICS, check_k, query_vectors, store_search
 from ..analysis.plots import png_path
 from ..analysis.search_report import format_hits, plot_search
-from ..runtime.outputs import check_output
+from ..runtime.userfiles import check_output
 from ..store.reader import FeatureStore
 from . import run_cli
 

@@ -25,7 +25,7 @@ from ..data.preprocess import build_transform
 from ..data.sources import scan_folder
 from ..errors import DataError
 from ..runtime.device import Runtime, apply_runtime, default_batch_size, resolve_device
-from ..runtime.outputs import check_output, write_output
+from ..runtime.userfiles import check_output, write_output
 from .classifier import Classifier, load_model
 
 
@@ -106,7 +106,7 @@ def run_predict(checkpoint: str | Path, paths: Sequence[str | Path], out: str | 
                 num_workers: int | None = None, trust_code: bool = False,
                 precision: str = "auto", overwrite: bool = False) -> PredictResult:
     """Load ``checkpoint``, classify the images under ``paths`` and write the CSV to ``out``
-    (stdout when None; a file under ``runtime.outputs``' policy: an existing one is refused
+    (stdout when None; a file under ``runtime.userfiles``' policy: an existing one is refused
     unless ``overwrite``, checked before the model loads, and written whole). ``trust_code``
     lets a trusted checkpoint name code to run.
 

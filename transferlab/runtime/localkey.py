@@ -29,7 +29,7 @@ class LocalKeyError(ConfigError):
     """The local key cannot be created or is not safe to use."""
 
 
-def key_path() -> Path:
+def index_key_path() -> Path:
     """Where the key lives (see the module's text)."""
     named = os.environ.get(KEY_ENV)
     if named:
@@ -42,7 +42,7 @@ def key_path() -> Path:
 def local_key(create: bool = False) -> bytes | None:
     """The key; None when there is none and ``create`` is False. LocalKeyError (one line)
     when it cannot be created or read, or others could read or replace it."""
-    path = key_path()
+    path = index_key_path()
     if not os.path.lexists(path):
         if not create:
             return None

@@ -2,7 +2,7 @@
 ``datasets``), HDF5 (h5py, MATLAB), .npz and the ``{key: vector}`` pickle.
 
 Parquet and HDF5 are written chunk by chunk from the memory-mapped shards (one chunk in RAM
-at a time). Every format goes through the output policy of ``runtime.outputs``: an existing
+at a time). Every format goes through the output policy of ``runtime.userfiles``: an existing
 file is refused unless ``overwrite``, a FIFO or device is refused without being opened, and
 the file is written to a temporary sibling (``NAME.PID-TID.tmp``) renamed into place only
 when complete, so a killed export never leaves half a file under the final name.
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, MissingDependencyError, SettingError, StoreError
-from ..runtime.outputs import check_output, output_file
+from ..runtime.userfiles import check_output, output_file
 
 FORMATS = ("parquet", "hdf5", "npz", "pickle")
 _SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".h5": "hdf5", ".hdf5": "hdf5",

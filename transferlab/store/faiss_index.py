@@ -54,6 +54,7 @@ from ..errors import (
 from ..runtime.atomicfile import replaced
 from ..runtime.localkey import local_key, tag, tagged
 from ..runtime.untrusted import claimed_size, open_inside, open_untrusted, read_bounded
+from ..yamlsafe import shown
 
 _log = logging.getLogger(__name__)
 INDEX_DIR, INDEX_FILE, INDEX_META = "index", "faiss.index", "index.json"
@@ -300,11 +301,6 @@ def read_record(meta_path: Path, root: Any = None) -> dict:
     return record
 
 
-def shown(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _check_fields(meta_path: Path, record: dict) -> None:
     """Types and ranges of every field load_index uses: one reason instead of a traceback."""
     def bad(field: str, value: Any) -> _Untrusted:
@@ -375,7 +371,7 @@ class StoreIndex:
 
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
-    return shown(lines[-1] if lines else type(exc).__name__, 200)
+    return shown(lines[-1] if lines else type(exc).__name__)
 
 
 def load_index(store: Any, metric: str | None = None) -> StoreIndex | None:
