@@ -69,6 +69,9 @@ def resolve_preprocess(data_config: dict, cfg: PreprocessConfig | None = None,
     channels = cfg.channels or model_in_chans or size[0]
     check_range(PreprocessConfig, "preprocess.channels", channels)  # the model's, maybe
     size = (channels, size[1], size[2])
+    # the model's own input size too: a model folder's config.json may claim any size
+    check_range(PreprocessConfig, "preprocess.input_size", list(size),
+                None if cfg.input_size is not None else "the model's pretrained config")
     mean = fit_channels(cfg.mean or base["mean"], channels, "mean")
     std = fit_channels(cfg.std or base["std"], channels, "std")
     check_range(PreprocessConfig, "preprocess.std", list(std))

@@ -12,6 +12,7 @@ import torch
 from ..config import ExtractConfig, ModelConfig, RuntimeConfig, from_dict
 from ..data.imageio import load_image
 from ..data.preprocess import build_transform
+from ..errors import StoreError
 from ..models.engine import FeatureComputer
 from ..models.extractor import ExtractorBundle, extractor_from_config
 from ..models.recorded import checked_model, contained_path
@@ -22,7 +23,8 @@ from ..runtime.device import (
     resolve_runtime,
     seed_everything,
 )
-from .reduce import reduction_from_record
+from ..runtime.untrusted import claimed_size
+from .reduce import MAX_REDUCE_WIDTH, reduction_from_record
 
 
 def store_model(meta: dict, root: Path | None, trust_code: bool) -> tuple[ExtractConfig,
@@ -78,7 +80,14 @@ def embed_images(meta: dict, paths: Sequence[str | Path], batch_size: int = 16,
     cfg = from_dict(ExtractConfig, meta["config"], "store metadata")
     rt, fold_bn = store_runtime(meta, cfg)
     compute = FeatureComputer(bundle.extractor, bundle.spec, rt, fold_bn=fold_bn)
-    compute.set_reduce([reduction_from_record(meta.get("reduce"), root)])  # as the rows were
+    width = store_width(meta)
+    compute.set_reduce([reduction_from_record(meta.get("reduce"), root,  # as the rows were
+                                              compute.model_dims[0], width)])
+    if width is not None and compute.out_dims[0] != width:
+        where = f"the store {root}" if root is not None else "the store"
+        raise StoreError(f"{where} holds rows of {width:,} features but the model its "
+                         f"meta.json describes gives {compute.out_dims[0]:,}: its metadata was "
+                         "altered, or it was written by another model; re-extract it")
     transform = build_transform(bundle.spec, normalize=False)
     spec = bundle.spec
     rows = []
@@ -87,6 +96,15 @@ def embed_images(meta: dict, paths: Sequence[str | Path], batch_size: int = 16,
                                        cfg.data.max_image_pixels)) for p in chunk]
         rows.append(compute(torch.stack(images))[0])
     return np.concatenate(rows) if rows else np.zeros((0, compute.out_dims[0]), np.float32)
+
+
+def store_width(meta: dict) -> int | None:
+    """The width of a store's rows as its meta.json records it (None: not recorded)."""
+    dim = meta.get("dim")
+    if dim is None:
+        return None
+    return claimed_size(dim, MAX_REDUCE_WIDTH, "the store's row width (meta.json 'dim')",
+                        StoreError, 1)
 
 
 def chunks(items: list, size: int) -> Iterator[list]:
