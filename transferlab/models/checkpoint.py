@@ -115,10 +115,15 @@ def safetensors_shapes(path: str | Path, root: str | Path | None = None
 
 def check_witness(shapes: Mapping[str, Sequence[int]], rows: int, what: str,
                   origin: str) -> None:
-    """ModelError unless some weight tensor (2-d or more) has ``rows`` rows: a size the
-    metadata claims for a layer must be one the file's own tensors hold (checked on their
-    shapes, before the model that would allocate it is built)."""
-    if not any(len(shape) >= 2 and shape[0] == rows for shape in shapes.values()):
+    """ModelError unless a classifier weight of the file has ``rows`` outputs (a Linear's
+    (rows, in) or a 1x1 convolution's (rows, in, 1, 1)): a size the metadata claims for a
+    layer must be one the file's own tensors hold (checked on their shapes, before the model
+    that would allocate it is built)."""
+    def fits(shape: Sequence[int]) -> bool:
+        return (len(shape) == 2 or (len(shape) == 4 and tuple(shape[2:]) == (1, 1))) \
+            and shape[0] == rows
+
+    if not any(fits(shape) for shape in shapes.values()):
         raise ModelError(f"{origin} claims {what} {rows:,}, but none of its weights has "
                          f"{rows:,} rows; it was altered or not written by transferlab or "
                          "timm")

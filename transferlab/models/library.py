@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import MAX_CLASSES, MAX_IN_CHANS, MAX_INPUT_SIDE, ModelConfig
 from ..errors import ModelError
-from ..yamlsafe import shown
+from ..yamlsafe import shown, shown_text
 from . import hub
 from .builtin import BUILTIN_DATA_CONFIGS, BUILTIN_MODELS
 from .checkpoint import one_line
@@ -103,7 +103,7 @@ def check_size_kwargs(kwargs: dict[str, Any], name: str) -> None:
     a checkpoint or a model folder) is not a whole number in its range: the factory would
     allocate from it (5e6 classes: a 40 GB classifier)."""
     def refuse(key: str, value: Any, valid: str) -> ModelError:
-        return ModelError(f"model '{shown(name)}': {key}={shown(value)} must be {valid}; fix "
+        return ModelError(f"model '{shown_text(name)}': {key}={shown(value)} must be {valid}; fix "
                           "model.kwargs / model.num_classes / model.in_chans, or the file that "
                           "recorded it")
 
@@ -126,10 +126,10 @@ def factory_refused(exc: TypeError, library: str, name: str, kwargs: dict) -> Mo
     """The one line for a factory that does not take an argument it was given (a TypeError:
     ``model.kwargs`` of a config, a store's meta.json or a model folder's model_args)."""
     bad = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
-    what = (f"does not take the argument '{shown(bad.group(1))}'" if bad else
+    what = (f"does not take the argument '{shown_text(bad.group(1))}'" if bad else
             f"refused its arguments ({shown(one_line(exc))})")
-    given = ", ".join(shown(k) for k in sorted(kwargs)) or "none"
-    return ModelError(f"{library} model '{shown(name)}' {what} (arguments given: {given}); "
+    given = ", ".join(shown_text(str(k)) for k in sorted(kwargs)) or "none"
+    return ModelError(f"{library} model '{shown_text(name)}' {what} (arguments given: {given}); "
                       "remove it from model.kwargs, or from the file that records it")
 
 
