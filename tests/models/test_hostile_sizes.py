@@ -28,38 +28,76 @@ from transferlab.models.heads import cut_with_head
 from transferlab.models.lenet import LENET_DATA_CONFIG, lenet
 
 ROOT = Path(__file__).resolve().parents[2]
-BUDGET = 1 << 30  # what a command may allocate beyond its imports in the bounded runs
+BUDGET = 1 << 30  # what the calls may allocate beyond the imports in a bounded run
 
-# Imports first (their mappings are not what is measured), then the address-space limit:
-# whatever the command then allocates must fit in BUDGET.
-PRELUDE = textwrap.dedent(f"""
-    import resource, sys
+# One fresh interpreter per test runs a batch of calls: imports first (their mappings are
+# not what is measured), then the address-space limit, then each call with its stderr
+# captured: whatever a call allocates must fit in BUDGET (a 5e6-class LeNet head is 1.6 GiB).
+RUNNER = textwrap.dedent(f"""
+    import contextlib, io, json, resource, sys
     import numpy, torch, timm, torchvision
     import transferlab.commands.search, transferlab.predict, transferlab.inspect
     import transferlab.models.backbones, transferlab.extract.reduce
+    from transferlab.config import ModelConfig
+    from transferlab.errors import TransferlabError
+
+    def build(name, source="auto"):
+        transferlab.models.backbones.build_backbone(ModelConfig(name=name, source=source))
+        return 0
+
+    def srp(d_in, dim):
+        transferlab.extract.reduce.SparseProjection(d_in, dim)
+        return 0
+
+    def allocate():
+        torch.zeros(5_000_000, 84)  # what an unchecked claim of 5e6 classes allocates
+        return 0
+
+    COMMANDS = {{"search": transferlab.commands.search.main, "predict": transferlab.predict.main,
+                 "build": build, "srp": srp, "allocate": allocate}}
+    CLI = ("search", "predict")
+
     def vm_size():
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmSize:"):
                     return int(line.split()[1]) * 1024
+
     limit = vm_size() + {BUDGET}
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    results = []
+    for command, args in json.loads(sys.argv[1]):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = COMMANDS[command](args) if command in CLI else COMMANDS[command](*args)
+            except TransferlabError as exc:
+                print(exc, file=sys.stderr)
+                code = 2
+            except (MemoryError, RuntimeError) as exc:  # torch: "can't allocate memory"
+                code = f"{{type(exc).__name__}}: {{str(exc)[:200]}}"
+        results.append([code, err.getvalue()])
+    print(json.dumps(results))
 """)
 
 
-def bounded(body: str, *args: str) -> subprocess.CompletedProcess:
-    """``body`` run in a fresh interpreter under the address-space limit (argv: ``args``)."""
+def bounded_calls(calls: list[tuple[str, list]], timeout: int = 300
+                  ) -> list[tuple[int | str, str]]:
+    """(exit code, stderr) of each (command, args) run under the memory limit."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body), *args],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(calls)],
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [tuple(r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
 
 
-def refused_in_one_line(proc: subprocess.CompletedProcess, *words: str) -> str:
-    err = proc.stderr.strip()
-    assert proc.returncode == 2 and len(err.splitlines()) == 1, (proc.returncode, err)
-    assert "MemoryError" not in err and "Traceback" not in err
+def refused_in_one_line(result: tuple[int | str, str], *words: str, case: str = "") -> str:
+    code, err = result
+    err = err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, (case, code, err)
+    assert "MemoryError" not in err and "Traceback" not in err, (case, err)
     for word in words:
-        assert word in err, err
+        assert word in err, (case, err)
     return err
 
 
@@ -70,14 +108,9 @@ def one_line_exit_2(code, capsys) -> str:
 
 
 def test_the_memory_limit_of_these_tests_catches_a_large_allocation():
-    """The control: the same harness refuses what an unchecked claim allocates."""
-    proc = bounded("""
-        try:
-            torch.zeros(5_000_000, 84)  # a LeNet classifier of 5e6 classes: 1.6 GiB
-        except (MemoryError, RuntimeError):
-            sys.exit(3)
-    """)
-    assert proc.returncode == 3, proc.stderr
+    """The control: the same harness fails what an unchecked claim allocates."""
+    [(code, _)] = bounded_calls([("allocate", [])])
+    assert isinstance(code, str) and ("MemoryError" in code or "allocate" in code), code
 
 
 # ---------------------------------------------------------------------------------------
@@ -100,30 +133,45 @@ def lenet_store(tmp_path_factory):
     return tmp, keys
 
 
-def edited_store(lenet_store, tmp_path, change) -> tuple[Path, str]:
+def edited_store(lenet_store, tmp_path, change, name="store") -> tuple[Path, str]:
     tmp, keys = lenet_store
-    store_dir = Path(shutil.copytree(tmp / "store", tmp_path / "store"))
+    store_dir = Path(shutil.copytree(tmp / "store", tmp_path / name))
     meta = json.loads((store_dir / "meta.json").read_text())
     change(meta)
     (store_dir / "meta.json").write_text(json.dumps(meta))
     return store_dir, str(tmp / "data" / keys[0])
 
 
-SEARCH = "sys.exit(transferlab.commands.search.main(sys.argv[1:]))"
+def srp_record(d_in, dim):
+    return lambda m: m.update(reduce={"kind": "srp", "dims": [d_in, dim], "seed": 0})
 
 
-@pytest.mark.parametrize("change, words", [
-    (lambda m: m["config"]["model"].update(num_classes=5_000_000), ["num_classes", "100,000"]),
-    (lambda m: m["config"]["model"].update(kwargs={"num_classes": 5_000_000}),
-     ["num_classes=5000000", "lenet"]),
-    (lambda m: m["config"]["preprocess"].update(input_size=[1, 12000, 12000]),
-     ["input_size", "4096"]),
-    (lambda m: m["config"]["model"].update(in_chans=10_000_000), ["in_chans"]),
-], ids=["num_classes", "kwargs-num_classes", "input_size", "in_chans"])
-def test_store_meta_sizes_are_refused_before_the_model_is_built(lenet_store, tmp_path,
-                                                                 change, words):
-    store_dir, image = edited_store(lenet_store, tmp_path, change)
-    refused_in_one_line(bounded(SEARCH, str(store_dir), image, "-k", "1"), *words)
+# (what meta.json is changed to claim, the words of the one-line refusal)
+STORE_CLAIMS = {
+    "num_classes": (lambda m: m["config"]["model"].update(num_classes=5_000_000),
+                    ["num_classes", "100,000"]),
+    "kwargs-num_classes": (lambda m: m["config"]["model"].update(
+        kwargs={"num_classes": 5_000_000}), ["num_classes=5000000", "lenet"]),
+    "input_size": (lambda m: m["config"]["preprocess"].update(input_size=[1, 12000, 12000]),
+                   ["input_size", "4096"]),
+    "in_chans": (lambda m: m["config"]["model"].update(in_chans=10_000_000), ["in_chans"]),
+    # a recorded srp projection: its dims against a bound, the cut and the rows
+    "srp-dim>d_in": (srp_record(96, 50_000_000), ["output dims"]),
+    "srp-huge-dim": (srp_record(800, 50_000_000), ["output dims"]),
+    "srp-dim-vs-rows": (srp_record(800, 8), ["dims of the store's rows are 800"]),
+    "srp-d_in-vs-cut": (srp_record(96, 96), ["features of the model's cut are 800"]),
+    "srp-huge-d_in": (srp_record(2 ** 40, 800), ["input dims"]),
+    "srp-text": (srp_record("800", 800), ["whole number"]),
+}
+
+
+def test_store_meta_sizes_are_refused_before_anything_is_built(lenet_store, tmp_path):
+    calls = []
+    for n, (change, _) in enumerate(STORE_CLAIMS.values()):
+        store_dir, image = edited_store(lenet_store, tmp_path, change, f"store{n}")
+        calls.append(("search", [str(store_dir), image, "-k", "1"]))
+    for (case, (_, words)), result in zip(STORE_CLAIMS.items(), bounded_calls(calls)):
+        refused_in_one_line(result, *words, case=case)
 
 
 def test_store_meta_unknown_kwargs_are_one_line(lenet_store, tmp_path, capsys):
@@ -153,39 +201,15 @@ def test_rows_of_another_width_than_the_model_gives_are_refused(lenet_store, tmp
         embed_images(FeatureStore.open(store_dir).meta, [image], root=store_dir)
 
 
-@pytest.mark.parametrize("record, words", [
-    ({"kind": "srp", "dims": [96, 50_000_000], "seed": 0}, ["output dims"]),
-    ({"kind": "srp", "dims": [800, 50_000_000], "seed": 0}, ["output dims"]),
-    ({"kind": "srp", "dims": [800, 8], "seed": 0}, ["dims of the store's rows are 800"]),
-    ({"kind": "srp", "dims": [96, 96], "seed": 0}, ["features of the model's cut are 800"]),
-    ({"kind": "srp", "dims": [2 ** 40, 800], "seed": 0}, ["input dims"]),
-    ({"kind": "srp", "dims": ["800", 800], "seed": 0}, ["whole number"]),
-], ids=["dim>d_in", "huge-dim", "dim-vs-rows", "d_in-vs-cut", "huge-d_in", "text"])
-def test_recorded_srp_dims_are_checked_before_the_projection_is_built(lenet_store, tmp_path,
-                                                                      record, words):
-    store_dir, image = edited_store(lenet_store, tmp_path, lambda m: m.update(reduce=record))
-    refused_in_one_line(bounded(SEARCH, str(store_dir), image, "-k", "1"), *words)
-
-
 # ---------------------------------------------------------------------------------------
 # srp on a very wide cut: what it needs, said before extracting
 # ---------------------------------------------------------------------------------------
 
 
 def test_srp_beyond_memory_is_refused_before_anything_is_drawn():
-    proc = bounded("""
-        from transferlab.errors import ConfigError
-        from transferlab.extract.reduce import SparseProjection
-        try:
-            SparseProjection(1_605_632, 1_605_632)
-        except ConfigError as exc:
-            print(exc)
-            sys.exit(2)
-    """)
-    assert proc.returncode == 2, proc.stderr
-    out = proc.stdout.strip()
-    assert "srp:1605632 on a 1,605,632-d cut needs ~" in out and "choose srp:D with D <=" in out
-    assert len(out.splitlines()) == 1
+    [result] = bounded_calls([("srp", [1_605_632, 1_605_632])])
+    refused_in_one_line(result, "srp:1605632 on a 1,605,632-d cut needs ~",
+                        "choose srp:D with D <=")
 
 
 def test_the_largest_srp_offered_fits(monkeypatch):
@@ -261,10 +285,6 @@ def image(tmp_path):
     return path
 
 
-PREDICT = "sys.exit(transferlab.predict.main(sys.argv[1:]))"
-INSPECT = "sys.exit(transferlab.inspect.main(sys.argv[1:]))"
-
-
 def head_of(classes: int):
     def change(meta):
         meta["head"]["num_classes"] = classes
@@ -272,24 +292,55 @@ def head_of(classes: int):
     return change
 
 
-@pytest.mark.parametrize("change, words", [
-    (head_of(5_000_000), ["num_classes", "5,000,000"]),
-    (head_of(3), ["head weights have [2]"]),
-    (lambda m: m["head"].update(num_classes=3), ["names 2 classes but its head has 3"]),
-    (lambda m: m["head"].update(type="mlp", hidden=[1_000_000]), ["mlp head", "[1000000, 2]"]),
-    (lambda m: m["arch"].update(num_classes=5_000_000), ["num_classes=5000000"]),
-    (lambda m: m["arch"].update(kwargs={"num_classes": 5_000_000}), ["num_classes=5000000"]),
-    (lambda m: m["preprocess"].update(input_size=[1, 12000, 12000]), ["input_size", "4096"]),
-], ids=["classes", "classes-vs-tensors", "names-vs-classes", "mlp-hidden", "arch-classes",
-        "arch-kwargs", "input_size"])
-def test_checkpoint_sizes_are_checked_before_the_model_is_built(tmp_path, image, change,
-                                                                 words):
-    ckpt = classifier_checkpoint(tmp_path / "model.safetensors")
-    rewrite_meta(ckpt, change)
-    refused_in_one_line(bounded(PREDICT, str(ckpt), str(image)), *words)
-    with pytest.raises(ModelError) as exc:
-        load_model(ckpt)
-    assert "\n" not in str(exc.value)
+def backbone(change):
+    return "backbone", change
+
+
+# (the checkpoint, what its metadata is changed to claim, the words of the refusal)
+CHECKPOINT_CLAIMS = {
+    "classes": (head_of(5_000_000), ["num_classes", "5,000,000"]),
+    "classes-vs-tensors": (head_of(3), ["head weights have [2]"]),
+    "names-vs-classes": (lambda m: m["head"].update(num_classes=3),
+                         ["names 2 classes but its head has 3"]),
+    "mlp-hidden": (lambda m: m["head"].update(type="mlp", hidden=[1_000_000]),
+                   ["mlp head", "[1000000, 2]"]),
+    "arch-classes": (lambda m: m["arch"].update(num_classes=5_000_000),
+                     ["num_classes=5000000"]),
+    "arch-kwargs": (lambda m: m["arch"].update(kwargs={"num_classes": 5_000_000}),
+                    ["num_classes=5000000"]),
+    "input_size": (lambda m: m["preprocess"].update(input_size=[1, 12000, 12000]),
+                   ["input_size", "4096"]),
+    # a backbone checkpoint: the class count must be its classifier's, data_config bounded
+    "backbone-classes": (backbone(lambda m: m["backbone"].update(num_classes=5_000_000)),
+                         ["num_classes"]),
+    "backbone-classes-vs-tensors": (backbone(lambda m: m["backbone"].update(num_classes=20)),
+                                    ["num_classes 20", "none of its weights"]),
+    "data_config-input_size": (backbone(lambda m: m.update(
+        data_config={"input_size": [1, 12000, 12000]})), ["input_size"]),
+    "data_config-text": (backbone(lambda m: m.update(data_config={"input_size": "big"})),
+                         ["not usable"]),
+    "data_config-std": (backbone(lambda m: m.update(data_config={"std": [0.0]})), ["std"]),
+}
+
+
+def test_checkpoint_sizes_are_checked_before_the_model_is_built(tmp_path, image):
+    calls, paths = [], []
+    for n, (change, _) in enumerate(CHECKPOINT_CLAIMS.values()):
+        if isinstance(change, tuple):
+            ckpt = backbone_checkpoint(tmp_path / f"pretrain{n}.safetensors")
+            change = change[1]
+        else:
+            ckpt = classifier_checkpoint(tmp_path / f"model{n}.safetensors")
+        rewrite_meta(ckpt, change)
+        calls.append(("predict", [str(ckpt), str(image)]))
+        paths.append(ckpt)
+    for (case, (_, words)), result, ckpt in zip(CHECKPOINT_CLAIMS.items(),
+                                                bounded_calls(calls), paths):
+        refused_in_one_line(result, *words, case=case)
+        if "data_config" not in case:
+            with pytest.raises(ModelError) as exc:
+                load_model(ckpt)
+            assert "\n" not in str(exc.value)
 
 
 def test_honest_mlp_and_keep_heads_still_load(tmp_path):
@@ -300,16 +351,9 @@ def test_honest_mlp_and_keep_heads_still_load(tmp_path):
     assert load_model(keep).class_names == ["a", "b"]
 
 
-def test_backbone_checkpoint_classes_must_be_in_its_weights(tmp_path, image, capsys):
-    from transferlab.predict import main as predict_main
-
+def test_backbone_checkpoint_with_its_true_class_count_loads(tmp_path):
     ckpt = backbone_checkpoint(tmp_path / "pretrain.safetensors")
-    rewrite_meta(ckpt, lambda m: m["backbone"].update(num_classes=20))
-    err = one_line_exit_2(predict_main([str(ckpt), str(image)]), capsys)
-    assert "num_classes 20" in err and "none of its weights" in err
-    rewrite_meta(ckpt, lambda m: m["backbone"].update(num_classes=5_000_000))
-    refused_in_one_line(bounded(PREDICT, str(ckpt), str(image)), "num_classes")
-    rewrite_meta(ckpt, lambda m: m["backbone"].update(num_classes=10))  # the truth: loads
+    rewrite_meta(ckpt, lambda m: m["backbone"].update(num_classes=10))
     assert len(load_model(ckpt).class_names) == 10
 
 
@@ -401,31 +445,37 @@ def edited_folder(model_folder, tmp_path, change) -> Path:
     return folder
 
 
-BUILD = """
-    from transferlab.config import ModelConfig
-    from transferlab.errors import TransferlabError
-    try:
-        transferlab.models.backbones.build_backbone(
-            ModelConfig(name=sys.argv[1], source=sys.argv[2] if sys.argv[2:] else "auto"))
-    except TransferlabError as exc:
-        print(exc, file=sys.stderr)
-        sys.exit(2)
-"""
+def fifo_config(folder: Path) -> None:
+    (folder / "config.json").unlink()
+    os.mkfifo(folder / "config.json")
 
 
-@pytest.mark.parametrize("change, words", [
-    (lambda c: c.update(num_classes=5_000_000), ["num_classes"]),
-    (lambda c: c["model_args"].update(num_classes=5_000_000), ["model_args.num_classes"]),
-    (lambda c: c["model_args"].update(img_size=12000), ["model_args.img_size"]),
-    (lambda c: c["pretrained_cfg"].update(input_size=[3, 12000, 12000]),
-     ["pretrained_cfg.input_size"]),
-    (lambda c: (c.update(num_classes=9), c["model_args"].update(num_classes=9)),
-     ["num_classes 9", "none of its weights"]),
-], ids=["num_classes", "model_args-classes", "img_size", "input_size", "not-the-weights"])
-def test_folder_config_sizes_are_checked_before_timm_builds(model_folder, tmp_path, change,
-                                                            words):
-    folder = edited_folder(model_folder, tmp_path, change)
-    refused_in_one_line(bounded(BUILD, str(folder)), *words)
+# (what config.json is changed to claim, the words of the refusal)
+FOLDER_CLAIMS = {
+    "num_classes": (lambda c: c.update(num_classes=5_000_000), ["num_classes"]),
+    "model_args-classes": (lambda c: c["model_args"].update(num_classes=5_000_000),
+                           ["model_args.num_classes"]),
+    "img_size": (lambda c: c["model_args"].update(img_size=12000), ["model_args.img_size"]),
+    "input_size": (lambda c: c["pretrained_cfg"].update(input_size=[3, 12000, 12000]),
+                   ["pretrained_cfg.input_size"]),
+    "not-the-weights": (lambda c: (c.update(num_classes=9),
+                                   c["model_args"].update(num_classes=9)),
+                        ["num_classes 9", "none of its weights"]),
+}
+
+
+def test_folder_config_sizes_are_checked_before_timm_builds(model_folder, tmp_path):
+    calls = []
+    for n, (change, _) in enumerate(FOLDER_CLAIMS.values()):
+        folder = edited_folder(model_folder, tmp_path / str(n), change)
+        calls.append(("build", [str(folder)]))
+    fifo = Path(shutil.copytree(model_folder, tmp_path / "fifo"))
+    fifo_config(fifo)  # named as a Hub folder: read without blocking, refused
+    calls.append(("build", [str(fifo), "hub"]))
+    results = bounded_calls(calls, timeout=120)
+    for (case, (_, words)), result in zip(FOLDER_CLAIMS.items(), results):
+        refused_in_one_line(result, *words, case=case)
+    refused_in_one_line(results[-1], "is a FIFO", case="fifo")
 
 
 def test_folder_config_unknown_model_args_and_deep_nesting_are_one_line(model_folder, tmp_path):
@@ -437,15 +487,6 @@ def test_folder_config_unknown_model_args_and_deep_nesting_are_one_line(model_fo
     (folder / "config.json").write_text('{"a": ' + "[" * 50_000 + "]" * 50_000 + "}")
     with pytest.raises(ModelError, match="nests 50,001 levels deep"):
         build_backbone(ModelConfig(name=str(folder)))
-
-
-def test_folder_config_fifo_is_refused_without_hanging(model_folder, tmp_path):
-    folder = Path(shutil.copytree(model_folder, tmp_path / "folder"))
-    os.mkfifo(folder / "config.jsonx")
-    (folder / "config.json").unlink()
-    os.rename(folder / "config.jsonx", folder / "config.json")
-    proc = bounded(BUILD, str(folder), "hub")
-    assert proc.returncode == 2 and "is a FIFO" in proc.stderr, proc.stderr
 
 
 def test_honest_folder_still_builds(model_folder):
