@@ -212,6 +212,16 @@ def test_srp_beyond_memory_is_refused_before_anything_is_drawn():
                         "choose srp:D with D <=")
 
 
+def test_an_honest_srp_record_is_rebuilt_with_its_widths():
+    from transferlab.extract.reduce import SparseProjection, reduction_from_record
+
+    record = SparseProjection(800, 64, seed=3).record()
+    assert reduction_from_record(record, None, 800, 64).sha256 == record["sha256"]
+    assert reduction_from_record(record, None).sha256 == record["sha256"]  # widths unknown
+    with pytest.raises(StoreError, match="dims of the store's rows are 65"):
+        reduction_from_record(record, None, 800, 65)
+
+
 def test_the_largest_srp_offered_fits(monkeypatch):
     from transferlab.extract import reduce
 
