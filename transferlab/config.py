@@ -269,6 +269,11 @@ SUB_SCHEMAS: dict[tuple[type, str], type] = {(FinetuneConfig, "test"): DataConfi
                                              (FinetuneConfig, "fallback"): FinetuneConfig}
 
 MAX_VIEWS = 256  # augmented views per image: each costs a full forward pass
+# Sizes that decide what a model allocates; a config, a store's meta.json, a checkpoint or a
+# model folder's config.json may claim any number (issue #24), so each is bounded:
+MAX_CLASSES = 100_000  # classifier outputs (ImageNet-22k has 21,843)
+MAX_IN_CHANS = 1024  # input channels of the first layer
+MAX_INPUT_SIDE = 4096  # pixels per side of the model's input (input_size H and W)
 
 
 @dataclass(frozen=True)
@@ -288,12 +293,25 @@ def _at_least(n: int, valid: str) -> Bound:
 
 
 _NON_EMPTY = Bound(lambda v: v is None or len(v) > 0, "a non-empty list (or null: every class)")
+
+
+def _input_size_ok(v: Any) -> bool:
+    return v is None or (isinstance(v, (list, tuple)) and len(v) in (2, 3)
+                         and all(isinstance(n, int) and not isinstance(n, bool) for n in v)
+                         and all(1 <= n <= MAX_INPUT_SIDE for n in v[-2:])
+                         and (len(v) == 2 or 1 <= v[0] <= MAX_IN_CHANS))
 _FRACTION = "in [0, 1)"
 
 # Every range a config value must lie in, per schema and field: checked when a config loads
 # (``from_dict``), by ``check_bounds`` on a config built in Python, and by ``check_range`` on a
 # value that reaches the library another way (a function argument, a model's own setting).
 BOUNDS: dict[type, dict[str, Bound]] = {
+    ModelConfig: {
+        "num_classes": Bound(lambda v: v is None or 0 <= v <= MAX_CLASSES,
+                             f"between 0 and {MAX_CLASSES:,} (or null: the model's)"),
+        "in_chans": Bound(lambda v: v is None or 1 <= v <= MAX_IN_CHANS,
+                          f"between 1 and {MAX_IN_CHANS} (or null: the model's)"),
+    },
     RuntimeConfig: {
         "batch_size": _at_least(1, "at least 1 (or null: chosen for the device)"),
         "num_workers": _at_least(0, "0 (main process) or more (or null: chosen)"),
@@ -306,6 +324,8 @@ BOUNDS: dict[type, dict[str, Bound]] = {
     },
     PretrainConfig: {"classes": _NON_EMPTY},
     PreprocessConfig: {
+        "input_size": Bound(_input_size_ok, f"[H, W] or [C, H, W] with sides between 1 and "
+                            f"{MAX_INPUT_SIDE} (or null: the model's)"),
         "crop_pct": Bound(lambda v: v is None or 0 < v <= 1, "in (0, 1], e.g. 0.875 (or null)"),
         "channels": Bound(lambda v: v in (None, 1, 3), "1 or 3 (or null: the model's)"),
         "std": Bound(lambda v: v is None or all(s > 0 for s in v),

@@ -1,4 +1,5 @@
-"""Bounded YAML reading for configs: ``yaml.safe_load`` semantics with limits.
+"""Bounded YAML reading for configs: ``yaml.safe_load`` semantics with limits; bounded JSON
+reading for metadata (``loads_json``: nesting measured before parsing).
 
 A config is small, but YAML aliases let a few hundred bytes stand for billions of nodes
 (the "billion laughs"). PyYAML shares aliased nodes, so composing is cheap; what explodes
@@ -8,11 +9,13 @@ before any Python object is built. Values echoed in messages are cut to ``MAX_SH
 """
 from __future__ import annotations
 
+import json
 import re
 import reprlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from .errors import ConfigError
@@ -20,6 +23,7 @@ from .errors import ConfigError
 MAX_BYTES = 1 << 20  # a config file larger than 1 MiB is surely not a config
 MAX_NODES = 100_000  # scalars, lists and mappings after alias expansion
 MAX_SHOWN = 200  # characters of a value echoed in an error message
+MAX_JSON_DEPTH = 64  # nesting of metadata JSON (transferlab's own nests less than 10 deep)
 # A number as YAML 1.1 fails to read it: PyYAML takes 1e-3 (no dot) for a string
 FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -142,3 +146,45 @@ def check_colon_keys(value: dict, key: str, source: str) -> None:
                               f"{shown_text(rest)}}})")
         if isinstance(v, dict):
             check_colon_keys(v, f"{key}.{k}", source)
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_DEPTH_CHUNK = 1 << 20
+
+
+def json_depth(text: str) -> int:
+    """How deep the arrays and objects of JSON ``text`` nest, measured without parsing it
+    (strings skipped, brackets counted; linear time, no recursion)."""
+    marks = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    depth = peak = 0
+    for start in range(0, len(marks), _DEPTH_CHUNK):
+        codes = np.frombuffer(marks[start:start + _DEPTH_CHUNK].encode("ascii"), np.uint8)
+        steps = (codes & 2).astype(np.int64) - 1  # '[' '{' have bit 1 set: +1; ']' '}': -1
+        running = depth + np.cumsum(steps)
+        peak, depth = max(peak, int(running.max())), int(running[-1])
+    return peak
+
+
+def loads_json(text: str | bytes, source: str, error: type[Exception],
+               max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads(text)`` of metadata someone else may have written: nesting deeper than
+    ``max_depth`` (which would raise RecursionError here or in whatever walks the result)
+    and text that is not JSON are one ``error`` line."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise error(f"{source} is not UTF-8 text (byte offset {exc.start}); it was "
+                        "altered or not written by transferlab") from None
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise error(f"{source} nests {depth:,} levels deep, more than the {max_depth} "
+                    "metadata can need; it was altered or not written by transferlab")
+    try:
+        return json.loads(text)
+    except RecursionError:  # pragma: no cover - the depth was measured above
+        raise error(f"{source} nests too deeply to be metadata") from None
+    except ValueError as exc:
+        raise error(f"{source} is not JSON ({shown_text(str(exc))}); it was altered or "
+                    "not written by transferlab") from None

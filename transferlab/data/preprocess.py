@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import PreprocessConfig, check_range
 from ..errors import ConfigError
+from ..yamlsafe import shown, shown_text
 
 IMAGENET_DEFAULTS = {"input_size": (3, 224, 224), "interpolation": "bicubic",
                      "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
@@ -62,13 +63,28 @@ class PreprocessSpec:
 
 def resolve_preprocess(data_config: dict, cfg: PreprocessConfig | None = None,
                        model_in_chans: int | None = None) -> PreprocessSpec:
-    """Merge the backbone's data config (timm style) with the user's overrides."""
+    """Merge the backbone's data config (timm style) with the user's overrides; a data
+    config a file gave (a model folder's config.json, a checkpoint's data_config) that is
+    not usable is one ConfigError line."""
     cfg = cfg or PreprocessConfig()
+    try:
+        return _resolve(data_config, cfg, model_in_chans)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ConfigError(f"the model's preprocessing ({shown(data_config)}) is not usable "
+                          f"({shown_text(str(exc))}); set preprocess.input_size, mean, std and "
+                          "crop_pct, or fix the file that gave it") from None
+
+
+def _resolve(data_config: dict, cfg: PreprocessConfig,
+             model_in_chans: int | None) -> PreprocessSpec:
     base = {**IMAGENET_DEFAULTS, **{k: v for k, v in data_config.items() if v is not None}}
     size = input_size(cfg.input_size, base["input_size"])
     channels = cfg.channels or model_in_chans or size[0]
     check_range(PreprocessConfig, "preprocess.channels", channels)  # the model's, maybe
     size = (channels, size[1], size[2])
+    # the model's own input size too: a model folder's config.json may claim any size
+    check_range(PreprocessConfig, "preprocess.input_size", list(size),
+                None if cfg.input_size is not None else "the model's pretrained config")
     mean = fit_channels(cfg.mean or base["mean"], channels, "mean")
     std = fit_channels(cfg.std or base["std"], channels, "std")
     check_range(PreprocessConfig, "preprocess.std", list(std))

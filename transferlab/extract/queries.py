@@ -12,7 +12,7 @@ import torch
 from ..config import ExtractConfig, ModelConfig, RuntimeConfig, from_dict
 from ..data.imageio import load_image
 from ..data.preprocess import build_transform
-from ..errors import ModelError
+from ..errors import ModelError, StoreError
 from ..models.engine import FeatureComputer
 from ..models.extractor import ExtractorBundle, extractor_from_config
 from ..models.provenance import content, has_digest, short, weights_record
@@ -24,7 +24,8 @@ from ..runtime.device import (
     resolve_runtime,
     seed_everything,
 )
-from .reduce import reduction_from_record
+from ..runtime.untrusted import claimed_size
+from .reduce import MAX_REDUCE_WIDTH, reduction_from_record
 
 
 def store_model(meta: dict, root: Path | None, trust_code: bool) -> tuple[ExtractConfig,
@@ -81,7 +82,14 @@ def embed_images(meta: dict, paths: Sequence[str | Path], batch_size: int = 16,
     check_weights(meta, bundle, root, trust_code)
     rt, fold_bn = store_runtime(meta, cfg)
     compute = FeatureComputer(bundle.extractor, bundle.spec, rt, fold_bn=fold_bn)
-    compute.set_reduce([reduction_from_record(meta.get("reduce"), root)])  # as the rows were
+    width = store_width(meta)
+    compute.set_reduce([reduction_from_record(meta.get("reduce"), root,  # as the rows were
+                                              compute.model_dims[0], width)])
+    if width is not None and compute.out_dims[0] != width:
+        where = f"the store {root}" if root is not None else "the store"
+        raise StoreError(f"{where} holds rows of {width:,} features but the model its "
+                         f"meta.json describes gives {compute.out_dims[0]:,}: its metadata was "
+                         "altered, or it was written by another model; re-extract it")
     transform = build_transform(bundle.spec, normalize=False)
     spec = bundle.spec
     rows = []
@@ -112,6 +120,15 @@ def check_weights(meta: dict, bundle: ExtractorBundle, root: Path | None,
                          f"now (stored: {short(stored)}; now: {short(now)}); queries would be "
                          "embedded by another model: restore those weights, or extract the "
                          "store again (output.overwrite=true)")
+
+
+def store_width(meta: dict) -> int | None:
+    """The width of a store's rows as its meta.json records it (None: not recorded)."""
+    dim = meta.get("dim")
+    if dim is None:
+        return None
+    return claimed_size(dim, MAX_REDUCE_WIDTH, "the store's row width (meta.json 'dim')",
+                        StoreError, 1)
 
 
 def chunks(items: list, size: int) -> Iterator[list]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,9 @@ from torch import nn
 
 from ..errors import ComputeError, ConfigError, DataError, StoreError
 from ..runtime.atomicfile import atomic_write
+from ..runtime.untrusted import claimed_size
 from ..store.format import PCA_FILE
+from ..yamlsafe import shown
 
 KINDS = ("srp", "pca")
 PCA_FORMAT = "transferlab-pca-1"
@@ -33,6 +36,12 @@ PCA_MIN_SAMPLE = 1024  # rows fitted on at least (or every row, if fewer)
 PCA_MAX_SAMPLE_BYTES = 4 << 30  # the float32 sample held in host memory
 _RANK_TOL = 1e-10  # eigenvalues below this fraction of the largest are no direction
 _CHUNK_FLOATS = 1 << 25  # float64 work arrays of at most 256 MiB while fitting
+# srp: host bytes per nonzero while the matrix is drawn (int64 gaps, positions, flat
+# indices, divmod and the stacked (2, nnz) indices, float64 coins, float32 values) and
+# the most that drawing may take; what is kept is 20 bytes per nonzero
+SRP_PEAK_BYTES_PER_NNZ = 64
+SRP_MAX_BYTES = 8 << 30
+MAX_REDUCE_WIDTH = 1 << 31  # d_in or D a store's record may claim at all
 
 
 @dataclass(frozen=True)
@@ -116,9 +125,50 @@ def srp_entries(d_in: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]
     return np.stack(np.divmod(flat, dim)), values
 
 
+def srp_nnz(d_in: int, dim: int) -> float:
+    """Expected nonzeros of the (d_in, dim) projection: d_in * dim / sqrt(d_in)."""
+    return d_in * dim * min(1.0, 1.0 / math.sqrt(d_in))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine has available now (MemAvailable, else the free pages
+    ``os.sysconf`` reports); None where neither can be read."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f.read(1 << 16).splitlines():
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_srp_memory(d_in: int, dim: int) -> None:
+    """ConfigError, before anything is drawn, when srp:dim on a d_in-d cut would need more
+    host memory than ``SRP_MAX_BYTES`` or than the machine has available: the nonzeros
+    grow as dim * sqrt(d_in) (srp:1605632 on a 1,605,632-d cut: 2e9 nonzeros, ~120 GiB)."""
+    need = srp_nnz(d_in, dim) * SRP_PEAK_BYTES_PER_NNZ
+    free = available_memory()
+    limit = min(SRP_MAX_BYTES, free) if free is not None else SRP_MAX_BYTES
+    if need <= limit:
+        return
+    per_dim = srp_nnz(d_in, 1) * SRP_PEAK_BYTES_PER_NNZ
+    most = max(1, int(limit // per_dim))
+    where = (f"the {SRP_MAX_BYTES / (1 << 30):.0f} GiB limit" if limit == SRP_MAX_BYTES else
+             f"the {limit / (1 << 30):.1f} GiB this machine has available")
+    raise ConfigError(f"output.reduce=srp:{dim} on a {d_in:,}-d cut needs ~"
+                      f"{need / (1 << 30):,.1f} GiB to draw its {srp_nnz(d_in, dim):,.0f} "
+                      f"nonzeros, more than {where}; choose srp:D with D <= {most:,} (or "
+                      "pca:D, or a narrower cut)")
+
+
 class SparseProjection(nn.Module):
     """``x (B, d_in) -> x @ W (B, D)`` with W the seeded very sparse random matrix;
     squared distances are kept in expectation (JL), each within a few percent for D ~ 1000.
+    The memory it needs is checked before it is drawn (``check_srp_memory``).
     """
 
     def __init__(self, d_in: int, dim: int, seed: int = 0):
@@ -126,6 +176,7 @@ class SparseProjection(nn.Module):
         if d_in < 1 or dim < 1:
             raise ConfigError(f"srp:{dim} on {d_in} features: both must be >= 1; "
                               "set output.reduce=srp:D with D >= 1")
+        check_srp_memory(int(d_in), int(dim))
         self.d_in, self.dim, self.seed = int(d_in), int(dim), int(seed)
         indices, values = srp_entries(self.d_in, self.dim, self.seed)
         self.sha256 = _digest(np.array([self.d_in, self.dim], np.int64), indices, values)
@@ -364,23 +415,42 @@ def open_pca(path: str | Path, spec: ReduceSpec, d_in: int, available: int,
     return pca
 
 
-def reduction_from_record(record: dict | None, root: str | Path | None) -> nn.Module | None:
+def reduction_from_record(record: dict | None, root: str | Path | None,
+                          d_in: int | None = None, dim: int | None = None
+                          ) -> nn.Module | None:
     """The projection a store's meta (or fingerprint) records, rebuilt and checked against
-    its hash: srp from (seed, dims), pca from the file in the store directory ``root``."""
+    its hash: srp from (seed, dims), pca from the file in the store directory ``root``.
+
+    The recorded dims are sizes a file claims: checked before anything is built against
+    ``d_in`` (the width of the rebuilt model's cut) and ``dim`` (the width of the store's
+    rows) where given, and bounded in any case."""
     if record is None:
         return None
     fix = "the store was written by another transferlab/numpy or edited; re-extract it"
+    if not isinstance(record, dict):
+        raise StoreError(f"the store's reduce record {shown(record)} is not understood; {fix}")
     try:
-        kind, (d_in, dim) = record["kind"], record["dims"]
+        kind, (d_in_rec, dim_rec) = record["kind"], record["dims"]
+        claimed_size(d_in_rec, MAX_REDUCE_WIDTH, "the store's reduce record: input dims",
+                     StoreError, 1)
+        claimed_size(dim_rec, d_in_rec, "the store's reduce record: output dims", StoreError, 1)
+        for what, recorded, actual in (("features of the model's cut", d_in_rec, d_in),
+                                       ("dims of the store's rows", dim_rec, dim)):
+            if actual is not None and recorded != actual:
+                raise StoreError(f"the store's reduce record projects {d_in_rec:,} -> "
+                                 f"{dim_rec:,} dims, but the {what} are {actual:,}; {fix}")
         if kind == "srp":
-            module: nn.Module = SparseProjection(int(d_in), int(dim), int(record["seed"]))
+            module: nn.Module = SparseProjection(d_in_rec, dim_rec, int(record["seed"]))
         elif kind == "pca" and root is not None:
             module = PCAProjection.load(Path(root) / PCA_FILE)
         else:
             raise ValueError(kind)
     except (KeyError, TypeError, ValueError):
-        raise StoreError(f"the store's reduce record {record!r} is not understood; "
+        raise StoreError(f"the store's reduce record {shown(record)} is not understood; "
                          f"{fix}") from None
+    if (module.d_in, module.dim) != (d_in_rec, dim_rec):
+        raise StoreError(f"the store's {kind} projection maps {module.d_in:,} -> "
+                         f"{module.dim:,} dims, its record {d_in_rec:,} -> {dim_rec:,}; {fix}")
     if module.sha256 != record.get("sha256", module.sha256):
         raise StoreError(f"the rebuilt {kind} projection differs from the one the store "
                          f"recorded (sha256); {fix}")

@@ -24,12 +24,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..config import HeadConfig, RuntimeConfig
+from ..config import MAX_CLASSES, HeadConfig, RuntimeConfig
 from ..data.datasets import read_batch
 from ..data.imageio import load_image
 from ..data.preprocess import DeviceNormalize, PreprocessSpec, build_transform, resolve_preprocess
 from ..errors import ConfigError, ModelError
 from ..runtime.device import Runtime, default_batch_size, resolve_runtime
+from ..runtime.untrusted import claimed_size
+from ..yamlsafe import shown
 from .checkpoint import CLASSIFIER_FORMAT, read_checkpoint, save_checkpoint
 from .engine import FeatureComputer, Pending
 from .heads import cut_with_head
@@ -299,12 +301,44 @@ def _load_classifier(path: Path, state: dict[str, torch.Tensor], meta: dict,
     arch = recorded_arch(meta.get("arch"), f"checkpoint {path}", trust_code)
     head_cfg, num_classes, class_names, cut = _head_meta(meta, path)
     spec = spec_from_meta(meta.get("preprocess"), str(path))
+    check_head_sizes(state, head_cfg, num_classes, class_names, path)
     backbone = build_library(arch, arch.source)
     base, head = cut_with_head(backbone.model, cut, meta.get("pool"), spec.input_size,
                                head_cfg, num_classes, arch.name)
     load_part(base, state, "base.", path, arch.name)
     load_part(head, state, "head.", path, arch.name)
     return Classifier(base, head, class_names, spec, meta)
+
+
+def _module_order(key: str) -> list[tuple[int, int | str]]:
+    """Sort key of a state-dict name in module order ('head.10' after 'head.2')."""
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in key.split(".")]
+
+
+def check_head_sizes(state: dict[str, torch.Tensor], head_cfg: HeadConfig, num_classes: int,
+                     class_names: Sequence[str], path: Path) -> None:
+    """The head sizes the metadata claims (class count, class names, mlp hidden sizes)
+    against the shapes of the head's own tensors, before anything is built from them: a
+    claim of 5,000,000 classes in the metadata of a 2-class checkpoint is one line, not a
+    40 GB allocation."""
+    origin = f"checkpoint {path}"
+    fix = "it was altered or not written by transferlab (re-save it with python -m " \
+          "transferlab.finetune)"
+    claimed_size(num_classes, MAX_CLASSES, f"{origin}: head num_classes", ModelError, 2)
+    if len(class_names) != num_classes:
+        raise ModelError(f"{origin} names {len(class_names):,} classes but its head has "
+                         f"{num_classes:,}; {fix}")
+    weights = sorted((k for k, v in state.items() if k.startswith("head.")
+                      and k.endswith(".weight") and v.ndim == 2), key=_module_order)
+    outs = [int(state[k].shape[0]) for k in weights]
+    if head_cfg.type in ("linear", "mlp"):
+        hidden = list(head_cfg.hidden) if head_cfg.type == "mlp" else []
+        expected = [*hidden, num_classes]
+    else:  # keep: the model's own layers; the last Linear gives the classes
+        expected = [*outs[:-1], num_classes]
+    if outs != expected:
+        raise ModelError(f"{origin}: its metadata claims a {head_cfg.type} head of output "
+                         f"sizes {shown(expected)}, its head weights have {shown(outs)}; {fix}")
 
 
 def load_part(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, path: Path,

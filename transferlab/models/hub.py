@@ -15,12 +15,18 @@ loaded with ``weights_only=True`` (timm's loader).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from ..config import ModelConfig
+from ..config import MAX_CLASSES, MAX_IN_CHANS, MAX_INPUT_SIDE, ModelConfig
 from ..errors import ModelError
+from ..runtime.untrusted import claimed_size, read_bounded
+from ..yamlsafe import loads_json, shown
+from .checkpoint import check_witness, safetensors_shapes
 
 HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 FOLDER_CONFIG = "config.json"
+FOLDER_WEIGHTS = "model.safetensors"
+MAX_CONFIG_BYTES = 1 << 20  # timm's config.json is a few kB
 
 
 def is_hub_name(name: str) -> bool:
@@ -85,6 +91,7 @@ def create(cfg: ModelConfig, kwargs: dict) -> object:
     name = timm_name(cfg.name)
     folder = not is_hub_name(cfg.name)
     pretrained = reads_weights(cfg)
+    check_config(cfg)  # the sizes config.json claims, before timm builds from them
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
@@ -97,6 +104,70 @@ def create(cfg: ModelConfig, kwargs: dict) -> object:
             raise not_fetched(cfg.name, exc) from None
         raise ModelError(f"timm could not build '{cfg.name}': "
                          f"{str(exc).splitlines()[0][:200]}") from None
+
+
+def config_file(cfg: ModelConfig) -> tuple[Path, Path | None]:
+    """(config.json, the folder it must stay inside) of a model folder or a Hub name (the
+    Hub's file: fetched into the Hugging Face cache, as timm would fetch it)."""
+    if not is_hub_name(cfg.name):
+        folder = Path(cfg.name).expanduser()
+        return folder / FOLDER_CONFIG, folder
+    from timm.models._hub import download_from_hf
+
+    try:
+        return Path(download_from_hf(hub_id(cfg.name), FOLDER_CONFIG)), None
+    except Exception as exc:  # huggingface_hub's errors; the one line names the way out
+        if is_fetch_error(exc):
+            raise not_fetched(cfg.name, exc) from None
+        raise
+
+
+def check_config(cfg: ModelConfig) -> dict:
+    """config.json of a model folder or a Hub model, read bounded (a regular file of at most
+    ``MAX_CONFIG_BYTES``, nesting bounded), with every size it claims checked before timm
+    builds anything from it: num_classes, model_args (num_classes, in_chans, img_size) and
+    the pretrained config's input sizes. A folder's claimed class count must be one its
+    model.safetensors holds (read from the header). Returns the parsed config."""
+    path, folder = config_file(cfg)
+    origin = f"{path}"
+    raw = read_bounded(path, MAX_CONFIG_BYTES, "model config", ModelError, folder)
+    data = loads_json(raw, f"model config {path}", ModelError)
+    pretrained = data.get("pretrained_cfg", data) if isinstance(data, dict) else None
+    model_args = (data.get("model_args") or {}) if isinstance(data, dict) else None
+    if not isinstance(pretrained, dict) or not isinstance(model_args, dict):
+        raise ModelError(f"model config {path} is not timm's config.json (an object with "
+                         "architecture, pretrained_cfg and model_args); re-save the folder "
+                         "with timm's save_for_hf")
+    classes = data.get("num_classes", pretrained.get("num_classes"))
+    if classes is not None:
+        claimed_size(classes, MAX_CLASSES, f"{origin}: num_classes", ModelError)
+    for key, limit, low in (("num_classes", MAX_CLASSES, 0), ("in_chans", MAX_IN_CHANS, 1)):
+        if model_args.get(key) is not None:
+            claimed_size(model_args[key], limit, f"{origin}: model_args.{key}", ModelError, low)
+    size = model_args.get("img_size")
+    if size is not None:
+        for side in size if isinstance(size, (list, tuple)) else [size]:
+            claimed_size(side, MAX_INPUT_SIDE, f"{origin}: model_args.img_size", ModelError, 1)
+    for key in ("input_size", "test_input_size", "min_input_size"):
+        check_input_size(pretrained.get(key), f"{origin}: pretrained_cfg.{key}")
+    weights = folder / FOLDER_WEIGHTS if folder is not None else None
+    claimed = model_args.get("num_classes", classes)
+    if claimed and weights is not None and weights.is_file() and not cfg.weights:
+        check_witness(safetensors_shapes(weights, folder), claimed,
+                      "a classifier of num_classes", f"the model folder {cfg.name}")
+    return data
+
+
+def check_input_size(value: Any, what: str) -> None:
+    """A (C, H, W) input size of a pretrained config: channels and sides bounded."""
+    if value is None:
+        return
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise ModelError(f"{what} is {shown(value)}, not [C, H, W]; the file was not written "
+                         "by timm or was altered")
+    claimed_size(value[0], MAX_IN_CHANS, what + " channels", ModelError, 1)
+    for side in value[1:]:
+        claimed_size(side, MAX_INPUT_SIDE, what + " side", ModelError, 1)
 
 
 def is_fetch_error(exc: Exception) -> bool:

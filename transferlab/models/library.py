@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +15,12 @@ from typing import Any
 
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import MAX_CLASSES, MAX_IN_CHANS, MAX_INPUT_SIDE, ModelConfig
 from ..errors import ModelError
+from ..yamlsafe import shown, shown_text
 from . import hub, provenance
 from .builtin import BUILTIN_DATA_CONFIGS, BUILTIN_MODELS
+from .checkpoint import one_line
 
 
 @dataclass
@@ -82,12 +85,54 @@ def unknown_model_message(name: str) -> str:
 
 
 def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """The factory's keyword arguments: ``model.kwargs`` with num_classes and in_chans, the
+    sizes among them bounded (``check_size_kwargs``) before anything is built."""
     kwargs = dict(cfg.kwargs)
     if cfg.num_classes is not None:
         kwargs["num_classes"] = cfg.num_classes
     if cfg.in_chans is not None:
         kwargs["in_chans"] = cfg.in_chans
+    check_size_kwargs(kwargs, cfg.name)
     return kwargs
+
+
+# factory arguments that size what the model allocates: (smallest, largest)
+SIZE_KWARGS = {"num_classes": (0, MAX_CLASSES), "in_chans": (1, MAX_IN_CHANS)}
+
+
+def check_size_kwargs(kwargs: dict[str, Any], name: str) -> None:
+    """ModelError when num_classes, in_chans or img_size (from a config, a store's meta.json,
+    a checkpoint or a model folder) is not a whole number in its range: the factory would
+    allocate from it (5e6 classes: a 40 GB classifier)."""
+    def refuse(key: str, value: Any, valid: str) -> ModelError:
+        return ModelError(f"model '{shown_text(name)}': {key}={shown(value)} must be {valid}; fix "
+                          "model.kwargs / model.num_classes / model.in_chans, or the file that "
+                          "recorded it")
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    for key, (low, high) in SIZE_KWARGS.items():
+        value = kwargs.get(key)
+        if value is not None and not (whole(value) and low <= value <= high):
+            raise refuse(key, value, f"a whole number between {low} and {high:,}")
+    size = kwargs.get("img_size")
+    if size is not None:
+        sides = list(size) if isinstance(size, (list, tuple)) else [size]
+        if not 1 <= len(sides) <= 2 or not all(whole(v) and 1 <= v <= MAX_INPUT_SIDE
+                                               for v in sides):
+            raise refuse("img_size", size, f"a side or [H, W] of 1 to {MAX_INPUT_SIDE} pixels")
+
+
+def factory_refused(exc: TypeError, library: str, name: str, kwargs: dict) -> ModelError:
+    """The one line for a factory that does not take an argument it was given (a TypeError:
+    ``model.kwargs`` of a config, a store's meta.json or a model folder's model_args)."""
+    bad = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
+    what = (f"does not take the argument '{shown_text(bad.group(1))}'" if bad else
+            f"refused its arguments ({shown(one_line(exc))})")
+    given = ", ".join(shown_text(str(k)) for k in sorted(kwargs)) or "none"
+    return ModelError(f"{library} model '{shown_text(name)}' {what} (arguments given: {given}); "
+                      "remove it from model.kwargs, or from the file that records it")
 
 
 def fetch_failed(name: str, exc: Exception) -> ModelError:
@@ -104,8 +149,11 @@ def build_timm(cfg: ModelConfig) -> Backbone:
     if cfg.name not in timm_names() and not is_timm_pretrained_tag(cfg.name):
         raise ModelError(unknown_model_message(cfg.name))
     pretrained = cfg.pretrained and not cfg.weights
+    kwargs = model_kwargs(cfg)
     try:
-        model = timm.create_model(cfg.name, pretrained=pretrained, **model_kwargs(cfg))
+        model = timm.create_model(cfg.name, pretrained=pretrained, **kwargs)
+    except TypeError as exc:
+        raise factory_refused(exc, "timm", cfg.name, kwargs) from None
     except (OSError, RuntimeError, ValueError) as exc:
         if pretrained:
             raise fetch_failed(cfg.name, exc) from None
@@ -117,7 +165,12 @@ def build_timm(cfg: ModelConfig) -> Backbone:
 
 def build_hub(cfg: ModelConfig) -> Backbone:
     """A Hugging Face Hub repository (hf-hub:ORG/NAME) or a timm model folder, through timm."""
-    model = hub.create(cfg, model_kwargs(cfg))
+    kwargs = model_kwargs(cfg)
+    try:
+        model = hub.create(cfg, kwargs)
+    except TypeError as exc:  # config.json's model_args or model.kwargs
+        raise factory_refused(exc, "timm (Hub / model folder config.json)", cfg.name,
+                              kwargs) from None
     digest = provenance.timm_record(model, cfg.kwargs.get("cache_dir"), config_json=True) \
         if hub.reads_weights(cfg) else None
     return Backbone(model, cfg.name, "hub", hub.data_config(model), digest)
@@ -133,6 +186,8 @@ def build_torchvision(cfg: ModelConfig) -> Backbone:
     weights = "DEFAULT" if cfg.pretrained and not cfg.weights else None
     try:
         model = torchvision.models.get_model(cfg.name, weights=weights, **kwargs)
+    except TypeError as exc:
+        raise factory_refused(exc, "torchvision", cfg.name, kwargs) from None
     except (OSError, RuntimeError) as exc:
         if weights:
             raise fetch_failed(cfg.name, exc) from None
@@ -163,7 +218,11 @@ def build_builtin(cfg: ModelConfig) -> Backbone:
     if cfg.pretrained and not cfg.weights:
         raise ModelError(f"built-in model '{cfg.name}' has no published weights: train it "
                          "(python -m transferlab.finetune) or set 'model.weights: PATH'")
-    model = BUILTIN_MODELS[cfg.name](**model_kwargs(cfg))
+    kwargs = model_kwargs(cfg)
+    try:
+        model = BUILTIN_MODELS[cfg.name](**kwargs)
+    except TypeError as exc:
+        raise factory_refused(exc, "built-in", cfg.name, kwargs) from None
     data_config = dict(BUILTIN_DATA_CONFIGS.get(cfg.name, {}))
     if cfg.in_chans:
         data_config["input_size"] = (cfg.in_chans, *data_config["input_size"][1:])
@@ -177,7 +236,11 @@ def build_callable(cfg: ModelConfig) -> Backbone:
     except (ImportError, AttributeError) as exc:
         raise ModelError(f"cannot import '{cfg.name}' ({exc}); write it as "
                          "'package.module:callable' with the module on PYTHONPATH") from None
-    model = factory(**model_kwargs(cfg))
+    kwargs = model_kwargs(cfg)
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:
+        raise factory_refused(exc, "callable", cfg.name, kwargs) from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"'{cfg.name}' returned {type(model).__name__}, not a torch.nn.Module")
     data_config = dict(getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)

@@ -10,17 +10,18 @@ inside the directory the file belongs to. ``trust_code=True`` (``model.trust_cod
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, PreprocessConfig, check_range
 from ..data.preprocess import PreprocessSpec
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 from ..yamlsafe import shown
 from . import hub
-from .checkpoint import one_line
-from .library import Backbone, build_library, resolve_source
+from .checkpoint import check_witness, one_line
+from .library import Backbone, build_library, model_kwargs, resolve_source
 from .weights import load_weights_into
 
 RECORDED_SOURCES = ("timm", "torchvision", "builtin")
@@ -42,6 +43,10 @@ def checked_model(cfg: ModelConfig, origin: str, trust_code: bool) -> ModelConfi
     if not isinstance(cfg.name, str) or not isinstance(cfg.kwargs, dict):
         raise ModelError(f"{origin} records an unreadable architecture (name {cfg.name!r}, "
                          f"kwargs {cfg.kwargs!r}); re-create the file with transferlab")
+    try:  # the sizes it claims (num_classes, in_chans, img_size), before anything is built
+        model_kwargs(cfg)
+    except ModelError as exc:
+        raise ModelError(f"{origin}: {exc}") from None
     source = resolve_source(cfg.name, cfg.source)
     if trust_code:
         return dataclasses.replace(cfg, source=source)
@@ -84,11 +89,21 @@ def escapes(key: str) -> bool:
             or ".." in posix.parts or ".." in win.parts)
 
 
+def claimed_classes(cfg: ModelConfig) -> int | None:
+    """The class count a recorded architecture builds its classifier with (None: the
+    factory's default)."""
+    return cfg.num_classes if cfg.num_classes is not None else cfg.kwargs.get("num_classes")
+
+
 def rebuild_backbone(path: str | Path, state: dict[str, torch.Tensor], meta: dict,
                      trust_code: bool = False) -> Backbone:
     """The whole model of a backbone checkpoint: its recorded architecture, its weights."""
     origin = f"checkpoint {path}"
     cfg = recorded_arch(meta.get("backbone"), origin, trust_code)
+    classes = claimed_classes(cfg)
+    if classes:  # the whole model is saved: its classifier's weights are in the file
+        check_witness({k: tuple(v.shape) for k, v in state.items()}, classes,
+                      "a classifier of num_classes", origin)
     backbone = build_library(cfg, cfg.source)
     load_weights_into(backbone.model, state, path)
     data_config = meta.get("data_config")
@@ -117,6 +132,7 @@ def spec_from_meta(data: object, origin: str) -> PreprocessSpec:
         raise ModelError(f"{origin}: unreadable preprocessing metadata ({one_line(exc)})") \
             from None
     sizes_ok = len(spec.input_size) == 3 and min(spec.input_size) >= 1
+    bounded(spec, origin)
     if spec.window not in ("crop", "image"):
         raise ModelError(f"{origin}: preprocessing window {shown(spec.window)} is neither "
                          "'crop' nor 'image'; re-save the checkpoint with python -m "
@@ -126,3 +142,21 @@ def spec_from_meta(data: object, origin: str) -> PreprocessSpec:
                          f"mean {spec.mean}, std {spec.std}, crop_pct {spec.crop_pct}) is not "
                          "usable; re-save the checkpoint with python -m transferlab.finetune")
     return spec
+
+
+def bounded(spec: PreprocessSpec, origin: str) -> None:
+    """A recorded spec within the BOUNDS a config's preprocessing obeys (input sides, a
+    positive std, crop_pct in (0, 1]) and with finite numbers: a checkpoint's std of 0 would
+    give NaN probabilities, a side of 12,000 pixels a 1.7 GB input."""
+    try:
+        check_range(PreprocessConfig, "preprocess.input_size", list(spec.input_size))
+        check_range(PreprocessConfig, "preprocess.channels", spec.channels)
+        check_range(PreprocessConfig, "preprocess.std", list(spec.std))
+        check_range(PreprocessConfig, "preprocess.crop_pct", spec.crop_pct)
+    except ConfigError as exc:
+        raise ModelError(f"{origin}: preprocessing metadata: {exc}; re-save the checkpoint "
+                         "with python -m transferlab.finetune") from None
+    if not all(math.isfinite(v) for v in (*spec.mean, *spec.std, spec.crop_pct)):
+        raise ModelError(f"{origin}: preprocessing metadata has a mean or std that is not a "
+                         f"finite number (mean {spec.mean}, std {spec.std}); re-save the "
+                         "checkpoint with python -m transferlab.finetune")
