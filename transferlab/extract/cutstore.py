@@ -25,7 +25,7 @@ from ..runtime.distributed import DistInfo, barrier, rank_dir
 from ..runtime.record import rows_fingerprint
 from ..store.files import file_sha256
 from ..store.format import library_versions
-from ..store.owner import prepare_store
+from ..store.owner import check_target, prepare_store
 from ..store.writer import StoreWriter
 
 
@@ -85,12 +85,17 @@ def open_writers(cfg: ExtractConfig, stores: Sequence[CutStore], prints: Sequenc
                  info: DistInfo) -> list[StoreWriter]:
     """One writer per cut (under torchrun each cut's root prepared by rank 0 first, so the
     merged store does not mix with one written otherwise); if one cannot open (another
-    configuration, a lock), the opened ones are released."""
+    configuration, a lock), the opened ones are released. Every cut's directory is checked
+    before any is created: a refusal leaves no store of another cut behind."""
     if info.enabled:
         if info.is_main:
             for store, p in zip(stores, prints):
+                check_target(store.dir, p, cfg.output.dtype, cfg.output.overwrite)
+            for store, p in zip(stores, prints):
                 prepare_store(store.dir, p, cfg.output.dtype, cfg.output.overwrite)
         barrier()
+    for store, p in zip(stores, prints):
+        check_target(rank_dir(store.dir, info), p, cfg.output.dtype, cfg.output.overwrite)
     writers: list[StoreWriter] = []
     try:
         for store, p in zip(stores, prints):
