@@ -38,6 +38,13 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+def lkind(path: str | os.PathLike) -> str:
+    """What ``path`` itself is (a link not followed): "a link", "a FIFO", "a directory",
+    "a regular file", ... for messages."""
+    mode = os.lstat(path).st_mode
+    return "a regular file" if stat.S_ISREG(mode) else _kind(mode)
+
+
 def within(path: Path, root: Path) -> bool:
     """True when ``path`` (resolved) lies inside ``root`` (resolved)."""
     try:

@@ -117,7 +117,7 @@ def read_store_meta(directory: Path) -> dict:
         raise StoreError(f"no feature store at {directory}; check the path or run "
                          "`python -m transferlab.extract CONFIG` to create it")
     path = directory / META
-    if not path.is_file():
+    if not os.path.lexists(path):  # a FIFO or link there: _read_json says what it is
         if (directory / SHARDS).is_dir() or (directory / RANKS).is_dir():
             raise StoreError(f"the store {directory} is unfinished (the run was interrupted); "
                              "rerun the same extract command to resume it")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import StoreError
 from ..runtime.atomicfile import atomic_write
-from ..runtime.untrusted import file_size, open_untrusted
+from ..runtime.untrusted import file_size, lkind, open_untrusted
 from .format import (
     FAILURE_LOG,
     FAILURES_LIMIT,
@@ -91,8 +91,11 @@ def read_failure_log(path: Path, fsync: bool = True, root: Path | None = None
     """The complete lines of ``failures.jsonl``; a line cut by a kill is dropped. A regular
     file inside ``root`` (links never written through: see ``StoreWriter``) of at most
     ``FAILURES_LIMIT`` bytes, read line by line with each line bounded."""
-    if not _regular(path):
+    if not os.path.lexists(path):
         return []
+    if not _regular(path):  # a link, a FIFO...: never read, and never appended to
+        raise StoreError(f"the failure log {path} is {lkind(path)}, not a regular file; "
+                         "transferlab never writes through it: remove it and rerun")
     root = path.parent.parent if root is None else root
     line_limit = 6 * (MAX_KEY_CHARS + MAX_REASON_CHARS) + 64
     items, clean = [], True

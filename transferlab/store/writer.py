@@ -192,6 +192,8 @@ class StoreWriter:
 
     def _raise_if_failed(self) -> None:
         error = self._jobs.error
+        if isinstance(error, StoreError):  # already one line naming the file and the fix
+            raise StoreError(str(error)) from error
         if error is not None:
             raise StoreError(f"writing the store {self.dir} failed: {error!r}; fix the "
                              "cause (disk full? permissions?) and rerun to resume") from error
