@@ -17,14 +17,16 @@ from typing import Any
 from ..config import ExtractConfig, to_dict
 from ..data.datasets import ImageDataset
 from ..data.fingerprint import label_fingerprint
+from ..errors import StoreError
 from ..models.cuts import CutOutput
 from ..models.extractor import ExtractorBundle
 from ..runtime.cores import LoadFollower
 from ..runtime.device import Runtime
 from ..runtime.distributed import DistInfo, barrier, rank_dir
 from ..runtime.record import rows_fingerprint
+from ..runtime.untrusted import no_link_below
 from ..store.files import file_sha256
-from ..store.format import library_versions
+from ..store.format import LOCK, library_versions
 from ..store.owner import check_target, prepare_store
 from ..store.writer import StoreWriter
 
@@ -95,7 +97,10 @@ def open_writers(cfg: ExtractConfig, stores: Sequence[CutStore], prints: Sequenc
                 prepare_store(store.dir, p, cfg.output.dtype, cfg.output.overwrite)
         barrier()
     for store, p in zip(stores, prints):
-        check_target(rank_dir(store.dir, info), p, cfg.output.dtype, cfg.output.overwrite)
+        part = rank_dir(store.dir, info)
+        if part != store.dir:  # ranks/world-N/rank-R: no linked folder on the way
+            no_link_below(part / LOCK, store.dir, "the store part", StoreError)
+        check_target(part, p, cfg.output.dtype, cfg.output.overwrite)
     writers: list[StoreWriter] = []
     try:
         for store, p in zip(stores, prints):

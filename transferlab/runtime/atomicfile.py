@@ -8,7 +8,9 @@ directory between ``root`` and the file may be a link. The rename replaces a lin
 final name by the file, never writing through it. The temporaries a killed run of this
 machine left for the same file (its own names only: ``<name>.<pid>-<thread>.tmp`` of a
 process that no longer runs, a regular file, never a link) are removed by the next write
-of that file (``remove_stale_temporaries``).
+of that file (``remove_stale_temporaries``; ``replaced`` always, ``atomic_write`` outside
+a store: inside one, the store's recovery removes them under its lock, without a scan of
+a folder of many shards per write).
 """
 from __future__ import annotations
 
@@ -113,7 +115,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     link; ``error`` the kind of one-line error a planted link or special file raises."""
     path = Path(path)
     kwargs = {"encoding": "utf-8", "newline": ""} if "b" not in mode else {}
-    remove_stale_temporaries(path)
+    if root is None:  # a store's own (root given) are removed by its recovery, under its lock
+        remove_stale_temporaries(path)
     tmp = temporary_path(path)
     f = _create(tmp, mode, root, error, **kwargs)  # before the try: a file never ours stays
     try:
@@ -129,5 +132,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = False,
-                      root: str | os.PathLike | None = None) -> None:
-    atomic_write(path, lambda f: f.write(text), fsync=fsync, root=root)
+                      root: str | os.PathLike | None = None,
+                      error: type[TransferlabError] = TransferlabError) -> None:
+    atomic_write(path, lambda f: f.write(text), fsync=fsync, root=root, error=error)

@@ -54,7 +54,7 @@ def within(path: Path, root: Path) -> bool:
     return True
 
 
-def _no_link_below(path: Path, root: Path, what: str, error: type[TransferlabError]) -> None:
+def no_link_below(path: Path, root: Path, what: str, error: type[TransferlabError]) -> None:
     """Refuse ``path`` when a component between ``root`` and it is a link."""
     try:
         rel = path.relative_to(root)
@@ -66,6 +66,9 @@ def _no_link_below(path: Path, root: Path, what: str, error: type[TransferlabErr
         if current.is_symlink():
             raise error(f"{what}: {current} is a link; transferlab does not follow links "
                         "inside a store (remove it)")
+
+
+_no_link_below = no_link_below  # its earlier private name
 
 
 class NotRegularFile(Exception):
@@ -155,7 +158,7 @@ def open_inside(path: str | os.PathLike, mode: str, root: str | os.PathLike | No
     if base not in _WRITE_MODES:
         raise ValueError(f"open_inside writes with 'w', 'a' or 'x', not {mode!r}")
     if root is not None:
-        _no_link_below(path, Path(root), what, error)
+        no_link_below(path, Path(root), what, error)
     try:
         fd = os.open(path, _WRITE_MODES[base] | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0), 0o644)
     except OSError as exc:

@@ -291,17 +291,22 @@ def _digits(values: np.ndarray) -> np.ndarray:
 
 
 def _put_ints(out: np.ndarray, pos: np.ndarray, values: np.ndarray, width: np.ndarray) -> None:
+    """Write ``values`` in decimal at ``pos`` (``width`` characters each, from ``_digits``)."""
     negative = values < 0
-    out[pos[negative]] = ord("-")
-    mag = np.abs(values)
+    if negative.any():
+        out[pos[negative]] = ord("-")
+    count = width - negative  # digits
     end = pos + width - 1
-    place, k = mag.copy(), 0
-    alive = np.ones(len(values), bool)
-    while alive.any():
-        out[end[alive] - k] = ord("0") + place[alive] % 10
-        place //= 10
-        k += 1
-        alive = width - negative > k
+    place = np.abs(values)
+    shortest, longest = int(count.min()), int(count.max())
+    for k in range(longest):
+        place, digit = np.divmod(place, 10)
+        digit += ord("0")
+        if k < shortest:  # every value has this digit
+            out[end - k] = digit
+        else:
+            has = count > k
+            out[end[has] - k] = digit[has]
 
 
 def _csv_lines(blob: np.ndarray, starts: np.ndarray, klen: np.ndarray, labels: np.ndarray,
@@ -315,8 +320,9 @@ def _csv_lines(blob: np.ndarray, starts: np.ndarray, klen: np.ndarray, labels: n
     out = np.empty(int(line.sum()), np.uint8)
     first = int(starts[a])
     part = blob[first:int(starts[b - 1] + kl[-1])]
-    src = np.flatnonzero(part != 0)
-    out[src + np.repeat(offs - (starts[a:b] - first), kl)] = part[src]
+    # each key's bytes, and the NUL after it (where its comma goes), move by one shift a row
+    shift = np.repeat(offs - (starts[a:b] - first), kl + 1)[:len(part)]
+    out[np.arange(len(part)) + shift] = part
     pos = offs + kl
     for values, width in ((lab, ll), (rows, rl), (view, vl)):
         out[pos] = ord(",")
