@@ -136,16 +136,17 @@ def test_atomic_writes_never_follow_a_link_at_their_temporary_name(tmp_path, nam
 
 
 def test_no_store_file_is_written_below_a_linked_folder(tmp_path):
+    from transferlab.store.format import _write_json
+
     store = small_store(tmp_path / "s").dir
+    _write_json(store / "shards" / "x.json", {}, store)  # a real folder: written
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    for entry in list((store / "shards").iterdir()):
+        entry.unlink()
+    (store / "shards").rmdir()
+    (store / "shards").symlink_to(elsewhere)
     with pytest.raises(StoreError) as err:
-        atomic_write_text(store / "shards" / "x.json", "{}", root=store)  # control: fine
-        for entry in list((store / "shards").iterdir()):
-            entry.unlink()
-        (store / "shards").rmdir()
-        (store / "shards").symlink_to(elsewhere)
-        from transferlab.store.format import _write_json
         _write_json(store / "shards" / "shard-00000.json", {}, store)
     assert "is a link" in one_line(str(err.value))
     assert list(elsewhere.iterdir()) == []
@@ -205,8 +206,7 @@ for name, (store, action) in {cases!r}.items():
             assert lines[name] == "OK"
         else:
             assert said in lines[name] and "not a regular file" in lines[name], (name, lines)
-    assert "outside" in lines["dev-zero"] and "/dev/zero" not in lines["dev-zero"].split(
-        "fingerprint.json")[0]
+    assert "outside" in lines["dev-zero"] and "fingerprint.json" in lines["dev-zero"]
 
 
 def test_an_index_csv_linked_outside_is_refused_one_inside_is_read(tmp_path):
@@ -301,7 +301,7 @@ def test_an_honest_sidecar_is_served(tmp_path):
 def test_pca_file_bombs_are_one_line_in_bounded_memory(tmp_path):
     """reduce-pca.npz: components claiming 96 x 5e8 floats in 300 bytes, a deflated member
     of 300 MB zeros, shapes other than the store records, a FIFO: one StoreError each."""
-    from transferlab.extract.reduce import PCA_FORMAT, fit_pca
+    from transferlab.extract.reduce import fit_pca
 
     good = tmp_path / "good.npz"
     fit_pca(__import__("torch").randn(40, 8), 3).save(good)
@@ -337,7 +337,6 @@ for name, path in {files!r}.items():
     assert "a FIFO" in lines.pop("fifo")
     for name, line in lines.items():
         assert "output.overwrite=true" in line and "PCA" in line, (name, line)
-    assert PCA_FORMAT  # the honest file carries it
 
 
 # ---- 4. keys, failure lists, stale temporaries, several cuts ---------------------------------
