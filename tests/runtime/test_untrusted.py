@@ -7,7 +7,14 @@ import threading
 import pytest
 
 from transferlab.errors import StoreError
-from transferlab.runtime.untrusted import claimed_size, open_inside, open_untrusted, read_bounded
+from transferlab.runtime.untrusted import (
+    NotRegularFile,
+    claimed_size,
+    open_inside,
+    open_regular,
+    open_untrusted,
+    read_bounded,
+)
 
 
 def test_read_bounded_reads_a_regular_file_and_refuses_a_larger_one(tmp_path) -> None:
@@ -92,3 +99,40 @@ def test_claimed_sizes_are_bounded_before_use() -> None:
     for bad in (5_000_000, -1, 2.5, True, "7"):
         with pytest.raises(StoreError, match="num_classes"):
             claimed_size(bad, 100_000, "num_classes", StoreError)
+
+
+def test_a_read_below_a_linked_directory_leaving_the_root_is_refused(tmp_path) -> None:
+    store, elsewhere = tmp_path / "store", tmp_path / "elsewhere"
+    store.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "shard.json").write_text("secret")
+    (store / "shards").symlink_to(elsewhere)
+    with pytest.raises(StoreError, match="outside"):
+        read_bounded(store / "shards" / "shard.json", 100, "a shard", StoreError, root=store)
+
+
+def test_open_inside_refuses_a_fifo_and_a_directory_without_blocking(tmp_path) -> None:
+    os.mkfifo(tmp_path / ".lock")
+    (tmp_path / "dir.json").mkdir()
+    for name in (".lock", "dir.json"):
+        for mode in ("a", "w"):
+            with pytest.raises(StoreError, match="not a regular file"):
+                open_inside(tmp_path / name, mode, tmp_path, "the lock file", StoreError)
+
+
+def test_open_inside_without_a_root_still_refuses_a_link(tmp_path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    (tmp_path / "out.tmp").symlink_to(victim)
+    with pytest.raises(StoreError, match="is a link"):
+        open_inside(tmp_path / "out.tmp", "xb", None, "the temporary file", StoreError)
+    assert victim.read_text() == "keep"
+
+
+def test_open_regular_says_what_the_file_is(tmp_path) -> None:
+    os.mkfifo(tmp_path / "x.png")
+    with pytest.raises(NotRegularFile) as err:
+        open_regular(tmp_path / "x.png")
+    assert err.value.kind == "a FIFO"
+    with pytest.raises(FileNotFoundError):
+        open_regular(tmp_path / "missing.png")

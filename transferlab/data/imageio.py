@@ -36,7 +36,6 @@ import errno
 import io
 import math
 import os
-import stat
 import warnings
 from pathlib import Path
 
@@ -44,6 +43,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError
+from ..runtime import untrusted
 from . import fastjpeg
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default warning threshold (~ 9459 x 9459)
@@ -121,24 +121,16 @@ def load_image(path: str | os.PathLike, mode: str = "RGB",
 
 
 def open_regular(path: str | os.PathLike) -> io.BufferedReader:
-    """``path`` opened for reading when it is a regular file. O_NONBLOCK: opening a FIFO
-    for reading would otherwise wait forever for a writer; it is checked by fstat, not by a
-    name that could be swapped between check and open."""
+    """``path`` opened for reading when it is a regular file (``runtime.untrusted``'s one
+    opener: non-blocking, checked by fstat, so a FIFO never blocks), its refusals as
+    ``ImageDecodeError`` reasons."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+        return untrusted.open_regular(path)  # type: ignore[return-value]
+    except untrusted.NotRegularFile as exc:
+        detail = "is a directory" if exc.kind == "a directory" else "not a regular file"
+        raise ImageDecodeError(UNREADABLE, detail, path) from None
     except OSError as exc:
         raise _os_error(exc, path) from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            detail = "is a directory" if stat.S_ISDIR(mode) else "not a regular file"
-            raise ImageDecodeError(UNREADABLE, detail, path)
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def decode_bytes(data: bytes, key: str, mode: str, draft_size: tuple[int, int] | None,

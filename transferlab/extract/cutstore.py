@@ -16,6 +16,7 @@ from pathlib import Path
 from ..config import ExtractConfig, to_dict
 from ..data.datasets import ImageDataset
 from ..data.fingerprint import label_fingerprint
+from ..errors import StoreError
 from ..models.cuts import CutOutput
 from ..models.extractor import ExtractorBundle
 from ..models.provenance import weights_record
@@ -23,8 +24,9 @@ from ..runtime.cores import LoadFollower
 from ..runtime.device import Runtime
 from ..runtime.distributed import DistInfo, barrier, rank_dir
 from ..runtime.record import rows_fingerprint
-from ..store.format import library_versions
-from ..store.owner import prepare_store
+from ..runtime.untrusted import no_link_below
+from ..store.format import LOCK, library_versions
+from ..store.owner import check_target, prepare_store
 from ..store.writer import StoreWriter
 
 
@@ -77,12 +79,20 @@ def open_writers(cfg: ExtractConfig, stores: Sequence[CutStore], prints: Sequenc
                  info: DistInfo) -> list[StoreWriter]:
     """One writer per cut (under torchrun each cut's root prepared by rank 0 first, so the
     merged store does not mix with one written otherwise); if one cannot open (another
-    configuration, a lock), the opened ones are released."""
+    configuration, a lock), the opened ones are released. Every cut's directory is checked
+    before any is created: a refusal leaves no store of another cut behind."""
     if info.enabled:
         if info.is_main:
             for store, p in zip(stores, prints):
+                check_target(store.dir, p, cfg.output.dtype, cfg.output.overwrite)
+            for store, p in zip(stores, prints):
                 prepare_store(store.dir, p, cfg.output.dtype, cfg.output.overwrite)
         barrier()
+    for store, p in zip(stores, prints):
+        part = rank_dir(store.dir, info)
+        if part != store.dir:  # ranks/world-N/rank-R: no linked folder on the way
+            no_link_below(part / LOCK, store.dir, "the store part", StoreError)
+        check_target(part, p, cfg.output.dtype, cfg.output.overwrite)
     writers: list[StoreWriter] = []
     try:
         for store, p in zip(stores, prints):

@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import ComputeError, ConfigError, DataError, StoreError
 from ..runtime.atomicfile import atomic_write
 from ..runtime.untrusted import claimed_size
-from ..store.format import PCA_FILE
+from ..store.format import PCA_FILE, load_npz
 from ..yamlsafe import shown
 
 KINDS = ("srp", "pca")
@@ -242,20 +242,43 @@ class PCAProjection(nn.Module):
                   "sample_rows": np.array(self.sample_rows, np.int64),
                   "explained": np.array(self.explained, np.float64),
                   "sha256": np.array(self.sha256)}
-        atomic_write(path, lambda f: np.savez(f, **arrays), "wb")
+        atomic_write(path, lambda f: np.savez(f, **arrays), "wb", root=Path(path).parent,
+                     error=StoreError)
 
     @classmethod
-    def load(cls, path: str | Path) -> PCAProjection:
-        """The projection ``save`` wrote; StoreError naming the fix if missing or damaged."""
+    def load(cls, path: str | Path, dims: tuple[int, int] | None = None,
+             root: str | Path | None = None) -> PCAProjection:
+        """The projection ``save`` wrote; StoreError naming the fix if missing or damaged.
+
+        ``dims`` (d_in, D): what the store records; every member's declared shape is
+        checked against it, and its size against the file's, before anything is read (a
+        small file claiming billions of floats is refused, not decompressed). ``root``: the
+        store, which the file (a regular one, never a FIFO or device) must lie in."""
         fix = "set output.overwrite=true to rebuild the store (the PCA is refitted)"
+        path = Path(path)
+        d_in, dim = dims if dims is not None else (None, None)
+
+        def text(shape: tuple[int, ...], dtype: np.dtype) -> bool:
+            return dtype.kind == "U" and shape == () and dtype.itemsize <= 4 * 64
+
+        def scalar(kind: str) -> Any:
+            return lambda shape, dtype: dtype == np.dtype(kind) and shape == ()
+
+        want = {"format": text, "sha256": text, "sample_rows": scalar("int64"),
+                "explained": scalar("float64"),
+                "mean": lambda shape, dtype: dtype == np.float32 and len(shape) == 1
+                and d_in in (None, shape[0]),
+                "components": lambda shape, dtype: dtype == np.float32 and len(shape) == 2
+                and (d_in, dim) in ((None, None), shape[::-1])}
+        limit = (1 << 16) + 4 * d_in * (dim + 1) if dims is not None else 4 << 30
+        if not path.exists() and not path.is_symlink():
+            raise StoreError(f"the PCA file {path} is missing; {fix}")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                fields = {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError) as e:
-            raise StoreError(f"cannot read the PCA file {path} ({type(e).__name__}); "
-                             f"{fix}") from None
-        need = {"format", "mean", "components", "sample_rows", "explained", "sha256"}
-        if not need <= set(fields) or str(fields["format"]) != PCA_FORMAT:
+            fields = load_npz(path, Path(root) if root is not None else path.parent, want,
+                              "the PCA file", limit)
+        except StoreError as exc:
+            raise StoreError(f"{exc}; {fix}") from None
+        if str(fields["format"]) != PCA_FORMAT:
             raise StoreError(f"{path} is not a transferlab PCA file; {fix}")
         pca = cls(torch.from_numpy(fields["mean"]), torch.from_numpy(fields["components"]),
                   int(fields["sample_rows"]), float(fields["explained"]))
@@ -408,7 +431,7 @@ def open_pca(path: str | Path, spec: ReduceSpec, d_in: int, available: int,
     if not path.exists():
         raise StoreError(f"the store has rows but its PCA file {path} is missing; restore it "
                          "or set output.overwrite=true to rebuild the store")
-    pca = PCAProjection.load(path)
+    pca = PCAProjection.load(path, (d_in, spec.dim), path.parent)
     if (pca.d_in, pca.dim) != (d_in, spec.dim):
         raise StoreError(f"{path} projects {pca.d_in} -> {pca.dim} dims, not {d_in} -> "
                          f"{spec.dim}; set output.overwrite=true to rebuild the store")
@@ -442,7 +465,7 @@ def reduction_from_record(record: dict | None, root: str | Path | None,
         if kind == "srp":
             module: nn.Module = SparseProjection(d_in_rec, dim_rec, int(record["seed"]))
         elif kind == "pca" and root is not None:
-            module = PCAProjection.load(Path(root) / PCA_FILE)
+            module = PCAProjection.load(Path(root) / PCA_FILE, (int(d_in), int(dim)), root)
         else:
             raise ValueError(kind)
     except (KeyError, TypeError, ValueError):

@@ -9,16 +9,20 @@ try:
 except ImportError:  # not on POSIX: no lock, as the store writer
     fcntl = None  # type: ignore[assignment]
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TransferlabError
+from .untrusted import open_inside
 
 LOCK_FILE = ".lock"
 
 
-def try_lock(directory: Path) -> IO[str] | None:
+def try_lock(directory: Path, error: type[TransferlabError] = ConfigError) -> IO[str] | None:
     """Create ``directory`` and take its ``.lock`` without waiting: the open handle (the lock
-    lasts until it is closed), or None when another process holds it."""
+    lasts until it is closed), or None when another process holds it. A ``.lock`` that is a
+    link, a FIFO, a device or a directory is ``error`` (one line), never followed or
+    waited on."""
     directory.mkdir(parents=True, exist_ok=True)
-    handle = open(directory / LOCK_FILE, "a")
+    handle = open_inside(directory / LOCK_FILE, "a", directory, "the lock file", error,
+                         encoding="utf-8")
     if fcntl is not None:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

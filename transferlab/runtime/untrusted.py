@@ -38,6 +38,13 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+def lkind(path: str | os.PathLike) -> str:
+    """What ``path`` itself is (a link not followed): "a link", "a FIFO", "a directory",
+    "a regular file", ... for messages."""
+    mode = os.lstat(path).st_mode
+    return "a regular file" if stat.S_ISREG(mode) else _kind(mode)
+
+
 def within(path: Path, root: Path) -> bool:
     """True when ``path`` (resolved) lies inside ``root`` (resolved)."""
     try:
@@ -47,7 +54,7 @@ def within(path: Path, root: Path) -> bool:
     return True
 
 
-def _no_link_below(path: Path, root: Path, what: str, error: type[TransferlabError]) -> None:
+def no_link_below(path: Path, root: Path, what: str, error: type[TransferlabError]) -> None:
     """Refuse ``path`` when a component between ``root`` and it is a link."""
     try:
         rel = path.relative_to(root)
@@ -61,35 +68,55 @@ def _no_link_below(path: Path, root: Path, what: str, error: type[TransferlabErr
                         "inside a store (remove it)")
 
 
-def open_untrusted(path: str | os.PathLike, what: str, error: type[TransferlabError],
-                 root: str | os.PathLike | None = None) -> IO[bytes]:
-    """``path`` opened for binary reading when it is a regular file.
+_no_link_below = no_link_below  # its earlier private name
 
-    With ``root`` a link is followed only when its target stays inside ``root``; without
-    it links are followed (a user's own file named on the command line). O_NONBLOCK: a
-    FIFO would otherwise block the open forever."""
-    path = Path(path)
-    flags = _READ_FLAGS
-    if root is not None:
-        root = Path(root)
-        if path.is_symlink() and not within(path, root):
-            raise error(f"{what} {path} is a link to a file outside {root}; transferlab "
-                        "does not follow it (replace the link by the file)")
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise error(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise error(f"{what} {path} cannot be opened: {exc.strerror or exc}") from None
+
+class NotRegularFile(Exception):
+    """``open_regular`` found a FIFO, a device, a socket or a directory; ``kind`` says which
+    ("a FIFO", ...)."""
+
+    def __init__(self, path: str | os.PathLike, kind: str):
+        super().__init__(f"{path} is {kind}, not a regular file")
+        self.path, self.kind = path, kind
+
+
+def open_regular(path: str | os.PathLike) -> IO[bytes]:
+    """``path`` opened for binary reading when it is a regular file: the one opener of files
+    from untrusted places. O_NONBLOCK: a FIFO would otherwise block the open forever; the
+    kind is checked on the open file (``fstat``), not on a name that could be swapped.
+    Raises the ``OSError`` of the open, or ``NotRegularFile``; ``open_untrusted`` (and
+    ``data.imageio``) turn them into one-line errors of their own kind."""
+    fd = os.open(path, _READ_FLAGS)
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise error(f"{what} {path} is {_kind(mode)}, not a regular file")
+            raise NotRegularFile(path, _kind(mode))
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+
+
+def open_untrusted(path: str | os.PathLike, what: str, error: type[TransferlabError],
+                   root: str | os.PathLike | None = None) -> IO[bytes]:
+    """``path`` opened for binary reading when it is a regular file.
+
+    With ``root`` the file must lie inside ``root`` once every link on the way is resolved
+    (a link to a file outside, or below a linked directory leading out, is refused); without
+    it links are followed (a user's own file named on the command line)."""
+    path = Path(path)
+    if root is not None and not within(path, Path(root)):
+        raise error(f"{what} {path} leads outside {root} through a link; transferlab does "
+                    "not follow it (replace the link by the file)")
+    try:
+        return open_regular(path)
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except NotRegularFile as exc:
+        raise error(f"{what} {path} is {exc.kind}, not a regular file") from None
+    except OSError as exc:
+        raise error(f"{what} {path} cannot be opened: {exc.strerror or exc}") from None
 
 
 def file_size(handle: IO[Any]) -> int:
@@ -118,24 +145,36 @@ _WRITE_MODES = {
 }
 
 
-def open_inside(path: str | os.PathLike, mode: str, root: str | os.PathLike, what: str,
+def open_inside(path: str | os.PathLike, mode: str, root: str | os.PathLike | None, what: str,
                 error: type[TransferlabError], **text: Any) -> IO[Any]:
     """``open(path, mode)`` for writing a file inside ``root`` without following a link:
     the file itself is opened with O_NOFOLLOW (a link there fails instead of being
-    written through) and no directory between ``root`` and it may be a link. ``mode`` is
-    'w', 'a' or 'x', with 'b' for binary; ``text`` goes to ``os.fdopen`` (encoding...)."""
-    path, root = Path(path), Path(root)
+    written through) and no directory between ``root`` and it may be a link (``root``
+    None: only the file itself is checked). ``mode`` is 'w', 'a' or 'x', with 'b' for
+    binary; ``text`` goes to ``os.fdopen`` (encoding...). A FIFO, device or directory there
+    is refused without blocking; an 'x' onto an existing regular file is FileExistsError."""
+    path = Path(path)
     base = mode.replace("b", "").replace("t", "")
     if base not in _WRITE_MODES:
         raise ValueError(f"open_inside writes with 'w', 'a' or 'x', not {mode!r}")
-    _no_link_below(path, root, what, error)
+    if root is not None:
+        no_link_below(path, Path(root), what, error)
     try:
         fd = os.open(path, _WRITE_MODES[base] | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0), 0o644)
-    except OSError:
-        if path.is_symlink():
+    except OSError as exc:
+        try:
+            st_mode = os.lstat(path).st_mode
+        except OSError:
+            st_mode = None
+        if st_mode is not None and stat.S_ISLNK(st_mode):
             raise error(f"{what} {path} is a link; transferlab does not write through links "
-                        "inside a store (remove it)") from None
-        raise
+                        "(remove it)") from None
+        if st_mode is not None and not stat.S_ISREG(st_mode):
+            raise error(f"{what} {path} is {_kind(st_mode)}, not a regular file (remove "
+                        "it)") from None
+        if isinstance(exc, FileExistsError):
+            raise
+        raise error(f"{what} {path} cannot be written: {exc.strerror or exc}") from None
     try:
         st_mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(st_mode):

@@ -19,18 +19,27 @@ import numpy as np
 
 from ..errors import StoreError
 from ..runtime.atomicfile import atomic_write
+from ..runtime.untrusted import file_size, open_untrusted
 from ..yamlsafe import shown
 from .format import (
     DTYPES,
+    FAILURES_LIMIT,
     FORMAT,
+    MAX_KEY_CHARS,
     META,
     RESERVED_META,
     SHARDS,
     VERSION,
     _read_json,
+    load_npz,
+    npy_data_bytes,
+    read_npy_header,
 )
 
 INDEX_HEADER = ["key", "label", "row", "view"]
+_HEADER_BYTES = b"key,label,row,view\r\n"
+# the longest line write_index writes for a key of MAX_KEY_CHARS (UTF-8, quotes doubled)
+_MAX_LINE = 2 * 4 * MAX_KEY_CHARS + 3 * 21 + 7
 INDEX_SIDECAR = "index.npz"  # a binary copy of index.csv, checked against it
 RANKS = "ranks"  # torchrun parts: ranks/world-N/rank-R, each a store of its own
 _DAMAGED = "the store is damaged; rerun the extract with output.overwrite=true"
@@ -44,7 +53,8 @@ _DAMAGED = "the store is damaged; rerun the extract with output.overwrite=true"
 def write_index(path: Path, rows: Iterable[tuple[str, int, int]], fsync: bool = True) -> None:
     """``index.csv`` from ``(key, label, view)`` in row order, and beside it its binary copy
     ``index.npz`` (what makes a million-row store open at once), which records the CSV's
-    SHA-256: it is used only while ``index.csv`` is byte for byte what was written with it."""
+    SHA-256: it is used only while ``index.csv`` is byte for byte the CSV its own rows
+    make (``_read_sidecar``)."""
     keys: list[str] = []
     labels: list[int] = []
     views: list[int] = []
@@ -63,7 +73,7 @@ def write_index(path: Path, rows: Iterable[tuple[str, int, int]], fsync: bool = 
                 _drain(text, f, digest)
         _drain(text, f, digest)
 
-    atomic_write(path, write, "wb", fsync)
+    atomic_write(path, write, "wb", fsync, root=path.parent, error=StoreError)
     sidecar = path.with_name(INDEX_SIDECAR)
     if any("\0" in key for key in keys):  # cannot be joined with NUL: the CSV alone serves
         sidecar.unlink(missing_ok=True)
@@ -71,7 +81,8 @@ def write_index(path: Path, rows: Iterable[tuple[str, int, int]], fsync: bool = 
     blob = np.frombuffer("\0".join(keys).encode("utf-8"), np.uint8)
     atomic_write(sidecar, lambda f: np.savez(
         f, keys=blob, labels=np.asarray(labels, np.int64), views=np.asarray(views, np.int64),
-        csv_sha256=np.array(digest.hexdigest())), "wb", fsync)
+        csv_sha256=np.array(digest.hexdigest())), "wb", fsync, root=path.parent,
+        error=StoreError)
 
 
 def _drain(text: io.StringIO, f: Any, digest: Any) -> None:
@@ -87,7 +98,7 @@ def write_failures(path: Path, items: Iterable[tuple[str, str]], fsync: bool = T
         out = csv.writer(f)
         out.writerow(["key", "reason"])
         out.writerows(items)
-    atomic_write(path, write, fsync=fsync)
+    atomic_write(path, write, fsync=fsync, root=path.parent, error=StoreError)
 
 
 def finished_meta(caller: dict, own: dict) -> dict:
@@ -106,12 +117,12 @@ def read_store_meta(directory: Path) -> dict:
         raise StoreError(f"no feature store at {directory}; check the path or run "
                          "`python -m transferlab.extract CONFIG` to create it")
     path = directory / META
-    if not path.is_file():
+    if not os.path.lexists(path):  # a FIFO or link there: _read_json says what it is
         if (directory / SHARDS).is_dir() or (directory / RANKS).is_dir():
             raise StoreError(f"the store {directory} is unfinished (the run was interrupted); "
                              "rerun the same extract command to resume it")
         raise StoreError(f"{directory} is not a feature store (no {META}); check the path")
-    meta = _read_json(path)
+    meta = _read_json(path, directory)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise StoreError(f"{path} is not a transferlab store's metadata; check the path")
     version = meta.get("version")
@@ -154,50 +165,172 @@ def shard_files(directory: Path, meta: dict) -> list[Path]:
         if not inside:
             raise StoreError(f"{directory / META} names the shard {shown(shard['file'])}, "
                              "outside the store; a store reads only its own files")
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise StoreError(f"{path} is missing; {_DAMAGED}")
-        _check_header(path, int(shard["rows"]), meta)
+        _check_header(path, int(shard["rows"]), meta, directory)
         files.append(path)
     return files
 
 
-def _check_header(path: Path, rows: int, meta: dict) -> None:
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)  # checks the file's length
-    except (OSError, ValueError, EOFError) as exc:
-        raise StoreError(f"{path} is not a complete .npy file ({shown(str(exc))}); "
-                         f"{_DAMAGED}") from None
+def _check_header(path: Path, rows: int, meta: dict, root: Path) -> None:
+    with open_untrusted(path, "the shard", StoreError, root) as f:
+        try:
+            shape, dtype, offset = read_npy_header(f)
+        except (ValueError, EOFError, SyntaxError, OSError) as exc:
+            raise StoreError(f"{path} is not a complete .npy file ({shown(str(exc))}); "
+                             f"{_DAMAGED}") from None
+        size = file_size(f)
     want = (rows, meta["dim"] or 0)
-    if array.shape != want or array.dtype != np.dtype(meta["dtype"]):
-        raise StoreError(f"{path} holds {array.dtype} {array.shape} but meta.json says "
+    if shape != want or dtype != np.dtype(meta["dtype"]):
+        raise StoreError(f"{path} holds {dtype} {shape} but meta.json says "
                          f"{meta['dtype']} {want}; {_DAMAGED}")
+    if size < offset + npy_data_bytes(shape, dtype):
+        raise StoreError(f"{path} is not a complete .npy file ({size:,} bytes for {shape}); "
+                         f"{_DAMAGED}")
 
 
-def read_index(path: Path, rows: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Keys, labels and views of ``index.csv``: from its binary copy when that matches the
-    CSV's bytes, else parsed, each line's ``row`` checked against its position."""
-    if not path.is_file():
+def read_index(path: Path, rows: int, root: Path | None = None
+               ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Keys, labels and views of ``index.csv`` (a regular file inside the store ``root``):
+    from its binary copy when that makes exactly the CSV's bytes, else parsed, each line's
+    ``row`` checked against its position."""
+    root = path.parent if root is None else root
+    if not os.path.lexists(path):
         raise StoreError(f"{path} is missing; {_DAMAGED}")
-    return _read_sidecar(path, rows) or _parse_index(path, rows)
+    return _read_sidecar(path, rows, root) or _parse_index(path, rows, root)
 
 
-def _read_sidecar(path: Path, rows: int) -> tuple[list[str], np.ndarray, np.ndarray] | None:
-    """None unless ``index.npz`` is well formed, has ``rows`` rows and records the SHA-256
-    of ``index.csv`` as it is now."""
+def _index_limit(rows: int) -> int:
+    return len(_HEADER_BYTES) + rows * _MAX_LINE
+
+
+def _read_sidecar(path: Path, rows: int, root: Path | None = None
+                  ) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+    """None unless ``index.npz`` is well formed (each member's declared size checked before
+    it is read), has ``rows`` rows, and its keys, labels and views written as a CSV are
+    byte for byte ``index.csv`` as it is now (so it can never serve other rows than the
+    CSV, whatever digest it records)."""
+    root = path.parent if root is None else root
+    sidecar = path.with_name(INDEX_SIDECAR)
+    if not os.path.lexists(sidecar):
+        return None
+    with open_untrusted(path, "the index", StoreError, root) as f:
+        csv_size = file_size(f)
+    if csv_size > _index_limit(rows) or rows * 8 > csv_size:
+        return None  # parsing says what is wrong
+    want = {"keys": lambda shape, dtype: dtype == np.uint8 and len(shape) == 1
+            and shape[0] <= csv_size,
+            "labels": lambda shape, dtype: dtype == np.int64 and shape == (rows,),
+            "views": lambda shape, dtype: dtype == np.int64 and shape == (rows,),
+            "csv_sha256": lambda shape, dtype: dtype.kind == "U" and shape == ()
+            and dtype.itemsize <= 4 * 64}
     try:
-        with np.load(path.with_name(INDEX_SIDECAR), allow_pickle=False) as data:
-            blob, labels, views = data["keys"], data["labels"], data["views"]
-            recorded = str(data["csv_sha256"])
-    except (OSError, ValueError, KeyError, EOFError):
-        return None
-    if labels.shape != (rows,) or views.shape != (rows,) or blob.dtype != np.uint8 or \
-            labels.dtype != np.int64 or views.dtype != np.int64 or recorded != file_sha256(path):
-        return None
+        data = load_npz(sidecar, root, want, "the binary index", 3 * csv_size + (1 << 16))
+    except StoreError:
+        return None  # the CSV serves
+    blob, labels, views = data["keys"], data["labels"], data["views"]
     try:
         keys = blob.tobytes().decode("utf-8").split("\0") if rows else []
     except UnicodeDecodeError:
         return None
-    return (keys, labels, views) if len(keys) == rows else None
+    if len(keys) != rows or (not rows and blob.size):
+        return None
+    expected = index_csv_bytes(keys, blob, labels, views)
+    if expected is None or len(expected) != csv_size:
+        return None
+    with open_untrusted(path, "the index", StoreError, root) as f:
+        written = f.read(csv_size + 1)
+    if written != expected:
+        return None
+    return keys, labels, views
+
+
+def index_csv_bytes(keys: list[str], blob: np.ndarray, labels: np.ndarray,
+                    views: np.ndarray) -> bytes | None:
+    """The bytes ``write_index`` writes for these rows (``blob``: the keys' UTF-8 joined by
+    NUL), built with numpy, not row by row; None when a number is out of int64's safe range.
+    Keys csv quotes (holding , " CR or LF) are quoted here as csv does."""
+    rows = len(keys)
+    if rows == 0:
+        return _HEADER_BYTES
+    if (labels.min() <= -(1 << 62)) or (views.min() <= -(1 << 62)):
+        return None
+    special = np.isin(blob, np.frombuffer(b',"\r\n', np.uint8))
+    if special.any():  # rare: re-encode the keys csv quotes
+        starts = np.flatnonzero(blob == 0) + 1
+        quoted = set(np.searchsorted(starts, np.flatnonzero(special), side="right").tolist())
+        keys = _quote_some(keys, quoted)
+        blob = np.frombuffer("\0".join(keys).encode("utf-8"), np.uint8)
+    seps = np.flatnonzero(blob == 0)
+    starts = np.concatenate([[0], seps + 1])
+    klen = np.concatenate([seps, [len(blob)]]) - starts
+    out = [_HEADER_BYTES]
+    for a in range(0, rows, 1 << 15):
+        b = min(rows, a + (1 << 15))
+        out.append(_csv_lines(blob, starts, klen, labels, views, a, b).tobytes())
+    return b"".join(out)
+
+
+def _quote_some(keys: list[str], quoted: set[int]) -> list[str]:
+    keys = list(keys)
+    for i in quoted:
+        keys[i] = '"' + keys[i].replace('"', '""') + '"'
+    return keys
+
+
+def _digits(values: np.ndarray) -> np.ndarray:
+    """Characters of each int64 in decimal (a '-' included)."""
+    mag = np.abs(values)
+    count = np.ones(len(values), np.int64)
+    top = int(mag.max()) if len(mag) else 0
+    power = 10
+    while power <= top:
+        count += mag >= power
+        power *= 10
+    return count + (values < 0)
+
+
+def _put_ints(out: np.ndarray, pos: np.ndarray, values: np.ndarray, width: np.ndarray) -> None:
+    """Write ``values`` in decimal at ``pos`` (``width`` characters each, from ``_digits``)."""
+    negative = values < 0
+    if negative.any():
+        out[pos[negative]] = ord("-")
+    count = width - negative  # digits
+    end = pos + width - 1
+    place = np.abs(values)
+    shortest, longest = int(count.min()), int(count.max())
+    for k in range(longest):
+        place, digit = np.divmod(place, 10)
+        digit += ord("0")
+        if k < shortest:  # every value has this digit
+            out[end - k] = digit
+        else:
+            has = count > k
+            out[end[has] - k] = digit[has]
+
+
+def _csv_lines(blob: np.ndarray, starts: np.ndarray, klen: np.ndarray, labels: np.ndarray,
+               views: np.ndarray, a: int, b: int) -> np.ndarray:
+    kl = klen[a:b]
+    rows = np.arange(a, b, dtype=np.int64)
+    lab, view = labels[a:b], views[a:b]
+    ll, rl, vl = _digits(lab), _digits(rows), _digits(view)
+    line = kl + ll + rl + vl + 5
+    offs = np.concatenate([[0], np.cumsum(line)[:-1]])
+    out = np.empty(int(line.sum()), np.uint8)
+    first = int(starts[a])
+    part = blob[first:int(starts[b - 1] + kl[-1])]
+    # each key's bytes, and the NUL after it (where its comma goes), move by one shift a row
+    shift = np.repeat(offs - (starts[a:b] - first), kl + 1)[:len(part)]
+    out[np.arange(len(part)) + shift] = part
+    pos = offs + kl
+    for values, width in ((lab, ll), (rows, rl), (view, vl)):
+        out[pos] = ord(",")
+        _put_ints(out, pos + 1, values, width)
+        pos = pos + 1 + width
+    out[pos] = ord("\r")
+    out[pos + 1] = ord("\n")
+    return out
 
 
 def file_sha256(path: str | Path) -> str:
@@ -209,20 +342,32 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _parse_index(path: Path, rows: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+def _parse_index(path: Path, rows: int, root: Path | None = None
+                 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     keys, labels, views = [], [], []
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+    root = path.parent if root is None else root
+    with open_untrusted(path, "the index", StoreError, root) as handle:
+        size = file_size(handle)
+        if size > _index_limit(rows):
+            raise StoreError(f"{path} is {size:,} bytes, more than {rows:,} rows can need; "
+                             f"{_DAMAGED}")
+        f = io.TextIOWrapper(handle, encoding="utf-8", errors="surrogateescape", newline="")
         reader = csv.reader(f)
-        if next(reader, None) != INDEX_HEADER:
-            raise StoreError(f"{path} does not start with {','.join(INDEX_HEADER)}; {_DAMAGED}")
-        for position, record in enumerate(reader):
-            if position >= rows:
-                break
-            key, label, view = _index_record(path, position, record)
-            keys.append(key)
-            labels.append(label)
-            views.append(view)
-        extra = sum(1 for _ in reader)
+        try:
+            if next(reader, None) != INDEX_HEADER:
+                raise StoreError(f"{path} does not start with {','.join(INDEX_HEADER)}; "
+                                 f"{_DAMAGED}")
+            for position, record in enumerate(reader):
+                if position >= rows:
+                    break
+                key, label, view = _index_record(path, position, record)
+                keys.append(key)
+                labels.append(label)
+                views.append(view)
+            extra = sum(1 for _ in reader)
+        except csv.Error as exc:
+            raise StoreError(f"{path} line {reader.line_num}: {exc} (a key longer than a "
+                             f"store holds?); {_DAMAGED}") from None
     if len(keys) != rows or extra:
         raise StoreError(f"{path} lists {len(keys) + extra} rows but meta.json says {rows}; "
                          f"{_DAMAGED}")
@@ -242,13 +387,35 @@ def _index_record(path: Path, position: int, record: list[str]) -> tuple[str, in
     return key, label_, view_
 
 
-def read_failures(path: Path) -> list[tuple[str, str]]:
-    if not path.is_file():
+def read_failures(path: Path, root: Path | None = None,
+                  count: int | None = None) -> list[tuple[str, str]]:
+    """``failures.csv``: (key, reason) of the items that could not be read. A regular file
+    inside ``root`` of at most ``FAILURES_LIMIT`` bytes, with no more lines than ``count``
+    (meta.json's ``num_failures``) when given; else one StoreError."""
+    if not os.path.lexists(path):
         return []
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+    root = path.parent if root is None else root
+    out = []
+    with open_untrusted(path, "the failures list", StoreError, root) as handle:
+        size = file_size(handle)
+        if size > FAILURES_LIMIT:
+            raise StoreError(f"{path} is {size:,} bytes, more than the {FAILURES_LIMIT:,} a "
+                             f"failures list can need; {_DAMAGED}")
+        f = io.TextIOWrapper(handle, encoding="utf-8", errors="replace", newline="")
         reader = csv.reader(f)
-        next(reader, None)
-        return [(r[0], r[1] if len(r) > 1 else "") for r in reader if r]
+        try:
+            next(reader, None)
+            for r in reader:
+                if not r:
+                    continue
+                if count is not None and len(out) >= count:
+                    raise StoreError(f"{path} lists more failures than the {count:,} "
+                                     f"meta.json records; {_DAMAGED}")
+                out.append((r[0], r[1] if len(r) > 1 else ""))
+        except csv.Error as exc:
+            raise StoreError(f"{path} line {reader.line_num}: {exc} (a key longer than a "
+                             f"store holds?); {_DAMAGED}") from None
+    return out
 
 
 def _count(value: Any, allow_none: bool = False) -> bool:

@@ -72,12 +72,27 @@ def refuse_foreign(directory: Path) -> None:
                              "remove it or choose another output.dir")
 
 
+def check_target(directory: str | os.PathLike, fingerprint: dict, dtype: str,
+                 overwrite: bool = False) -> None:
+    """StoreError for what ``prepare_store`` would refuse (a user's folder, a link, a store
+    of another configuration without ``overwrite``), found without writing anything: a run
+    of several stores checks them all before it creates any."""
+    directory = Path(directory)
+    refuse_foreign(directory)
+    if overwrite or not directory.is_dir() or not is_store(directory):
+        return
+    wanted = fingerprint_record(fingerprint, dtype)
+    stored = _read_json(directory / FINGERPRINT)
+    if not (isinstance(stored, dict) and _compared(stored) == _compared(wanted)):
+        raise StoreError(_refusal(directory, stored, wanted))
+
+
 def prepare_store(directory: str | os.PathLike, fingerprint: dict, dtype: str,
                   overwrite: bool = False) -> None:
     """Make ``directory`` hold a store with this fingerprint: create it, keep it (a resume),
     refuse it naming the difference, or, with ``overwrite``, delete its own files first."""
     directory = Path(directory)
-    refuse_foreign(directory)
+    check_target(directory, fingerprint, dtype, overwrite)
     wanted = fingerprint_record(fingerprint, dtype)
     if not is_store(directory):  # missing or empty
         directory.mkdir(parents=True, exist_ok=True)
@@ -88,9 +103,7 @@ def prepare_store(directory: str | os.PathLike, fingerprint: dict, dtype: str,
         if stored != wanted:  # an earlier version's file: add the marker
             _write_json(directory / FINGERPRINT, wanted)
         return
-    if not overwrite:
-        raise StoreError(_refusal(directory, stored, wanted))
-    wipe_store(directory)
+    wipe_store(directory)  # overwrite (check_target refused it otherwise)
     _write_json(directory / FINGERPRINT, wanted)
 
 

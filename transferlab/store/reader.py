@@ -112,13 +112,14 @@ class FeatureStore:
     """A finished store, opened lazily: features stay on disk until indexed."""
 
     def __init__(self, directory: Path, meta: dict, files: list[Path], keys: list[str],
-                 labels: np.ndarray, views: np.ndarray, failures: list[tuple[str, str]]):
+                 labels: np.ndarray, views: np.ndarray,
+                 failures: list[tuple[str, str]] | None = None):
         self.dir = directory
         self.meta = meta
         self.keys = keys
         self.labels = labels
         self.views = views
-        self.failures = failures
+        self._failures = failures  # None: failures.csv, read when first asked for
         counts = [int(s["rows"]) for s in meta["shards"]]
         self.features = ShardedArray(files, counts, int(meta.get("dim") or 0), meta["dtype"])
         self._first_row: dict[str, int] | None = None
@@ -129,9 +130,18 @@ class FeatureStore:
         directory = Path(directory)
         meta = read_store_meta(directory)
         files = shard_files(directory, meta)
-        keys, labels, views = read_index(directory / INDEX, meta["rows"])
-        return cls(directory, meta, files, keys, labels, views,
-                   read_failures(directory / FAILURES))
+        keys, labels, views = read_index(directory / INDEX, meta["rows"], directory)
+        return cls(directory, meta, files, keys, labels, views)
+
+    @property
+    def failures(self) -> list[tuple[str, str]]:
+        """(key, reason) of the items that could not be read, from ``failures.csv`` (read
+        on first use, not by ``open``: a store that lists many costs nothing until asked)."""
+        if self._failures is None:
+            count = self.meta.get("num_failures")
+            self._failures = read_failures(self.dir / FAILURES, self.dir,
+                                           count if type(count) is int else None)
+        return self._failures
 
     @property
     def class_names(self) -> list[str] | None:
@@ -146,7 +156,7 @@ class FeatureStore:
 
     def __repr__(self) -> str:
         return (f"FeatureStore({str(self.dir)!r}, rows={len(self)}, dim={self.features.shape[1]}"
-                f", dtype={self.dtype}, failures={len(self.failures)})")
+                f", dtype={self.dtype}, failures={self.meta.get('num_failures')})")
 
     def row(self, key: str, view: int = 0) -> int:
         """The row holding ``key`` (and ``view``); KeyError naming a close key if absent."""

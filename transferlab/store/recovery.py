@@ -6,13 +6,26 @@ a gap-free run from ``shard-00000``.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import StoreError
 from ..runtime.atomicfile import atomic_write
-from .format import FAILURE_LOG, SHARDS, _npy_rows, _read_json, shard_name
+from ..runtime.untrusted import file_size, lkind, open_untrusted
+from .format import (
+    FAILURE_LOG,
+    FAILURES_LIMIT,
+    JSON_LIMIT,
+    MAX_KEY_CHARS,
+    MAX_REASON_CHARS,
+    SHARDS,
+    _npy_rows,
+    _read_json,
+    shard_name,
+)
 from .owner import _SHARD_FILE, CONFIG, OWN_FILES, _regular, remove_temporaries
 
 
@@ -31,27 +44,32 @@ def recover(directory: Path, fsync: bool = True) -> Recovered:
     remove_temporaries(directory, lambda name: name in (*OWN_FILES, CONFIG))
     remove_temporaries(shards, lambda name: bool(_SHARD_FILE.fullmatch(name))
                        or name == FAILURE_LOG)
-    parts, dim = finished_parts(shards)
+    parts, dim = finished_parts(shards, directory)
     for entry in os.scandir(shards):
         match = _SHARD_FILE.fullmatch(entry.name)
         if match and int(match["number"]) >= len(parts) and _regular(entry.path):
             os.unlink(entry.path)  # unfinished, or after a gap
     done, partial = done_keys(parts)
-    logged = read_failure_log(shards / FAILURE_LOG, fsync)
+    logged = read_failure_log(shards / FAILURE_LOG, fsync, directory)
     # failed keys stay to do (retried); one read since then has rows: not a failure
     return Recovered(parts, dim, done, partial, {k: r for k, r in logged if k not in done})
 
 
-def finished_parts(shards: Path) -> tuple[list[dict], int | None]:
+def finished_parts(shards: Path, root: Path | None = None) -> tuple[list[dict], int | None]:
     parts: list[dict] = []
     dim = None
+    root = shards.parent if root is None else root
     while True:
         base = shards / shard_name(len(parts))
         npy, part_file = base.with_suffix(".npy"), base.with_suffix(".json")
         if not (_regular(npy) and _regular(part_file)):
             return parts, dim
-        part, header = _read_json(part_file), _npy_rows(npy)
-        if not isinstance(part, dict) or header is None or header[0] != part.get("rows") \
+        header = _npy_rows(npy, root)
+        if header is None:
+            return parts, dim
+        # a shard's keys: each at most MAX_KEY_CHARS (JSON-escaped: 6 bytes a character)
+        part = _read_json(part_file, root, JSON_LIMIT + header[0] * (6 * MAX_KEY_CHARS + 64))
+        if not isinstance(part, dict) or header[0] != part.get("rows") \
                 or dim not in (None, header[1]):
             return parts, dim
         dim = header[1]
@@ -68,22 +86,41 @@ def done_keys(parts: list[dict]) -> tuple[set[str], dict[str, set[int]]]:
     return done, partial
 
 
-def read_failure_log(path: Path, fsync: bool = True) -> list[tuple[str, str]]:
-    """The complete lines of ``failures.jsonl``; a line cut by a kill is dropped."""
-    if not _regular(path):
+def read_failure_log(path: Path, fsync: bool = True, root: Path | None = None
+                     ) -> list[tuple[str, str]]:
+    """The complete lines of ``failures.jsonl``; a line cut by a kill is dropped. A regular
+    file inside ``root`` (links never written through: see ``StoreWriter``) of at most
+    ``FAILURES_LIMIT`` bytes, read line by line with each line bounded."""
+    if not os.path.lexists(path):
         return []
+    if not _regular(path):  # a link, a FIFO...: never read, and never appended to
+        raise StoreError(f"the failure log {path} is {lkind(path)}, not a regular file; "
+                         "transferlab never writes through it: remove it and rerun")
+    root = path.parent.parent if root is None else root
+    line_limit = 6 * (MAX_KEY_CHARS + MAX_REASON_CHARS) + 64
     items, clean = [], True
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines(True):
-        try:
-            if not line.endswith("\n"):
-                raise ValueError("partial line")
-            key, reason = json.loads(line)
-            items.append((str(key), str(reason)))
-        except (ValueError, TypeError):
-            clean = False
-            break
+    with open_untrusted(path, "the failure log", StoreError, root) as handle:
+        size = file_size(handle)
+        if size > FAILURES_LIMIT:
+            raise StoreError(f"{path} is {size:,} bytes, more than the {FAILURES_LIMIT:,} a "
+                             "failure log can need; the store was altered: rerun with "
+                             "output.overwrite=true")
+        f = io.TextIOWrapper(handle, encoding="utf-8", errors="replace", newline="\n")
+        while True:
+            line = f.readline(line_limit + 1)
+            if not line:
+                break
+            try:
+                if not line.endswith("\n"):
+                    raise ValueError("partial or overlong line")
+                key, reason = json.loads(line)
+                items.append((str(key), str(reason)))
+            except (ValueError, TypeError, RecursionError):
+                clean = False
+                break
     if not clean:  # keep the complete ones
-        atomic_write(path, lambda f: f.writelines(failure_lines(items)), fsync=fsync)
+        atomic_write(path, lambda f: f.writelines(failure_lines(items)), fsync=fsync,
+                     root=root, error=StoreError)
     return items
 
 

@@ -13,8 +13,20 @@ from ..errors import StoreError
 from ..runtime.atomicfile import atomic_write
 from ..runtime.background import BackgroundJobs
 from ..runtime.lock import try_lock
+from ..runtime.untrusted import open_inside
 from .files import INDEX_SIDECAR, finished_meta, write_failures, write_index
-from .format import DTYPES, FAILURE_LOG, FAILURES, INDEX, META, SHARDS, _write_json, shard_name
+from .format import (
+    DTYPES,
+    FAILURE_LOG,
+    FAILURES,
+    INDEX,
+    MAX_KEY_CHARS,
+    MAX_REASON_CHARS,
+    META,
+    SHARDS,
+    _write_json,
+    shard_name,
+)
 from .owner import prepare_store, refuse_foreign
 from .reader import FeatureStore
 from .recovery import failure_lines, recover
@@ -86,6 +98,10 @@ class StoreWriter:
                              f"views and {len(feats)} feature rows; pass one of each per row")
         self._check_dim(feats.shape[1])
         keep = self._new_rows(keys, views)
+        long = [i for i, k in enumerate(keys) if len(k) > MAX_KEY_CHARS]
+        if long:  # never stored: listed as failures (their rows dropped)
+            keep[long] = False
+            self.add_failures([(keys[i], "") for i in long])
         for key in self._partial.keys() & set(keys):  # its missing views are being added now
             del self._partial[key]
         if not keep.all():
@@ -101,10 +117,13 @@ class StoreWriter:
             self._flush(self.shard_size)
 
     def add_failures(self, failures: Sequence[tuple[str, str]]) -> None:
-        """Record items that could not be read; they are persisted at once."""
+        """Record items that could not be read; they are persisted at once. A key longer
+        than ``MAX_KEY_CHARS`` is listed shortened (with its length), a reason cut at
+        ``MAX_REASON_CHARS``: no field a store cannot read back is ever written."""
         self._check_open()
         items = [(str(k), " ".join(str(r).split())) for k, r in failures if k not in self._done]
         self._done.update(k for k, _ in items)
+        items = [_bounded_failure(k, r) for k, r in items]
         new = [(k, r) for k, r in items if self._failures.get(k) != r]  # not logged yet
         self._failures.update(items)
         if new:
@@ -126,7 +145,7 @@ class StoreWriter:
                                            for k, label, v in zip(p["keys"], p["labels"],
                                                                   p["views"])), self.fsync)
             write_failures(self.dir / FAILURES, self._failures.items(), self.fsync)
-            _write_json(self.dir / META, finished_meta(meta or {}, self._own_meta()))
+            _write_json(self.dir / META, finished_meta(meta or {}, self._own_meta()), self.dir)
         finally:
             self._closed = True
             self._release_lock()
@@ -153,7 +172,7 @@ class StoreWriter:
     # ---- the lock -------------------------------------------------------------------------
 
     def _acquire_lock(self) -> Any:
-        handle = try_lock(self.dir)
+        handle = try_lock(self.dir, StoreError)
         if handle is None:
             raise StoreError(f"another run is writing the store {self.dir}; wait for it or "
                              "use another output.dir")
@@ -173,6 +192,8 @@ class StoreWriter:
 
     def _raise_if_failed(self) -> None:
         error = self._jobs.error
+        if isinstance(error, StoreError):  # already one line naming the file and the fix
+            raise StoreError(str(error)) from error
         if error is not None:
             raise StoreError(f"writing the store {self.dir} failed: {error!r}; fix the "
                              "cause (disk full? permissions?) and rerun to resume") from error
@@ -226,11 +247,14 @@ class StoreWriter:
 
     def _write_shard(self, n: int, shard: np.ndarray, part: dict) -> None:
         base = self.dir / SHARDS / shard_name(n)
-        atomic_write(base.with_suffix(".npy"), lambda f: np.save(f, shard), "wb", self.fsync)
-        _write_json(base.with_suffix(".json"), part)  # last: marks the shard finished
+        atomic_write(base.with_suffix(".npy"), lambda f: np.save(f, shard), "wb", self.fsync,
+                     root=self.dir, error=StoreError)
+        _write_json(base.with_suffix(".json"), part, self.dir)  # last: marks it finished
 
     def _append_failures(self, items: list[tuple[str, str]]) -> None:
-        with open(self.dir / SHARDS / FAILURE_LOG, "a", encoding="utf-8") as f:
+        # never through a link planted in a store someone else wrote (issue #24)
+        with open_inside(self.dir / SHARDS / FAILURE_LOG, "a", self.dir, "the failure log",
+                         StoreError, encoding="utf-8") as f:
             f.writelines(failure_lines(items))
             f.flush()
             if self.fsync:
@@ -246,6 +270,19 @@ class StoreWriter:
                 "rows": sum(p["rows"] for p in self._parts), "num_keys": len(keys),
                 "num_failures": len(self._failures), "shard_size": self.shard_size,
                 "shards": shards}
+
+
+def _bounded_failure(key: str, reason: str) -> tuple[str, str]:
+    """(key, reason) as a store lists it: a key over MAX_KEY_CHARS shortened, naming its
+    length (a store never holds a field csv cannot read back), a reason cut."""
+    if len(key) > MAX_KEY_CHARS:
+        reason = (f"bad-name: a key of {len(key):,} characters, more than the "
+                  f"{MAX_KEY_CHARS:,} a store holds (rename the file or shorten the list "
+                  f"line){'; ' + reason if reason else ''}")
+        key = f"{key[:200]}... ({len(key):,} characters)"
+    if len(reason) > MAX_REASON_CHARS:
+        reason = reason[:MAX_REASON_CHARS - 3] + "..."
+    return key, reason
 
 
 def _as_rows(features: Any) -> np.ndarray:
