@@ -274,6 +274,10 @@ MAX_VIEWS = 256  # augmented views per image: each costs a full forward pass
 MAX_CLASSES = 100_000  # classifier outputs (ImageNet-22k has 21,843)
 MAX_IN_CHANS = 1024  # input channels of the first layer
 MAX_INPUT_SIDE = 4096  # pixels per side of the model's input (input_size H and W)
+# characters of a key (a listed path, a tar member name, a store's index entry): PATH_MAX on
+# Linux, so no file a key names has a longer path; data sources refuse longer ones where they
+# read them and a store never takes one (the item is listed as a failure)
+MAX_KEY_CHARS = 4096
 
 
 @dataclass(frozen=True)

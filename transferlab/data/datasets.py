@@ -58,7 +58,6 @@ from .imageio import ImageDecodeError, decoding_threads_quiet, load_image
 # Limits on what a data source names (issue #24): a key (a listed path, a tar member name) is
 # written to a store's index, and a label is an int64 there; longer or wider ones are refused
 # where they are read (one line naming the line of a list file, or a failure of the item).
-MAX_KEY_CHARS = 4096  # characters of a key (PATH_MAX on Linux); the store writer checks it too
 MAX_LABEL_DIGITS = 18  # an integer label has at most 18 digits: |label| < 1e18 fits int64
 _LABEL_TEXT = re.compile(rf"-?[0-9]{{1,{MAX_LABEL_DIGITS}}}")
 

@@ -27,9 +27,9 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
+from ..config import MAX_KEY_CHARS
 from ..errors import DataError, MissingDependencyError, TransferlabError
 from ..runtime.untrusted import file_size, open_untrusted
-from .datasets import MAX_KEY_CHARS
 from .imageio import UNREADABLE, ImageDecodeError, decode_bytes, is_image_file
 
 log = logging.getLogger(__name__)

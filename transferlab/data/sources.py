@@ -22,11 +22,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
-from ..config import DataConfig, check_range
+from ..config import MAX_KEY_CHARS, DataConfig, check_range
 from ..errors import DataError
 from .datasets import (
     DEBIAN_FASHION_MNIST,
-    MAX_KEY_CHARS,
     MNIST_5K,
     ArrayReader,
     FileReader,

@@ -63,11 +63,11 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
-from ..config import DataConfig
+from ..config import MAX_KEY_CHARS, DataConfig
 from ..errors import DataError
 from ..runtime.untrusted import file_size, open_untrusted
 from ..yamlsafe import shown
-from .datasets import MAX_KEY_CHARS, ImageDataset, integer_label, label_problem
+from .datasets import ImageDataset, integer_label, label_problem
 from .imageio import (
     BAD_NAME,
     CORRUPT,

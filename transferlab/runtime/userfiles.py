@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, SettingError
-from .atomicfile import temporary_path
+from .atomicfile import remove_stale_temporaries, temporary_path
 
 
 class OutputError(ConfigError):
@@ -79,6 +79,7 @@ def output_file(path: str | os.PathLike, overwrite: bool = False,
     the policy above, else deleted."""
     path = check_output(path, overwrite, what)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)  # what a killed run of this output left beside it
     tmp = temporary_path(path)
     try:
         yield tmp

@@ -237,7 +237,8 @@ def _save(faiss: Any, store: Any, index: Any, record: dict, key: bytes) -> None:
     if os.path.lexists(meta_path):  # dropped first: a kill leaves an index without a record
         meta_path.unlink()
     digest, size = hashlib.sha256(), 0
-    with replaced(path) as tmp, open_inside(tmp, "xb", store.dir, "the index", StoreError) as f:
+    with replaced(path, store.dir, StoreError) as tmp, \
+            open_inside(tmp, "wb", store.dir, "the index", StoreError) as f:
         def write(data: Any) -> int:
             nonlocal size
             data = bytes(data)
@@ -255,8 +256,9 @@ def _save(faiss: Any, store: Any, index: Any, record: dict, key: bytes) -> None:
     record.update(index_bytes=size, index_sha256=digest.hexdigest())
     record["tag"] = tag(key, _tag_payload(record))
     text = json.dumps(record, indent=1)
-    with replaced(meta_path) as tmp, open_inside(tmp, "x", store.dir, "the index record",
-                                                 StoreError, encoding="utf-8") as f:
+    with replaced(meta_path, store.dir, StoreError) as tmp, \
+            open_inside(tmp, "w", store.dir, "the index record", StoreError,
+                        encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

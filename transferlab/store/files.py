@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import MAX_KEY_CHARS
 from ..errors import StoreError
 from ..runtime.atomicfile import atomic_write
 from ..runtime.untrusted import file_size, open_untrusted
@@ -25,7 +26,6 @@ from .format import (
     DTYPES,
     FAILURES_LIMIT,
     FORMAT,
-    MAX_KEY_CHARS,
     META,
     RESERVED_META,
     SHARDS,

@@ -71,7 +71,6 @@ PCA_FILE = "reduce-pca.npz"  # output.reduce=pca:D: the fitted projection (extra
 # MAX_KEY_CHARS never enters a store (the item is listed as a failure, its key shortened),
 # a failure reason is cut at MAX_REASON_CHARS, and a store's JSON files are read only up to
 # JSON_LIMIT bytes (meta.json of a million shards and 100,000 classes is ~ 70 MB less).
-MAX_KEY_CHARS = 4096  # PATH_MAX: no file a key names can have a longer path
 MAX_REASON_CHARS = 1000
 JSON_LIMIT = 128 << 20
 FAILURES_LIMIT = 256 << 20  # failures.csv and shards/failures.jsonl: ~2M failures

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import MAX_KEY_CHARS
 from ..errors import StoreError
 from ..runtime.atomicfile import atomic_write
 from ..runtime.untrusted import file_size, lkind, open_untrusted
@@ -19,7 +20,6 @@ from .format import (
     FAILURE_LOG,
     FAILURES_LIMIT,
     JSON_LIMIT,
-    MAX_KEY_CHARS,
     MAX_REASON_CHARS,
     SHARDS,
     _npy_rows,

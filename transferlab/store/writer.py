@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import OutputConfig, check_range
+from ..config import MAX_KEY_CHARS, OutputConfig, check_range
 from ..errors import StoreError
 from ..runtime.atomicfile import atomic_write
 from ..runtime.background import BackgroundJobs
@@ -20,7 +20,6 @@ from .format import (
     FAILURE_LOG,
     FAILURES,
     INDEX,
-    MAX_KEY_CHARS,
     MAX_REASON_CHARS,
     META,
     SHARDS,
