@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ComputeError, ConfigError
 from .datasets import ImageDataset
-from .imageio import ImageDecodeError, check_resized, load_image, open_regular
+from .imageio import ImageDecodeError, check_resized, load_image, open_image_file
 from .preprocess import PreprocessSpec, build_transform
 
 JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
@@ -109,7 +109,7 @@ def read_jpeg(path: str | Path, max_pixels: int | None,
     for anything but a regular file, and for an image whose resize to cover ``draft_size``
     would exceed ``max_pixels``: the PIL path names the reason)."""
     try:
-        with open_regular(path) as f:  # a FIFO named x.jpg never blocks
+        with open_image_file(path) as f:  # a FIFO named x.jpg never blocks
             data = f.read()
     except (OSError, ImageDecodeError):
         return None

@@ -106,7 +106,7 @@ def load_image(path: str | os.PathLike, mode: str = "RGB",
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    handle = open_regular(path)
+    handle = open_image_file(path)
     with handle:
         try:
             if os.fstat(handle.fileno()).st_size == 0:
@@ -120,7 +120,7 @@ def load_image(path: str | os.PathLike, mode: str = "RGB",
             raise
 
 
-def open_regular(path: str | os.PathLike) -> io.BufferedReader:
+def open_image_file(path: str | os.PathLike) -> io.BufferedReader:
     """``path`` opened for reading when it is a regular file (``runtime.untrusted``'s one
     opener: non-blocking, checked by fstat, so a FIFO never blocks), its refusals as
     ``ImageDecodeError`` reasons."""

@@ -465,7 +465,7 @@ def reduction_from_record(record: dict | None, root: str | Path | None,
         if kind == "srp":
             module: nn.Module = SparseProjection(d_in_rec, dim_rec, int(record["seed"]))
         elif kind == "pca" and root is not None:
-            module = PCAProjection.load(Path(root) / PCA_FILE, (int(d_in), int(dim)), root)
+            module = PCAProjection.load(Path(root) / PCA_FILE, (d_in_rec, dim_rec), root)
         else:
             raise ValueError(kind)
     except (KeyError, TypeError, ValueError):
