@@ -36,7 +36,6 @@ from .datasets import (
 )
 from .imageio import BAD_NAME, OUTSIDE_ROOT, escape_name, is_image_file
 from .remote import UrlReader, absolute, find_images, is_remote, local_path, read_text
-from .webdataset import build_webdataset
 
 log = logging.getLogger(__name__)
 
@@ -513,6 +512,12 @@ def _webdataset_fingerprint(cfg: DataConfig) -> dict:
     return {"urls": [absolute(u) for u in urls], "label_key": cfg.label_key}
 
 
+def _build_webdataset(cfg: DataConfig) -> ImageDataset:
+    from .webdataset import build_webdataset  # tar reading loads only for tar shards
+
+    return build_webdataset(cfg)
+
+
 DATA_SOURCES: dict[str, DataSource] = {
     "folder": DataSource(_folder, lambda cfg: f"folder {cfg.root or cfg.list_file}"),
     "list": DataSource(_list, lambda cfg: f"list {cfg.root or cfg.list_file}",
@@ -521,6 +526,6 @@ DATA_SOURCES: dict[str, DataSource] = {
                               lambda cfg: f"torchvision {cfg.dataset} (root {cfg.root})"),
     "mnist-5k": DataSource(_mnist_5k, lambda cfg: "mnist-5k (the 5,000 bundled MNIST digits, "
                                                   "fixed 80/20 train/test split)"),
-    "webdataset": DataSource(build_webdataset, lambda cfg: f"webdataset {cfg.urls}",
+    "webdataset": DataSource(_build_webdataset, lambda cfg: f"webdataset {cfg.urls}",
                              _webdataset_fingerprint),
 }

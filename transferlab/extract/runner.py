@@ -47,7 +47,6 @@ from ..runtime.distributed import (
 )
 from ..runtime.record import compute_record
 from ..store.format import PCA_FILE
-from ..store.merge import merge_stores
 from ..store.reader import FeatureStore
 from ..store.writer import StoreWriter
 from .batches import ViewsDataset, aligned_batches, resume_positions, run_loader
@@ -405,6 +404,8 @@ def merge_ranks(out_dir: Path, info: DistInfo, counts: tuple[int, int, int], met
                                           "failed_this_run": summed[1],
                                           "skipped_this_run": summed[2]},
                        "world_size": info.world_size}
+        from ..store.merge import merge_stores  # torchrun only
+
         merge_stores(out_dir, parts, merged_meta)
     barrier()
     return summed, FeatureStore.open(out_dir)

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 from ..config import ModelConfig
 from ..errors import ModelError
-from .checkpoint import CLASSIFIER_FORMAT, read_checkpoint
-from .classifier import classifier_from_checkpoint
 from .library import LIBRARY_BUILDERS, Backbone, build_library, resolve_source
-from .recorded import rebuild_backbone
 from .weights import load_state_dict_file, load_weights_into
 
 # every value of model.source: auto, each library builder, a transferlab checkpoint
@@ -41,6 +38,11 @@ def build_from_checkpoint(path: str, trust_code: bool = False) -> Backbone:
     """A transferlab checkpoint: a backbone (rebuild the recorded architecture, load its
     weights) or a fine-tuned classifier (its ``base`` then ``head``; cut ``head`` gives the
     base's features)."""
+    # loaded here: a run from a library name never needs the checkpoint formats
+    from .checkpoint import CLASSIFIER_FORMAT, read_checkpoint
+    from .classifier import classifier_from_checkpoint
+    from .recorded import rebuild_backbone
+
     state, meta = read_checkpoint(path)
     if meta.get("format") == CLASSIFIER_FORMAT:
         model = classifier_from_checkpoint(path, state, meta, trust_code)
