@@ -457,3 +457,25 @@ def test_report_formatters_have_distinct_names():
     assert callable(probe_report.probe_report) and callable(cluster_report.cluster_report)
     assert not hasattr(probe_report, "format_report")
     assert not hasattr(cluster_report, "format_report")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_config_that_is_a_fifo_or_device_is_one_line_never_a_hang(tmp_path, kind):
+    """A config path naming a FIFO would block the read forever, /dev/zero would fill memory:
+    both are refused as not regular files (issue #24: one rule for every file read)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    path = tmp_path / "c.yaml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    target = str(path) if kind == "fifo" else "/dev/zero"
+    proc = subprocess.run([sys.executable, "-m", "transferlab.extract", target],
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1
+    assert ("a FIFO" if kind == "fifo" else "a device") in proc.stderr

@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 
 from .errors import ConfigError
+from .runtime.untrusted import file_size, open_untrusted
 
 MAX_BYTES = 1 << 20  # a config file larger than 1 MiB is surely not a config
 MAX_NODES = 100_000  # scalars, lists and mappings after alias expansion
@@ -56,15 +57,14 @@ def read_yaml_file(path: Path) -> Any:
                           f"itself (e.g. {path / 'config.yaml'})")
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        size = path.stat().st_size
+    # a regular file only (a FIFO or /dev/zero named as the config never blocks or fills
+    # memory), read once, at most MAX_BYTES
+    with open_untrusted(path, "config file", ConfigError) as handle:
+        size = file_size(handle)
         if size > MAX_BYTES:
             raise ConfigError(f"config file {path} is {size} bytes; configs are at most "
                               f"{MAX_BYTES} bytes: is it the right file?")
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}; "
-                          "check the path and its permissions") from None
+        raw = handle.read(MAX_BYTES + 1)[:MAX_BYTES]
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
