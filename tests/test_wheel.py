@@ -140,10 +140,13 @@ def test_wheel_installed_in_a_fresh_venv_works_from_any_folder(tmp_path):
     stored = json.loads(run([py, "-c", """if True:
         import json, transferlab
         s = transferlab.FeatureStore.open("feats")
+        model = transferlab.load_model("mnist/model.safetensors")
         print(json.dumps({"keys": list(s.keys), "shape": list(s.features.shape),
-                          "versions": s.meta.get("versions", {})}))"""], work, env))
+                          "versions": s.meta.get("versions", {}),
+                          "model_versions": model.meta.get("versions", {})}))"""], work, env))
     assert sorted(stored["keys"]) == keys and stored["shape"][0] == len(keys)
     assert stored["versions"].get("transferlab") == where["version"]
+    assert stored["model_versions"].get("transferlab") == where["version"]
 
     # every public name imports from the installed package
     missing = run([py, "-c", "import transferlab\n"

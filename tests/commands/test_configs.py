@@ -113,7 +113,7 @@ def test_config_show_of_an_unknown_name_and_a_missing_action():
     assert exit_.value.code == 2
 
 
-def test_version_is_one_value_everywhere():
+def test_version_is_one_value_everywhere(tmp_path):
     from importlib.metadata import version
 
     code, out, _ = cli("--version")
@@ -121,3 +121,9 @@ def test_version_is_one_value_everywhere():
     assert version("transferlab") == transferlab.__version__
     from transferlab.store.format import library_versions
     assert library_versions()["transferlab"] == transferlab.__version__
+    import torch
+
+    from transferlab.models.checkpoint import read_checkpoint, save_checkpoint
+    save_checkpoint(tmp_path / "m.safetensors", {"w": torch.zeros(2)}, {"format": "x"})
+    _, meta = read_checkpoint(tmp_path / "m.safetensors")
+    assert meta["format"] == "x" and meta["versions"]["transferlab"] == transferlab.__version__
