@@ -14,7 +14,8 @@ class BuildWithConfigs(build_py):
     def run(self) -> None:
         super().run()
         target = Path(self.build_lib) / "transferlab" / "configs"
-        target.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)  # a config deleted from configs/ goes too
+        target.mkdir(parents=True)
         for config in sorted(CONFIGS.glob("*.yaml")):
             shutil.copyfile(config, target / config.name)
 
