@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -436,8 +437,8 @@ def resolve_config(path: str | Path) -> Path:
     """The config file ``path`` names: a real file always wins; else a built-in name
     (``xception`` or ``xception.yaml``); else one line listing the built-in names."""
     candidate = Path(path)
-    if candidate.exists():
-        return candidate  # a directory or unreadable file gets read_yaml's own message
+    if os.path.lexists(candidate):
+        return candidate  # a directory, dangling link ... gets read_yaml's own message
     text = str(path)
     builtins = builtin_configs()
     name = text[:-5] if text.endswith(".yaml") else text

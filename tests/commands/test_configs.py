@@ -127,3 +127,10 @@ def test_version_is_one_value_everywhere(tmp_path):
     save_checkpoint(tmp_path / "m.safetensors", {"w": torch.zeros(2)}, {"format": "x"})
     _, meta = read_checkpoint(tmp_path / "m.safetensors")
     assert meta["format"] == "x" and meta["versions"]["transferlab"] == transferlab.__version__
+
+
+def test_a_dangling_link_is_a_path_not_a_built_in(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "xception.yaml").symlink_to(tmp_path / "gone.yaml")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("xception.yaml", None, ExtractConfig)
