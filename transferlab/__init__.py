@@ -8,9 +8,50 @@ without loading every module.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:  # the same names, typed, for mypy and IDEs (tests/test_typing.py)
+    from .analysis import plots
+    from .analysis.cluster_report import run_cluster
+    from .analysis.kmeans import KMeansResult, kmeans
+    from .analysis.linear_probe import ProbeResult, fit_logistic
+    from .analysis.neighbors import knn_accuracy, nearest, store_nearest
+    from .analysis.plots import plot_map
+    from .analysis.probe_report import run_probe
+    from .config import ExtractConfig, FinetuneConfig, load_config, save_config
+    from .data.datasets import ImageDataset
+    from .data.preprocess import PreprocessSpec, build_transform, resolve_preprocess
+    from .data.sources import build_dataset
+    from .errors import (
+        ConfigError,
+        CutError,
+        DataError,
+        HeadError,
+        ModelError,
+        StoreError,
+        TransferlabError,
+    )
+    from .extract.queries import embed_images
+    from .extract.runner import ExtractResult, run_extract
+    from .finetune.outputs import FinetuneResult
+    from .finetune.run import run_finetune
+    from .models.backbones import Backbone, build_backbone
+    from .models.classifier import Classifier, load_model
+    from .models.cuts import CutOutput, CutSpec, FrozenExtractor, list_cut_points, parse_cut
+    from .models.engine import FeatureComputer
+    from .models.extractor import (
+        ExtractorBundle,
+        build_extractor,
+        extractor_from_config,
+        load_backbone,
+    )
+    from .models.multicut import MultiCutExtractor
+    from .store.export_formats import export_store
+    from .store.faiss_index import build_index
+    from .store.reader import FeatureStore
+    from .store.writer import StoreWriter
+
+__version__ = "0.1.0"  # the one source: pyproject.toml reads it, the CLI prints it
 
 # public name -> module that defines it
 _EXPORTS = {

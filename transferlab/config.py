@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -406,12 +407,49 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
     data: dict = {}
     source = "<defaults>"
     if path is not None:
-        source = str(path)
-        data = read_yaml(Path(path))
+        resolved = resolve_config(path)
+        source = str(resolved)
+        data = read_yaml(resolved)
     for item in overrides or []:
         key, value = parse_override(item, schema)
         set_dotted(data, key, value)
     return from_dict(schema, data, source)
+
+
+def builtin_config_dir() -> Path:
+    """The example configs: ``transferlab/configs/`` in an installed package (the build copies
+    the repository's ``configs/`` there, the one source), else ``configs/`` of this checkout."""
+    here = Path(__file__).resolve().parent
+    installed = here / "configs"
+    if installed.is_dir():
+        return installed
+    return here.parent / "configs"  # a source checkout (editable install or PYTHONPATH)
+
+
+def builtin_configs() -> dict[str, Path]:
+    """Built-in config name (the file's stem) -> its file, sorted by name."""
+    folder = builtin_config_dir()
+    files = sorted(folder.glob("*.yaml")) if folder.is_dir() else []
+    return {f.stem: f for f in files}
+
+
+def resolve_config(path: str | Path) -> Path:
+    """The config file ``path`` names: a real file always wins; else a built-in name
+    (``xception`` or ``xception.yaml``); else one line listing the built-in names."""
+    candidate = Path(path)
+    if os.path.lexists(candidate):
+        return candidate  # a directory, dangling link ... gets read_yaml's own message
+    text = str(path)
+    builtins = builtin_configs()
+    name = text[:-5] if text.endswith(".yaml") else text
+    if name in builtins and not any(sep in text for sep in ("/", "\\")):
+        return builtins[name]
+    names = ", ".join(builtins) or "none found"
+    close = difflib.get_close_matches(name.rsplit("/", 1)[-1], list(builtins), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ConfigError(f"config file not found: {shown_text(text)}; {hint}built-in configs: "
+                      f"{names} (transferlab config list; transferlab config show NAME > "
+                      "my.yaml copies one)")
 
 
 def read_yaml(path: Path) -> dict:

@@ -167,3 +167,132 @@ def test_the_store_methods_are_the_library_functions(tmp_path):
     queries = store.keys[:3]
     assert store.nearest(queries, k=4) == store_nearest(store, queries, k=4)
     assert store.nearest(queries, k=1)[0][0][0] == queries[0]  # a stored key finds itself
+
+
+# ---------------------------------------------------------------------------------------
+# The embedding-reader layout (#29)
+# ---------------------------------------------------------------------------------------
+
+META_COLUMNS = ["key", "label", "class_name", "view"]
+
+
+def reference_read(embeddings, metadata):
+    """What embedding-reader's parquet_npy does, written out: both folders' files sorted by
+    name and zipped, the header taken from the .npy's first line, rows read at its offset."""
+    import re
+
+    npys, parquets = sorted(embeddings.glob("*.npy")), sorted(metadata.glob("*.parquet"))
+    assert [p.stem for p in npys] == [p.stem for p in parquets]
+    feats, tables = [], []
+    for npy, parquet in zip(npys, parquets):
+        raw = npy.read_bytes()
+        first = raw[:300].split(b"\n")[0]
+        rows, dim = map(int, re.search(rb"'shape': \(([0-9]+), ([0-9]+)\)", first).groups())
+        descr = re.search(rb"'descr': '([<f0-9]+)'", first).group(1).decode()
+        feats.append(np.frombuffer(raw[len(first) + 1:], descr).reshape(rows, dim))
+        tables.append(pq.read_table(parquet).select(META_COLUMNS))
+        assert tables[-1].num_rows == rows
+    return np.concatenate(feats), pa.concat_tables(tables).to_pydict()
+
+
+def embedding_reader_read(out):
+    """The export read by embedding-reader itself (batches of 6 across shard ends)."""
+    import pandas as pd
+    from embedding_reader import EmbeddingReader
+
+    reader = EmbeddingReader(str(out / "embeddings"), file_format="parquet_npy",
+                             metadata_folder=str(out / "metadata"), meta_columns=META_COLUMNS)
+    feats, frames = [], []
+    for emb, meta in reader(batch_size=6, start=0, end=reader.count, show_progress=False):
+        feats.append(emb)
+        frames.append(meta)
+    df = pd.concat(frames)
+    return np.concatenate(feats), {c: df[c].tolist() for c in META_COLUMNS}
+
+
+def assert_same_as_store(store, feats, out, read=None):
+    got, meta = (read or (lambda o: reference_read(o / "embeddings", o / "metadata")))(out)
+    # every row, exact (embedding-reader hands out float32 batches: float16 widens exactly)
+    assert got.dtype in (feats.dtype, np.float32) and np.array_equal(got, feats.astype(got.dtype))
+    assert meta["key"] == store.keys
+    assert meta["label"] == store.labels.tolist()
+    assert meta["view"] == store.views.tolist()
+    names = store.class_names
+    assert meta["class_name"] == [names[y] if y >= 0 else None for y in store.labels.tolist()]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_embedding_reader_layout_links_the_shards_and_reads_back_equal(tmp_path, dtype):
+    from transferlab.store.export_formats import export_embedding_reader
+
+    store, feats = multi_store(tmp_path / "s", dtype=dtype)
+    done = export_embedding_reader(store, tmp_path / "er")
+    assert (done.shards, done.rows, done.linked, done.copied) == (5, 31, 5, 0)
+    npys = sorted(done.embeddings.glob("*.npy"))
+    assert [p.name for p in npys] == [f"shard-{i:05d}.npy" for i in range(5)]
+    for npy, shard in zip(npys, store.features.files):  # the same bytes, no copy
+        assert npy.stat().st_ino == shard.stat().st_ino
+    assert_same_as_store(store, feats, tmp_path / "er")
+    marker = json.loads((tmp_path / "er" / "transferlab-export.json").read_text())
+    assert marker["rows"] == 31 and marker["linked"] == 5
+    assert not list(tmp_path.glob(".er*"))  # no temporaries left
+
+
+def test_embedding_reader_layout_copies_when_asked_or_when_links_fail(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from transferlab.store.export_formats import export_embedding_reader
+
+    store, feats = multi_store(tmp_path / "s")
+    done = export_embedding_reader(store, tmp_path / "copied", link=False)
+    assert (done.linked, done.copied) == (0, 5)
+    first = sorted(done.embeddings.glob("*.npy"))[0]
+    assert first.stat().st_ino != store.features.files[0].stat().st_ino
+    assert_same_as_store(store, feats, tmp_path / "copied")
+
+    def cross_device(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)  # another file system
+    done = export_embedding_reader(store, tmp_path / "other_fs")
+    assert (done.linked, done.copied) == (0, 5)
+    assert_same_as_store(store, feats, tmp_path / "other_fs")
+
+
+def test_embedding_reader_layout_refuses_what_is_not_its_own(tmp_path, capsys):
+    store, _ = multi_store(tmp_path / "s")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    code = main([str(tmp_path / "s"), str(mine), "--layout", "embedding-reader", "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not an export of this kind" in err and err.count("\n") == 1
+    assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+
+    out = tmp_path / "er"
+    assert main([str(tmp_path / "s"), str(out), "--layout", "embedding-reader"]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 31 rows in 5 shards" in printed and "5 hard-linked, 0 copied" in printed
+    assert "file_format='parquet_npy'" in printed
+    assert main([str(tmp_path / "s"), str(out), "--layout", "embedding-reader"]) == 2
+    assert "--overwrite is not set" in capsys.readouterr().err
+    (out / "embeddings" / "shard-00000.npy").unlink()  # replaced whole, not patched
+    assert main([str(tmp_path / "s"), str(out), "--layout", "embedding-reader", "--copy",
+                 "--overwrite"]) == 0
+    assert "0 hard-linked, 5 copied" in capsys.readouterr().out
+    assert len(list((out / "embeddings").glob("*.npy"))) == 5
+    assert main([str(tmp_path / "s"), str(tmp_path / "x.npz"), "--copy"]) == 2
+    assert "--copy applies only with --layout" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_embedding_reader_reads_the_export(tmp_path, dtype):
+    pytest.importorskip("embedding_reader", reason="embedding-reader pins pandas<3 (and "
+                        "autofaiss numpy<2), so it is not in the [test] extra; the reference "
+                        "reader above reads the same layout")
+    from transferlab.store.export_formats import export_embedding_reader
+
+    store, feats = multi_store(tmp_path / "s", dtype=dtype)
+    export_embedding_reader(store, tmp_path / "er")
+    assert_same_as_store(store, feats, tmp_path / "er", embedding_reader_read)

@@ -30,9 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("probe", "logistic-regression sweep and kNN accuracy on a labelled store"),
     "search": ("search", "nearest stored images of query images"),
     "cluster": ("cluster", "k-means of a store; purity and NMI when labelled"),
-    "export": ("export", "a store as Parquet, HDF5, .npz or pickle"),
+    "export": ("export", "a store as Parquet, HDF5, .npz, pickle or embedding-reader shards"),
     "index": ("index", "a FAISS index inside a store for fast search"),
     "maps": ("maps", "a 2-D map of a store by class (PCA, t-SNE, UMAP)"),
+    "config": ("configs", "list the built-in example configs, or print one to copy"),
 }
 
 
@@ -44,6 +45,7 @@ def main_of(name: str) -> Callable[[Sequence[str] | None], int]:
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: transferlab COMMAND [ARGS ...]   (transferlab COMMAND --help for its options)",
+             "       transferlab --version",
              "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
     return "\n".join(lines)
@@ -55,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(usage(), file=sys.stdout if args else sys.stderr)
         return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        from .. import __version__
+        print(f"transferlab {__version__}")
+        return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
         close = difflib.get_close_matches(name, COMMANDS, n=1)
@@ -67,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """A parser taking ``CONFIG [key.sub=value ...]``."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("config", help="YAML config file, or a built-in name "
+                        "(transferlab config list)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="override any config key, e.g. runtime.batch_size=16")
     return parser

@@ -29,7 +29,11 @@ BACKBONE_FORMAT = "transferlab.backbone"  # a whole model (pretrain stage), ``ba
 
 
 def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Write atomically: a killed run leaves the previous checkpoint intact."""
+    """Write atomically: a killed run leaves the previous checkpoint intact. The metadata
+    gains ``versions`` (transferlab's and the libraries') as every store's does."""
+    from ..store.format import library_versions
+
+    meta = {**meta, "versions": {**library_versions(), **meta.get("versions", {})}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}

@@ -230,7 +230,10 @@ def _member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, check: MemberCheck, size
 
 def library_versions() -> dict[str, str]:
     """Versions worth recording beside features (missing libraries are left out)."""
-    out = {"python": platform.python_version(), "numpy": np.__version__}
+    from .. import __version__  # the package itself first: which transferlab wrote this
+
+    out = {"transferlab": __version__, "python": platform.python_version(),
+           "numpy": np.__version__}
     for name in ("torch", "torchvision", "timm", "PIL"):
         with contextlib.suppress(Exception):
             out[name] = __import__(name).__version__
