@@ -23,7 +23,8 @@ MODULES = {"extract": ("transferlab.commands.extraction", "transferlab.extract._
            "index": ("transferlab.commands.index", "transferlab.index"),
            "maps": ("transferlab.commands.maps", "transferlab.maps"),
            # newer commands have no `python -m transferlab.NAME` shim
-           "compare": ("transferlab.commands.compare", None)}
+           "compare": ("transferlab.commands.compare", None),
+           "sweep": ("transferlab.commands.sweep", None)}
 
 
 def console_script() -> str | None:
@@ -71,6 +72,7 @@ def test_every_command_has_the_same_entry_points(name):
                                         ("export", ["{tmp}/missing", "{tmp}/out.npz"]),
                                         ("index", ["{tmp}/missing"]),
                                         ("compare", ["{tmp}/missing", "{tmp}/missing2"]),
+                                        ("sweep", ["{tmp}/missing.yaml"]),
                                         ("search", ["{tmp}/missing", "q.png"]),
                                         ("extract", ["{tmp}/missing.yaml"]),
                                         ("finetune", ["{tmp}/missing.yaml"]),

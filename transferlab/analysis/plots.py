@@ -351,3 +351,28 @@ def plot_depth_curves(rows: Sequence[dict], out: str | Path,
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     return _save(fig, out)
+
+
+def plot_accuracy_throughput(rows: Sequence[dict], out: str | Path,
+                             metric: str = "probe_acc") -> Path:
+    """Accuracy against extraction speed (images/s, log scale), a colour per backbone, each
+    point labelled with its cut: the cost of each choice beside what it buys."""
+    pts = [r for r in rows if _is_number(r.get(metric)) and _is_number(r.get("images_per_second"))
+           and r["images_per_second"] > 0]
+    if not pts:
+        raise DataError(f"no rows with both {metric} and images_per_second to plot")
+    fig = _figure(6.5, 4.5)
+    ax = fig.add_subplot()
+    for name in dict.fromkeys(r["backbone"] for r in pts):
+        mine = [r for r in pts if r["backbone"] == name]
+        ax.scatter([r["images_per_second"] for r in mine], [r[metric] for r in mine], s=24,
+                   label=name)
+        for r in mine:
+            ax.annotate(_short(str(r["cut"]), 14), (r["images_per_second"], r[metric]),
+                        fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("extraction speed (images/s, all cuts of one pass)")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, out)
