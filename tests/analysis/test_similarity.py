@@ -268,3 +268,20 @@ def test_compare_command_refuses_bad_settings_in_one_line(tmp_path, capsys):
         code = main(["compare", str(a.dir), str(b.dir), *argv])
         err = capsys.readouterr().err
         assert code == 2 and text in err and err.count("\n") == 1, err
+
+
+def test_two_runs_of_the_same_cuts_give_the_full_matrix_named_by_run(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    keys = [f"k{i}" for i in range(30)]
+    x = rng.normal(size=(30, 6))
+    for run, scale in (("r1", 1.0), ("r2", -2.0)):
+        for name in ("first-1", "first-2"):
+            make_store(tmp_path / run / name, np.tanh(scale * x * (1 + (name == "first-2"))),
+                       np.zeros(30, int), keys)
+    a, b = str(tmp_path / "r1"), str(tmp_path / "r2")
+    assert main(["compare", a, b, "--rsa-sample", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + 4  # every (r1 cut, r2 cut) pair, r1/first-1 vs r2/first-1 too
+    assert lines[2].split()[:2] == [f"{a}/first-1", f"{b}/first-1"]
+    assert main(["compare", a, a]) == 2
+    assert "named twice" in capsys.readouterr().err

@@ -227,6 +227,7 @@ class SimilarityResult:
     n_keys: int
     rsa_n: int
     unbiased: bool
+    symmetric: bool = False  # the same stores on both sides: each pair once in the table
 
 
 def shared_rows(stores: Sequence[Any], names: Sequence[str] | None = None,
@@ -270,7 +271,8 @@ def compare_stores(stores_a: Mapping[str, Any], stores_b: Mapping[str, Any], *,
         tri = [rdm(_rows(f, r[pick]))[upper] for f, r in zip(feats, rows)]
         rsa_m = np.array([[spearman(tri[i], tri[na + j]) for j in range(len(stores_b))]
                           for i in range(na)])
-    return SimilarityResult(list(stores_a), list(stores_b), cka, rsa_m, n, rsa_n, unbiased)
+    return SimilarityResult(list(stores_a), list(stores_b), cka, rsa_m, n, rsa_n, unbiased,
+                            stores_a is stores_b)
 
 
 def open_representations(path: str | Path) -> dict[str, Any]:

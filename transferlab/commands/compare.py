@@ -16,7 +16,6 @@ import argparse
 import csv
 import io
 from collections.abc import Sequence
-from pathlib import Path
 
 from ..analysis.similarity import (
     DEFAULT_CKA_BATCH,
@@ -71,14 +70,13 @@ def command(argv: Sequence[str] | None = None) -> None:
         from ..analysis.plots import png_path
 
         check_output(png_path(args.plot), args.overwrite, "--plot")
-    opened = [open_representations(s) for s in args.stores]
+    opened = named(args.stores, [open_representations(s) for s in args.stores])
     if len(opened) == 1:  # one multi-cut directory: its layers against each other
         a = b = opened[0]
     elif len(opened) == 2:
         a, b = opened
     else:  # several: every store against every store
-        a = b = {f"{Path(s).name}/{k}" if len(o) > 1 else k: v
-                 for s, o in zip(args.stores, opened) for k, v in o.items()}
+        a = b = {k: v for o in opened for k, v in o.items()}
     result = compare_stores(a, b, batch_size=args.batch_size, unbiased=not args.biased,
                             rsa_sample_size=args.rsa_sample, seed=args.seed,
                             minimum=args.min_keys)
@@ -95,6 +93,21 @@ def command(argv: Sequence[str] | None = None) -> None:
         print(f"wrote {png}")
 
 
+def named(args: Sequence[str], opened: list[dict]) -> list[dict]:
+    """Each argument's stores under names unique across the arguments: the cut names (a
+    single store's directory name), or, when two arguments share one, the argument as typed
+    (plus '/cut' for a multi-cut directory)."""
+    plain = [k for o in opened for k in o]
+    if len(set(plain)) == len(plain):
+        return opened
+    out = [{(f"{s}/{k}" if len(o) > 1 else s): v for k, v in o.items()}
+           for s, o in zip(args, opened)]
+    full = [k for o in out for k in o]
+    if len(set(full)) != len(full):
+        raise ConfigError("a store is named twice; name each store once")
+    return out
+
+
 def cka_title(result: SimilarityResult) -> str:
     return (f"linear CKA ({'unbiased' if result.unbiased else 'biased'} HSIC, "
             f"{result.n_keys} images)")
@@ -102,7 +115,7 @@ def cka_title(result: SimilarityResult) -> str:
 
 def similarity_table(result: SimilarityResult) -> str:
     """One line per (a, b) pair (each unordered pair once when both sides are the same)."""
-    same = result.names_a == result.names_b
+    same = result.symmetric
     wa = max(len(n) for n in result.names_a + ["A"])
     wb = max(len(n) for n in result.names_b + ["B"])
     rsa_note = f", RSA on {result.rsa_n} of them" if result.rsa is not None else ""
