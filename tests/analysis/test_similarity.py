@@ -285,3 +285,20 @@ def test_two_runs_of_the_same_cuts_give_the_full_matrix_named_by_run(tmp_path, c
     assert lines[2].split()[:2] == [f"{a}/first-1", f"{b}/first-1"]
     assert main(["compare", a, a]) == 2
     assert "named twice" in capsys.readouterr().err
+
+
+def test_one_run_against_itself_is_symmetric_with_ones_on_the_diagonal(tmp_path):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(50, 5))
+    reps = {name: make_store(tmp_path / name, np.tanh(x * s), np.zeros(50, int),
+                             [f"k{i}" for i in range(50)])
+            for name, s in (("first-1", 0.5), ("first-2", 2.0), ("first-3", 4.0))}
+    res = compare_stores(reps, reps, batch_size=25)
+    assert res.symmetric
+    np.testing.assert_allclose(np.diag(res.cka), 1.0, atol=1e-12)
+    np.testing.assert_allclose(res.cka, res.cka.T, atol=1e-12)
+    np.testing.assert_allclose(res.rsa, res.rsa.T, atol=1e-12)
+    other = compare_stores(reps, dict(reps), batch_size=25)  # the same, computed both sides
+    np.testing.assert_allclose(other.cka, res.cka, atol=1e-12)
+    np.testing.assert_allclose(other.rsa, res.rsa, atol=1e-12)
+    assert not other.symmetric

@@ -140,7 +140,8 @@ def _cka_matrix(xs: Sequence[Any], ys: Sequence[Any], n: int, batch_size: int,
         if m < (4 if unbiased else 2):
             raise DataError(f"CKA needs at least {4 if unbiased else 2} rows, got {m}")
         gx = [_gram(_rows(a, r[pos]), unbiased) for a, r in zip(xs, rows_x)]
-        gy = [_gram(_rows(a, r[pos]), unbiased) for a, r in zip(ys, rows_y)]
+        same = xs is ys and rows_x is rows_y  # layer x layer of one run: each Gram once
+        gy = gx if same else [_gram(_rows(a, r[pos]), unbiased) for a, r in zip(ys, rows_y)]
         self_x += [_hsic(g, g, m) for g in gx]
         self_y += [_hsic(g, g, m) for g in gy]
         cross += [[_hsic(a, b, m) for b in gy] for a in gx]
@@ -261,16 +262,21 @@ def compare_stores(stores_a: Mapping[str, Any], stores_b: Mapping[str, Any], *,
     _, rows = shared_rows(every, names, max(minimum, 4))
     n, na = len(rows[0]), len(stores_a)
     feats = [s.features for s in every]
-    cka = _cka_matrix(feats[:na], feats[na:], n, batch_size, unbiased, seed,
-                      rows[:na], rows[na:])
+    if stores_a is stores_b:
+        cka = _cka_matrix(feats[:na], feats[:na], n, batch_size, unbiased, seed,
+                          rows[:na], rows[:na])
+    else:
+        cka = _cka_matrix(feats[:na], feats[na:], n, batch_size, unbiased, seed,
+                          rows[:na], rows[na:])
     rsa_m, rsa_n = None, 0
     if rsa_sample_size:
         pick = rsa_sample(n, rsa_sample_size, seed)
         rsa_n = len(pick)
         upper = np.triu_indices(rsa_n, k=1)
-        tri = [rdm(_rows(f, r[pick]))[upper] for f, r in zip(feats, rows)]
-        rsa_m = np.array([[spearman(tri[i], tri[na + j]) for j in range(len(stores_b))]
-                          for i in range(na)])
+        count = na if stores_a is stores_b else len(feats)
+        tri = [rdm(_rows(f, r[pick]))[upper] for f, r in zip(feats[:count], rows[:count])]
+        side_b = tri[:na] if stores_a is stores_b else tri[na:]
+        rsa_m = np.array([[spearman(ta, tb) for tb in side_b] for ta in tri[:na]])
     return SimilarityResult(list(stores_a), list(stores_b), cka, rsa_m, n, rsa_n, unbiased,
                             stores_a is stores_b)
 
