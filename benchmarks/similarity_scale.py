@@ -37,15 +37,17 @@ def anon_kb():
 peak, stop = [anon_kb()], threading.Event()
 def watch():
     while not stop.is_set():
-        peak.append(max(peak.pop(), anon_kb()))
+        peak[0] = max(peak[0], anon_kb())
         time.sleep(0.01)
-threading.Thread(target=watch, daemon=True).start()
+watcher = threading.Thread(target=watch, daemon=True)
+watcher.start()
 a, b = FeatureStore.open(sys.argv[1]), FeatureStore.open(sys.argv[2])
 base = anon_kb()
 t0 = time.perf_counter()
 res = compare_stores({"a": a}, {"b": b}, batch_size=int(sys.argv[3]), rsa_sample_size=1000)
 seconds = time.perf_counter() - t0
 stop.set()
+watcher.join()
 print(json.dumps({"seconds": seconds, "cka": float(res.cka[0, 0]), "rsa": float(res.rsa[0, 0]),
                   "base_mb": base / 1024, "peak_mb": peak[0] / 1024, "rows": res.n_keys}))
 """
