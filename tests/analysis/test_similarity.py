@@ -268,6 +268,10 @@ def test_compare_command_refuses_bad_settings_in_one_line(tmp_path, capsys):
         code = main(["compare", str(a.dir), str(b.dir), *argv])
         err = capsys.readouterr().err
         assert code == 2 and text in err and err.count("\n") == 1, err
+    assert main(["compare", str(a.dir)]) == 2  # one store: nothing to compare it with
+    assert "compare needs two stores" in capsys.readouterr().err
+    with pytest.raises(SettingError, match="rsa_sample_size must be 0"):
+        compare_stores({"a": a}, {"b": b}, rsa_sample_size=2)
 
 
 def test_two_runs_of_the_same_cuts_give_the_full_matrix_named_by_run(tmp_path, capsys):

@@ -206,7 +206,7 @@ def rsa(x: Any, y: Any) -> float:
 def rsa_sample(n: int, sample: int = DEFAULT_RSA_SAMPLE, seed: int = 0) -> np.ndarray:
     """The fixed, seeded positions (sorted) of the RSA sample among ``n`` shared items."""
     if sample < 3:
-        raise SettingError("rsa_sample", f"must be at least 3, got {sample}")
+        raise SettingError("rsa_sample_size", f"must be 0 (no RSA) or at least 3, got {sample}")
     if n <= sample:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))

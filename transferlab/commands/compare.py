@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows per CKA minibatch (memory is bounded by it)")
     p.add_argument("--biased", action="store_true",
                    help="the plain (biased) HSIC instead of the unbiased estimator")
-    p.add_argument("--rsa-sample", dest="rsa_sample", type=int, default=DEFAULT_RSA_SAMPLE,
+    p.add_argument("--rsa-sample", dest="rsa_sample_size", type=int, default=DEFAULT_RSA_SAMPLE,
                    help="images in the RSA sample (0: skip RSA)")
     p.add_argument("--seed", type=int, default=0, help="seed of the batches and the RSA sample")
     p.add_argument("--min-keys", type=int, default=MIN_SHARED_KEYS,
@@ -60,8 +60,9 @@ def command(argv: Sequence[str] | None = None) -> None:
         if len(reps) < 2:
             raise ConfigError("compare needs two stores (or a multi-cut directory): "
                               "transferlab compare STORE_A STORE_B")
-    if args.rsa_sample < 0 or 0 < args.rsa_sample < 3:
-        raise ConfigError(f"--rsa-sample must be 0 (skip) or at least 3, got {args.rsa_sample}")
+    if args.rsa_sample_size < 0 or 0 < args.rsa_sample_size < 3:
+        raise ConfigError("--rsa-sample must be 0 (skip) or at least 3, got "
+                          f"{args.rsa_sample_size}")
     if args.min_keys < 4:
         raise ConfigError(f"--min-keys must be at least 4, got {args.min_keys}")
     if args.csv:
@@ -78,7 +79,7 @@ def command(argv: Sequence[str] | None = None) -> None:
     else:  # several: every store against every store
         a = b = {k: v for o in opened for k, v in o.items()}
     result = compare_stores(a, b, batch_size=args.batch_size, unbiased=not args.biased,
-                            rsa_sample_size=args.rsa_sample, seed=args.seed,
+                            rsa_sample_size=args.rsa_sample_size, seed=args.seed,
                             minimum=args.min_keys)
     print(similarity_table(result))
     if args.csv:
