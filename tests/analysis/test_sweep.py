@@ -3,6 +3,7 @@ digits, the leaderboard, and a killed sweep redoing only what is missing."""
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -90,10 +91,15 @@ def test_a_killed_sweep_redoes_only_what_is_missing(swept):
     kept = {b: shard_times(out / b) for b in ("test_resnet", "test_efficientnet")}
     shutil.rmtree(out / "test_vit")
     (out / "test_resnet" / "probe-stage-1.json").unlink()
+    # a kept probe result that is not what the sweep writes is computed again, not trusted
+    damaged = out / "test_efficientnet" / "probe-stage-2.json"
+    record = json.loads(damaged.read_text())
+    record["result"]["probe_acc"] = "1.0"
+    damaged.write_text(json.dumps(record))
     again = run_sweep(cfg)
     assert again.extracted == {"test_resnet": 0, "test_efficientnet": 0, "test_vit": 200}
-    assert again.probed == [("test_resnet", "stage-1")] + [("test_vit", f"stage-{i}")
-                                                            for i in range(6)]
+    assert again.probed == [("test_resnet", "stage-1"), ("test_efficientnet", "stage-2")] + [
+        ("test_vit", f"stage-{i}") for i in range(6)]
     assert {b: shard_times(out / b) for b in kept} == kept  # their stores were not rewritten
     # the same leaderboard, but for the speed re-measured by the extraction that ran again
     now = read_csv(out / "leaderboard.csv")
@@ -143,3 +149,9 @@ def test_bad_sweep_configs_are_refused_in_one_line(tmp_path, capsys):
     with pytest.raises(ConfigError, match="would share the directory"):
         check_backbones(SweepConfig(backbones=["hf-hub:a/b", "hf-hub:a_b"]))
     assert backbone_dir("hf-hub:timm/resnet18.a1_in1k") == "hf-hub_timm_resnet18.a1_in1k"
+
+
+@pytest.mark.parametrize("name", ["sweep_mnist.yaml", "sweep_lenet_split.yaml"])
+def test_the_example_sweep_configs_load(name):
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / name, [], SweepConfig)
+    assert cfg.backbones and cfg.probe.knn == 5

@@ -134,7 +134,7 @@ def cut_probe(cfg: SweepConfig, store: Any, path: Path) -> tuple[dict, bool]:
            "val_fraction": p.val_fraction, "l2": list(p.l2), "knn": p.knn,
            "max_iter": p.max_iter, "seed": cfg.runtime.seed}
     record = read_sweep_record(path)
-    if record and record.get("key") == key and isinstance(record.get("result"), dict):
+    if record and record.get("key") == key and probe_record_ok(record.get("result")):
         return record["result"], False
     device = None if cfg.runtime.device == "auto" else cfg.runtime.device
     report = run_probe(store, val_fraction=p.val_fraction, l2s=p.l2, knn=p.knn,
@@ -144,6 +144,16 @@ def cut_probe(cfg: SweepConfig, store: Any, path: Path) -> tuple[dict, bool]:
            "knn_acc": None if report.knn_acc is None else round(float(report.knn_acc), 6)}
     atomic_write_text(path, json.dumps({"key": key, "result": res}) + "\n")
     return res, True
+
+
+def probe_record_ok(result: Any) -> bool:
+    """A kept probe result as ``cut_probe`` writes it (anything else is computed again)."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    return (isinstance(result, dict) and set(result) == {"probe_acc", "best_l2", "knn_acc"}
+            and number(result["probe_acc"]) and number(result["best_l2"])
+            and (result["knn_acc"] is None or number(result["knn_acc"])))
 
 
 def read_sweep_record(path: Path) -> dict | None:
