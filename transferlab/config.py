@@ -264,6 +264,38 @@ class FinetuneConfig:
     fallback: dict | None = None
 
 
+@dataclass
+class SweepProbeConfig:
+    """The probe of every (backbone, cut) store of a sweep: the linear L2 sweep and kNN on
+    a held-out split fixed by ``runtime.seed`` (the same images for every store)."""
+
+    val_fraction: float = 0.2  # held-out share of each class
+    l2: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+    knn: int = 5  # k of the cosine kNN probe; 0 skips it
+    max_iter: int = 500  # L-BFGS iterations at most
+
+
+@dataclass
+class SweepConfig:
+    """Config of ``transferlab sweep``: which backbone and which layer transfer best to this
+    data? One multi-cut extraction per backbone into ``output.dir/<backbone>/<cut>/``
+    (resumable), then the probe of every cut, into a leaderboard."""
+
+    backbones: list[str] = field(default_factory=list)  # model names, as model.name takes them
+    # all-stages | all-blocks | a list of cuts (the same for every backbone)
+    cuts: str | list[str] = "all-stages"
+    # pooling of every cut (avg: a C-wide vector per cut; none keeps C x H x W, often huge)
+    pool: Literal["avg", "max", "avgmax", "token", "none"] | None = "avg"
+    pretrained: bool = False  # the library's pretrained weights of every backbone
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    # dir: the sweep's root (stores, probe results, leaderboard); dtype, shard_size, views as
+    # for extract
+    output: OutputConfig = field(default_factory=lambda: OutputConfig(dir="outputs/sweep"))
+    probe: SweepProbeConfig = field(default_factory=SweepProbeConfig)
+
+
 # Free-form mappings that overrides can reach into, with the schema their keys follow (so
 # that `test.root=0777` is a string as `data.root=0777` is).
 SUB_SCHEMAS: dict[tuple[type, str], type] = {(FinetuneConfig, "test"): DataConfig,
@@ -367,6 +399,20 @@ BOUNDS: dict[type, dict[str, Bound]] = {
                               lambda probe: probe.samples > 0 and len(probe.l2) > 1),
     },
     FinetuneOutputConfig: {"save_interval_s": _at_least(0, "0 (every epoch) or more")},
+    SweepConfig: {
+        "backbones": Bound(lambda v: len(v) > 0 and all(str(b).strip() for b in v),
+                           "a non-empty list of model names", "e.g. backbones: [resnet18, "
+                           "vit_small_patch16_224]"),
+        "cuts": Bound(lambda v: isinstance(v, str) or len(v) > 0,
+                      "all-stages, all-blocks or a non-empty list of cuts"),
+    },
+    SweepProbeConfig: {
+        "val_fraction": Bound(lambda v: 0 < v < 1, "between 0 and 1 (exclusive)", "try 0.2"),
+        "l2": Bound(lambda v: len(v) > 0 and all(x > 0 for x in v),
+                    "a non-empty list of positive strengths, e.g. [1e-4, 1e-2]"),
+        "knn": _at_least(0, "0 (skip kNN) or more"),
+        "max_iter": _at_least(1, "at least 1"),
+    },
 }
 
 

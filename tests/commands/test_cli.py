@@ -22,7 +22,10 @@ MODULES = {"extract": ("transferlab.commands.extraction", "transferlab.extract._
            "export": ("transferlab.commands.export", "transferlab.export"),
            "index": ("transferlab.commands.index", "transferlab.index"),
            "maps": ("transferlab.commands.maps", "transferlab.maps"),
-           "config": ("transferlab.commands.configs", None)}  # new commands: no -m shim
+           # newer commands have no `python -m transferlab.NAME` shim
+           "config": ("transferlab.commands.configs", None),
+           "compare": ("transferlab.commands.compare", None),
+           "sweep": ("transferlab.commands.sweep", None)}
 
 
 def console_script() -> str | None:
@@ -69,6 +72,8 @@ def test_every_command_has_the_same_entry_points(name):
                                         ("cluster", ["{tmp}/missing", "-k", "2"]),
                                         ("export", ["{tmp}/missing", "{tmp}/out.npz"]),
                                         ("index", ["{tmp}/missing"]),
+                                        ("compare", ["{tmp}/missing", "{tmp}/missing2"]),
+                                        ("sweep", ["{tmp}/missing.yaml"]),
                                         ("search", ["{tmp}/missing", "q.png"]),
                                         ("extract", ["{tmp}/missing.yaml"]),
                                         ("finetune", ["{tmp}/missing.yaml"]),

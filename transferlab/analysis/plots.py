@@ -301,3 +301,78 @@ def _xy(features: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     if x.ndim != 2 or y.shape != (len(x),) or len(x) == 0:
         raise DataError(f"features must be (N, D) with N labels, got {x.shape} and {y.shape}")
     return x, y
+
+
+# ---------------------------------------------------------------------------------------
+# (e) representation similarity and layer sweeps
+# ---------------------------------------------------------------------------------------
+
+
+def plot_similarity(matrix: Any, names_a: Sequence[str], names_b: Sequence[str],
+                    out: str | Path, title: str = "linear CKA") -> Path:
+    """A heatmap of a (len(names_a), len(names_b)) similarity matrix (CKA in [0, 1]):
+    layers of A down the rows, layers of B along the columns, values in the cells when few."""
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.shape != (len(names_a), len(names_b)):
+        raise DataError(f"matrix of shape {m.shape} for {len(names_a)} x {len(names_b)} names")
+    fig = _figure(2.5 + 0.55 * len(names_b), 1.5 + 0.45 * len(names_a))
+    ax = fig.subplots()
+    image = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="magma", origin="lower", aspect="auto")
+    ax.set_xticks(range(len(names_b)), [_short(n) for n in names_b], rotation=60, ha="right",
+                  fontsize=8)
+    ax.set_yticks(range(len(names_a)), [_short(n) for n in names_a], fontsize=8)
+    if m.size <= 400:
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, "nan" if not np.isfinite(v) else f"{v:.2f}", ha="center",
+                    va="center", fontsize=6, color="white" if v < 0.6 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, out)
+
+
+def plot_depth_curves(rows: Sequence[dict], out: str | Path,
+                      metrics: Sequence[str] = ("probe_acc", "knn_acc")) -> Path:
+    """Accuracy by relative depth (0: the first cut, 1: the last), one line per backbone, one
+    panel per metric; rows are a sweep's leaderboard records (``backbone``,
+    ``relative_depth`` and the metrics)."""
+    metrics = [k for k in metrics if any(_is_number(r.get(k)) for r in rows)]
+    if not metrics:
+        raise DataError("no accuracy to plot: the leaderboard rows hold no probe_acc or knn_acc")
+    fig = _figure(5.5 * len(metrics), 4)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, key in zip(axes, metrics):
+        for name in dict.fromkeys(r["backbone"] for r in rows):
+            pts = sorted((r["relative_depth"], r[key]) for r in rows
+                         if r["backbone"] == name and _is_number(r.get(key)))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=name)
+        ax.set_xlabel("relative depth of the cut")
+        ax.set_ylabel(key)
+        ax.set_xlim(-0.05, 1.05)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+def plot_accuracy_throughput(rows: Sequence[dict], out: str | Path,
+                             metric: str = "probe_acc") -> Path:
+    """Accuracy against extraction speed (images/s, log scale), a colour per backbone, each
+    point labelled with its cut: the cost of each choice beside what it buys."""
+    pts = [r for r in rows if _is_number(r.get(metric)) and _is_number(r.get("images_per_second"))
+           and r["images_per_second"] > 0]
+    if not pts:
+        raise DataError(f"no rows with both {metric} and images_per_second to plot")
+    fig = _figure(6.5, 4.5)
+    ax = fig.add_subplot()
+    for name in dict.fromkeys(r["backbone"] for r in pts):
+        mine = [r for r in pts if r["backbone"] == name]
+        ax.scatter([r["images_per_second"] for r in mine], [r[metric] for r in mine], s=24,
+                   label=name)
+        for r in mine:
+            ax.annotate(_short(str(r["cut"]), 14), (r["images_per_second"], r[metric]),
+                        fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("extraction speed (images/s, all cuts of one pass)")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, out)

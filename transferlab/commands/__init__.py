@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "a store as Parquet, HDF5, .npz, pickle or embedding-reader shards"),
     "index": ("index", "a FAISS index inside a store for fast search"),
     "maps": ("maps", "a 2-D map of a store by class (PCA, t-SNE, UMAP)"),
+    "sweep": ("sweep", "extract and probe every backbone x cut: which layer transfers best"),
+    "compare": ("compare", "linear CKA and RSA between stores, layer x layer for multi-cut runs"),
     "config": ("configs", "list the built-in example configs, or print one to copy"),
 }
 
