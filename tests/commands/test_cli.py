@@ -21,7 +21,9 @@ MODULES = {"extract": ("transferlab.commands.extraction", "transferlab.extract._
            "cluster": ("transferlab.commands.cluster", "transferlab.cluster"),
            "export": ("transferlab.commands.export", "transferlab.export"),
            "index": ("transferlab.commands.index", "transferlab.index"),
-           "maps": ("transferlab.commands.maps", "transferlab.maps")}
+           "maps": ("transferlab.commands.maps", "transferlab.maps"),
+           # new commands have no `python -m transferlab.NAME` shim
+           "curate": ("transferlab.commands.curate", "transferlab.commands.curate")}
 
 
 def console_script() -> str | None:
@@ -67,6 +69,7 @@ def test_every_command_has_the_same_entry_points(name):
                                         ("cluster", ["{tmp}/missing", "-k", "2"]),
                                         ("export", ["{tmp}/missing", "{tmp}/out.npz"]),
                                         ("index", ["{tmp}/missing"]),
+                                        ("curate", ["{tmp}/missing"]),
                                         ("search", ["{tmp}/missing", "q.png"]),
                                         ("extract", ["{tmp}/missing.yaml"]),
                                         ("finetune", ["{tmp}/missing.yaml"]),

@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "a store as Parquet, HDF5, .npz or pickle"),
     "index": ("index", "a FAISS index inside a store for fast search"),
     "maps": ("maps", "a 2-D map of a store by class (PCA, t-SNE, UMAP)"),
+    "curate": ("curate", "near-duplicates, outliers, label issues and leakage of a store"),
 }
 
 

@@ -1,0 +1,566 @@
+"""Curating a dataset from its stored features: near-duplicates, outliers, label issues and
+duplicates across two stores (train/test leakage).
+
+Every finding comes from each image's k nearest neighbours (cosine), never from an N x N
+matrix: through the store's FAISS index when this user built a fresh one for cosine
+(``transferlab index STORE``; approximate for IVF/HNSW kinds), else by an exact chunked
+search (``neighbors.nearest``: query blocks of ``QUERY_BLOCK`` rows against the rows
+streamed in chunks, with a running top-k), so memory is bounded by the blocks. Only the
+plain view (view 0) of each key is used.
+
+- **Near-duplicates**: neighbour pairs with cosine similarity >= ``threshold`` joined into
+  connected components. The image kept in each group is the largest file when the images
+  are present under the store's data root (most pixels / least compression, usually), ties
+  and missing files going to the first key in store order. Members whose file has the same
+  SHA-256 as the kept one are marked ``exact`` (byte-identical copies). Only group members
+  are hashed, so a million-image store is not read from disk.
+- **Outliers**: score = mean cosine distance to the k nearest other images; the top N.
+- **Label issues** (labelled stores): out-of-fold predicted probabilities from the linear
+  probe (``linear_probe.fit_logistic``, ``folds`` seeded folds, one L2 strength), then
+  ``cleanlab.filter.find_label_issues`` (``pip install "transferlab[curate]"``). Without
+  cleanlab the fallback is confident learning's rule written out: per-class thresholds
+  t_j = mean probability of class j over the images labelled j; an image is an issue when the
+  most probable class among those above their threshold is not its given label. Both are
+  ranked by self-confidence (the probability of the given label, lowest first); the
+  suggested label is the most probable class.
+- **Leakage**: each image of the other store whose nearest image in this store has cosine
+  similarity >= ``threshold``.
+
+Library code: no printing; the command is ``transferlab curate``.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import DataError, SettingError, StoreError
+from ..runtime.userfiles import write_output
+from ..store.faiss_index import load_index
+from ..store.rows import plain_rows
+from .linear_probe import fit_logistic
+from .neighbors import nearest
+from .search_report import data_root, key_path
+
+_log = logging.getLogger(__name__)
+
+# Chosen by benchmarks/curate_quality.py (BENCHMARKS.md, "Curation quality").
+DEFAULT_THRESHOLD = 0.95
+DEFAULT_K = 10
+DEFAULT_TOP = 100
+DEFAULT_FOLDS = 5
+DEFAULT_L2 = 1e-2
+# Query rows searched per pass over the store (each pass streams every row once).
+QUERY_BLOCK = 16384
+OUTPUT_FILES = ("duplicates.csv", "outliers.csv", "label_issues.csv", "leakage.csv",
+                "summary.json")
+# Written into a folder curate created: its own files there may be replaced by a rerun.
+MARKER = ".transferlab-curation"
+
+
+@dataclass
+class DuplicateGroup:
+    """One group of near-duplicates: the row kept and the others (store rows)."""
+
+    keep: int
+    others: list[int]
+    similarity: list[float]  # cosine similarity of each other to the kept image
+    exact: list[bool]  # byte-identical to the kept image (SHA-256), when the files exist
+    sizes: dict[int, int] = field(default_factory=dict)  # file bytes, when present
+
+
+@dataclass
+class LabelIssue:
+    row: int
+    given: int
+    suggested: int
+    self_confidence: float  # out-of-fold probability of the given label
+    suggested_probability: float
+
+
+@dataclass
+class CurationReport:
+    """What ``curate`` found. Rows index the store; keys are in ``keys``."""
+
+    keys: list[str]
+    labels: np.ndarray
+    class_names: list[str] | None
+    threshold: float
+    k: int
+    neighbours_from: str  # "exact search" or "FAISS <kind> index"
+    duplicates: list[DuplicateGroup]
+    outlier_scores: np.ndarray  # per plain row (NaN elsewhere)
+    outliers: list[int]  # top rows, highest score first
+    label_issues: list[LabelIssue] | None  # None when the store is unlabelled
+    label_method: str | None
+    leakage: list[tuple[int, str, float, bool]] | None  # (row here, other key, sim, exact)
+    notes: list[str] = field(default_factory=list)
+
+    def label_name(self, label: int) -> str:
+        names = self.class_names
+        return str(names[label]) if names is not None and 0 <= label < len(names) else str(label)
+
+
+def curate(store: Any, threshold: float = DEFAULT_THRESHOLD, k: int = DEFAULT_K,
+           top: int = DEFAULT_TOP, against: Any = None, labels: bool = True,
+           folds: int = DEFAULT_FOLDS, l2: float = DEFAULT_L2, seed: int = 0,
+           exact: bool = False, device: str | None = None) -> CurationReport:
+    """Near-duplicate groups, outliers, label issues (when labelled and ``labels``) and,
+    with ``against`` (another store), this store's images nearly duplicated there."""
+    _check(threshold, k, top, folds, l2)
+    rows = plain_rows(store)
+    if len(rows) < k + 1:
+        raise SettingError("k", f"needs a store of at least k+1 = {k + 1} images; this one "
+                           f"has {len(rows)}: lower k or curate a larger store")
+    notes: list[str] = []
+    dist, idx, source = knn_graph(store, rows, k, exact, notes, device)
+    sim = 1.0 - dist
+    groups = duplicate_groups(store, rows, idx, sim, threshold)
+    scores = np.full(len(store.keys), np.nan, dtype=np.float32)
+    finite = np.where(np.isfinite(dist), dist, np.nan)
+    scores[rows] = np.nanmean(finite, axis=1)
+    order = rows[np.argsort(-scores[rows], kind="stable")][:top]
+    all_labels = np.asarray(store.labels, dtype=np.int64)
+    issues, method = None, None
+    if labels:
+        known = rows[all_labels[rows] >= 0]
+        if len(np.unique(all_labels[known])) < 2:
+            notes.append("label issues skipped: the store has no labels (or one class); "
+                         "extract from a labelled folder or list to find them")
+        else:
+            if len(known) < len(rows):
+                notes.append(f"label issues: {len(rows) - len(known)} unlabelled images "
+                             "left out")
+            issues, method = label_issues(store, known, folds, l2, seed, device, notes)
+    leak = None
+    if against is not None:
+        leak = leakage(store, rows, against, threshold, exact, notes, device)
+    return CurationReport(list(store.keys), all_labels, store.class_names, threshold, k,
+                          source, groups, scores, order.tolist(), issues, method, leak, notes)
+
+
+def _check(threshold: float, k: int, top: int, folds: int, l2: float) -> None:
+    if not 0.0 < threshold <= 1.0:
+        raise SettingError("threshold", f"must be a cosine similarity in (0, 1], got {threshold}")
+    if k < 1:
+        raise SettingError("k", f"must be at least 1, got {k}")
+    if top < 1:
+        raise SettingError("top", f"must be at least 1, got {top}")
+    if folds < 2:
+        raise SettingError("folds", f"must be at least 2, got {folds}")
+    if not (np.isfinite(l2) and l2 >= 0):
+        raise SettingError("l2", f"must be >= 0, got {l2}")
+
+
+# ---------------------------------------------------------------------------------------
+# Neighbours
+# ---------------------------------------------------------------------------------------
+
+
+def knn_graph(store: Any, rows: np.ndarray, k: int, exact: bool = False,
+              notes: list[str] | None = None,
+              device: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(len(rows), k) cosine distances and store rows of each plain row's k nearest other
+    plain rows, sorted; ``-1`` / inf where an approximate index found fewer."""
+    index = None if exact else _fresh_index(store, notes)
+    all_plain = len(rows) == len(store.keys)
+    if index is not None:
+        search_k = k + 1 + (0 if all_plain else int(len(store.keys) - len(rows)))
+        src = f"the store's FAISS {index.kind} index"
+    else:
+        search_k = k + 1
+        src = "exact search"
+    base = store if all_plain else _Rows(store, rows)
+    out_d = np.empty((len(rows), k), dtype=np.float32)
+    out_i = np.empty((len(rows), k), dtype=np.int64)
+    for s in range(0, len(rows), QUERY_BLOCK):
+        block = rows[s:s + QUERY_BLOCK]
+        q = np.asarray(store.features[s:s + len(block)] if all_plain
+                       else store.features[block], dtype=np.float32)
+        if index is not None:
+            d, i = index.search(q, search_k)
+        else:
+            d, i = nearest(base, q, search_k, "cosine", device=device)
+            i = i if all_plain else rows[i]
+        out_d[s:s + len(block)], out_i[s:s + len(block)] = _drop_self(d, i, block, k,
+                                                                      None if all_plain
+                                                                      else rows)
+    return out_d, out_i, src
+
+
+class _Rows:
+    """The plain rows of a store with views, as a source ``nearest`` streams."""
+
+    def __init__(self, store: Any, rows: np.ndarray):
+        self.store, self.rows = store, rows
+        self.features = _Shape((len(rows), store.features.shape[1]))
+
+    def iter_chunks(self, rows: int = 65536):
+        for s in range(0, len(self.rows), rows):
+            yield s, np.asarray(self.store.features[self.rows[s:s + rows]])
+
+
+@dataclass
+class _Shape:
+    shape: tuple[int, int]
+
+
+def _drop_self(d: np.ndarray, i: np.ndarray, block: np.ndarray, k: int,
+               plain: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The first k hits of each query that are not the query itself (nor another view)."""
+    keep = i != block[:, None]
+    if plain is not None:
+        keep &= np.isin(i, plain) | (i < 0)
+    out_d = np.full((len(block), k), np.inf, dtype=np.float32)
+    out_i = np.full((len(block), k), -1, dtype=np.int64)
+    for r in range(len(block)):
+        sel = np.flatnonzero(keep[r])[:k]
+        out_d[r, :len(sel)], out_i[r, :len(sel)] = d[r, sel], i[r, sel]
+    return out_d, out_i
+
+
+def _fresh_index(store: Any, notes: list[str] | None) -> Any:
+    try:
+        return load_index(store, "cosine")
+    except StoreError as exc:
+        if notes is not None:
+            notes.append(f"exact search instead of the stale FAISS index ({exc})")
+        return None
+
+
+# ---------------------------------------------------------------------------------------
+# Near-duplicates
+# ---------------------------------------------------------------------------------------
+
+
+def duplicate_groups(store: Any, rows: np.ndarray, idx: np.ndarray, sim: np.ndarray,
+                     threshold: float) -> list[DuplicateGroup]:
+    """Connected components of the pairs with similarity >= threshold, each with the row
+    kept (largest file, else first key) and the byte-identical members marked."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(store.keys)
+    src = np.repeat(rows, idx.shape[1])
+    dst = idx.ravel()
+    hit = (dst >= 0) & (sim.ravel() >= threshold)
+    if not hit.any():
+        return []
+    graph = coo_matrix((np.ones(int(hit.sum()), np.int8), (src[hit], dst[hit])), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    members = np.unique(np.concatenate([src[hit], dst[hit]]))
+    by_comp: dict[int, list[int]] = {}
+    for r in members.tolist():
+        by_comp.setdefault(int(comp[r]), []).append(r)
+    root = data_root(store.meta)
+    groups = []
+    for group in sorted(by_comp.values(), key=lambda g: g[0]):
+        files = {r: key_path(root, store.keys[r]) for r in group}
+        sizes = {r: _size(p) for r, p in files.items()}
+        sizes = {r: s for r, s in sizes.items() if s is not None}
+        keep = max(group, key=lambda r: (sizes.get(r, -1), -r))
+        others = [r for r in group if r != keep]
+        vecs = np.asarray(store.features[np.asarray(group)], dtype=np.float32)
+        vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-30)
+        kv = vecs[group.index(keep)]
+        sims = [float(vecs[group.index(r)] @ kv) for r in others]
+        keep_hash = _sha256(files[keep]) if keep in sizes else None
+        exact = [keep_hash is not None and r in sizes and sizes[r] == sizes[keep]
+                 and _sha256(files[r]) == keep_hash for r in others]
+        groups.append(DuplicateGroup(keep, others, sims, exact, sizes))
+    return groups
+
+
+def _size(path: Path | None) -> int | None:
+    try:
+        return os.stat(path).st_size if path is not None and path.is_file() else None
+    except OSError:
+        return None
+
+
+def _sha256(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Label issues
+# ---------------------------------------------------------------------------------------
+
+
+def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, folds: int = DEFAULT_FOLDS,
+                              l2: float = DEFAULT_L2, seed: int = 0,
+                              device: str | None = None) -> np.ndarray:
+    """(N, C) probabilities of classes 0..C-1 (``y`` must be those), each row predicted by
+    a probe that did not see it: ``folds`` seeded folds."""
+    n, c = len(y), int(y.max()) + 1
+    folds = min(folds, n)
+    order = np.random.default_rng(seed).permutation(n)
+    probs = np.zeros((n, c), dtype=np.float64)
+    for f in range(folds):
+        test = order[f::folds]
+        train = np.setdiff1d(order, test)
+        if len(np.unique(y[train])) < 2:
+            probs[test] = 1.0 / c
+            continue
+        fit = fit_logistic(x[train], y[train], (l2,), device=device)
+        p = torch.softmax(fit.logits(x[test]), 1).double().cpu().numpy()
+        probs[np.ix_(test, fit.classes.cpu().numpy())] = p
+    return probs
+
+
+def label_issues(store: Any, rows: np.ndarray, folds: int = DEFAULT_FOLDS,
+                 l2: float = DEFAULT_L2, seed: int = 0, device: str | None = None,
+                 notes: list[str] | None = None) -> tuple[list[LabelIssue], str]:
+    """Suspected wrong labels among ``rows``, most suspicious first, and the method used."""
+    given_raw = np.asarray(store.labels, dtype=np.int64)[rows]
+    classes, y = np.unique(given_raw, return_inverse=True)
+    x = np.asarray(store.features[rows], dtype=np.float32)
+    probs = out_of_fold_probabilities(x, y, folds, l2, seed, device)
+    flagged, method = _find_issues(y, probs, notes)
+    self_conf = probs[np.arange(len(y)), y]
+    flagged = flagged[np.argsort(self_conf[flagged], kind="stable")]
+    suggested = probs.argmax(1)
+    return [LabelIssue(int(rows[i]), int(classes[y[i]]), int(classes[suggested[i]]),
+                       float(self_conf[i]), float(probs[i, suggested[i]]))
+            for i in flagged.tolist()], method
+
+
+def _find_issues(y: np.ndarray, probs: np.ndarray,
+                 notes: list[str] | None) -> tuple[np.ndarray, str]:
+    try:
+        from cleanlab.filter import find_label_issues
+    except ImportError:
+        if notes is not None:
+            notes.append("label issues by confident learning's rule written out (cleanlab "
+                         "is not installed: pip install \"transferlab[curate]\")")
+        return confident_issues(y, probs), "confident learning (built-in)"
+    try:
+        mask = find_label_issues(y, probs)
+    except (ValueError, AssertionError) as exc:  # too few images of a class, say
+        if notes is not None:
+            notes.append(f"cleanlab refused ({' '.join(str(exc).split())[:200]}); used the "
+                         "built-in confident-learning rule")
+        return confident_issues(y, probs), "confident learning (built-in)"
+    return np.flatnonzero(mask), "cleanlab find_label_issues"
+
+
+def confident_issues(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Rows off the confident joint's diagonal: per-class thresholds t_j (mean p_j over rows
+    labelled j); a row's confident class is its most probable class with p_j >= t_j; an
+    issue when that class exists and is not its label."""
+    c = probs.shape[1]
+    t = np.array([probs[y == j, j].mean() if (y == j).any() else 1.0 for j in range(c)])
+    above = probs >= t[None, :] - 1e-12
+    masked = np.where(above, probs, -1.0)
+    conf = masked.argmax(1)
+    has = above.any(1)
+    return np.flatnonzero(has & (conf != y))
+
+
+# ---------------------------------------------------------------------------------------
+# Leakage between two stores
+# ---------------------------------------------------------------------------------------
+
+
+def leakage(store: Any, rows: np.ndarray, other: Any, threshold: float, exact: bool = False,
+            notes: list[str] | None = None,
+            device: str | None = None) -> list[tuple[int, str, float, bool]]:
+    """(row here, key there, similarity, byte-identical) for each plain image of ``other``
+    whose nearest plain image here has similarity >= threshold; most similar first."""
+    if other.features.shape[1] != store.features.shape[1]:
+        raise DataError(f"the stores have {store.features.shape[1]} and "
+                        f"{other.features.shape[1]} dimensions; compare stores extracted with "
+                        "the same backbone and cut")
+    orows = plain_rows(other)
+    all_plain = len(rows) == len(store.keys)
+    index = None if (exact or not all_plain) else _fresh_index(store, notes)
+    base = store if all_plain else _Rows(store, rows)
+    here_root, there_root = data_root(store.meta), data_root(other.meta)
+    out = []
+    for s in range(0, len(orows), QUERY_BLOCK):
+        block = orows[s:s + QUERY_BLOCK]
+        q = np.asarray(other.features[block], dtype=np.float32)
+        if index is not None:
+            d, i = index.search(q, 1)
+        else:
+            d, i = nearest(base, q, 1, "cosine", device=device)
+            i = i if all_plain else rows[i]
+        for j in np.flatnonzero((i[:, 0] >= 0) & (1.0 - d[:, 0] >= threshold)).tolist():
+            here, there = int(i[j, 0]), other.keys[int(block[j])]
+            a = key_path(here_root, store.keys[here])
+            b = key_path(there_root, there)
+            same = (_size(a) is not None and _size(a) == _size(b)
+                    and _sha256(a) == _sha256(b))
+            out.append((here, there, float(1.0 - d[j, 0]), same))
+    out.sort(key=lambda t: (-t[2], t[0], t[1]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------
+
+
+def prepare_out_dir(out: str | os.PathLike, overwrite: bool = False) -> tuple[Path, bool]:
+    """The output folder and whether curate's own files in it may be replaced: yes in a
+    folder curate created (it holds ``MARKER``) or with ``overwrite``; a new folder gets
+    the marker. Existing files elsewhere are refused (``runtime.userfiles``)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise SettingError("out", f"{path} is a file; name a folder for the curation files")
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    if created:
+        (path / MARKER).write_text("files written by transferlab curate\n", encoding="utf-8")
+    return path, overwrite or (path / MARKER).is_file()
+
+
+def write_report(report: CurationReport, out: str | os.PathLike,
+                 overwrite: bool = False) -> list[Path]:
+    """duplicates.csv, outliers.csv, label_issues.csv, leakage.csv (a header only when not
+    computed) and summary.json in ``out``; returns the paths."""
+    path, replace = prepare_out_dir(out, overwrite)
+    keys, labels = report.keys, report.labels
+
+    def lab(r: int) -> str:
+        return "" if labels[r] < 0 else report.label_name(int(labels[r]))
+
+    def rows_dup() -> list[list[Any]]:
+        out_rows: list[list[Any]] = []
+        for g, grp in enumerate(report.duplicates):
+            out_rows.append([g, "keep", keys[grp.keep], lab(grp.keep), "1.000000", "",
+                             grp.sizes.get(grp.keep, "")])
+            for r, s, e in zip(grp.others, grp.similarity, grp.exact):
+                out_rows.append([g, "duplicate", keys[r], lab(r), f"{s:.6f}",
+                                 "yes" if e else "no", grp.sizes.get(r, "")])
+        return out_rows
+
+    tables = {
+        "duplicates.csv": (["group", "role", "key", "label", "similarity_to_kept", "exact",
+                            "bytes"], rows_dup()),
+        "outliers.csv": (["rank", "key", "label", "score"],
+                         [[n + 1, keys[r], lab(r), f"{report.outlier_scores[r]:.6f}"]
+                          for n, r in enumerate(report.outliers)]),
+        "label_issues.csv": (["rank", "key", "given", "suggested", "given_probability",
+                              "suggested_probability"],
+                             [[n + 1, keys[i.row], report.label_name(i.given),
+                               report.label_name(i.suggested), f"{i.self_confidence:.6f}",
+                               f"{i.suggested_probability:.6f}"]
+                              for n, i in enumerate(report.label_issues or [])]),
+        "leakage.csv": (["key", "other_key", "similarity", "exact"],
+                        [[keys[r], k2, f"{s:.6f}", "yes" if e else "no"]
+                         for r, k2, s, e in report.leakage or []]),
+    }
+    written = []
+    for name, (header, body) in tables.items():
+        def write(f: Any, header: list[str] = header, body: list = body) -> None:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(body)
+        written.append(write_output(path / name, write, overwrite=replace, what="curate"))
+    summary = json.dumps(summary_dict(report), indent=1)
+    written.append(write_output(path / "summary.json", lambda f: f.write(summary),
+                                overwrite=replace, what="curate"))
+    return written
+
+
+def summary_dict(report: CurationReport) -> dict:
+    """Counts and settings (summary.json; the data a viewer starts from)."""
+    dups = report.duplicates
+    return {
+        "images": int(np.isfinite(report.outlier_scores).sum()),
+        "threshold": report.threshold, "k": report.k, "neighbours": report.neighbours_from,
+        "duplicate_groups": len(dups),
+        "duplicates_to_remove": sum(len(g.others) for g in dups),
+        "exact_duplicates": sum(sum(g.exact) for g in dups),
+        "outliers_listed": len(report.outliers),
+        "label_issues": None if report.label_issues is None else len(report.label_issues),
+        "label_method": report.label_method,
+        "leaked": None if report.leakage is None else len(report.leakage),
+        "notes": report.notes,
+    }
+
+
+def summary_table(report: CurationReport) -> str:
+    """The one short table the command prints."""
+    s = summary_dict(report)
+    rows = [
+        ("images", str(s["images"])),
+        ("near-duplicate groups", f"{s['duplicate_groups']} (similarity >= {report.threshold})"),
+        ("duplicates to remove", f"{s['duplicates_to_remove']} ({s['exact_duplicates']} "
+                                 "byte-identical)"),
+        ("top outliers listed", f"{s['outliers_listed']} (k={report.k})"),
+        ("label issues", "not computed" if s["label_issues"] is None
+         else f"{s['label_issues']} ({s['label_method']})"),
+        ("leaked into --against", "not computed" if s["leaked"] is None else str(s["leaked"])),
+        ("neighbours from", report.neighbours_from),
+    ]
+    width = max(len(a) for a, _ in rows)
+    lines = [f"{a:<{width}}  {b}" for a, b in rows]
+    lines += [f"note: {n}" for n in report.notes]
+    return "\n".join(lines)
+
+
+def gallery_items(report: CurationReport, store: Any,
+                  limit: int = 20, width: int = 8) -> dict[str, list[Sequence[Any]]]:
+    """(path or None, caption) lists per gallery: duplicate groups (the first ``width``
+    members), outliers, label issues; ``limit`` rows each. Captions end with the key."""
+    root = data_root(store.meta)
+    keys = report.keys
+
+    def item(r: int, caption: str) -> tuple[Path | None, str]:
+        key = keys[r] if len(keys[r]) <= 22 else "..." + keys[r][-19:]
+        return key_path(root, keys[r]), f"{caption}\n{key}"
+
+    dup = [[item(g.keep, "keep")] + [item(r, f"{s:.3f}" + (" exact" if e else ""))
+                                      for r, s, e in list(zip(g.others, g.similarity,
+                                                              g.exact))[:width - 1]]
+           for g in report.duplicates[:limit]]
+    out = [[item(r, f"{report.outlier_scores[r]:.3f}")] for r in report.outliers[:limit]]
+    lab = [[item(i.row, f"{report.label_name(i.given)} -> {report.label_name(i.suggested)}")]
+           for i in (report.label_issues or [])[:limit]]
+    return {"duplicates": dup, "outliers": out, "label_issues": lab}
+
+
+GALLERY_FILES = {"duplicates": "duplicates.png", "outliers": "outliers.png",
+                 "label_issues": "label_issues.png"}
+_GALLERY_TITLES = {"duplicates": "near-duplicate groups (kept image first)",
+                   "outliers": "top outliers (mean cosine distance to k nearest)",
+                   "label_issues": "suspected label errors (given -> suggested)"}
+
+
+def write_galleries(report: CurationReport, store: Any, out: str | os.PathLike,
+                    overwrite: bool = False, limit: int = 20) -> list[Path]:
+    """PNG sheets of each non-empty finding (``limit`` rows each) into ``out``; images gone
+    from the data root are drawn as placeholders (matplotlib: ``transferlab[plots]``)."""
+    from .plots import plot_gallery
+
+    path, replace = prepare_out_dir(out, overwrite)
+    written = []
+    for name, rows in gallery_items(report, store, limit).items():
+        if not rows:
+            continue
+        target = path / GALLERY_FILES[name]
+        if not replace and target.exists():
+            raise SettingError("overwrite", f"is not set and {target} already exists; choose "
+                               "another --out, or set it to replace the file")
+        written.append(plot_gallery(rows, target, _GALLERY_TITLES[name]))
+    return written
