@@ -248,3 +248,28 @@ def test_plot_galleries_with_missing_images(tmp_path):
         with Image.open(folder / name) as im:
             assert im.size[0] > 100 and im.size[1] > 100
     assert not (folder / "label_issues.png").exists()  # one class: no label issues
+
+
+def test_stale_index_noted_and_exact_search_used(tmp_path):
+    pytest.importorskip("faiss")
+    from transferlab.store.faiss_index import build_index
+
+    x, y, groups, _ = planted(seed=4)
+    store = make_store(tmp_path / "s", x, y)
+    build_index(store, "flat", "cosine")
+    meta = store.dir / "meta.json"
+    meta.write_text(meta.read_text())  # rewritten since the build (new mtime): stale
+    rep = curate(store, k=4, labels=False)
+    assert rep.neighbours_from == "exact search"
+    assert any("stale" in n for n in rep.notes) and found_groups(rep) == sorted(groups)
+
+
+def test_memory_index_above_the_row_limit(tmp_path, monkeypatch):
+    pytest.importorskip("faiss")
+    x, y, groups, outliers = planted(seed=5)
+    store = make_store(tmp_path / "s", x, y)
+    monkeypatch.setattr(curation, "AUTO_INDEX_ROWS", 10)
+    rep = curate(store, k=4, top=5, labels=False)
+    assert "in-memory ivf" in rep.neighbours_from and any("IVF" in n for n in rep.notes)
+    assert not (store.dir / "index").exists()  # nothing written into the store
+    assert found_groups(rep) == sorted(groups)

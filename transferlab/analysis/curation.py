@@ -45,7 +45,7 @@ import torch
 
 from ..errors import DataError, SettingError, StoreError
 from ..runtime.userfiles import write_output
-from ..store.faiss_index import load_index
+from ..store.faiss_index import StoreIndex, _new_index, load_index, prepare_vectors
 from ..store.rows import plain_rows
 from .linear_probe import fit_logistic
 from .neighbors import nearest
@@ -59,6 +59,10 @@ DEFAULT_K = 10
 DEFAULT_TOP = 100
 DEFAULT_FOLDS = 5
 DEFAULT_L2 = 1e-2
+# Above this many rows (and with faiss installed) a store without a fresh saved index is
+# searched through an IVF index built in memory: the exact search grows as N^2.
+AUTO_INDEX_ROWS = 100_000
+IVF_NPROBE = 8
 # Query rows searched per pass over the store (each pass streams every row once).
 QUERY_BLOCK = 16384
 OUTPUT_FILES = ("duplicates.csv", "outliers.csv", "label_issues.csv", "leakage.csv",
@@ -122,7 +126,8 @@ def curate(store: Any, threshold: float = DEFAULT_THRESHOLD, k: int = DEFAULT_K,
         raise SettingError("k", f"needs a store of at least k+1 = {k + 1} images; this one "
                            f"has {len(rows)}: lower k or curate a larger store")
     notes: list[str] = []
-    dist, idx, source = knn_graph(store, rows, k, exact, notes, device)
+    index = None if exact else _fresh_index(store, notes)
+    dist, idx, source = knn_graph(store, rows, k, index, device)
     sim = 1.0 - dist
     groups = duplicate_groups(store, rows, idx, sim, threshold)
     scores = np.full(len(store.keys), np.nan, dtype=np.float32)
@@ -143,7 +148,7 @@ def curate(store: Any, threshold: float = DEFAULT_THRESHOLD, k: int = DEFAULT_K,
             issues, method = label_issues(store, known, folds, l2, seed, device, notes)
     leak = None
     if against is not None:
-        leak = leakage(store, rows, against, threshold, exact, notes, device)
+        leak = leakage(store, rows, against, threshold, index, device)
     return CurationReport(list(store.keys), all_labels, store.class_names, threshold, k,
                           source, groups, scores, order.tolist(), issues, method, leak, notes)
 
@@ -166,16 +171,15 @@ def _check(threshold: float, k: int, top: int, folds: int, l2: float) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def knn_graph(store: Any, rows: np.ndarray, k: int, exact: bool = False,
-              notes: list[str] | None = None,
+def knn_graph(store: Any, rows: np.ndarray, k: int, index: StoreIndex | None = None,
               device: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """(len(rows), k) cosine distances and store rows of each plain row's k nearest other
-    plain rows, sorted; ``-1`` / inf where an approximate index found fewer."""
-    index = None if exact else _fresh_index(store, notes)
+    plain rows, sorted; ``-1`` / inf where an approximate index found fewer. Through
+    ``index`` (a cosine ``StoreIndex`` of the store) when given, else exact."""
     all_plain = len(rows) == len(store.keys)
     if index is not None:
         search_k = k + 1 + (0 if all_plain else int(len(store.keys) - len(rows)))
-        src = f"the store's FAISS {index.kind} index"
+        src = f"FAISS {index.kind} index"
     else:
         search_k = k + 1
         src = "exact search"
@@ -216,25 +220,65 @@ class _Shape:
 
 def _drop_self(d: np.ndarray, i: np.ndarray, block: np.ndarray, k: int,
                plain: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """The first k hits of each query that are not the query itself (nor another view)."""
-    keep = i != block[:, None]
+    """The first k hits of each query that are not the query itself (nor another view);
+    inf / -1 where fewer remain."""
+    keep = (i != block[:, None]) & (i >= 0)
     if plain is not None:
-        keep &= np.isin(i, plain) | (i < 0)
-    out_d = np.full((len(block), k), np.inf, dtype=np.float32)
-    out_i = np.full((len(block), k), -1, dtype=np.int64)
-    for r in range(len(block)):
-        sel = np.flatnonzero(keep[r])[:k]
-        out_d[r, :len(sel)], out_i[r, :len(sel)] = d[r, sel], i[r, sel]
+        keep &= np.isin(i, plain)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept hits first, in order
+    sel = np.take_along_axis(keep, order, 1)
+    out_d = np.where(sel, np.take_along_axis(d, order, 1), np.inf).astype(np.float32)
+    out_i = np.where(sel, np.take_along_axis(i, order, 1), -1)
+    if out_d.shape[1] < k:  # an index returned fewer columns than asked
+        pad = k - out_d.shape[1]
+        out_d = np.pad(out_d, ((0, 0), (0, pad)), constant_values=np.inf)
+        out_i = np.pad(out_i, ((0, 0), (0, pad)), constant_values=-1)
     return out_d, out_i
 
 
-def _fresh_index(store: Any, notes: list[str] | None) -> Any:
+def _fresh_index(store: Any, notes: list[str] | None, build: bool = True) -> Any:
+    """The store's saved cosine index when fresh; else, for a store of more than
+    ``AUTO_INDEX_ROWS`` rows with faiss installed, an IVF index built in memory for this
+    run; else None (exact search)."""
     try:
-        return load_index(store, "cosine")
+        index = load_index(store, "cosine")
     except StoreError as exc:
         if notes is not None:
-            notes.append(f"exact search instead of the stale FAISS index ({exc})")
+            notes.append(f"the store's FAISS index is stale ({' '.join(str(exc).split())})")
+        index = None
+    if index is not None or not build or len(store.keys) <= AUTO_INDEX_ROWS:
+        return index
+    try:
+        import faiss
+    except ImportError:
+        if notes is not None:
+            notes.append("exact search over every row (slow for a large store): pip install "
+                         "\"transferlab[faiss]\" for an approximate index")
         return None
+    index = memory_index(faiss, store)
+    if notes is not None:
+        notes.append(f"neighbours from an IVF index built for this run (approximate: "
+                     f"{index.record['params']['nprobe']} of {index.record['params']['nlist']}"
+                     " lists probed); --exact scans every row")
+    return index
+
+
+def memory_index(faiss: Any, store: Any, seed: int = 0) -> StoreIndex:
+    """An IVF-flat cosine index of the whole store, in memory only (nothing written into
+    the store): 4 sqrt(N) lists, ``IVF_NPROBE`` probed, trained on 64 rows per list."""
+    rows, dim = store.features.shape
+    nlist = max(1, min(4 * round(np.sqrt(rows)), rows // 39))
+    params = {"nlist": nlist, "nprobe": min(nlist, IVF_NPROBE),
+              "train_rows": min(rows, 64 * nlist)}
+    index = _new_index(faiss, "ivf", dim, "cosine", params)
+    sample = np.sort(np.random.default_rng(seed).choice(rows, params["train_rows"],
+                                                        replace=False))
+    index.train(prepare_vectors(store.features[sample], "cosine"))
+    for _, chunk in store.iter_chunks(rows=65536):
+        index.add(prepare_vectors(chunk, "cosine"))
+    index.nprobe = params["nprobe"]
+    return StoreIndex(index, {"kind": "in-memory ivf", "metric": "cosine", "rows": rows,
+                              "dim": dim, "params": params})
 
 
 # ---------------------------------------------------------------------------------------
@@ -380,8 +424,8 @@ def confident_issues(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 
 
-def leakage(store: Any, rows: np.ndarray, other: Any, threshold: float, exact: bool = False,
-            notes: list[str] | None = None,
+def leakage(store: Any, rows: np.ndarray, other: Any, threshold: float,
+            index: StoreIndex | None = None,
             device: str | None = None) -> list[tuple[int, str, float, bool]]:
     """(row here, key there, similarity, byte-identical) for each plain image of ``other``
     whose nearest plain image here has similarity >= threshold; most similar first."""
@@ -391,7 +435,7 @@ def leakage(store: Any, rows: np.ndarray, other: Any, threshold: float, exact: b
                         "the same backbone and cut")
     orows = plain_rows(other)
     all_plain = len(rows) == len(store.keys)
-    index = None if (exact or not all_plain) else _fresh_index(store, notes)
+    index = index if all_plain else None
     base = store if all_plain else _Rows(store, rows)
     here_root, there_root = data_root(store.meta), data_root(other.meta)
     out = []
