@@ -48,7 +48,7 @@ def found_groups(report):
 def test_planted_duplicates_and_outliers_found_clean_items_not(tmp_path):
     x, y, groups, outliers = planted()
     store = make_store(tmp_path / "s", x, y)
-    rep = curate(store, k=5, top=5, labels=False)
+    rep = curate(store, k=5, top=5, labels=False, center=False)
     assert found_groups(rep) == sorted(groups)
     for g in rep.duplicates:  # no files: the first key is kept, nothing marked exact
         assert g.keep == min([g.keep, *g.others]) and not any(g.exact)
@@ -62,6 +62,15 @@ def test_planted_duplicates_and_outliers_found_clean_items_not(tmp_path):
     np.fill_diagonal(dist, np.inf)
     want = np.sort(dist, 1)[:, :5].mean(1)
     np.testing.assert_allclose(rep.outlier_scores, want, atol=2e-3)
+    # centred (the default): the same planted findings, distances of x - mean
+    rep = curate(store, k=5, top=5, labels=False)
+    assert found_groups(rep) == sorted(groups) and sorted(rep.outliers) == outliers
+    xc = store.features[:].astype(np.float32)
+    xc -= xc.astype(np.float64).mean(0).astype(np.float32)
+    xc /= np.linalg.norm(xc, axis=1, keepdims=True)
+    dist = 1 - xc @ xc.T
+    np.fill_diagonal(dist, np.inf)
+    np.testing.assert_allclose(rep.outlier_scores, np.sort(dist, 1)[:, :5].mean(1), atol=1e-4)
 
 
 def test_faiss_index_gives_the_same_findings(tmp_path):
@@ -71,7 +80,7 @@ def test_faiss_index_gives_the_same_findings(tmp_path):
     x, y, groups, outliers = planted(seed=1)
     store = make_store(tmp_path / "s", x, y)
     build_index(store, "flat", "cosine")
-    rep = curate(store, k=5, top=5, labels=False)
+    rep = curate(store, k=5, top=5, labels=False, center=False)
     assert "FAISS" in rep.neighbours_from
     assert found_groups(rep) == sorted(groups) and sorted(rep.outliers) == outliers
 
@@ -259,7 +268,7 @@ def test_stale_index_noted_and_exact_search_used(tmp_path):
     build_index(store, "flat", "cosine")
     meta = store.dir / "meta.json"
     meta.write_text(meta.read_text())  # rewritten since the build (new mtime): stale
-    rep = curate(store, k=4, labels=False)
+    rep = curate(store, k=4, labels=False, center=False)
     assert rep.neighbours_from == "exact search"
     assert any("stale" in n for n in rep.notes) and found_groups(rep) == sorted(groups)
 

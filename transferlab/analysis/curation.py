@@ -117,19 +117,26 @@ class CurationReport:
 def curate(store: Any, threshold: float = DEFAULT_THRESHOLD, k: int = DEFAULT_K,
            top: int = DEFAULT_TOP, against: Any = None, labels: bool = True,
            folds: int = DEFAULT_FOLDS, l2: float = DEFAULT_L2, seed: int = 0,
-           exact: bool = False, device: str | None = None) -> CurationReport:
+           exact: bool = False, center: bool = True,
+           device: str | None = None) -> CurationReport:
     """Near-duplicate groups, outliers, label issues (when labelled and ``labels``) and,
-    with ``against`` (another store), this store's images nearly duplicated there."""
+    with ``against`` (another store), this store's images nearly duplicated there.
+
+    ``center`` measures cosine similarity between features minus the store's mean feature:
+    pooled ReLU features share a large common direction (raw cosines of unrelated images
+    reach 0.99 with a random-weight ResNet-18), which the mean removes (BENCHMARKS.md).
+    A saved FAISS index holds raw vectors, so it is used only with ``center=False``."""
     _check(threshold, k, top, folds, l2)
     rows = plain_rows(store)
     if len(rows) < k + 1:
         raise SettingError("k", f"needs a store of at least k+1 = {k + 1} images; this one "
                            f"has {len(rows)}: lower k or curate a larger store")
     notes: list[str] = []
-    index = None if exact else _fresh_index(store, notes)
-    dist, idx, source = knn_graph(store, rows, k, index, device)
+    mean = feature_mean(store, rows) if center else None
+    index = None if exact else _fresh_index(store, rows, mean, notes)
+    dist, idx, source = knn_graph(store, rows, k, index, mean, device)
     sim = 1.0 - dist
-    groups = duplicate_groups(store, rows, idx, sim, threshold)
+    groups = duplicate_groups(store, rows, idx, sim, threshold, mean)
     scores = np.full(len(store.keys), np.nan, dtype=np.float32)
     finite = np.where(np.isfinite(dist), dist, np.nan)
     scores[rows] = np.nanmean(finite, axis=1)
@@ -148,7 +155,7 @@ def curate(store: Any, threshold: float = DEFAULT_THRESHOLD, k: int = DEFAULT_K,
             issues, method = label_issues(store, known, folds, l2, seed, device, notes)
     leak = None
     if against is not None:
-        leak = leakage(store, rows, against, threshold, index, device)
+        leak = leakage(store, rows, against, threshold, index, mean, device)
     return CurationReport(list(store.keys), all_labels, store.class_names, threshold, k,
                           source, groups, scores, order.tolist(), issues, method, leak, notes)
 
@@ -171,46 +178,67 @@ def _check(threshold: float, k: int, top: int, folds: int, l2: float) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+def feature_mean(store: Any, rows: np.ndarray) -> np.ndarray:
+    """The mean plain-view feature (float64 sums, one pass over the store in chunks)."""
+    total = np.zeros(store.features.shape[1], dtype=np.float64)
+    for _, chunk in _Source(store, rows, None).iter_chunks():
+        total += chunk.sum(0, dtype=np.float64)
+    return (total / max(1, len(rows))).astype(np.float32)
+
+
 def knn_graph(store: Any, rows: np.ndarray, k: int, index: StoreIndex | None = None,
+              mean: np.ndarray | None = None,
               device: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """(len(rows), k) cosine distances and store rows of each plain row's k nearest other
-    plain rows, sorted; ``-1`` / inf where an approximate index found fewer. Through
-    ``index`` (a cosine ``StoreIndex`` of the store) when given, else exact."""
+    plain rows (features minus ``mean`` when given), sorted; ``-1`` / inf where an
+    approximate index found fewer. Through ``index`` when given (it must hold the same
+    vectors: ``_fresh_index``), else exact."""
     all_plain = len(rows) == len(store.keys)
+    base = _Source(store, rows, mean)
     if index is not None:
-        search_k = k + 1 + (0 if all_plain else int(len(store.keys) - len(rows)))
+        # a saved index holds every view: ask for enough hits to skip the others
+        extra = 0 if all_plain or index.kind.startswith("in-memory") else len(store.keys) - len(
+            rows)
+        search_k = k + 1 + int(extra)
         src = f"FAISS {index.kind} index"
     else:
         search_k = k + 1
         src = "exact search"
-    base = store if all_plain else _Rows(store, rows)
     out_d = np.empty((len(rows), k), dtype=np.float32)
     out_i = np.empty((len(rows), k), dtype=np.int64)
     for s in range(0, len(rows), QUERY_BLOCK):
         block = rows[s:s + QUERY_BLOCK]
-        q = np.asarray(store.features[s:s + len(block)] if all_plain
-                       else store.features[block], dtype=np.float32)
+        q = base.take(s, len(block))
         if index is not None:
             d, i = index.search(q, search_k)
+            if index.kind.startswith("in-memory"):  # built on the plain rows only
+                i = np.where(i >= 0, rows[np.maximum(i, 0)], -1)
         else:
             d, i = nearest(base, q, search_k, "cosine", device=device)
-            i = i if all_plain else rows[i]
-        out_d[s:s + len(block)], out_i[s:s + len(block)] = _drop_self(d, i, block, k,
-                                                                      None if all_plain
-                                                                      else rows)
+            i = rows[i]
+        out_d[s:s + len(block)], out_i[s:s + len(block)] = _drop_self(
+            d, i, block, k, None if all_plain else rows)
     return out_d, out_i, src
 
 
-class _Rows:
-    """The plain rows of a store with views, as a source ``nearest`` streams."""
+class _Source:
+    """The plain rows of a store as float32, minus ``mean`` when given: a source that
+    ``nearest`` streams chunk by chunk (positions 0..len(rows)-1)."""
 
-    def __init__(self, store: Any, rows: np.ndarray):
-        self.store, self.rows = store, rows
+    def __init__(self, store: Any, rows: np.ndarray, mean: np.ndarray | None):
+        self.store, self.rows, self.mean = store, rows, mean
+        self.contiguous = len(rows) == len(store.keys)
         self.features = _Shape((len(rows), store.features.shape[1]))
+
+    def take(self, start: int, n: int) -> np.ndarray:
+        f = self.store.features
+        x = np.asarray(f[start:start + n] if self.contiguous
+                       else f[self.rows[start:start + n]], dtype=np.float32)
+        return x if self.mean is None else x - self.mean
 
     def iter_chunks(self, rows: int = 65536):
         for s in range(0, len(self.rows), rows):
-            yield s, np.asarray(self.store.features[self.rows[s:s + rows]])
+            yield s, self.take(s, min(rows, len(self.rows) - s))
 
 
 @dataclass
@@ -236,17 +264,21 @@ def _drop_self(d: np.ndarray, i: np.ndarray, block: np.ndarray, k: int,
     return out_d, out_i
 
 
-def _fresh_index(store: Any, notes: list[str] | None, build: bool = True) -> Any:
-    """The store's saved cosine index when fresh; else, for a store of more than
-    ``AUTO_INDEX_ROWS`` rows with faiss installed, an IVF index built in memory for this
-    run; else None (exact search)."""
-    try:
-        index = load_index(store, "cosine")
-    except StoreError as exc:
-        if notes is not None:
-            notes.append(f"the store's FAISS index is stale ({' '.join(str(exc).split())})")
-        index = None
-    if index is not None or not build or len(store.keys) <= AUTO_INDEX_ROWS:
+def _fresh_index(store: Any, rows: np.ndarray, mean: np.ndarray | None,
+                 notes: list[str] | None) -> StoreIndex | None:
+    """The store's saved cosine index when fresh and the features are not centred (it
+    holds raw vectors); else, for more than ``AUTO_INDEX_ROWS`` rows with faiss installed,
+    an IVF index of the (centred) plain rows built in memory for this run; else None
+    (exact search)."""
+    index = None
+    if mean is None:
+        try:
+            index = load_index(store, "cosine")
+        except StoreError as exc:
+            if notes is not None:
+                notes.append(f"the store's FAISS index is stale "
+                             f"({' '.join(str(exc).split())})")
+    if index is not None or len(rows) <= AUTO_INDEX_ROWS:
         return index
     try:
         import faiss
@@ -255,7 +287,7 @@ def _fresh_index(store: Any, notes: list[str] | None, build: bool = True) -> Any
             notes.append("exact search over every row (slow for a large store): pip install "
                          "\"transferlab[faiss]\" for an approximate index")
         return None
-    index = memory_index(faiss, store)
+    index = memory_index(faiss, _Source(store, rows, mean))
     if notes is not None:
         notes.append(f"neighbours from an IVF index built for this run (approximate: "
                      f"{index.record['params']['nprobe']} of {index.record['params']['nlist']}"
@@ -263,18 +295,22 @@ def _fresh_index(store: Any, notes: list[str] | None, build: bool = True) -> Any
     return index
 
 
-def memory_index(faiss: Any, store: Any, seed: int = 0) -> StoreIndex:
-    """An IVF-flat cosine index of the whole store, in memory only (nothing written into
-    the store): 4 sqrt(N) lists, ``IVF_NPROBE`` probed, trained on 64 rows per list."""
-    rows, dim = store.features.shape
+def memory_index(faiss: Any, source: _Source, seed: int = 0) -> StoreIndex:
+    """An IVF-flat cosine index of a source's rows (positions 0..N-1), in memory only
+    (nothing written into the store): 4 sqrt(N) lists, ``IVF_NPROBE`` probed, trained on
+    64 rows per list."""
+    rows, dim = source.features.shape
     nlist = max(1, min(4 * round(np.sqrt(rows)), rows // 39))
     params = {"nlist": nlist, "nprobe": min(nlist, IVF_NPROBE),
               "train_rows": min(rows, 64 * nlist)}
     index = _new_index(faiss, "ivf", dim, "cosine", params)
     sample = np.sort(np.random.default_rng(seed).choice(rows, params["train_rows"],
                                                         replace=False))
-    index.train(prepare_vectors(store.features[sample], "cosine"))
-    for _, chunk in store.iter_chunks(rows=65536):
+    feats = source.store.features
+    train = np.asarray(feats[source.rows[sample]], dtype=np.float32)
+    index.train(prepare_vectors(train if source.mean is None else train - source.mean,
+                                "cosine"))
+    for _, chunk in source.iter_chunks(rows=65536):
         index.add(prepare_vectors(chunk, "cosine"))
     index.nprobe = params["nprobe"]
     return StoreIndex(index, {"kind": "in-memory ivf", "metric": "cosine", "rows": rows,
@@ -287,7 +323,7 @@ def memory_index(faiss: Any, store: Any, seed: int = 0) -> StoreIndex:
 
 
 def duplicate_groups(store: Any, rows: np.ndarray, idx: np.ndarray, sim: np.ndarray,
-                     threshold: float) -> list[DuplicateGroup]:
+                     threshold: float, mean: np.ndarray | None = None) -> list[DuplicateGroup]:
     """Connected components of the pairs with similarity >= threshold, each with the row
     kept (largest file, else first key) and the byte-identical members marked."""
     from scipy.sparse import coo_matrix
@@ -314,6 +350,7 @@ def duplicate_groups(store: Any, rows: np.ndarray, idx: np.ndarray, sim: np.ndar
         keep = max(group, key=lambda r: (sizes.get(r, -1), -r))
         others = [r for r in group if r != keep]
         vecs = np.asarray(store.features[np.asarray(group)], dtype=np.float32)
+        vecs = vecs if mean is None else vecs - mean
         vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-30)
         kv = vecs[group.index(keep)]
         sims = [float(vecs[group.index(r)] @ kv) for r in others]
@@ -425,28 +462,32 @@ def confident_issues(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
 
 
 def leakage(store: Any, rows: np.ndarray, other: Any, threshold: float,
-            index: StoreIndex | None = None,
+            index: StoreIndex | None = None, mean: np.ndarray | None = None,
             device: str | None = None) -> list[tuple[int, str, float, bool]]:
     """(row here, key there, similarity, byte-identical) for each plain image of ``other``
-    whose nearest plain image here has similarity >= threshold; most similar first."""
+    whose nearest plain image here has similarity >= threshold (both minus this store's
+    ``mean`` when given); most similar first."""
     if other.features.shape[1] != store.features.shape[1]:
         raise DataError(f"the stores have {store.features.shape[1]} and "
                         f"{other.features.shape[1]} dimensions; compare stores extracted with "
                         "the same backbone and cut")
     orows = plain_rows(other)
-    all_plain = len(rows) == len(store.keys)
-    index = index if all_plain else None
-    base = store if all_plain else _Rows(store, rows)
+    saved = index is not None and not index.kind.startswith("in-memory")
+    index = None if saved and len(rows) < len(store.keys) else index
+    base = _Source(store, rows, mean)
+    there = _Source(other, orows, mean)
     here_root, there_root = data_root(store.meta), data_root(other.meta)
     out = []
     for s in range(0, len(orows), QUERY_BLOCK):
         block = orows[s:s + QUERY_BLOCK]
-        q = np.asarray(other.features[block], dtype=np.float32)
+        q = there.take(s, len(block))
         if index is not None:
             d, i = index.search(q, 1)
+            if not saved:
+                i = np.where(i >= 0, rows[np.maximum(i, 0)], -1)
         else:
             d, i = nearest(base, q, 1, "cosine", device=device)
-            i = i if all_plain else rows[i]
+            i = rows[i]
         for j in np.flatnonzero((i[:, 0] >= 0) & (1.0 - d[:, 0] >= threshold)).tolist():
             here, there = int(i[j, 0]), other.keys[int(block[j])]
             a = key_path(here_root, store.keys[here])
