@@ -66,7 +66,7 @@ def synthetic_store(path: Path, rows: int, dim: int, clusters: int, dup_fraction
     return store, pairs
 
 
-def child(store_dir: str, k: int, threshold: float, exact: bool) -> None:
+def child(store_dir: str, k: int, threshold: float, exact: bool, center: bool) -> None:
     """Curate in this (fresh) process; print one JSON line of per-stage seconds and RSS."""
     from transferlab.analysis import curation
     from transferlab.store.rows import plain_rows
@@ -83,8 +83,8 @@ def child(store_dir: str, k: int, threshold: float, exact: bool) -> None:
     mark("open", t)
     t = time.perf_counter()
     notes: list[str] = []
-    mean = curation.feature_mean(store, rows)
-    mark("mean feature", t)
+    mean = curation.feature_mean(store, rows) if center else None
+    mark("mean feature" if center else "(no centring)", t)
     t = time.perf_counter()
     index = None if exact else curation._fresh_index(store, rows, mean, notes)
     mark("index (built in memory)", t)
@@ -128,13 +128,14 @@ def main(argv: Sequence[str] | None = None) -> list[list]:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--exact", action="store_true", help="no FAISS index: exact search")
+    p.add_argument("--center", action="store_true", help="as curate --center")
     p.add_argument("--child", default=None, help=argparse_hidden())
     args = p.parse_args(argv)
     from transferlab.analysis.curation import DEFAULT_THRESHOLD
 
     threshold = args.threshold or DEFAULT_THRESHOLD
     if args.child:
-        child(args.child, args.k, threshold, args.exact)
+        child(args.child, args.k, threshold, args.exact, args.center)
         return []
     sizes = [int(v) for v in args.rows.split(",")]
     if args.quick:
@@ -150,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> list[list]:
               f"planted copies (ready in {time.perf_counter() - t:.1f} s)")
         cmd = [sys.executable, "-m", "benchmarks.curate_scale", "--child", str(path),
                "-k", str(args.k), "--threshold", str(threshold)] + (
-            ["--exact"] if args.exact else [])
+            ["--exact"] if args.exact else []) + (["--center"] if args.center else [])
         done = subprocess.run(cmd, capture_output=True, text=True, check=True,
                               cwd=Path(__file__).resolve().parents[1])
         result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -163,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> list[list]:
         print(f"{n} rows: duplicates recall {recall:.4f}, precision {precision:.4f} at "
               f"threshold {threshold}; {'; '.join(result['notes'])}")
     print()
-    print(table(f"curate (duplicates + outliers), {args.dim}-d float16, k={args.k}",
+    print(table(f"curate (duplicates + outliers), {args.dim}-d float16, k={args.k}"
+                f"{', centred' if args.center else ''}",
                 ["rows", "stage", "seconds", "peak RSS MiB"], out_rows))
     write_json(args.json, {"rows": out_rows, "args": vars(args)})
     return out_rows

@@ -62,8 +62,8 @@ def test_planted_duplicates_and_outliers_found_clean_items_not(tmp_path):
     np.fill_diagonal(dist, np.inf)
     want = np.sort(dist, 1)[:, :5].mean(1)
     np.testing.assert_allclose(rep.outlier_scores, want, atol=2e-3)
-    # centred (the default): the same planted findings, distances of x - mean
-    rep = curate(store, k=5, top=5, labels=False)
+    # centred: the same planted findings, distances of x - mean
+    rep = curate(store, k=5, top=5, labels=False, center=True)
     assert found_groups(rep) == sorted(groups) and sorted(rep.outliers) == outliers
     xc = store.features[:].astype(np.float32)
     xc -= xc.astype(np.float64).mean(0).astype(np.float32)
@@ -278,7 +278,21 @@ def test_memory_index_above_the_row_limit(tmp_path, monkeypatch):
     x, y, groups, outliers = planted(seed=5)
     store = make_store(tmp_path / "s", x, y)
     monkeypatch.setattr(curation, "AUTO_INDEX_ROWS", 10)
-    rep = curate(store, k=4, top=5, labels=False)
+    rep = curate(store, k=4, top=5, labels=False, center=True)
     assert "in-memory ivf" in rep.neighbours_from and any("IVF" in n for n in rep.notes)
     assert not (store.dir / "index").exists()  # nothing written into the store
     assert found_groups(rep) == sorted(groups)
+
+
+def test_only_plain_views_are_curated(tmp_path):
+    """Augmented views (view 1) of a key are near-copies of it, not duplicates."""
+    x, y, groups, outliers = planted(seed=6)
+    keys = [f"k{i}" for i in range(len(y))]
+    rng = np.random.default_rng(0)
+    aug = x[:30] + 0.01 * rng.normal(size=(30, x.shape[1]))
+    store = make_store(tmp_path / "s", np.concatenate([x, aug]).astype(np.float32),
+                       np.concatenate([y, y[:30]]), keys=keys + keys[:30],
+                       views=[0] * len(y) + [1] * 30)
+    rep = curate(store, k=4, top=5, labels=False, center=True)
+    assert found_groups(rep) == sorted(groups) and sorted(rep.outliers) == outliers
+    assert np.isnan(rep.outlier_scores[len(y):]).all()

@@ -117,15 +117,16 @@ class CurationReport:
 def curate(store: Any, threshold: float = DEFAULT_THRESHOLD, k: int = DEFAULT_K,
            top: int = DEFAULT_TOP, against: Any = None, labels: bool = True,
            folds: int = DEFAULT_FOLDS, l2: float = DEFAULT_L2, seed: int = 0,
-           exact: bool = False, center: bool = True,
+           exact: bool = False, center: bool = False,
            device: str | None = None) -> CurationReport:
     """Near-duplicate groups, outliers, label issues (when labelled and ``labels``) and,
     with ``against`` (another store), this store's images nearly duplicated there.
 
     ``center`` measures cosine similarity between features minus the store's mean feature:
-    pooled ReLU features share a large common direction (raw cosines of unrelated images
-    reach 0.99 with a random-weight ResNet-18), which the mean removes (BENCHMARKS.md).
-    A saved FAISS index holds raw vectors, so it is used only with ``center=False``."""
+    for features with a large common direction (a random-weight ResNet-18's pooled ReLU
+    features: raw cosines of unrelated photos reach 0.99), which the mean removes; it
+    hurts the outlier score of trained features (LeNet digits: BENCHMARKS.md, "Curation
+    quality"). A saved FAISS index holds raw vectors, so it is used only without it."""
     _check(threshold, k, top, folds, l2)
     rows = plain_rows(store)
     if len(rows) < k + 1:

@@ -3,7 +3,7 @@
 Command line::
 
     transferlab curate STORE [--out DIR] [--threshold T] [-k K] [--top N]
-        [--against OTHER_STORE] [--no-labels] [--no-center] [--exact] [--plot] [--overwrite]
+        [--against OTHER_STORE] [--no-labels] [--center] [--exact] [--plot] [--overwrite]
 """
 from __future__ import annotations
 
@@ -48,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="out-of-fold probe folds for the label issues")
     p.add_argument("--l2", type=float, default=DEFAULT_L2, help="the probe's L2 strength")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-center", action="store_true",
-                   help="cosine of the raw features, not of features minus the store's mean "
-                        "(lets a saved FAISS index of the store be used)")
+    p.add_argument("--center", action="store_true",
+                   help="cosine of features minus the store's mean (for untrained / random-"
+                        "weight backbones, whose features share one large direction)")
     p.add_argument("--exact", action="store_true",
                    help="exact search even when the store has a FAISS index")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
@@ -68,7 +68,7 @@ def command(argv: Sequence[str] | None = None) -> None:
     other = FeatureStore.open(args.against) if args.against else None
     report = curate(store, threshold=args.threshold, k=args.k, top=args.top, against=other,
                     labels=not args.no_labels, folds=args.folds, l2=args.l2, seed=args.seed,
-                    exact=args.exact, center=not args.no_center, device=args.device)
+                    exact=args.exact, center=args.center, device=args.device)
     out = Path(args.out) if args.out else Path(args.store) / "curation"
     written = write_report(report, out, args.overwrite)
     if args.plot:
