@@ -235,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> list[list]:
            + duplicates_quality(bench, count, device.type, False, args.cut, args.pool))
     print()
     print(table(f"near-duplicates: {count} photo-like images, {count // 5} planted copies "
-                f"(random-weight ResNet-18 features, cut {args.cut}, pool {args.pool or 'default'})",
+                f"(random-weight ResNet-18, cut {args.cut}, pool {args.pool or 'default'})",
                 ["cosine of", "threshold", "precision", "recall", "pairs found",
                  *[f"recall {k}" for k in TRANSFORMS]], dup))
     if args.only_duplicates:
