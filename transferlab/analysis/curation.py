@@ -12,8 +12,10 @@ plain view (view 0) of each key is used.
   connected components. The image kept in each group is the largest file when the images
   are present under the store's data root (most pixels / least compression, usually), ties
   and missing files going to the first key in store order. Members whose file has the same
-  SHA-256 as the kept one are marked ``exact`` (byte-identical copies). Only group members
-  are hashed, so a million-image store is not read from disk.
+  SHA-256 as another member's are marked ``exact`` (byte-identical copies). Only group
+  members of equal size are hashed, so a million-image store is not read from disk.
+  Groups are single-linkage: a member joined through a chain of pairs can be less similar
+  to the kept image than the threshold (``similarity_to_kept`` says how much).
 - **Outliers**: score = mean cosine distance to the k nearest other images; the top N.
 - **Label issues** (labelled stores): out-of-fold predicted probabilities from the linear
   probe (``linear_probe.fit_logistic``, ``folds`` seeded folds, one L2 strength), then
@@ -78,7 +80,7 @@ class DuplicateGroup:
     keep: int
     others: list[int]
     similarity: list[float]  # cosine similarity of each other to the kept image
-    exact: list[bool]  # byte-identical to the kept image (SHA-256), when the files exist
+    exact: list[bool]  # byte-identical to another member (SHA-256), when the files exist
     sizes: dict[int, int] = field(default_factory=dict)  # file bytes, when present
 
 
@@ -357,9 +359,10 @@ def duplicate_groups(store: Any, rows: np.ndarray, idx: np.ndarray, sim: np.ndar
         vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-30)
         kv = vecs[group.index(keep)]
         sims = [float(vecs[group.index(r)] @ kv) for r in others]
-        keep_hash = _sha256(files[keep]) if keep in sizes else None
-        exact = [keep_hash is not None and r in sizes and sizes[r] == sizes[keep]
-                 and _sha256(files[r]) == keep_hash for r in others]
+        same_size = [r for r in group if list(sizes.values()).count(sizes.get(r, -1)) > 1]
+        digest = {r: _sha256(files[r]) for r in same_size}  # only files that can be equal
+        copies = [d for d in digest.values() if d is not None]
+        exact = [digest.get(r) is not None and copies.count(digest[r]) > 1 for r in others]
         groups.append(DuplicateGroup(keep, others, sims, exact, sizes))
     return groups
 
