@@ -62,8 +62,9 @@ DEFAULT_TOP = 100
 DEFAULT_FOLDS = 5
 DEFAULT_L2 = 1e-2
 # Above this many rows (and with faiss installed) a store without a fresh saved index is
-# searched through an IVF index built in memory: the exact search grows as N^2.
-AUTO_INDEX_ROWS = 100_000
+# searched through an IVF index built in memory: the exact search grows as N^2 (measured on
+# 2 cores: 100k rows exact took 442 s, 1M rows through the IVF index 130 s; BENCHMARKS.md).
+AUTO_INDEX_ROWS = 20_000
 IVF_NPROBE = 8
 # Query rows searched per pass over the store (each pass streams every row once).
 QUERY_BLOCK = 16384
