@@ -196,15 +196,8 @@ def digits_quality(bench: Path, epochs: int, per_class: int) -> tuple[list, list
                 import cleanlab  # noqa: F401
             except ImportError:
                 continue
-            issues, method = curation.label_issues(store, plain_rows(store), notes=notes)
-        else:
-            real = curation._find_issues
-            curation._find_issues = lambda yy, pp, nn: (curation.confident_issues(yy, pp),
-                                                        "confident learning (built-in)")
-            try:
-                issues, method = curation.label_issues(store, plain_rows(store))
-            finally:
-                curation._find_issues = real
+        issues, method = curation.label_issues(store, plain_rows(store), notes=notes,
+                                               use_cleanlab=use_cleanlab)
         found = {i.row for i in issues}
         tp = len(found & set(flip.tolist()))
         right = sum(i.suggested == y[i.row] for i in issues if i.row in set(flip.tolist()))

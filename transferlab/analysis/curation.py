@@ -68,6 +68,7 @@ AUTO_INDEX_ROWS = 20_000
 IVF_NPROBE = 8
 # Query rows searched per pass over the store (each pass streams every row once).
 QUERY_BLOCK = 16384
+BUILTIN_METHOD = "confident learning (built-in)"
 OUTPUT_FILES = ("duplicates.csv", "outliers.csv", "label_issues.csv", "leakage.csv",
                 "summary.json")
 # Written into a folder curate created: its own files there may be replaced by a rerun.
@@ -416,13 +417,18 @@ def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, folds: int = DEFAULT
 
 def label_issues(store: Any, rows: np.ndarray, folds: int = DEFAULT_FOLDS,
                  l2: float = DEFAULT_L2, seed: int = 0, device: str | None = None,
-                 notes: list[str] | None = None) -> tuple[list[LabelIssue], str]:
-    """Suspected wrong labels among ``rows``, most suspicious first, and the method used."""
+                 notes: list[str] | None = None,
+                 use_cleanlab: bool = True) -> tuple[list[LabelIssue], str]:
+    """Suspected wrong labels among ``rows``, most suspicious first, and the method used
+    (cleanlab when installed and ``use_cleanlab``, else the built-in rule)."""
     given_raw = np.asarray(store.labels, dtype=np.int64)[rows]
     classes, y = np.unique(given_raw, return_inverse=True)
     x = np.asarray(store.features[rows], dtype=np.float32)
     probs = out_of_fold_probabilities(x, y, folds, l2, seed, device)
-    flagged, method = _find_issues(y, probs, notes)
+    if use_cleanlab:
+        flagged, method = _find_issues(y, probs, notes)
+    else:
+        flagged, method = confident_issues(y, probs), BUILTIN_METHOD
     self_conf = probs[np.arange(len(y)), y]
     flagged = flagged[np.argsort(self_conf[flagged], kind="stable")]
     suggested = probs.argmax(1)
@@ -439,14 +445,14 @@ def _find_issues(y: np.ndarray, probs: np.ndarray,
         if notes is not None:
             notes.append("label issues by confident learning's rule written out (cleanlab "
                          "is not installed: pip install \"transferlab[curate]\")")
-        return confident_issues(y, probs), "confident learning (built-in)"
+        return confident_issues(y, probs), BUILTIN_METHOD
     try:
         mask = find_label_issues(y, probs)
     except (ValueError, AssertionError) as exc:  # too few images of a class, say
         if notes is not None:
             notes.append(f"cleanlab refused ({' '.join(str(exc).split())[:200]}); used the "
                          "built-in confident-learning rule")
-        return confident_issues(y, probs), "confident learning (built-in)"
+        return confident_issues(y, probs), BUILTIN_METHOD
     return np.flatnonzero(mask), "cleanlab find_label_issues"
 
 
