@@ -296,3 +296,19 @@ def test_only_plain_views_are_curated(tmp_path):
     rep = curate(store, k=4, top=5, labels=False, center=True)
     assert found_groups(rep) == sorted(groups) and sorted(rep.outliers) == outliers
     assert np.isnan(rep.outlier_scores[len(y):]).all()
+
+
+def test_leaked_byte_copy_marked_exact(tmp_path):
+    store, root = image_store(tmp_path)
+    other_root = tmp_path / "test_data"
+    other_root.mkdir()
+    (other_root / "same.png").write_bytes((root / "a.png").read_bytes())
+    Image.new("RGB", (8, 8)).save(other_root / "other.png")
+    from transferlab.store.writer import StoreWriter
+    w = StoreWriter(tmp_path / "t", fingerprint={"t": 2}, dtype="float32")
+    x = np.asarray(store.features[:], dtype=np.float32)
+    w.add(["same.png", "other.png"], [0, 0], np.stack([x[0], x[2]]))
+    test = w.close({"data_root": str(other_root)})
+    rep = curate(store, k=2, labels=False, against=test)
+    got = {(store.keys[r], key): e for r, key, _, e in rep.leakage}
+    assert got == {("a.png", "same.png"): True, ("c.png", "other.png"): False}
