@@ -143,9 +143,12 @@ def curate(store: Any, threshold: float = DEFAULT_THRESHOLD, k: int = DEFAULT_K,
     sim = 1.0 - dist
     groups = duplicate_groups(store, rows, idx, sim, threshold, mean)
     scores = np.full(len(store.keys), np.nan, dtype=np.float32)
-    finite = np.where(np.isfinite(dist), dist, np.nan)
-    scores[rows] = np.nanmean(finite, axis=1)
-    order = rows[np.argsort(-scores[rows], kind="stable")][:top]
+    found = np.isfinite(dist)  # an approximate index can return fewer than k
+    with np.errstate(invalid="ignore"):
+        scores[rows] = np.where(found, dist, 0.0).sum(1) / found.sum(1)  # none: NaN
+    scores[rows] = np.where(found.any(1), scores[rows], np.nan)
+    valid = rows[np.isfinite(scores[rows])]
+    order = valid[np.argsort(-scores[valid], kind="stable")][:top]
     all_labels = np.asarray(store.labels, dtype=np.int64)
     issues, method = None, None
     if labels:
