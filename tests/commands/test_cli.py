@@ -25,7 +25,8 @@ MODULES = {"extract": ("transferlab.commands.extraction", "transferlab.extract._
            # newer commands have no `python -m transferlab.NAME` shim
            "config": ("transferlab.commands.configs", None),
            "compare": ("transferlab.commands.compare", None),
-           "sweep": ("transferlab.commands.sweep", None)}
+           "sweep": ("transferlab.commands.sweep", None),
+           "curate": ("transferlab.commands.curate", None)}
 
 
 def console_script() -> str | None:
@@ -74,6 +75,7 @@ def test_every_command_has_the_same_entry_points(name):
                                         ("index", ["{tmp}/missing"]),
                                         ("compare", ["{tmp}/missing", "{tmp}/missing2"]),
                                         ("sweep", ["{tmp}/missing.yaml"]),
+                                        ("curate", ["{tmp}/missing"]),
                                         ("search", ["{tmp}/missing", "q.png"]),
                                         ("extract", ["{tmp}/missing.yaml"]),
                                         ("finetune", ["{tmp}/missing.yaml"]),

@@ -210,6 +210,35 @@ def plot_neighbors(queries: Sequence[str | Path], neighbors: Sequence[Sequence[s
     return _save(fig, out)
 
 
+def plot_gallery(rows: Sequence[Sequence[tuple[str | Path | None, str]]], out: str | Path,
+                 title: str = "", names: Sequence[Sequence[str]] | None = None) -> Path:
+    """A sheet of image rows (a duplicate group per row, or one image per cell of a grid
+    when every row holds one), each image titled with its caption (and ``names``, e.g.
+    keys); a missing or unreadable image is drawn as a placeholder, a ``None`` path too."""
+    if not rows:
+        raise DataError("plot_gallery needs at least one row of images")
+    single = all(len(r) == 1 for r in rows)
+    if single:
+        n_cols = min(5, len(rows))
+        n_rows = -(-len(rows) // n_cols)
+    else:
+        n_cols, n_rows = max(len(r) for r in rows), len(rows)
+    fig = _figure(2.0 * n_cols, 2.4 * n_rows + (0.4 if title else 0))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for r, row in enumerate(rows):
+        for c, (path, caption) in enumerate(row):
+            ax = axes[r // n_cols, r % n_cols] if single else axes[r, c]
+            label = caption
+            if names is not None:
+                label += f"\n{_short(str(names[r][c]))}"
+            _show_image(ax, path, label)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, out)
+
+
 def _show_image(ax: Any, path: str | Path, title: str) -> None:
     ax.axis("off")
     ax.set_title(title, fontsize=8)

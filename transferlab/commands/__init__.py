@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "maps": ("maps", "a 2-D map of a store by class (PCA, t-SNE, UMAP)"),
     "sweep": ("sweep", "extract and probe every backbone x cut: which layer transfers best"),
     "compare": ("compare", "linear CKA and RSA between stores, layer x layer for multi-cut runs"),
+    "curate": ("curate", "near-duplicates, outliers, label issues and leakage of a store"),
     "config": ("configs", "list the built-in example configs, or print one to copy"),
 }
 

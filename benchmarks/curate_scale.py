@@ -1,0 +1,181 @@
+"""Curation at scale: time and peak RSS of each stage of ``transferlab curate`` (duplicates
+and outliers; no labels) on a synthetic clustered float16 store with planted near-duplicate
+groups.
+
+    PYTHONPATH=. python benchmarks/curate_scale.py                   # 100,000 x 256
+    PYTHONPATH=. python benchmarks/curate_scale.py --rows 1000000    # the issue's size
+    PYTHONPATH=. python benchmarks/curate_scale.py --quick           # seconds
+
+Each size is curated in a fresh child process, so its peak RSS (``ru_maxrss``, which
+includes the store's memory-mapped pages it touched) is its own. The planted groups give
+the duplicates' recall and precision (a planted copy is found when it shares a group with
+its source; a found pair is right when both rows belong to one planted group).
+"""
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import base_parser, machine_line, resolve_device, table, write_json
+from transferlab.errors import StoreError
+from transferlab.store.reader import FeatureStore
+from transferlab.store.writer import StoreWriter
+
+CHUNK = 65536
+
+
+def synthetic_store(path: Path, rows: int, dim: int, clusters: int, dup_fraction: float,
+                    seed: int = 0) -> tuple[Any, np.ndarray]:
+    """A float16 store of clustered vectors (random pairs of one cluster: cosine ~0.7) in
+    which ``dup_fraction`` of the rows are near-copies (cosine ~0.998) of an earlier row of
+    their chunk; returns the store and the (copy, source) pairs. Reused when present."""
+    pairs_file = path.with_suffix(".pairs.npy")
+    try:
+        store = FeatureStore.open(path)
+        if store.features.shape == (rows, dim) and pairs_file.is_file():
+            return store, np.load(pairs_file)
+    except StoreError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(clusters, dim)).astype(np.float32) * 1.5
+    pairs = []
+    with StoreWriter(path, {"bench": "curate", "rows": rows, "dim": dim}, dtype="float16",
+                     shard_size=CHUNK, fsync=False) as writer:
+        for start in range(0, rows, CHUNK):
+            n = min(CHUNK, rows - start)
+            x = centers[rng.integers(0, clusters, n)] + rng.normal(size=(n, dim)).astype(
+                np.float32)
+            copies = rng.choice(np.arange(n // 2, n), int(n * dup_fraction), replace=False)
+            sources = rng.integers(0, n // 2, len(copies))
+            x[copies] = x[sources] + 0.05 * rng.normal(size=(len(copies), dim))
+            pairs += list(zip(copies + start, sources + start))
+            writer.add([f"c/{i:08d}.png" for i in range(start, start + n)], [-1] * n, x)
+        store = writer.close({})
+    pairs = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    np.save(pairs_file, pairs)
+    return store, pairs
+
+
+def child(store_dir: str, k: int, threshold: float, exact: bool, center: bool) -> None:
+    """Curate in this (fresh) process; print one JSON line of per-stage seconds and RSS."""
+    from transferlab.analysis import curation
+    from transferlab.store.rows import plain_rows
+
+    stages = []
+
+    def mark(name: str, started: float) -> None:
+        stages.append([name, time.perf_counter() - started,
+                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024])
+
+    t = time.perf_counter()
+    store = FeatureStore.open(store_dir)
+    rows = plain_rows(store)
+    mark("open", t)
+    t = time.perf_counter()
+    notes: list[str] = []
+    mean = curation.feature_mean(store, rows) if center else None
+    mark("mean feature" if center else "(no centring)", t)
+    t = time.perf_counter()
+    index = None if exact else curation._fresh_index(store, rows, mean, notes)
+    mark("index (built in memory)", t)
+    t = time.perf_counter()
+    dist, idx, source = curation.knn_graph(store, rows, k, index, mean)
+    mark(f"neighbours k={k}", t)
+    t = time.perf_counter()
+    groups = curation.duplicate_groups(store, rows, idx, 1.0 - dist, threshold, mean)
+    mark("duplicate groups", t)
+    t = time.perf_counter()
+    scores = np.nanmean(np.where(np.isfinite(dist), dist, np.nan), axis=1)
+    top = np.argsort(-scores, kind="stable")[:100]
+    mark("outlier scores", t)
+    print(json.dumps({"stages": stages, "source": source, "notes": notes, "top": len(top),
+                      "groups": [[g.keep, *g.others] for g in groups]}))
+
+
+def quality(groups: list[list[int]], pairs: np.ndarray) -> tuple[float, float]:
+    """Recall of planted (copy, source) pairs; precision of found pairs (each found
+    member paired with its group's kept row)."""
+    group_of = {r: g for g, members in enumerate(groups) for r in members}
+    found = sum(group_of.get(int(c), -1) == group_of.get(int(s), -2) for c, s in pairs)
+    planted_group: dict[int, int] = {}
+    for c, s in pairs.tolist():  # a planted group: a source and all its copies
+        planted_group[c] = planted_group.setdefault(s, s)
+    right = total = 0
+    for members in groups:
+        keep = members[0]
+        for r in members[1:]:
+            total += 1
+            right += planted_group.get(r, -1) == planted_group.get(keep, -2)
+    return found / max(1, len(pairs)), right / max(1, total)
+
+
+def main(argv: Sequence[str] | None = None) -> list[list]:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--rows", default="100000", help="comma-separated sizes, e.g. 100000,1000000")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--clusters", type=int, default=1000)
+    p.add_argument("--dup-fraction", type=float, default=0.01)
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--exact", action="store_true", help="no FAISS index: exact search")
+    p.add_argument("--center", action="store_true", help="as curate --center")
+    p.add_argument("--child", default=None, help=argparse_hidden())
+    args = p.parse_args(argv)
+    from transferlab.analysis.curation import DEFAULT_THRESHOLD
+
+    threshold = args.threshold or DEFAULT_THRESHOLD
+    if args.child:
+        child(args.child, args.k, threshold, args.exact, args.center)
+        return []
+    sizes = [int(v) for v in args.rows.split(",")]
+    if args.quick:
+        sizes, args.dim, args.clusters = [3000], 32, 20
+    device = resolve_device(args.device)
+    print(machine_line(device))
+    out_rows = []
+    for n in sizes:
+        path = Path(args.bench_dir) / f"curate_store_{n}x{args.dim}"
+        t = time.perf_counter()
+        _, pairs = synthetic_store(path, n, args.dim, args.clusters, args.dup_fraction)
+        print(f"store: {n} x {args.dim} float16, {args.clusters} clusters, {len(pairs)} "
+              f"planted copies (ready in {time.perf_counter() - t:.1f} s)")
+        cmd = [sys.executable, "-m", "benchmarks.curate_scale", "--child", str(path),
+               "-k", str(args.k), "--threshold", str(threshold)] + (
+            ["--exact"] if args.exact else []) + (["--center"] if args.center else [])
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parents[1])
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        recall, precision = quality(result["groups"], pairs)
+        total = sum(s[1] for s in result["stages"])
+        for name, secs, rss in result["stages"]:
+            out_rows.append([n, name, secs, rss])
+        out_rows.append([n, f"total ({result['source']})", total,
+                         max(s[2] for s in result["stages"])])
+        print(f"{n} rows: duplicates recall {recall:.4f}, precision {precision:.4f} at "
+              f"threshold {threshold}; {'; '.join(result['notes'])}")
+    print()
+    print(table(f"curate (duplicates + outliers), {args.dim}-d float16, k={args.k}"
+                f"{', centred' if args.center else ''}",
+                ["rows", "stage", "seconds", "peak RSS MiB"], out_rows))
+    write_json(args.json, {"rows": out_rows, "args": vars(args)})
+    return out_rows
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()
