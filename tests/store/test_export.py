@@ -288,9 +288,8 @@ def test_embedding_reader_layout_refuses_what_is_not_its_own(tmp_path, capsys):
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_embedding_reader_reads_the_export(tmp_path, dtype):
-    pytest.importorskip("embedding_reader", reason="embedding-reader pins pandas<3 (and "
-                        "autofaiss numpy<2), so it is not in the [test] extra; the reference "
-                        "reader above reads the same layout")
+    pytest.importorskip("embedding_reader", reason="pip install embedding-reader (in the "
+                        "[test] extra; it pins pandas<3)")
     from transferlab.store.export_formats import export_embedding_reader
 
     store, feats = multi_store(tmp_path / "s", dtype=dtype)
