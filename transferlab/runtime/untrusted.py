@@ -24,7 +24,8 @@ _READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular ``st_mode`` is, in words for a one-line error."""
     if stat.S_ISDIR(mode):
         return "a directory"
     if stat.S_ISFIFO(mode):
@@ -42,7 +43,7 @@ def lkind(path: str | os.PathLike) -> str:
     """What ``path`` itself is (a link not followed): "a link", "a FIFO", "a directory",
     "a regular file", ... for messages."""
     mode = os.lstat(path).st_mode
-    return "a regular file" if stat.S_ISREG(mode) else _kind(mode)
+    return "a regular file" if stat.S_ISREG(mode) else file_kind(mode)
 
 
 def within(path: Path, root: Path) -> bool:
@@ -90,7 +91,7 @@ def open_regular(path: str | os.PathLike) -> IO[bytes]:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise NotRegularFile(path, _kind(mode))
+            raise NotRegularFile(path, file_kind(mode))
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
@@ -170,7 +171,7 @@ def open_inside(path: str | os.PathLike, mode: str, root: str | os.PathLike | No
             raise error(f"{what} {path} is a link; transferlab does not write through links "
                         "(remove it)") from None
         if st_mode is not None and not stat.S_ISREG(st_mode):
-            raise error(f"{what} {path} is {_kind(st_mode)}, not a regular file (remove "
+            raise error(f"{what} {path} is {file_kind(st_mode)}, not a regular file (remove "
                         "it)") from None
         if isinstance(exc, FileExistsError):
             raise
@@ -178,7 +179,7 @@ def open_inside(path: str | os.PathLike, mode: str, root: str | os.PathLike | No
     try:
         st_mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(st_mode):
-            raise error(f"{what} {path} is {_kind(st_mode)}, not a regular file (remove it)")
+            raise error(f"{what} {path} is {file_kind(st_mode)}, not a regular file (remove it)")
         os.set_blocking(fd, True)
         return os.fdopen(fd, mode, **text)
     except BaseException:

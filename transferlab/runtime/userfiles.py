@@ -25,22 +25,11 @@ from typing import Any
 
 from ..errors import ConfigError, SettingError
 from .atomicfile import remove_stale_temporaries, temporary_path
+from .untrusted import file_kind
 
 
 class OutputError(ConfigError):
     """An output path that cannot be written: a directory, a FIFO, a device."""
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
 
 
 def _exists_message(path: Path) -> str:
@@ -64,7 +53,7 @@ def check_output(path: str | os.PathLike, overwrite: bool = False,
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise OutputError(f"{what} {path} is a directory; name a file in it")
     if st is not None and not stat.S_ISREG(st.st_mode):
-        raise OutputError(f"{what} {path} is {_kind(st.st_mode)}, not a regular file; "
+        raise OutputError(f"{what} {path} is {file_kind(st.st_mode)}, not a regular file; "
                           "transferlab writes outputs only as regular files: choose another path")
     if (st is not None or path.is_symlink()) and not overwrite:
         raise SettingError("overwrite", _exists_message(path))
