@@ -1,5 +1,6 @@
 """The frozen-forward engine: uint8 images in, float32 features out, for every command that
-runs a frozen base on images (extraction, the fine-tune caching pass, search queries).
+runs a frozen network on images (extraction, search queries, the fine-tune caching pass and
+a frozen base in training, the probe's features, ``Classifier.predict`` and ``predict``).
 
 One path: normalise on the device, BatchNorm folded where it applies, channels_last,
 autocast by the resolved precision, ``inference_mode`` (``runtime.device.frozen_forward``).
