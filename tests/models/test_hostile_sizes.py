@@ -118,21 +118,6 @@ def test_the_memory_limit_of_these_tests_catches_a_large_allocation():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def lenet_store(tmp_path_factory):
-    from tests.imagegen import make_image_tree
-    from transferlab.extract.runner import run_extract
-
-    tmp = tmp_path_factory.mktemp("store")
-    keys = make_image_tree(tmp / "data", per_class=2)
-    cfg = load_config(None, [f"data.root={tmp / 'data'}", "model.name=lenet",
-                             f"output.dir={tmp / 'store'}", "runtime.num_workers=0",
-                             "runtime.progress=false", "output.dtype=float32",
-                             "runtime.precision=fp32"], ExtractConfig)
-    run_extract(cfg)
-    return tmp, keys
-
-
 def edited_store(lenet_store, tmp_path, change, name="store") -> tuple[Path, str]:
     tmp, keys = lenet_store
     store_dir = Path(shutil.copytree(tmp / "store", tmp_path / name))
