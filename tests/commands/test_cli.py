@@ -26,7 +26,8 @@ MODULES = {"extract": ("transferlab.commands.extraction", "transferlab.extract._
            "config": ("transferlab.commands.configs", None),
            "compare": ("transferlab.commands.compare", None),
            "sweep": ("transferlab.commands.sweep", None),
-           "curate": ("transferlab.commands.curate", None)}
+           "curate": ("transferlab.commands.curate", None),
+           "view": ("transferlab.commands.view", None)}
 
 
 def console_script() -> str | None:
@@ -76,6 +77,7 @@ def test_every_command_has_the_same_entry_points(name):
                                         ("compare", ["{tmp}/missing", "{tmp}/missing2"]),
                                         ("sweep", ["{tmp}/missing.yaml"]),
                                         ("curate", ["{tmp}/missing"]),
+                                        ("view", ["{tmp}/missing", "--no-browser"]),
                                         ("search", ["{tmp}/missing", "q.png"]),
                                         ("extract", ["{tmp}/missing.yaml"]),
                                         ("finetune", ["{tmp}/missing.yaml"]),

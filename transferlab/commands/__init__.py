@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("sweep", "extract and probe every backbone x cut: which layer transfers best"),
     "compare": ("compare", "linear CKA and RSA between stores, layer x layer for multi-cut runs"),
     "curate": ("curate", "near-duplicates, outliers, label issues and leakage of a store"),
+    "view": ("view", "a local web page over a store: map, thumbnails, search, galleries"),
     "config": ("configs", "list the built-in example configs, or print one to copy"),
 }
 
