@@ -87,6 +87,8 @@ def test_wheel_installed_in_a_fresh_venv_works_from_any_folder(tmp_path):
     wheel = build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     for member in ("transferlab/py.typed", "transferlab/data/mnist_5k.npz",
+                   *(f"transferlab/viewer/static/{n}" for n in  # the viewer's built page
+                     ("index.html", "viewer.js", "viewer.css", "plotly-gl2d.min.js")),
                    *(f"transferlab/configs/{p.name}" for p in (REPO / "configs").glob("*.yaml"))):
         assert member in names, f"{member} missing from {wheel.name}"
     bindir, site = fresh_venv(tmp_path, wheel)

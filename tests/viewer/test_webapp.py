@@ -183,3 +183,29 @@ def test_prefix_filter_and_galleries(view_store):
         listed = [rec["key"] for rec in csv.DictReader(f)]
     assert [i["key"] for i in g["items"]] == listed and len(listed) == 5
     assert c.get("/api/gallery/nothing").status_code == 404
+
+
+def test_slow_thumbnails_do_not_block_the_map(view_store, monkeypatch):
+    """Thumbnails are made in the thread pool: while six take 0.5 s each, the map answers."""
+    import asyncio
+    import time
+
+    import httpx
+
+    data = viewer_data(view_store)
+    monkeypatch.setattr(data.thumbs, "jpeg", lambda row: time.sleep(0.5))
+    app = build_app(data)
+
+    async def run() -> tuple[float, list[int]]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url=BASE) as c:
+            thumbs = [asyncio.create_task(c.get(f"/thumb/{i}")) for i in range(6)]
+            await asyncio.sleep(0.05)
+            start = time.perf_counter()
+            r = await c.get("/api/map.bin")
+            took = time.perf_counter() - start
+            assert r.status_code == 200 and len(r.content) == 20 * len(view_store)
+            return took, [t.status_code for t in await asyncio.gather(*thumbs)]
+
+    took, codes = asyncio.run(run())
+    assert took < 0.4 and codes == [200] * 6
