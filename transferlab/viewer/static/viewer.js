@@ -189,6 +189,7 @@
     const gd = $("map");
     Plotly.react(gd, data, layout, { responsive: true, displaylogo: false }).then(() => {
       if (!gd._tlBound) bindEvents(gd);
+      if (!window.TL_READY) window.TL_READY_AT = performance.now();  // first interactive map
       window.TL_READY = true;
       gd.dataset.ready = "1";
     });
