@@ -90,10 +90,14 @@ def test_the_page_shows_the_store_in_a_browser(view_store, browser, tmp_path):
                              "(s, t) => s + t.x.length, 0)") == 24
         assert page.evaluate("document.getElementById('map').data[0].type") == "scattergl"
         assert page.locator("#class-counts tr").count() == 3
+        assert page.locator("#confusion tr").count() == 4  # header + 3 classes
         # click a point: its nearest images
         x, y = point_on_screen(page, 0, 0)
         page.mouse.move(x, y)
         page.wait_for_selector("#hover-img", state="visible")
+        page.wait_for_function("document.getElementById('hover-img').naturalWidth > 0")
+        page.wait_for_function("document.getElementById('hover-text').textContent"
+                               ".includes('/')")  # the hovered point's key
         page.mouse.click(x, y)
         page.wait_for_selector("#results-grid .tile.query")
         page.wait_for_function("document.querySelectorAll('#results-grid .tile').length == 13")

@@ -70,3 +70,14 @@ def test_a_linked_cache_folder_is_refused(tmp_path):
     with pytest.raises(StoreError, match="link"):
         store_map(store)
     assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_other_methods_are_cached_apart(tmp_path):
+    pytest.importorskip("sklearn")
+    x, y = blobs(n_per=10, k=3, d=5)
+    store = make_store(tmp_path / "s", x, y)
+    tsne = store_map(store, "tsne")
+    assert tsne.method == "tsne" and tsne.xy.shape == (30, 2) and not tsne.cached
+    assert store_map(store, "tsne").cached and not store_map(store, "pca").cached
+    assert sorted(p.name for p in (store.dir / "view-cache").iterdir()) == [
+        "map-pca.npz", "map-tsne.npz"]

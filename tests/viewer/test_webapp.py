@@ -47,6 +47,7 @@ def test_info_and_map_describe_the_store(view_store):
     assert info["class_counts"] == np.bincount(labels).tolist() == [8, 8, 8]
     assert sum(info["cluster_counts"]) == 24 and len(info["cluster_counts"]) == 3
     assert set(info["galleries"]) >= {"outliers", "label_issues"}
+    assert info["confusion"]["matrix"] == [[5, 2, 1], [0, 8, 0], [1, 1, 6]]
     body = c.get("/api/map.bin").content
     m = info["shown"]
     assert len(body) == 20 * m
@@ -209,3 +210,27 @@ def test_slow_thumbnails_do_not_block_the_map(view_store, monkeypatch):
 
     took, codes = asyncio.run(run())
     assert took < 0.4 and codes == [200] * 6
+
+
+@pytest.mark.parametrize("text", ['{"classes": ["a", "b"], "matrix": [[1, 2]]}',
+                                  '{"classes": ["a"], "matrix": [[-1]]}',
+                                  '{"classes": ["a"], "matrix": [[0.5]]}', "[1, 2]", "{"])
+def test_a_bad_confusion_file_is_one_line(tmp_path, text):
+    from transferlab.errors import DataError
+    from transferlab.viewer.galleries import read_confusion
+
+    (tmp_path / "confusion.json").write_text(text)
+    with pytest.raises(DataError, match="confusion"):
+        read_confusion(tmp_path / "confusion.json")
+
+
+def test_a_bad_clusters_file_is_one_line(view_store, tmp_path):
+    from transferlab.errors import DataError
+    from transferlab.viewer.galleries import read_clusters
+
+    (tmp_path / "c.csv").write_text("key,cluster\ncat/0000.jpg,x\n")
+    with pytest.raises(DataError, match="not a whole number"):
+        read_clusters(view_store, tmp_path / "c.csv")
+    (tmp_path / "d.csv").write_text("name,group\na,1\n")
+    with pytest.raises(DataError, match="key,cluster"):
+        read_clusters(view_store, tmp_path / "d.csv")

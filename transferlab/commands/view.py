@@ -4,7 +4,8 @@ and curation findings (``transferlab.viewer``).
 Command line::
 
     transferlab view STORE [--port 8765] [--host H] [--no-browser] [--method pca]
-        [--clusters CSV] [--curation DIR] [--data-root DIR] [--export report.html]
+        [--clusters CSV] [--curation DIR] [--confusion JSON] [--data-root DIR]
+        [--export report.html]
         [--overwrite]
 
 Binds 127.0.0.1 unless ``--host`` is given; then every request needs the token printed at
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "STORE/clusters.csv when present")
     p.add_argument("--curation", metavar="DIR",
                    help="curate's output folder (default STORE/curation when present)")
+    p.add_argument("--confusion", metavar="JSON",
+                   help="a confusion matrix to show (transferlab finetune's confusion.json); "
+                        "default STORE/confusion.json when present")
     p.add_argument("--data-root", metavar="DIR",
                    help="folder the store's keys are relative to (default: as recorded)")
     p.add_argument("--metric", choices=METRICS, default="cosine")
@@ -85,7 +89,8 @@ def command(argv: Sequence[str] | None = None) -> None:
     print(f"opening {store.dir}: {len(store):,} rows ({args.method} map, cached in "
           f"{store.dir / 'view-cache'})", flush=True)
     data = viewer_data(store, args.method, args.max_points or MAX_MAP_POINTS,
-                       clusters=args.clusters, curation=args.curation, root=args.data_root,
+                       clusters=args.clusters, curation=args.curation,
+                       confusion=args.confusion, root=args.data_root,
                        metric=args.metric, exact=args.exact, trust_code=args.trust_code)
     if data.map.sampled:
         print(f"the map draws a seeded random sample of {len(data.map.rows):,} of "
@@ -126,6 +131,7 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose "
                           "another --port (or --port 0 for any free one)") from None
+    sock.listen(128)  # before the address is printed: a browser opening it at once waits
     return sock
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,3 +116,25 @@ def _caption(name: str, rec: dict[str, str]) -> str:
     if name == "label_issues":
         return f"{rec.get('given')} -> {rec.get('suggested')}"
     return f"= {rec.get('other_key')} ({rec.get('similarity')})"
+
+
+def read_confusion(path: str | Path, limit: int = 1000) -> dict:
+    """``{classes, matrix}`` of a confusion.json (``transferlab finetune`` writes one: rows
+    are the true class), checked: square, whole non-negative counts, at most ``limit``
+    classes."""
+    path = Path(path)
+    raw = read_bounded(path, 64 << 20, "the confusion matrix", DataError, path.parent)
+    try:
+        data = json.loads(raw)
+        classes = [str(c) for c in data["classes"]]
+        matrix = np.asarray(data["matrix"])
+    except (ValueError, KeyError, TypeError):
+        raise DataError(f"{path} is not a confusion.json ({{classes, matrix}}, as transferlab "
+                        "finetune writes it)") from None
+    n = len(classes)
+    if not 0 < n <= limit or matrix.shape != (n, n) or matrix.dtype.kind not in "iu" \
+            or (matrix < 0).any():
+        raise DataError(f"{path}: the matrix must be {n} x {n} whole non-negative counts "
+                        f"for {n} classes (at most {limit})")
+    return {"classes": classes, "matrix": matrix.tolist(),
+            "held_out": str(data.get("held_out", ""))}

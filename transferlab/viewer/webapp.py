@@ -35,7 +35,7 @@ import numpy as np
 from ..analysis.neighbors import embed_query_images, store_search
 from ..errors import DataError, MissingDependencyError, TransferlabError
 from ..runtime.untrusted import open_inside
-from .galleries import Gallery, read_clusters, read_curation
+from .galleries import Gallery, read_clusters, read_confusion, read_curation
 from .mapcache import MAX_MAP_POINTS, StoreMap, cache_folder, store_map
 from .thumbnails import PLACEHOLDER_SVG, Thumbnailer
 
@@ -83,6 +83,7 @@ class ViewerData:
     cache_dir: Path
     clusters: np.ndarray | None = None  # (N,) int32, -1 unassigned
     galleries: dict[str, Gallery] = field(default_factory=dict)
+    confusion: dict | None = None  # {classes, matrix (rows: true class), held_out}
     metric: str = "cosine"
     exact: bool = False
     trust_code: bool = False
@@ -111,6 +112,7 @@ class ViewerData:
             "cluster_counts": clusters,
             "galleries": {g.name: {"title": g.title, "total": g.total, "shown": len(g.items)}
                           for g in self.galleries.values()},
+            "confusion": self.confusion,
             "images": self.thumbs.root is not None,
             "can_query": isinstance(store.meta.get("config"), dict),
         }
@@ -175,13 +177,15 @@ class ViewerData:
 def viewer_data(store: Any, method: str = "pca", max_points: int = MAX_MAP_POINTS,
                 clusters: str | os.PathLike | None = None,
                 curation: str | os.PathLike | None = None,
+                confusion: str | os.PathLike | None = None,
                 root: str | os.PathLike | None = None, cache: bool = True,
                 metric: str = "cosine", exact: bool = False,
                 trust_code: bool = False) -> ViewerData:
     """Open what the page shows: the map (cached), cluster assignments (``clusters``, or
     ``STORE/clusters.csv`` when present), curation galleries (``curation``, or
-    ``STORE/curation`` when present), thumbnails from ``root`` (default: the data root the
-    store records)."""
+    ``STORE/curation`` when present), a confusion matrix (``confusion``, or
+    ``STORE/confusion.json`` when present), thumbnails from ``root`` (default: the data
+    root the store records)."""
     folder = cache_folder(store)
     found = store_map(store, method, max_points, cache=cache)
     default_clusters = Path(store.dir) / "clusters.csv"
@@ -192,8 +196,12 @@ def viewer_data(store: Any, method: str = "pca", max_points: int = MAX_MAP_POINT
     if curation is None and default_curation.is_dir():
         curation = default_curation
     galleries = read_curation(store, curation) if curation is not None else {}
+    default_confusion = Path(store.dir) / "confusion.json"
+    if confusion is None and default_confusion.is_file():
+        confusion = default_confusion
+    matrix = read_confusion(confusion) if confusion is not None else None
     return ViewerData(store, found, Thumbnailer(store, folder, root), folder, cluster_rows,
-                      galleries, metric, exact, trust_code)
+                      galleries, matrix, metric, exact, trust_code)
 
 
 def page_html(config: dict, head: str, script: str) -> str:

@@ -93,6 +93,7 @@
     } else {
       $("counts-section").style.display = "none";
     }
+    showConfusion(info.confusion);
     // galleries
     const gb = $("gallery-buttons");
     const names = Object.keys(info.galleries || {});
@@ -118,6 +119,41 @@
         if (e.dataTransfer.files.length) queryImage(e.dataTransfer.files[0]);
       };
       $("upload").onchange = (e) => { if (e.target.files.length) queryImage(e.target.files[0]); };
+    }
+  }
+
+  function showConfusion(conf) {
+    // rows: true class, columns: predicted; a table up to 20 classes, else the most confused
+    const box = $("confusion");
+    if (!conf) { $("confusion-section").style.display = "none"; return; }
+    $("confusion-note").textContent = conf.held_out ? "(" + conf.held_out + ")" : "";
+    const n = conf.classes.length, m = conf.matrix;
+    if (n <= 20) {
+      const table = document.createElement("table");
+      const head = table.insertRow();
+      head.appendChild(document.createElement("th")).textContent = "true\\pred";
+      conf.classes.forEach((c) => { head.appendChild(document.createElement("th")).textContent = c; });
+      m.forEach((row, i) => {
+        const tr = table.insertRow();
+        tr.appendChild(document.createElement("th")).textContent = conf.classes[i];
+        const total = row.reduce((a, b) => a + b, 0) || 1;
+        row.forEach((v, j) => {
+          const td = tr.insertCell(); td.textContent = v;
+          const share = v / total;
+          td.style.background = i === j ? "rgba(40,160,90," + share + ")" : "rgba(220,60,60," + Math.min(1, 3 * share) + ")";
+        });
+      });
+      box.appendChild(table);
+    } else {
+      const pairs = [];
+      m.forEach((row, i) => row.forEach((v, j) => { if (i !== j && v > 0) pairs.push([v, i, j]); }));
+      pairs.sort((a, b) => b[0] - a[0]);
+      const ul = document.createElement("ul");
+      for (const [v, i, j] of pairs.slice(0, 12)) {
+        ul.appendChild(document.createElement("li")).textContent =
+          conf.classes[i] + " as " + conf.classes[j] + ": " + v;
+      }
+      box.appendChild(ul);
     }
   }
 
@@ -202,6 +238,7 @@
     gd.on("plotly_hover", (e) => {
       const row = rowOf(e.points[0]);
       $("hover").style.display = "block";
+      $("hover").dataset.row = row;
       $("hover-img").src = thumbURL(row);
       $("hover-text").textContent = describe(row);
     });
@@ -216,8 +253,15 @@
     });
   }
 
+  const known = new Map();  // row -> its point record (key, class), fetched on hover
   function describe(row) {
     if (STATIC) { const p = (CFG.points || {})[row]; return p ? p.key : "row " + row; }
+    const p = known.get(row);
+    if (p) return p.key + (p.class ? " (" + p.class + ")" : "");
+    getJSON("api/point/" + row).then((q) => {
+      known.set(row, q);
+      if ($("hover").dataset.row === String(row)) $("hover-text").textContent = describe(row);
+    }).catch(() => {});
     return "row " + row;
   }
 
