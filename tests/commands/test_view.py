@@ -69,3 +69,17 @@ def test_the_map_is_printed_as_sampled_above_max_points(small_store, tmp_path, c
     assert "sample of 10 of 60 rows" in printed
     assert '"shown": 10' in out.read_text(encoding="utf-8")
     assert np.load(small_store.dir / "view-cache" / "map-pca.npz")["rows"].shape == (10,)
+
+
+def test_a_hostile_key_cannot_close_the_reports_script(tmp_path):
+    """Keys are written by whoever wrote the store: in the report's JSON every '<' is
+    escaped, and the page sets them as text, never as HTML."""
+    x, y = blobs(n_per=3, k=2, d=4)
+    evil = "</script><script>document.title='owned'</script>.png"
+    keys = [evil] + [f"k{i}.png" for i in range(5)]
+    store = make_store(tmp_path / "store", x, y, keys=keys)
+    out = tmp_path / "r.html"
+    assert main(["view", str(store.dir), "--export", str(out)]) == 0
+    html = out.read_text(encoding="utf-8")
+    assert evil not in html and "document.title='owned'" in html.replace("\\u003c", "<")
+    assert html.count("</script>") == html.count("<script")
