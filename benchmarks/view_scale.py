@@ -99,7 +99,7 @@ def browser_times(browser: Any, address: str) -> tuple[float, float, float, int]
     page.goto(address)
     page.wait_for_function("window.TL_READY === true", timeout=600_000)
     paint = page.evaluate("""() => { const e = performance.getEntriesByName(
-        'first-contentful-paint')[0]; return e ? e.startTime : -1; }""")
+        'first-contentful-paint')[0]; return e ? e.startTime : null; }""")
     ready = page.evaluate("window.TL_READY_AT")
     zoom = page.evaluate("""async () => { const gd = document.getElementById('map');
         const [a, b] = gd._fullLayout.xaxis.range, [c, d] = gd._fullLayout.yaxis.range;
@@ -109,7 +109,7 @@ def browser_times(browser: Any, address: str) -> tuple[float, float, float, int]
         return performance.now() - t; }""")
     points = page.evaluate("window.TL_POINTS")
     page.close()
-    return paint, ready, zoom, points
+    return float("nan") if paint is None else paint, ready, zoom, points
 
 
 def main(argv: Sequence[str] | None = None) -> list[list]:
@@ -167,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> list[list]:
                     runs[cache].append([map_s, served, paint, ready, zoom, rss, peak])
                     print(n, cache, points, runs[cache][-1], flush=True)
             for cache in kinds:
-                med = np.median(np.array(runs[cache], dtype=float), axis=0).tolist()
+                # a page whose first paint Chromium did not record counts as missing
+                med = np.nanmedian(np.array(runs[cache], dtype=float), axis=0).tolist()
                 out_rows.append([n, cache, points, *med])
     finally:
         if browser is not None:
