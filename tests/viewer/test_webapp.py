@@ -234,3 +234,21 @@ def test_a_bad_clusters_file_is_one_line(view_store, tmp_path):
     (tmp_path / "d.csv").write_text("name,group\na,1\n")
     with pytest.raises(DataError, match="key,cluster"):
         read_clusters(view_store, tmp_path / "d.csv")
+
+
+def test_a_read_only_store_is_shown_with_nothing_cached(view_store, monkeypatch):
+    """(Root ignores permissions, so the refusal is simulated where the folder is made.)"""
+    import transferlab.viewer.webapp as webapp
+
+    def refuse(store):
+        raise PermissionError(13, "Permission denied", str(store.dir / "view-cache"))
+
+    monkeypatch.setattr(webapp, "cache_folder", refuse)
+    data = viewer_data(view_store, root=images_of(view_store))
+    c = client(data)
+    info = c.get("/api/info").json()
+    assert info["cache"] is False and info["can_query"] is False and info["shown"] == 24
+    assert c.get("/thumb/0").headers["content-type"] == "image/jpeg"
+    r = c.post("/api/query", content=jpeg_bytes())
+    assert r.status_code == 400 and "read-only" in r.json()["error"]
+    assert not (view_store.dir / "view-cache").exists()

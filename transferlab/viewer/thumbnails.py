@@ -33,15 +33,17 @@ PLACEHOLDER_SVG = (
 
 class Thumbnailer:
     """Thumbnails of ``store``'s rows from ``root`` (default: the data root its metadata
-    records), cached as JPEG files in ``cache_dir``/thumbs."""
+    records), cached as JPEG files in ``cache_dir``/thumbs (None: made each time)."""
 
-    def __init__(self, store: Any, cache_dir: Path, root: str | os.PathLike | None = None):
+    def __init__(self, store: Any, cache_dir: Path | None,
+                 root: str | os.PathLike | None = None):
         self.store = store
         self.root = Path(root) if root is not None else data_root(store.meta)
-        self.folder = Path(cache_dir) / "thumbs"
-        if self.folder.is_symlink():
-            raise StoreError(f"{self.folder} is a link; remove it")
-        self.folder.mkdir(exist_ok=True)
+        self.folder = None if cache_dir is None else Path(cache_dir) / "thumbs"
+        if self.folder is not None:
+            if self.folder.is_symlink():
+                raise StoreError(f"{self.folder} is a link; remove it")
+            self.folder.mkdir(exist_ok=True)
 
     def source(self, row: int) -> Path | None:
         """The image file of ``row`` inside the data root, or None (no root to resolve keys
@@ -61,9 +63,9 @@ class Thumbnailer:
         except OSError:
             return None
         name = hashlib.sha256(self.store.keys[row].encode("utf-8", "surrogatepass")).hexdigest()
-        cached = self.folder / f"{name[:40]}.jpg"
+        cached = None if self.folder is None else self.folder / f"{name[:40]}.jpg"
         try:
-            if os.lstat(cached).st_mtime_ns >= src_mtime:
+            if cached is not None and os.lstat(cached).st_mtime_ns >= src_mtime:
                 return read_bounded(cached, _THUMB_LIMIT, "a cached thumbnail", StoreError,
                                     self.folder)
         except (OSError, StoreError):
@@ -76,6 +78,8 @@ class Thumbnailer:
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=85)
         data = buf.getvalue()
+        if cached is None:
+            return data
         try:
             atomic_write(cached, lambda f: f.write(data), "wb", fsync=False,
                          root=self.store.dir, error=StoreError)

@@ -20,6 +20,7 @@ Safety rules (issue #26), each tested in tests/viewer/test_webapp.py:
 """
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import os
@@ -80,7 +81,7 @@ class ViewerData:
     store: Any
     map: StoreMap
     thumbs: Thumbnailer
-    cache_dir: Path
+    cache_dir: Path | None  # None: the store cannot be written (nothing cached)
     clusters: np.ndarray | None = None  # (N,) int32, -1 unassigned
     galleries: dict[str, Gallery] = field(default_factory=dict)
     confusion: dict | None = None  # {classes, matrix (rows: true class), held_out}
@@ -114,7 +115,9 @@ class ViewerData:
                           for g in self.galleries.values()},
             "confusion": self.confusion,
             "images": self.thumbs.root is not None,
-            "can_query": isinstance(store.meta.get("config"), dict),
+            "can_query": isinstance(store.meta.get("config"), dict) and self.cache_dir
+            is not None,
+            "cache": self.cache_dir is not None,
         }
 
     def map_bytes(self) -> bytes:
@@ -155,6 +158,10 @@ class ViewerData:
     def query_image(self, data: bytes, k: int) -> list[dict]:
         """Nearest stored images of an uploaded image, embedded as ``transferlab search``
         embeds query files; the upload lives in the view cache while it is embedded."""
+        if self.cache_dir is None:
+            raise DataError("search by image needs a view-cache folder in the store to hold "
+                            "the upload while it is embedded, and this store is read-only "
+                            "here; copy the store somewhere writable")
         folder = self.cache_dir / "uploads"
         if folder.is_symlink():
             raise DataError(f"{folder} is a link; remove it")
@@ -186,8 +193,15 @@ def viewer_data(store: Any, method: str = "pca", max_points: int = MAX_MAP_POINT
     ``STORE/curation`` when present), a confusion matrix (``confusion``, or
     ``STORE/confusion.json`` when present), thumbnails from ``root`` (default: the data
     root the store records)."""
-    folder = cache_folder(store)
-    found = store_map(store, method, max_points, cache=cache)
+    try:
+        folder: Path | None = cache_folder(store) if cache else None
+    except PermissionError:  # a store on a read-only share: shown, nothing cached
+        folder = None
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        folder = None
+    found = store_map(store, method, max_points, cache=folder is not None)
     default_clusters = Path(store.dir) / "clusters.csv"
     if clusters is None and default_clusters.is_file():
         clusters = default_clusters
@@ -328,8 +342,8 @@ def build_app(data: ViewerData, token: str | None = None,
             hits = await run_in_threadpool(data.query_image, body, _k(request))
         except TransferlabError as exc:
             text = str(exc)
-            for part in (str(data.cache_dir),):  # no server path in the answer
-                text = text.replace(part, "upload")
+            if data.cache_dir is not None:  # no server path in the answer
+                text = text.replace(str(data.cache_dir), "upload")
             return JSONResponse({"error": text}, status_code=400)
         return JSONResponse({"hits": hits})
 

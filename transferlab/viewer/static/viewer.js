@@ -55,10 +55,13 @@
     const info = state.info;
     $("store-name").textContent = info.store + " (" + info.rows.toLocaleString() + " rows, " +
       info.dim + " dims, " + info.method.toUpperCase() + ")";
+    const notes = [];
     if (info.sampled) {
-      $("sample-note").textContent = "showing a seeded random sample of " +
-        info.shown.toLocaleString() + " of " + info.rows.toLocaleString() + " points";
+      notes.push("showing a seeded random sample of " + info.shown.toLocaleString() + " of " +
+                 info.rows.toLocaleString() + " points");
     }
+    if (!STATIC && info.cache === false) notes.push("read-only store: nothing cached");
+    $("sample-note").textContent = notes.join("; ");
     const colour = $("colour-by");
     const opts = [["none", "nothing"]];
     if (info.labelled) opts.unshift(["class", "class"]);
@@ -109,6 +112,7 @@
     // query by image
     if (STATIC || !info.can_query) {
       $("drop").textContent = STATIC ? "needs the server (transferlab view STORE)"
+        : info.cache === false ? "needs a writable store (the upload is held in its view-cache)"
         : "this store records no model to embed a query with";
     } else {
       const drop = $("drop");
