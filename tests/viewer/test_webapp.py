@@ -11,6 +11,7 @@ import pytest
 
 from tests.imagegen import jpeg_bytes, random_image, save
 from transferlab.analysis.neighbors import store_search
+from transferlab.extract.queries import embed_images
 from transferlab.viewer.webapp import build_app, viewer_data
 
 pytest.importorskip("httpx", reason="Starlette's test client needs httpx")
@@ -71,16 +72,29 @@ def test_neighbours_of_a_point_are_the_stores_search_without_itself(view_store):
     assert [h["key"] for h in r["hits"]] == [view_store.keys[w] for w in want]
 
 
-def test_an_uploaded_image_finds_itself_first(view_store):
+def test_an_uploaded_image_finds_itself_first(view_store, monkeypatch):
     """A stored image sent as a query is embedded as the store embedded it: its own row
     comes first at distance ~0."""
     data = viewer_data(view_store, root=images_of(view_store))
     key = view_store.keys[7]
     body = (images_of(view_store) / key).read_bytes()
-    r = client(data).post("/api/query?k=3", content=body)
+    import transferlab.viewer.webapp as webapp
+
+    built = []
+    real = webapp.query_embedder
+    monkeypatch.setattr(webapp, "query_embedder", lambda *a: built.append(a) or real(*a))
+    c = client(data)
+    r = c.post("/api/query?k=3", content=body)
     assert r.status_code == 200, r.text
     hits = r.json()["hits"]
     assert hits[0]["key"] == key and abs(hits[0]["distance"]) < 1e-3 and len(hits) == 3
+    # the same as transferlab search's query embedding, and the model is built once
+    want = embed_images(view_store.meta, [images_of(view_store) / key], root=view_store.dir)
+    other = view_store.keys[11]
+    again = c.post("/api/query?k=1", content=(images_of(view_store) / other).read_bytes())
+    assert again.json()["hits"][0]["key"] == other and len(built) == 1
+    np.testing.assert_allclose(want[0], np.asarray(view_store.features[7], np.float32),
+                               atol=2e-2)
 
 
 def test_uploads_are_bounded_and_decoded_safely(view_store):

@@ -2,7 +2,7 @@
 engine as extraction, with the settings the store recorded."""
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -76,6 +76,13 @@ def embed_images(meta: dict, paths: Sequence[str | Path], batch_size: int = 16,
     ``root`` is the store directory: a weights file the metadata names must lie inside it.
     The store's model is rebuilt only from timm, torchvision or the built-ins unless
     ``trust_code`` (a store's meta.json can be written by anyone)."""
+    return query_embedder(meta, root, trust_code, batch_size)(paths)
+
+
+def query_embedder(meta: dict, root: str | Path | None = None, trust_code: bool = False,
+                   batch_size: int = 16) -> Callable[[Sequence[str | Path]], np.ndarray]:
+    """``embed_images`` with the model built once: a function of image paths, for a caller
+    that embeds queries one at a time (the viewer's uploads)."""
     root = Path(root) if root is not None else None
     bundle = bundle_from_meta(meta, root, trust_code)
     cfg = from_dict(ExtractConfig, meta["config"], "store metadata")
@@ -92,12 +99,16 @@ def embed_images(meta: dict, paths: Sequence[str | Path], batch_size: int = 16,
                          "altered, or it was written by another model; re-extract it")
     transform = build_transform(bundle.spec, normalize=False)
     spec = bundle.spec
-    rows = []
-    for chunk in chunks(list(paths), batch_size):
-        images = [transform(load_image(p, spec.image_mode, spec.scale_size(),
-                                       cfg.data.max_image_pixels)) for p in chunk]
-        rows.append(compute(torch.stack(images))[0])
-    return np.concatenate(rows) if rows else np.zeros((0, compute.out_dims[0]), np.float32)
+
+    def embed(paths: Sequence[str | Path]) -> np.ndarray:
+        rows = []
+        for chunk in chunks(list(paths), batch_size):
+            images = [transform(load_image(p, spec.image_mode, spec.scale_size(),
+                                           cfg.data.max_image_pixels)) for p in chunk]
+            rows.append(compute(torch.stack(images))[0])
+        return np.concatenate(rows) if rows else np.zeros((0, compute.out_dims[0]), np.float32)
+
+    return embed
 
 
 def check_weights(meta: dict, bundle: ExtractorBundle, root: Path | None,

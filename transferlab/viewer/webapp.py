@@ -33,8 +33,9 @@ from urllib.parse import quote
 
 import numpy as np
 
-from ..analysis.neighbors import embed_query_images, store_search
+from ..analysis.neighbors import store_search
 from ..errors import DataError, MissingDependencyError, TransferlabError
+from ..extract.queries import query_embedder
 from ..runtime.untrusted import open_inside
 from .galleries import Gallery, read_clusters, read_confusion, read_curation
 from .mapcache import MAX_MAP_POINTS, StoreMap, cache_folder, store_map
@@ -89,6 +90,7 @@ class ViewerData:
     exact: bool = False
     trust_code: bool = False
     _map_bytes: bytes | None = None
+    _embed: Any = None  # extract.queries.query_embedder of the store, once built
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def info(self) -> dict:
@@ -170,8 +172,11 @@ class ViewerData:
         try:
             with open_inside(path, "xb", self.store.dir, "the uploaded image", DataError) as f:
                 f.write(data)
-            with self._lock:  # one model in memory at a time
-                vec = embed_query_images(self.store, [str(path)], self.trust_code)
+            with self._lock:  # the store's model, built on the first upload and kept
+                if self._embed is None:
+                    self._embed = query_embedder(self.store.meta, self.store.dir,
+                                                 self.trust_code)
+                vec = np.asarray(self._embed([str(path)]), np.float32)
         finally:
             path.unlink(missing_ok=True)
         return self.hits(vec, k)
