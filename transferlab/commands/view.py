@@ -23,6 +23,7 @@ import sys
 import threading
 import webbrowser
 from collections.abc import Sequence
+from typing import Any
 
 from ..analysis.neighbors import METRICS
 from ..analysis.projection import MAP_METHODS
@@ -140,7 +141,7 @@ def _has_display() -> bool:
         os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def _serve(app: object, sock: socket.socket) -> None:
+def _serve(app: Any, sock: socket.socket) -> None:
     import uvicorn
 
     config = uvicorn.Config(app, log_level="warning", access_log=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ def _first_rows(store: Any) -> dict[str, int]:
     return out
 
 
-def read_clusters(store: Any, path: str | Path) -> np.ndarray:
+def read_clusters(store: Any, path: str | os.PathLike) -> np.ndarray:
     """(N,) int32 cluster of each row from a ``key,cluster`` CSV (-1: not assigned)."""
     path = Path(path)
     rows = _read_csv(path, store, "the cluster assignments")
@@ -73,7 +74,7 @@ def read_clusters(store: Any, path: str | Path) -> np.ndarray:
     return np.array([by_key.get(k, -1) for k in store.keys], np.int32)
 
 
-def read_curation(store: Any, folder: str | Path) -> dict[str, Gallery]:
+def read_curation(store: Any, folder: str | os.PathLike) -> dict[str, Gallery]:
     """The non-empty curation galleries found in ``folder`` (files that are absent are
     skipped), in the order of ``CURATION_GALLERIES``."""
     folder = Path(folder)
@@ -118,7 +119,7 @@ def _caption(name: str, rec: dict[str, str]) -> str:
     return f"= {rec.get('other_key')} ({rec.get('similarity')})"
 
 
-def read_confusion(path: str | Path, limit: int = 1000) -> dict:
+def read_confusion(path: str | os.PathLike, limit: int = 1000) -> dict:
     """``{classes, matrix}`` of a confusion.json (``transferlab finetune`` writes one: rows
     are the true class), checked: square, whole non-negative counts, at most ``limit``
     classes."""

@@ -13,6 +13,7 @@ import base64
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,14 +52,14 @@ def report_config(data: ViewerData, thumbs: int = EXPORT_THUMBS) -> dict:
         jpeg = data.thumbs.jpeg(r)
         if jpeg is not None:
             images[str(r)] = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
-    galleries = {}
+    galleries: dict[str, dict[str, Any]] = {}
     for name, g in data.galleries.items():
         galleries[name] = {"name": name, "title": g.title, "total": g.total,
                            "items": [dict(data.point(i.row), caption=i.caption, group=i.group)
                                      for i in g.items[:_GALLERY_ITEMS]]}
     info = data.info()
-    for name, g in galleries.items():
-        info["galleries"][name]["shown"] = len(g["items"])
+    for name, embedded in galleries.items():
+        info["galleries"][name]["shown"] = len(embedded["items"])
     return {"static": True, "info": info,
             "map": base64.b64encode(data.map_bytes()).decode(),
             "thumbs": images, "galleries": galleries,

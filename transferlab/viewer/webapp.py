@@ -99,7 +99,8 @@ class ViewerData:
         labels = np.asarray(store.labels)
         names = store.class_names or []
         n_classes = max(len(names), int(labels.max()) + 1 if len(labels) else 0)
-        counts = np.bincount(labels[labels >= 0], minlength=n_classes) if n_classes else []
+        counts = (np.bincount(labels[labels >= 0], minlength=n_classes).tolist() if n_classes
+                  else [])
         clusters = None
         if self.clusters is not None:
             assigned = self.clusters[self.clusters >= 0]
