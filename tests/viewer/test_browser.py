@@ -102,14 +102,16 @@ def test_the_page_shows_the_store_in_a_browser(view_store, browser, tmp_path):
         page.wait_for_selector("#results-grid .tile.query")
         page.wait_for_function("document.querySelectorAll('#results-grid .tile').length == 13")
         assert page.text_content("#results-title").startswith("nearest images of ")
-        # a box selection: a grid of every selected point
-        page.evaluate("Plotly.relayout('map', {dragmode: 'select'})")
+        # a lasso (the default drag) around the whole plot area
         box = page.evaluate("""() => { const s = document.getElementById('map')._fullLayout._size;
             return [s.l, s.t, s.l + s.w, s.t + s.h]; }""")
         origin = page.locator("#map").bounding_box()
-        page.mouse.move(origin["x"] + box[0] + 1, origin["y"] + box[1] + 1)
+        x0, y0 = origin["x"] + box[0] + 2, origin["y"] + box[1] + 2
+        x1, y1 = origin["x"] + box[2] - 2, origin["y"] + box[3] - 2
+        page.mouse.move(x0, y0)
         page.mouse.down()
-        page.mouse.move(origin["x"] + box[2] - 1, origin["y"] + box[3] - 1, steps=8)
+        for x, y in [(x1, y0), (x1, y1), (x0, y1), (x0, y0 + 3)]:
+            page.mouse.move(x, y, steps=6)
         page.mouse.up()
         page.wait_for_function("document.getElementById('results-title').textContent"
                                ".startsWith('selection: 24 points')")
