@@ -150,6 +150,8 @@ def test_the_page_shows_the_store_in_a_browser(view_store, browser, tmp_path):
                     "index.csv", "api/gallery/..%2fmeta.json"]:
             assert page.request.get(address.rstrip("/") + "/" + url).status == 404, url
         assert errors == []
+        csp = page.request.get(address).headers["content-security-policy"]
+        assert "script-src 'self' 'unsafe-eval';" in csp  # the page above ran under it
     finally:
         stop(proc)
 

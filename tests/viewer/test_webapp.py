@@ -164,6 +164,15 @@ def test_a_token_is_required_on_every_route_when_set(view_store):
     assert c.post("/api/query", content=b"x").status_code == 403
 
 
+def test_every_answer_carries_the_security_headers(view_store):
+    c = client(viewer_data(view_store), token="t")
+    for r in [c.get("/?token=t"), c.get("/thumb/0?token=t"), c.get("/api/info"),
+              c.get("/nothing?token=t")]:
+        assert "script-src 'self'" in r.headers["content-security-policy"]
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert r.headers["referrer-policy"] == "no-referrer"
+
+
 def test_another_host_name_is_refused(view_store):
     """DNS rebinding: a page whose name resolves to 127.0.0.1 sends its own Host header."""
     c = client(viewer_data(view_store))
