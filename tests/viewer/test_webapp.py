@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import make_store
 from tests.imagegen import jpeg_bytes, random_image, save
 from transferlab.analysis.neighbors import store_search
 from transferlab.extract.queries import embed_images
@@ -136,8 +137,6 @@ def test_no_url_reaches_a_file(view_store, url):
 def test_keys_leading_out_of_the_data_root_get_the_placeholder(tmp_path):
     """A store's keys are written by anyone: '..', absolute keys and links out of the data
     root are never opened."""
-    from tests.helpers import make_store
-
     root = tmp_path / "root"
     outside = tmp_path / "secret"
     save(random_image(20, 20), outside / "s.png")
@@ -254,6 +253,9 @@ def test_a_bad_clusters_file_is_one_line(view_store, tmp_path):
     (tmp_path / "c.csv").write_text("key,cluster\ncat/0000.jpg,x\n")
     with pytest.raises(DataError, match="not a whole number"):
         read_clusters(view_store, tmp_path / "c.csv")
+    (tmp_path / "e.csv").write_text(f"key,cluster\n{view_store.keys[0]},99999999999\n")
+    with pytest.raises(DataError, match="outside"):
+        read_clusters(view_store, tmp_path / "e.csv")
     (tmp_path / "d.csv").write_text("name,group\na,1\n")
     with pytest.raises(DataError, match="key,cluster"):
         read_clusters(view_store, tmp_path / "d.csv")
@@ -275,3 +277,12 @@ def test_a_read_only_store_is_shown_with_nothing_cached(view_store, monkeypatch)
     r = c.post("/api/query", content=jpeg_bytes())
     assert r.status_code == 400 and "read-only" in r.json()["error"]
     assert not (view_store.dir / "view-cache").exists()
+
+
+def test_a_huge_label_is_refused_before_anything_is_counted(tmp_path):
+    from transferlab.errors import StoreError
+
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    store = make_store(tmp_path / "s", x, np.array([0, 1, 2, 1 << 40]), class_names=["a"])
+    with pytest.raises(StoreError, match="label 1,099,511,627,776"):
+        viewer_data(store)

@@ -20,6 +20,7 @@ from ..errors import DataError
 from ..runtime.untrusted import read_bounded
 
 GALLERY_LIMIT = 400  # entries of one gallery sent to the page
+MAX_GROUPS = 1_000_000  # class or cluster numbers counted by the page: [0, MAX_GROUPS)
 CURATION_GALLERIES = {  # name -> (file, title)
     "duplicates": ("duplicates.csv", "near-duplicate groups (kept image first)"),
     "outliers": ("outliers.csv", "top outliers (mean cosine distance to k nearest)"),
@@ -67,10 +68,14 @@ def read_clusters(store: Any, path: str | os.PathLike) -> np.ndarray:
     by_key: dict[str, int] = {}
     for rec in rows:
         try:
-            by_key[rec["key"]] = int(rec["cluster"])
+            cluster = int(rec["cluster"])
         except (TypeError, ValueError):
             raise DataError(f"{path}: cluster {rec.get('cluster')!r} of {rec.get('key')!r} is "
                             "not a whole number") from None
+        if not -1 <= cluster < MAX_GROUPS:
+            raise DataError(f"{path}: cluster {cluster} of {rec.get('key')!r} is outside "
+                            f"[-1, {MAX_GROUPS:,})")
+        by_key[rec["key"]] = cluster
     return np.array([by_key.get(k, -1) for k in store.keys], np.int32)
 
 

@@ -36,10 +36,10 @@ from urllib.parse import quote
 import numpy as np
 
 from ..analysis.neighbors import store_search
-from ..errors import DataError, MissingDependencyError, TransferlabError
+from ..errors import DataError, MissingDependencyError, StoreError, TransferlabError
 from ..extract.queries import query_embedder
 from ..runtime.untrusted import open_inside
-from .galleries import Gallery, read_clusters, read_confusion, read_curation
+from .galleries import MAX_GROUPS, Gallery, read_clusters, read_confusion, read_curation
 from .mapcache import MAX_MAP_POINTS, StoreMap, cache_folder, store_map
 from .thumbnails import PLACEHOLDER_SVG, Thumbnailer
 
@@ -201,6 +201,11 @@ def viewer_data(store: Any, method: str = "pca", max_points: int = MAX_MAP_POINT
     ``STORE/curation`` when present), a confusion matrix (``confusion``, or
     ``STORE/confusion.json`` when present), thumbnails from ``root`` (default: the data
     root the store records)."""
+    labels = np.asarray(store.labels)
+    if len(labels) and int(labels.max()) >= MAX_GROUPS:  # counted per class by the page
+        raise StoreError(f"the store {store.dir} has label {int(labels.max()):,}: more than "
+                         f"the {MAX_GROUPS:,} classes the viewer counts; its index.csv was "
+                         "altered or it was not written by transferlab")
     try:
         folder: Path | None = cache_folder(store) if cache else None
     except PermissionError:  # a store on a read-only share: shown, nothing cached
