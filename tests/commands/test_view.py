@@ -35,6 +35,7 @@ def test_export_writes_one_self_contained_file_and_refuses_to_replace_it(small_s
 
 
 def test_a_port_in_use_is_one_line(small_store, capsys):
+    pytest.importorskip("uvicorn", reason='serving needs pip install "transferlab[view]"')
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

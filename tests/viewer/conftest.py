@@ -9,8 +9,6 @@ import shutil
 import numpy as np
 import pytest
 
-pytest.importorskip("starlette", reason='the viewer needs pip install "transferlab[view]"')
-
 
 @pytest.fixture(scope="session")
 def built_store(tmp_path_factory):

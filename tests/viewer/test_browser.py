@@ -19,6 +19,7 @@ import pytest
 from tests.helpers import env
 from tests.imagegen import jpeg_bytes
 
+pytest.importorskip("uvicorn", reason='the viewer needs pip install "transferlab[view]"')
 sync_api = pytest.importorskip("playwright.sync_api",
                                reason='browser tests need playwright (pip install -e ".[test]")')
 CHROMIUM = next((p for p in (os.environ.get("TRANSFERLAB_CHROMIUM"), "/usr/bin/chromium",

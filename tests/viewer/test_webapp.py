@@ -15,6 +15,7 @@ from transferlab.analysis.neighbors import store_search
 from transferlab.extract.queries import embed_images
 from transferlab.viewer.webapp import build_app, viewer_data
 
+pytest.importorskip("starlette", reason='the viewer needs pip install "transferlab[view]"')
 pytest.importorskip("httpx", reason="Starlette's test client needs httpx")
 from starlette.testclient import TestClient
 
