@@ -69,8 +69,9 @@ IVF_NPROBE = 8
 # Query rows searched per pass over the store (each pass streams every row once).
 QUERY_BLOCK = 16384
 BUILTIN_METHOD = "confident learning (built-in)"
-OUTPUT_FILES = ("duplicates.csv", "outliers.csv", "label_issues.csv", "leakage.csv",
-                "summary.json")
+TABLES = ("duplicates", "outliers", "label_issues", "leakage")
+OUTPUT_FILES = (*(f"{t}.csv" for t in TABLES), "summary.json")
+PARQUET_FILES = tuple(f"{t}.parquet" for t in TABLES)  # written when pyarrow is installed
 # Written into a folder curate created: its own files there may be replaced by a rerun.
 MARKER = ".transferlab-curation"
 
@@ -535,52 +536,86 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool = False) -> tuple[Pa
 
 
 def write_report(report: CurationReport, out: str | os.PathLike,
-                 overwrite: bool = False) -> list[Path]:
+                 overwrite: bool = False, parquet: bool = True) -> list[Path]:
     """duplicates.csv, outliers.csv, label_issues.csv, leakage.csv (a header only when not
-    computed) and summary.json in ``out``; returns the paths."""
+    computed) and summary.json in ``out``, and each table as ``.parquet`` beside its CSV
+    (typed columns: numbers as numbers, ``exact`` as a boolean, missing sizes null) when
+    ``parquet`` and pyarrow is installed (else a note in the report and summary.json);
+    returns the paths."""
     path, replace = prepare_out_dir(out, overwrite)
+    pa = None
+    if parquet:
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            note = ("no Parquet copies of the CSV files (pyarrow is not installed): pip "
+                    "install \"transferlab[parquet]\"")
+            if note not in report.notes:
+                report.notes.append(note)
+    written = []
+    for name, (columns, body) in report_tables(report).items():
+        def write(f: Any, body: list = body) -> None:
+            w = csv.writer(f)
+            w.writerow([c for c, _ in columns])
+            w.writerows([[_csv_cell(v) for v in row] for row in body])
+        written.append(write_output(path / f"{name}.csv", write, overwrite=replace,
+                                    what="curate"))
+        if pa is not None:
+            types = {"int": pa.int64(), "str": pa.string(), "float": pa.float64(),
+                     "bool": pa.bool_()}
+            table = pa.table({c: pa.array([row[j] for row in body], type=types[t])
+                              for j, (c, t) in enumerate(columns)})
+            written.append(write_output(path / f"{name}.parquet",
+                                        lambda f, table=table: pq.write_table(table, f),
+                                        mode="wb", overwrite=replace, what="curate"))
+    summary = json.dumps(summary_dict(report), indent=1)
+    written.append(write_output(path / "summary.json", lambda f: f.write(summary),
+                                overwrite=replace, what="curate"))
+    return written
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{value:.6f}" if isinstance(value, float) else value
+
+
+def report_tables(report: CurationReport) -> dict[str, tuple[list[tuple[str, str]], list]]:
+    """Each output table: its columns as (name, type: int | str | float | bool) and its
+    rows of Python values (None where unknown: a size of a missing file, an exact flag of a
+    kept image)."""
     keys, labels = report.keys, report.labels
 
     def lab(r: int) -> str:
         return "" if labels[r] < 0 else report.label_name(int(labels[r]))
 
-    def rows_dup() -> list[list[Any]]:
-        out_rows: list[list[Any]] = []
-        for g, grp in enumerate(report.duplicates):
-            out_rows.append([g, "keep", keys[grp.keep], lab(grp.keep), "1.000000", "",
-                             grp.sizes.get(grp.keep, "")])
-            for r, s, e in zip(grp.others, grp.similarity, grp.exact):
-                out_rows.append([g, "duplicate", keys[r], lab(r), f"{s:.6f}",
-                                 "yes" if e else "no", grp.sizes.get(r, "")])
-        return out_rows
-
-    tables = {
-        "duplicates.csv": (["group", "role", "key", "label", "similarity_to_kept", "exact",
-                            "bytes"], rows_dup()),
-        "outliers.csv": (["rank", "key", "label", "score"],
-                         [[n + 1, keys[r], lab(r), f"{report.outlier_scores[r]:.6f}"]
-                          for n, r in enumerate(report.outliers)]),
-        "label_issues.csv": (["rank", "key", "given", "suggested", "given_probability",
-                              "suggested_probability"],
-                             [[n + 1, keys[i.row], report.label_name(i.given),
-                               report.label_name(i.suggested), f"{i.self_confidence:.6f}",
-                               f"{i.suggested_probability:.6f}"]
-                              for n, i in enumerate(report.label_issues or [])]),
-        "leakage.csv": (["key", "other_key", "similarity", "exact"],
-                        [[keys[r], k2, f"{s:.6f}", "yes" if e else "no"]
-                         for r, k2, s, e in report.leakage or []]),
+    dup: list[list[Any]] = []
+    for g, grp in enumerate(report.duplicates):
+        dup.append([g, "keep", keys[grp.keep], lab(grp.keep), 1.0, None,
+                    grp.sizes.get(grp.keep)])
+        for r, s, e in zip(grp.others, grp.similarity, grp.exact):
+            dup.append([g, "duplicate", keys[r], lab(r), float(s), bool(e), grp.sizes.get(r)])
+    return {
+        "duplicates": ([("group", "int"), ("role", "str"), ("key", "str"), ("label", "str"),
+                        ("similarity_to_kept", "float"), ("exact", "bool"), ("bytes", "int")],
+                       dup),
+        "outliers": ([("rank", "int"), ("key", "str"), ("label", "str"), ("score", "float")],
+                     [[n + 1, keys[r], lab(r), float(report.outlier_scores[r])]
+                      for n, r in enumerate(report.outliers)]),
+        "label_issues": ([("rank", "int"), ("key", "str"), ("given", "str"),
+                          ("suggested", "str"), ("given_probability", "float"),
+                          ("suggested_probability", "float")],
+                         [[n + 1, keys[i.row], report.label_name(i.given),
+                           report.label_name(i.suggested), float(i.self_confidence),
+                           float(i.suggested_probability)]
+                          for n, i in enumerate(report.label_issues or [])]),
+        "leakage": ([("key", "str"), ("other_key", "str"), ("similarity", "float"),
+                     ("exact", "bool")],
+                    [[keys[r], k2, float(s), bool(e)] for r, k2, s, e in report.leakage or []]),
     }
-    written = []
-    for name, (header, body) in tables.items():
-        def write(f: Any, header: list[str] = header, body: list = body) -> None:
-            w = csv.writer(f)
-            w.writerow(header)
-            w.writerows(body)
-        written.append(write_output(path / name, write, overwrite=replace, what="curate"))
-    summary = json.dumps(summary_dict(report), indent=1)
-    written.append(write_output(path / "summary.json", lambda f: f.write(summary),
-                                overwrite=replace, what="curate"))
-    return written
 
 
 def summary_dict(report: CurationReport) -> dict:

@@ -29,10 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="transferlab curate",
         description="Near-duplicate groups, outliers and label issues of a feature store "
-                    "(and its images duplicated in another store), as CSV files.")
+                    "(and its images duplicated in another store), as CSV and Parquet files.")
     p.add_argument("store", help="feature store directory")
     p.add_argument("--out", metavar="DIR",
-                   help="folder for the CSV files (default: STORE/curation)")
+                   help="folder for the CSV (and Parquet) files (default: STORE/curation)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help="cosine similarity at or above which two images are near-duplicates "
                         f"(default {DEFAULT_THRESHOLD}, measured: see BENCHMARKS.md)")
