@@ -132,6 +132,34 @@ def test_flipped_labels_found(tmp_path, monkeypatch, with_cleanlab):
     assert right >= 0.9 * tp
 
 
+def test_probe_on_a_sample_still_predicts_every_row_out_of_fold(tmp_path, monkeypatch):
+    """PROBE_ROWS bounds each fold's training rows (1M-row stores); every row is still
+    predicted by a probe that did not see it, PREDICT_BLOCK rows at a time."""
+    store, flipped = flipped_store(tmp_path)
+    rows = np.arange(len(store.keys))
+    full = curation.out_of_fold_probabilities(np.asarray(store.features, np.float32),
+                                              np.asarray(store.labels), folds=3)
+    monkeypatch.setattr(curation, "PREDICT_BLOCK", 7)  # many blocks per fold
+    seen = []
+    real_fit = curation.fit_logistic
+
+    def fit(x, y, *a, **kw):
+        seen.append(len(x))
+        return real_fit(x, y, *a, **kw)
+
+    monkeypatch.setattr(curation, "fit_logistic", fit)
+    same = curation.out_of_fold_probabilities(curation._Rows(store, rows),
+                                              np.asarray(store.labels), folds=3)
+    np.testing.assert_allclose(same, full, atol=1e-5)  # all rows fit: the same probes
+    seen.clear()
+    notes: list[str] = []
+    issues, _ = curation.label_issues(store, rows, folds=3, probe_rows=150, notes=notes)
+    assert seen == [150, 150, 150] and any("sample of 150" in n for n in notes)
+    found = {i.row for i in issues}
+    assert len(found & flipped) >= 0.8 * len(flipped) and len(found & flipped) >= 0.8 * len(
+        found)
+
+
 def test_confident_rule_by_hand():
     y = np.array([0, 0, 1, 1, 1])
     p = np.array([[0.9, 0.1], [0.2, 0.8], [0.1, 0.9], [0.3, 0.7], [0.6, 0.4]])

@@ -71,6 +71,12 @@ AUTO_INDEX_ROWS = 20_000
 IVF_NPROBE = 8
 # Query rows searched per pass over the store (each pass streams every row once).
 QUERY_BLOCK = 16384
+# Label issues: each fold's probe trains on at most this many rows (a seeded sample of the
+# other folds: a linear probe of a few hundred features has long converged by then; at
+# 1M x 256 this bounds memory and time, BENCHMARKS.md "Label issues at scale"), and
+# predicts its fold this many rows at a time.
+PROBE_ROWS = 200_000
+PREDICT_BLOCK = 65536
 BUILTIN_METHOD = "confident learning (built-in)"
 TABLES = ("duplicates", "outliers", "label_issues", "leakage")
 OUTPUT_FILES = (*(f"{t}.csv" for t in TABLES), "summary.json")
@@ -401,37 +407,66 @@ def _sha256(path: Path | None) -> str | None:
 # ---------------------------------------------------------------------------------------
 
 
-def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, folds: int = DEFAULT_FOLDS,
+def out_of_fold_probabilities(x: Any, y: np.ndarray, folds: int = DEFAULT_FOLDS,
                               l2: float = DEFAULT_L2, seed: int = 0,
-                              device: str | None = None) -> np.ndarray:
+                              device: str | None = None,
+                              probe_rows: int = PROBE_ROWS) -> np.ndarray:
     """(N, C) probabilities of classes 0..C-1 (``y`` must be those), each row predicted by
-    a probe that did not see it: ``folds`` seeded folds."""
+    a probe that did not see it: ``folds`` seeded folds. ``x`` is an (N, D) array or
+    anything that gives float rows for a sorted index array (``x[idx]``: a memory-mapped
+    store's rows): each fold's probe trains on at most ``probe_rows`` rows of the other
+    folds (a seeded sample; all of them in a smaller store) and predicts its own rows
+    ``PREDICT_BLOCK`` at a time, so the features are never all in memory."""
     n, c = len(y), int(y.max()) + 1
     folds = min(folds, n)
-    order = np.random.default_rng(seed).permutation(n)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
     probs = np.zeros((n, c), dtype=np.float64)
     for f in range(folds):
-        test = order[f::folds]
-        train = np.setdiff1d(order, test)
+        test = np.sort(order[f::folds])
+        train = np.setdiff1d(order, test)  # sorted
+        if len(train) > probe_rows:
+            train = np.sort(rng.choice(train, probe_rows, replace=False))
         if len(np.unique(y[train])) < 2:
             probs[test] = 1.0 / c
             continue
-        fit = fit_logistic(x[train], y[train], (l2,), device=device)
-        p = torch.softmax(fit.logits(x[test]), 1).double().cpu().numpy()
-        probs[np.ix_(test, fit.classes.cpu().numpy())] = p
+        fit = fit_logistic(np.asarray(x[train], dtype=np.float32), y[train], (l2,),
+                           device=device)
+        cols = fit.classes.cpu().numpy()
+        for s in range(0, len(test), PREDICT_BLOCK):
+            block = test[s:s + PREDICT_BLOCK]
+            logits = fit.logits(np.asarray(x[block], dtype=np.float32))
+            probs[np.ix_(block, cols)] = torch.softmax(logits, 1).double().cpu().numpy()
     return probs
+
+
+class _Rows:
+    """Rows ``rows`` of a store's features, read on demand: ``view[idx]`` is
+    ``features[rows[idx]]`` (sorted ``idx``: a forward pass over the memory map)."""
+
+    def __init__(self, store: Any, rows: np.ndarray):
+        self.features, self.rows = store.features, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+        return np.asarray(self.features[self.rows[idx]], dtype=np.float32)
 
 
 def label_issues(store: Any, rows: np.ndarray, folds: int = DEFAULT_FOLDS,
                  l2: float = DEFAULT_L2, seed: int = 0, device: str | None = None,
-                 notes: list[str] | None = None,
-                 use_cleanlab: bool = True) -> tuple[list[LabelIssue], str]:
+                 notes: list[str] | None = None, use_cleanlab: bool = True,
+                 probe_rows: int = PROBE_ROWS) -> tuple[list[LabelIssue], str]:
     """Suspected wrong labels among ``rows``, most suspicious first, and the method used
     (cleanlab when installed and ``use_cleanlab``, else the built-in rule)."""
     given_raw = np.asarray(store.labels, dtype=np.int64)[rows]
     classes, y = np.unique(given_raw, return_inverse=True)
-    x = np.asarray(store.features[rows], dtype=np.float32)
-    probs = out_of_fold_probabilities(x, y, folds, l2, seed, device)
+    if len(rows) - len(rows) // folds > probe_rows and notes is not None:
+        notes.append(f"label issues: each fold's probe trained on a sample of {probe_rows:,} "
+                     "rows (every row is still predicted out of fold)")
+    probs = out_of_fold_probabilities(_Rows(store, rows), y, folds, l2, seed, device,
+                                      probe_rows)
     if use_cleanlab:
         flagged, method = _find_issues(y, probs, notes)
     else:
