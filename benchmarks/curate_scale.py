@@ -88,7 +88,7 @@ def synthetic_store(path: Path, rows: int, dim: int, clusters: int, dup_fraction
 
 
 def child(store_dir: str, k: int, threshold: float, exact: bool, center: bool,
-          labels: bool = False) -> None:
+          labels: bool = False, folds: int = 5) -> None:
     """Curate in this (fresh) process; print one JSON line of per-stage seconds and RSS."""
     from transferlab.analysis import curation
     from transferlab.store.rows import plain_rows
@@ -123,7 +123,7 @@ def child(store_dir: str, k: int, threshold: float, exact: bool, center: bool,
     flagged: list[int] = []
     if labels:
         t = time.perf_counter()
-        issues, method = curation.label_issues(store, rows, notes=notes)
+        issues, method = curation.label_issues(store, rows, folds=folds, notes=notes)
         flagged = [i.row for i in issues]
         mark(f"label issues ({method})", t)
     print(json.dumps({"stages": stages, "source": source, "notes": notes, "top": len(top),
@@ -160,17 +160,19 @@ def main(argv: Sequence[str] | None = None) -> list[list]:
     p.add_argument("--labels", type=int, default=0, metavar="C",
                    help="a labelled store of C classes, 5%% of its labels flipped: also time "
                         "the label issues (out-of-fold probe + cleanlab)")
+    p.add_argument("--folds", type=int, default=5, help="the probe's folds (curate --folds)")
     p.add_argument("--child", default=None, help=argparse_hidden())
     args = p.parse_args(argv)
     from transferlab.analysis.curation import DEFAULT_THRESHOLD
 
     threshold = args.threshold or DEFAULT_THRESHOLD
     if args.child:
-        child(args.child, args.k, threshold, args.exact, args.center, bool(args.labels))
+        child(args.child, args.k, threshold, args.exact, args.center, bool(args.labels),
+              args.folds)
         return []
     sizes = [int(v) for v in args.rows.split(",")]
     if args.quick:
-        sizes, args.dim, args.clusters, args.labels = [3000], 32, 20, 5
+        sizes, args.dim, args.clusters, args.labels, args.folds = [3000], 32, 20, 5, 2
     device = resolve_device(args.device)
     print(machine_line(device))
     out_rows = []
@@ -185,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> list[list]:
               f"(ready in {time.perf_counter() - t:.1f} s)")
         cmd = [sys.executable, "-m", "benchmarks.curate_scale", "--child", str(path),
                "-k", str(args.k), "--threshold", str(threshold),
-               "--labels", str(args.labels)] + (
+               "--labels", str(args.labels), "--folds", str(args.folds)] + (
             ["--exact"] if args.exact else []) + (["--center"] if args.center else [])
         done = subprocess.run(cmd, capture_output=True, text=True, check=True,
                               cwd=Path(__file__).resolve().parents[1])

@@ -18,7 +18,9 @@ plain view (view 0) of each key is used.
   to the kept image than the threshold (``similarity_to_kept`` says how much).
 - **Outliers**: score = mean cosine distance to the k nearest other images; the top N.
 - **Label issues** (labelled stores): out-of-fold predicted probabilities from the linear
-  probe (``linear_probe.fit_logistic``, ``folds`` seeded folds, one L2 strength), then
+  probe (``linear_probe.fit_logistic``, ``folds`` seeded folds, one L2 strength; each
+  fold's probe trained on at most ``PROBE_ROWS`` rows of the others, every row predicted,
+  the rows read from the store in blocks), then
   ``cleanlab.filter.find_label_issues`` (``pip install "transferlab[curate]"``). Without
   cleanlab the fallback is confident learning's rule written out: per-class thresholds
   t_j = mean probability of class j over the images labelled j; an image is an issue when the
