@@ -74,9 +74,9 @@ IVF_NPROBE = 8
 # Query rows searched per pass over the store (each pass streams every row once).
 QUERY_BLOCK = 16384
 # Label issues: each fold's probe trains on at most this many rows (a seeded sample of the
-# other folds: a linear probe of a few hundred features has long converged by then; at
-# 1M x 256 this bounds memory and time, BENCHMARKS.md "Label issues at scale"), and
-# predicts its fold this many rows at a time.
+# other folds; at 1M x 256 this bounds memory and time and finds the flipped labels as
+# well as every row does at 100k: BENCHMARKS.md, "Curation at scale"), and predicts its
+# fold this many rows at a time.
 PROBE_ROWS = 200_000
 PREDICT_BLOCK = 65536
 BUILTIN_METHOD = "confident learning (built-in)"
