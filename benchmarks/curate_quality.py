@@ -255,11 +255,14 @@ def main(argv: Sequence[str] | None = None) -> list[list]:
     p.add_argument("--settings", default=None,
                    help="comma-separated names of SETTINGS for the duplicates (default all)")
     p.add_argument("--only-duplicates", action="store_true")
+    p.add_argument("--count", type=int, default=None,
+                   help="distinct photo-like images for the duplicates (default 1000)")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     print(machine_line(device))
     bench = Path(args.bench_dir)
     count, epochs, per_class = (40, 1, 60) if args.quick else (1000, 5, 500)
+    count = args.count or count
     names = args.settings.split(",") if args.settings else list(SETTINGS)
     if args.quick:
         names = names[:1]

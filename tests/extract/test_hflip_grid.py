@@ -2,10 +2,13 @@
 pools (model.pool grid2 / grid4): the settings of configs/dedup.yaml."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from torch import nn
 
 from tests.helpers import make_cfg
 from transferlab.config import load_config
@@ -25,6 +28,15 @@ def test_grid_pool_is_the_cell_means_channel_major():
     assert torch.equal(Pool("grid4")(x), x.flatten(1))
     with pytest.raises(CutError, match="feature map"):
         Pool("grid2")(torch.zeros(2, 5, 8))  # tokens
+    # the head cut of a timm CNN with a grid pool: its last feature map, pooled by the grid
+    cfg = make_cfg(Path("."), Path("."), "model.cut=head", "model.pool=grid2")
+    seed_everything(0)
+    bundle = extractor_from_config(cfg.model, cfg.preprocess)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        got = bundle.extractor(x)
+        fmap = bundle.extractor.body.model.forward_features(x)
+    assert torch.allclose(got, nn.functional.adaptive_avg_pool2d(fmap, 2).flatten(1))
 
 
 def test_hflip_rows_are_mirror_invariant_and_equal_a_direct_computation(tmp_path):

@@ -109,7 +109,10 @@ class FeatureComputer:
         out = self.model(x)
         out = [out] if isinstance(out, torch.Tensor) else list(out)
         if self.hflip:  # one pass at a time: the activation memory of one batch
-            mirrored = self.model(x.flip(-1))
+            flipped = x.flip(-1)
+            if self.rt.channels_last and x.ndim == 4:  # flip gives a contiguous NCHW copy
+                flipped = flipped.contiguous(memory_format=torch.channels_last)
+            mirrored = self.model(flipped)
             mirrored = [mirrored] if isinstance(mirrored, torch.Tensor) else list(mirrored)
             out = [(a.float() + b.float()) * 0.5 for a, b in zip(out, mirrored, strict=True)]
         return out
