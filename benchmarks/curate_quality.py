@@ -253,7 +253,7 @@ def digits_quality(bench: Path, epochs: int, per_class: int) -> tuple[list, list
 def main(argv: Sequence[str] | None = None) -> list[list]:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--settings", default=None,
-                   help="comma-separated names of SETTINGS for the duplicates (default all)")
+                   help="names of SETTINGS for the duplicates, separated by ';' (default all)")
     p.add_argument("--only-duplicates", action="store_true")
     p.add_argument("--count", type=int, default=None,
                    help="distinct photo-like images for the duplicates (default 1000)")
@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> list[list]:
     bench = Path(args.bench_dir)
     count, epochs, per_class = (40, 1, 60) if args.quick else (1000, 5, 500)
     count = args.count or count
-    names = args.settings.split(",") if args.settings else list(SETTINGS)
+    names = args.settings.split(";") if args.settings else list(SETTINGS)
     if args.quick:
         names = names[:1]
     dup = []
