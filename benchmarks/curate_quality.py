@@ -1,16 +1,18 @@
 """Curation quality, measured on planted problems: precision and recall of each finding of
 ``transferlab curate``, and the duplicate threshold they choose.
 
-    PYTHONPATH=. python benchmarks/curate_quality.py            # about two minutes on 2 cores
+    PYTHONPATH=. python benchmarks/curate_quality.py            # a few minutes on 2 cores
     PYTHONPATH=. python benchmarks/curate_quality.py --quick    # seconds
+    PYTHONPATH=. python benchmarks/curate_quality.py --only-duplicates --count 5000 \
+        --settings "dedup (stage:1, grid4, hflip, squash)"     # the threshold at 5,000
 
 - **Near-duplicates**: distinct photo-like images (``common.structured_image``), a fifth of
   them copied once by JPEG recompression (quality 30-50), a 50% downscale, a 90% centre
   crop, a brightness change (+-10%) or a horizontal flip; features of a *random-weight*
-  ResNet-18 (no download here: a pretrained backbone only does better), extracted by
-  ``transferlab extract``. Swept over thresholds; a planted copy is found when it shares a
-  group with its source, a found member is right when its group's kept image is of its
-  family.
+  ResNet-18 (no download here), extracted by ``run_extract`` with each of ``SETTINGS``
+  (the built-in ``dedup`` config and variants without one of its parts). Swept over
+  thresholds; a planted copy is found when it shares a group with its source, a found
+  member is right when its group's kept image is of its family.
 - **Label issues**: LeNet trained here on the bundled digits 0-4 (the MNIST split's
   source task), its 800-d features (cut first:7) of the 2,500 bundled digits 5-9 with 5%
   of the labels flipped at random.
