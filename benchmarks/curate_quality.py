@@ -1,16 +1,18 @@
 """Curation quality, measured on planted problems: precision and recall of each finding of
 ``transferlab curate``, and the duplicate threshold they choose.
 
-    PYTHONPATH=. python benchmarks/curate_quality.py            # about two minutes on 2 cores
+    PYTHONPATH=. python benchmarks/curate_quality.py            # a few minutes on 2 cores
     PYTHONPATH=. python benchmarks/curate_quality.py --quick    # seconds
+    PYTHONPATH=. python benchmarks/curate_quality.py --only-duplicates --count 5000 \
+        --settings "dedup (stage:1, grid4, hflip, squash)"     # the threshold at 5,000
 
 - **Near-duplicates**: distinct photo-like images (``common.structured_image``), a fifth of
   them copied once by JPEG recompression (quality 30-50), a 50% downscale, a 90% centre
   crop, a brightness change (+-10%) or a horizontal flip; features of a *random-weight*
-  ResNet-18 (no download here: a pretrained backbone only does better), extracted by
-  ``transferlab extract``. Swept over thresholds; a planted copy is found when it shares a
-  group with its source, a found member is right when its group's kept image is of its
-  family.
+  ResNet-18 (no download here), extracted by ``run_extract`` with each of ``SETTINGS``
+  (the built-in ``dedup`` config and variants without one of its parts). Swept over
+  thresholds; a planted copy is found when it shares a group with its source, a found
+  member is right when its group's kept image is of its family.
 - **Label issues**: LeNet trained here on the bundled digits 0-4 (the MNIST split's
   source task), its 800-d features (cut first:7) of the 2,500 bundled digits 5-9 with 5%
   of the labels flipped at random.
@@ -22,6 +24,7 @@
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +34,6 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 from benchmarks.common import (
     base_parser,
-    extract_config,
     machine_line,
     resolve_device,
     structured_image,
@@ -44,7 +46,6 @@ from transferlab.store.writer import StoreWriter
 
 MNIST = Path(__file__).resolve().parents[1] / "transferlab" / "data" / "mnist_5k.npz"
 TRANSFORMS = ("jpeg q30-50", "downscale 50%", "crop 90%", "brightness", "hflip")
-THRESHOLDS = (0.80, 0.85, 0.88, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
 
 
 def variant(im: Image.Image, kind: str, rng: np.random.Generator) -> Image.Image:
@@ -78,17 +79,38 @@ def duplicate_folder(root: Path, count: int, rng: np.random.Generator) -> dict[s
     return family
 
 
-def duplicates_quality(bench: Path, count: int, device: str, center: bool,
-                       cut: str = "head", pool: str | None = None) -> list[list]:
+# Feature settings compared for the duplicates: extraction overrides on top of a config
+# (the built-in ``dedup`` config is the recommended one; ``head`` the plain pooled vector).
+SETTINGS = {
+    "dedup (stage:1, grid4, hflip, squash)": ("dedup", []),
+    "dedup, centre crop": ("dedup", ["preprocess.resize=center_crop"]),
+    "dedup, no hflip": ("dedup", ["output.hflip=false"]),
+    "dedup, global avg pool": ("dedup", ["model.pool=avg"]),
+    "head (global avg pool)": (None, ["model.name=resnet18", "model.pretrained=false",
+                                      "model.cut=head"]),
+}
+DEDUP_THRESHOLDS = tuple(round(0.90 + 0.005 * i, 3) for i in range(20))
+
+
+def duplicates_quality(bench: Path, count: int, device: str, setting: str, center: bool,
+                       thresholds: Sequence[float] = DEDUP_THRESHOLDS) -> list[list]:
+    """Rows (setting, cosine of, threshold, precision, recall, pairs, recall per kind)."""
+    from transferlab.config import ExtractConfig, load_config
     from transferlab.extract.runner import run_extract
 
     rng = np.random.default_rng(0)
     data = bench / f"curate_dups_{count}"
-    family = duplicate_folder(data, count, rng)
-    name = f"curate_dups_store_{count}_{cut.replace(':', '')}_{pool}"
-    cfg = extract_config(data, bench / name, "resnet18",
-                         [f"runtime.device={device}", "runtime.batch_size=32",
-                          f"model.cut={cut}"] + ([f"model.pool={pool}"] if pool else []))
+    if not (data / "family.json").is_file():
+        family = duplicate_folder(data, count, rng)
+        (data / "family.json").write_text(json.dumps(family), encoding="utf-8")
+    family = json.loads((data / "family.json").read_text(encoding="utf-8"))
+    config, extra = SETTINGS[setting]
+    name = "curate_dups_store_" + "".join(c if c.isalnum() else "_" for c in setting)
+    cfg = load_config(config, [f"data.root={data}", "data.source=folder",
+                               f"output.dir={bench / name}", "output.overwrite=true",
+                               "runtime.progress=false", f"runtime.device={device}",
+                               "runtime.batch_size=32", *extra],
+                      ExtractConfig)
     store = run_extract(cfg).store
     rows = plain_rows(store)
     mean = curation.feature_mean(store, rows) if center else None
@@ -99,7 +121,7 @@ def duplicates_quality(bench: Path, count: int, device: str, center: bool,
     for copy, src in family.items():
         fam_of[key_row[copy]] = key_row[src]
     out = []
-    for t in THRESHOLDS:
+    for t in thresholds:
         groups = curation.duplicate_groups(store, rows, idx, sim, t, mean)
         group_of = {r: g for g, grp in enumerate(groups) for r in [grp.keep, *grp.others]}
         found = {c: group_of.get(key_row[c], -1) == group_of.get(key_row[s], -2)
@@ -108,8 +130,24 @@ def duplicates_quality(bench: Path, count: int, device: str, center: bool,
         right = sum(fam_of[a] == fam_of[b] for a, b in members)
         per_kind = [np.mean([v for c, v in found.items() if c.split("_")[1].startswith(
             k.split()[0])]) for k in TRANSFORMS]
-        out.append(["centred" if center else "raw", t, right / max(1, len(members)),
-                    float(np.mean(list(found.values()))), len(members), *per_kind])
+        out.append([setting, "centred" if center else "raw", f"{t:.3f}",
+                    right / max(1, len(members)), float(np.mean(list(found.values()))),
+                    len(members), *per_kind])
+    return out
+
+
+def best_rows(rows: list[list], target: float = 0.95) -> list[list]:
+    """Per (setting, cosine): the thresholds where precision and recall both reach
+    ``target``, and the best recall at precision >= target."""
+    out = []
+    for key in dict.fromkeys((r[0], r[1]) for r in rows):
+        mine = [r for r in rows if (r[0], r[1]) == key]
+        ok = [float(r[2]) for r in mine if r[3] >= target and r[4] >= target]
+        precise = [r for r in mine if r[3] >= target]
+        best = max(precise, key=lambda r: (r[4], -float(r[2]))) if precise else None
+        out.append([*key, f"{min(ok):.3f}-{max(ok):.3f}" if ok else "none",
+                    "-" if best is None else best[2],
+                    "-" if best is None else best[3], "-" if best is None else best[4]])
     return out
 
 
@@ -216,22 +254,38 @@ def digits_quality(bench: Path, epochs: int, per_class: int) -> tuple[list, list
 
 def main(argv: Sequence[str] | None = None) -> list[list]:
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--cut", default="head", help="the ResNet-18 cut for the duplicates")
-    p.add_argument("--pool", default=None, help="model.pool for the duplicates' features")
+    p.add_argument("--settings", default=None,
+                   help="names of SETTINGS for the duplicates, separated by ';' (default all)")
     p.add_argument("--only-duplicates", action="store_true")
+    p.add_argument("--count", type=int, default=None,
+                   help="distinct photo-like images for the duplicates (default 1000)")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     print(machine_line(device))
     bench = Path(args.bench_dir)
-    count, epochs, per_class = (40, 1, 60) if args.quick else (300, 5, 500)
-    dup = (duplicates_quality(bench, count, device.type, True, args.cut, args.pool)
-           + duplicates_quality(bench, count, device.type, False, args.cut, args.pool))
+    count, epochs, per_class = (40, 1, 60) if args.quick else (1000, 5, 500)
+    count = args.count or count
+    names = args.settings.split(";") if args.settings else list(SETTINGS)
+    if args.quick:
+        names = names[:1]
+    dup = []
+    for setting in names:
+        dup += duplicates_quality(bench, count, device.type, setting, False)
+        if setting.startswith("head"):  # its raw cosine is useless: the centred one too
+            dup += duplicates_quality(bench, count, device.type, setting, True)
     print()
-    print(table(f"near-duplicates: {count} photo-like images, {count // 5} planted copies "
-                f"(random-weight ResNet-18, cut {args.cut}, pool {args.pool or 'default'})",
-                ["cosine of", "threshold", "precision", "recall", "pairs found",
-                 *[f"recall {k}" for k in TRANSFORMS]], dup))
+    head = ["features", "cosine of", "threshold", "precision", "recall", "pairs found",
+            *[f"recall {k}" for k in TRANSFORMS]]
+    title = (f"near-duplicates: {count} photo-like images, {count // 5} planted copies "
+             "(random-weight ResNet-18)")
+    print(table(title + ", the recommended config", head,
+                [r for r in dup if r[0] == names[0] and r[1] == "raw"]))
+    print()
+    print(table(title + ": thresholds reaching precision and recall >= 0.95",
+                ["features", "cosine of", "P and R >= 0.95 at", "best R at P >= 0.95: t",
+                 "precision", "recall"], best_rows(dup)))
     if args.only_duplicates:
+        write_json(args.json, {"duplicates": dup})
         return dup
     labels, outliers = digits_quality(bench, epochs, per_class)
     print()

@@ -46,6 +46,27 @@ def random_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> I
     return im.resize((width, height), Image.BILINEAR)
 
 
+def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A colour gradient with a few solid shapes and sensor noise: distinct images differ
+    in layout, as photos do (near-duplicate tests)."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    t = (np.linspace(0, 1, width)[None, :, None] * 0.6
+         + np.linspace(0, 1, height)[:, None, None] * 0.4)
+    c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    im = Image.fromarray((c0 * (1 - t) + c1 * t).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(im)
+    for _ in range(int(rng.integers(8, 16))):
+        x0, y0 = int(rng.integers(-width // 4, width)), int(rng.integers(-height // 4, height))
+        box = [x0, y0, x0 + int(rng.integers(8, width // 2)),
+               y0 + int(rng.integers(8, height // 2))]
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.integers(0, 2) else draw.rectangle)(box, fill=colour)
+    a = np.asarray(im).astype(np.int16) + rng.integers(-6, 7, (height, width, 3))
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "RGB")
+
+
 def save(im: Image.Image, path: Path, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else None

@@ -102,7 +102,7 @@ def check_png(path: Path) -> None:
 
 def test_notebooks_found():
     assert NOTEBOOKS == ["01_extract_search_probe.ipynb", "02_mnist_split.ipynb",
-                         "03_finetune_folder.ipynb", "04_layers.ipynb"]
+                         "03_finetune_folder.ipynb", "04_layers.ipynb", "06_curate.ipynb"]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -183,3 +183,24 @@ def test_04_layers(tmp_path):
     # random LeNet weights, real digits: every depth separates them well above chance (0.1)
     assert all(a > 0.5 for a in summary["probe_acc"]), summary
     print(f"04_layers: {seconds:.1f} s")
+
+
+@pytest.mark.slow
+def test_06_curate(tmp_path):
+    nb, probe, seconds = execute("06_curate.ipynb", tmp_path, {"FAST": True})
+    check_common(nb, probe)
+    out = tmp_path / "outputs" / "06_curate"
+    summary = json.loads((out / "summary.json").read_text())
+    for png in ("duplicates.png", "outliers.png", "label_issues.png"):
+        check_png(out / "store" / "curation" / png)
+    for name in ("duplicates", "outliers", "label_issues"):
+        assert (out / "store" / "curation" / f"{name}.csv").is_file()
+    assert summary["images"] == 509 and summary["wrong_labels"] == 25, summary
+    # every planted copy grouped with its source, nothing else; the non-digits on top
+    assert summary["copies_found"] == "4/4" and summary["duplicate_groups"] == 4, summary
+    assert summary["outliers_found"] in ("4/5", "5/5"), summary
+    # FAST: 1 epoch of LeNet, 100 digits a class; most planted labels found, mostly right
+    assert summary["label_recall"] >= 0.8 and summary["label_precision"] >= 0.5, summary
+    assert summary["suggested_right"] >= 0.9, summary
+    assert seconds < 60, seconds
+    print(f"06_curate: {seconds:.1f} s")

@@ -62,7 +62,9 @@ class ModelConfig:
     # Pooling of the cut output: avg | max | avgmax | token | none; null = avg for 'head'
     # (or the model's own pooling), none for the other cuts. With several cuts: one pooling
     # for all, a list (one per cut) or a mapping {cut: pool}.
-    pool: Literal["avg", "max", "avgmax", "token", "none"] | list | dict | None = None
+    # grid2 | grid4: the averages of a 2x2 | 4x4 grid of cells, concatenated (C*4 | C*16)
+    pool: (Literal["avg", "max", "avgmax", "token", "none", "grid2", "grid4"] | list | dict
+           | None) = None
     num_classes: int | None = None  # classes of the model as built (built-ins, untrained models)
     in_chans: int | None = None  # input channels as built; null = the model's default
     kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the model factory
@@ -152,6 +154,9 @@ class OutputConfig:
     overwrite: bool = False  # replace a store written with another configuration
     views: int = 0  # augmented views per image in addition to the plain one
     view_mode: Literal["rows", "mean"] = "rows"  # store views as extra rows, or average them
+    # average each image's features with its mirror image's (two forward passes): rows a
+    # horizontal flip does not change, for near-duplicate search (configs/dedup.yaml)
+    hflip: bool = False
     reduce: str | None = None  # srp:D | pca:D: project each row to D dims (extract/reduce.py)
 
 

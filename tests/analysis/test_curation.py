@@ -132,6 +132,34 @@ def test_flipped_labels_found(tmp_path, monkeypatch, with_cleanlab):
     assert right >= 0.9 * tp
 
 
+def test_probe_on_a_sample_still_predicts_every_row_out_of_fold(tmp_path, monkeypatch):
+    """PROBE_ROWS bounds each fold's training rows (1M-row stores); every row is still
+    predicted by a probe that did not see it, PREDICT_BLOCK rows at a time."""
+    store, flipped = flipped_store(tmp_path)
+    rows = np.arange(len(store.keys))
+    full = curation.out_of_fold_probabilities(np.asarray(store.features, np.float32),
+                                              np.asarray(store.labels), folds=3)
+    monkeypatch.setattr(curation, "PREDICT_BLOCK", 7)  # many blocks per fold
+    seen = []
+    real_fit = curation.fit_logistic
+
+    def fit(x, y, *a, **kw):
+        seen.append(len(x))
+        return real_fit(x, y, *a, **kw)
+
+    monkeypatch.setattr(curation, "fit_logistic", fit)
+    same = curation.out_of_fold_probabilities(curation._Rows(store, rows),
+                                              np.asarray(store.labels), folds=3)
+    np.testing.assert_allclose(same, full, atol=1e-5)  # all rows fit: the same probes
+    seen.clear()
+    notes: list[str] = []
+    issues, _ = curation.label_issues(store, rows, folds=3, probe_rows=150, notes=notes)
+    assert seen == [150, 150, 150] and any("sample of 150" in n for n in notes)
+    found = {i.row for i in issues}
+    assert len(found & flipped) >= 0.8 * len(flipped) and len(found & flipped) >= 0.8 * len(
+        found)
+
+
 def test_confident_rule_by_hand():
     y = np.array([0, 0, 1, 1, 1])
     p = np.array([[0.9, 0.1], [0.2, 0.8], [0.1, 0.9], [0.3, 0.7], [0.6, 0.4]])
@@ -243,8 +271,59 @@ def test_bad_inputs_one_line(tmp_path, capsys):
 def test_write_report_to_new_folder(tmp_path):
     x, y, _, _ = planted()
     rep = curate(make_store(tmp_path / "s", x, y), k=3, labels=False)
-    paths = write_report(rep, tmp_path / "new" / "dir")
+    paths = write_report(rep, tmp_path / "new" / "dir", parquet=False)
     assert sorted(p.name for p in paths) == sorted(curation.OUTPUT_FILES)
+
+
+def test_parquet_tables_equal_the_csvs(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    x, y, _, _ = planted()
+    y[[3, 50, 90, 130]] = (y[[3, 50, 90, 130]] + 1) % 5  # a few wrong labels
+    store = make_store(tmp_path / "s", x, y, keys=[f"k{i}" for i in range(len(y))])
+    rep = curate(store, k=5, top=5, folds=3, against=store)
+    assert rep.duplicates and rep.outliers and rep.label_issues and rep.leakage
+    rep.duplicates[0].sizes = {rep.duplicates[0].keep: 123}  # one known size, others null
+    paths = write_report(rep, tmp_path / "out")
+    assert sorted(p.name for p in paths) == sorted(curation.OUTPUT_FILES
+                                                   + curation.PARQUET_FILES)
+    for name in curation.TABLES:
+        with open(tmp_path / "out" / f"{name}.csv", newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        table = pq.read_table(tmp_path / "out" / f"{name}.parquet")
+        assert table.column_names == rows[0] and table.num_rows == len(rows) - 1 > 0
+        for col, (cname, kind) in zip(table.columns, curation.report_tables(rep)[name][0]):
+            values = col.to_pylist()
+            cells = [r[rows[0].index(cname)] for r in rows[1:]]
+            if kind == "float":
+                assert np.allclose(values, [float(c) for c in cells], atol=5e-7), cname
+            elif kind == "bool":
+                assert [{None: "", True: "yes", False: "no"}[v] for v in values] == cells
+            else:
+                assert ["" if v is None else str(v) for v in values] == cells, cname
+    dup = pq.read_table(tmp_path / "out" / "duplicates.parquet").to_pydict()
+    assert dup["bytes"][0] == 123 and dup["bytes"][1] is None
+    assert str(pq.read_table(tmp_path / "out" / "outliers.parquet").schema.field(
+        "score").type) == "double"
+
+
+def test_without_pyarrow_csvs_and_one_note(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_pyarrow(name, *a, **kw):
+        if name.startswith("pyarrow"):
+            raise ImportError(name)
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_pyarrow)
+    x, y, _, _ = planted()
+    store = make_store(tmp_path / "s", x, y)
+    assert curate_main([str(store.dir), "-k", "3", "--no-labels"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("transferlab[parquet]") == 1
+    names = {p.name for p in (store.dir / "curation").iterdir()}
+    assert set(curation.OUTPUT_FILES) <= names and not names & set(curation.PARQUET_FILES)
 
 
 def test_plot_galleries_with_missing_images(tmp_path):

@@ -186,3 +186,15 @@ def test_maps_command_writes_the_png(tmp_path, capsys):
     assert not (tmp_path / "v.png").exists()
     assert main([str(tmp_path / "s"), str(tmp_path / "m.png"), "--max-points", "1"]) == 2
     assert "--max-points must be at least 3" in capsys.readouterr().err
+
+
+def test_gallery_shows_a_blank_grey_frame_as_it_is(tmp_path):
+    Image.new("L", (28, 28), 255).save(tmp_path / "white.png")
+    Image.new("L", (28, 28), 0).save(tmp_path / "black.png")
+    out = plots.plot_gallery([[(tmp_path / "white.png", "w"), (tmp_path / "black.png", "b")]],
+                       tmp_path / "g.png")
+    with Image.open(out) as im:
+        a = np.asarray(im.convert("L"), dtype=np.float64)
+    w = a.shape[1]
+    # the centre of each half: the white frame stays white, the black one black
+    assert a[a.shape[0] // 2, w // 4] > 240 and a[a.shape[0] // 2, 3 * w // 4] < 15

@@ -18,7 +18,9 @@ plain view (view 0) of each key is used.
   to the kept image than the threshold (``similarity_to_kept`` says how much).
 - **Outliers**: score = mean cosine distance to the k nearest other images; the top N.
 - **Label issues** (labelled stores): out-of-fold predicted probabilities from the linear
-  probe (``linear_probe.fit_logistic``, ``folds`` seeded folds, one L2 strength), then
+  probe (``linear_probe.fit_logistic``, ``folds`` seeded folds, one L2 strength; each
+  fold's probe trained on at most ``PROBE_ROWS`` rows of the others, every row predicted,
+  the rows read from the store in blocks), then
   ``cleanlab.filter.find_label_issues`` (``pip install "transferlab[curate]"``). Without
   cleanlab the fallback is confident learning's rule written out: per-class thresholds
   t_j = mean probability of class j over the images labelled j; an image is an issue when the
@@ -55,8 +57,11 @@ from .search_report import data_root, key_path
 
 _log = logging.getLogger(__name__)
 
-# Chosen by benchmarks/curate_quality.py (BENCHMARKS.md, "Curation quality").
-DEFAULT_THRESHOLD = 0.95
+# Chosen by benchmarks/curate_quality.py (BENCHMARKS.md, "Curation quality"): with the
+# features of configs/dedup.yaml, precision and recall are both >= 0.95 from 0.950 to 0.980
+# on 1,000 photo-like images with planted copies, from 0.960 to 0.980 on 5,000 (the lower
+# end rises as a store grows: more unrelated pairs); 0.97 is the middle of the latter.
+DEFAULT_THRESHOLD = 0.97
 DEFAULT_K = 10
 DEFAULT_TOP = 100
 DEFAULT_FOLDS = 5
@@ -68,9 +73,16 @@ AUTO_INDEX_ROWS = 20_000
 IVF_NPROBE = 8
 # Query rows searched per pass over the store (each pass streams every row once).
 QUERY_BLOCK = 16384
+# Label issues: each fold's probe trains on at most this many rows (a seeded sample of the
+# other folds; at 1M x 256 this bounds memory and time and finds the flipped labels as
+# well as every row does at 100k: BENCHMARKS.md, "Curation at scale"), and predicts its
+# fold this many rows at a time.
+PROBE_ROWS = 200_000
+PREDICT_BLOCK = 65536
 BUILTIN_METHOD = "confident learning (built-in)"
-OUTPUT_FILES = ("duplicates.csv", "outliers.csv", "label_issues.csv", "leakage.csv",
-                "summary.json")
+TABLES = ("duplicates", "outliers", "label_issues", "leakage")
+OUTPUT_FILES = (*(f"{t}.csv" for t in TABLES), "summary.json")
+PARQUET_FILES = tuple(f"{t}.parquet" for t in TABLES)  # written when pyarrow is installed
 # Written into a folder curate created: its own files there may be replaced by a rerun.
 MARKER = ".transferlab-curation"
 
@@ -397,37 +409,66 @@ def _sha256(path: Path | None) -> str | None:
 # ---------------------------------------------------------------------------------------
 
 
-def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, folds: int = DEFAULT_FOLDS,
+def out_of_fold_probabilities(x: Any, y: np.ndarray, folds: int = DEFAULT_FOLDS,
                               l2: float = DEFAULT_L2, seed: int = 0,
-                              device: str | None = None) -> np.ndarray:
+                              device: str | None = None,
+                              probe_rows: int = PROBE_ROWS) -> np.ndarray:
     """(N, C) probabilities of classes 0..C-1 (``y`` must be those), each row predicted by
-    a probe that did not see it: ``folds`` seeded folds."""
+    a probe that did not see it: ``folds`` seeded folds. ``x`` is an (N, D) array or
+    anything that gives float rows for a sorted index array (``x[idx]``: a memory-mapped
+    store's rows): each fold's probe trains on at most ``probe_rows`` rows of the other
+    folds (a seeded sample; all of them in a smaller store) and predicts its own rows
+    ``PREDICT_BLOCK`` at a time, so the features are never all in memory."""
     n, c = len(y), int(y.max()) + 1
     folds = min(folds, n)
-    order = np.random.default_rng(seed).permutation(n)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
     probs = np.zeros((n, c), dtype=np.float64)
     for f in range(folds):
-        test = order[f::folds]
-        train = np.setdiff1d(order, test)
+        test = np.sort(order[f::folds])
+        train = np.setdiff1d(order, test)  # sorted
+        if len(train) > probe_rows:
+            train = np.sort(rng.choice(train, probe_rows, replace=False))
         if len(np.unique(y[train])) < 2:
             probs[test] = 1.0 / c
             continue
-        fit = fit_logistic(x[train], y[train], (l2,), device=device)
-        p = torch.softmax(fit.logits(x[test]), 1).double().cpu().numpy()
-        probs[np.ix_(test, fit.classes.cpu().numpy())] = p
+        fit = fit_logistic(np.asarray(x[train], dtype=np.float32), y[train], (l2,),
+                           device=device)
+        cols = fit.classes.cpu().numpy()
+        for s in range(0, len(test), PREDICT_BLOCK):
+            block = test[s:s + PREDICT_BLOCK]
+            logits = fit.logits(np.asarray(x[block], dtype=np.float32))
+            probs[np.ix_(block, cols)] = torch.softmax(logits, 1).double().cpu().numpy()
     return probs
+
+
+class _Rows:
+    """Rows ``rows`` of a store's features, read on demand: ``view[idx]`` is
+    ``features[rows[idx]]`` (sorted ``idx``: a forward pass over the memory map)."""
+
+    def __init__(self, store: Any, rows: np.ndarray):
+        self.features, self.rows = store.features, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+        return np.asarray(self.features[self.rows[idx]], dtype=np.float32)
 
 
 def label_issues(store: Any, rows: np.ndarray, folds: int = DEFAULT_FOLDS,
                  l2: float = DEFAULT_L2, seed: int = 0, device: str | None = None,
-                 notes: list[str] | None = None,
-                 use_cleanlab: bool = True) -> tuple[list[LabelIssue], str]:
+                 notes: list[str] | None = None, use_cleanlab: bool = True,
+                 probe_rows: int = PROBE_ROWS) -> tuple[list[LabelIssue], str]:
     """Suspected wrong labels among ``rows``, most suspicious first, and the method used
     (cleanlab when installed and ``use_cleanlab``, else the built-in rule)."""
     given_raw = np.asarray(store.labels, dtype=np.int64)[rows]
     classes, y = np.unique(given_raw, return_inverse=True)
-    x = np.asarray(store.features[rows], dtype=np.float32)
-    probs = out_of_fold_probabilities(x, y, folds, l2, seed, device)
+    if len(rows) - len(rows) // folds > probe_rows and notes is not None:
+        notes.append(f"label issues: each fold's probe trained on a sample of {probe_rows:,} "
+                     "rows (every row is still predicted out of fold)")
+    probs = out_of_fold_probabilities(_Rows(store, rows), y, folds, l2, seed, device,
+                                      probe_rows)
     if use_cleanlab:
         flagged, method = _find_issues(y, probs, notes)
     else:
@@ -535,52 +576,86 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool = False) -> tuple[Pa
 
 
 def write_report(report: CurationReport, out: str | os.PathLike,
-                 overwrite: bool = False) -> list[Path]:
+                 overwrite: bool = False, parquet: bool = True) -> list[Path]:
     """duplicates.csv, outliers.csv, label_issues.csv, leakage.csv (a header only when not
-    computed) and summary.json in ``out``; returns the paths."""
+    computed) and summary.json in ``out``, and each table as ``.parquet`` beside its CSV
+    (typed columns: numbers as numbers, ``exact`` as a boolean, missing sizes null) when
+    ``parquet`` and pyarrow is installed (else a note in the report and summary.json);
+    returns the paths."""
     path, replace = prepare_out_dir(out, overwrite)
+    pa = None
+    if parquet:
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            note = ("no Parquet copies of the CSV files (pyarrow is not installed): pip "
+                    "install \"transferlab[parquet]\"")
+            if note not in report.notes:
+                report.notes.append(note)
+    written = []
+    for name, (columns, body) in report_tables(report).items():
+        def write(f: Any, body: list = body) -> None:
+            w = csv.writer(f)
+            w.writerow([c for c, _ in columns])
+            w.writerows([[_csv_cell(v) for v in row] for row in body])
+        written.append(write_output(path / f"{name}.csv", write, overwrite=replace,
+                                    what="curate"))
+        if pa is not None:
+            types = {"int": pa.int64(), "str": pa.string(), "float": pa.float64(),
+                     "bool": pa.bool_()}
+            table = pa.table({c: pa.array([row[j] for row in body], type=types[t])
+                              for j, (c, t) in enumerate(columns)})
+            written.append(write_output(path / f"{name}.parquet",
+                                        lambda f, table=table: pq.write_table(table, f),
+                                        mode="wb", overwrite=replace, what="curate"))
+    summary = json.dumps(summary_dict(report), indent=1)
+    written.append(write_output(path / "summary.json", lambda f: f.write(summary),
+                                overwrite=replace, what="curate"))
+    return written
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{value:.6f}" if isinstance(value, float) else value
+
+
+def report_tables(report: CurationReport) -> dict[str, tuple[list[tuple[str, str]], list]]:
+    """Each output table: its columns as (name, type: int | str | float | bool) and its
+    rows of Python values (None where unknown: a size of a missing file, an exact flag of a
+    kept image)."""
     keys, labels = report.keys, report.labels
 
     def lab(r: int) -> str:
         return "" if labels[r] < 0 else report.label_name(int(labels[r]))
 
-    def rows_dup() -> list[list[Any]]:
-        out_rows: list[list[Any]] = []
-        for g, grp in enumerate(report.duplicates):
-            out_rows.append([g, "keep", keys[grp.keep], lab(grp.keep), "1.000000", "",
-                             grp.sizes.get(grp.keep, "")])
-            for r, s, e in zip(grp.others, grp.similarity, grp.exact):
-                out_rows.append([g, "duplicate", keys[r], lab(r), f"{s:.6f}",
-                                 "yes" if e else "no", grp.sizes.get(r, "")])
-        return out_rows
-
-    tables = {
-        "duplicates.csv": (["group", "role", "key", "label", "similarity_to_kept", "exact",
-                            "bytes"], rows_dup()),
-        "outliers.csv": (["rank", "key", "label", "score"],
-                         [[n + 1, keys[r], lab(r), f"{report.outlier_scores[r]:.6f}"]
-                          for n, r in enumerate(report.outliers)]),
-        "label_issues.csv": (["rank", "key", "given", "suggested", "given_probability",
-                              "suggested_probability"],
-                             [[n + 1, keys[i.row], report.label_name(i.given),
-                               report.label_name(i.suggested), f"{i.self_confidence:.6f}",
-                               f"{i.suggested_probability:.6f}"]
-                              for n, i in enumerate(report.label_issues or [])]),
-        "leakage.csv": (["key", "other_key", "similarity", "exact"],
-                        [[keys[r], k2, f"{s:.6f}", "yes" if e else "no"]
-                         for r, k2, s, e in report.leakage or []]),
+    dup: list[list[Any]] = []
+    for g, grp in enumerate(report.duplicates):
+        dup.append([g, "keep", keys[grp.keep], lab(grp.keep), 1.0, None,
+                    grp.sizes.get(grp.keep)])
+        for r, s, e in zip(grp.others, grp.similarity, grp.exact):
+            dup.append([g, "duplicate", keys[r], lab(r), float(s), bool(e), grp.sizes.get(r)])
+    return {
+        "duplicates": ([("group", "int"), ("role", "str"), ("key", "str"), ("label", "str"),
+                        ("similarity_to_kept", "float"), ("exact", "bool"), ("bytes", "int")],
+                       dup),
+        "outliers": ([("rank", "int"), ("key", "str"), ("label", "str"), ("score", "float")],
+                     [[n + 1, keys[r], lab(r), float(report.outlier_scores[r])]
+                      for n, r in enumerate(report.outliers)]),
+        "label_issues": ([("rank", "int"), ("key", "str"), ("given", "str"),
+                          ("suggested", "str"), ("given_probability", "float"),
+                          ("suggested_probability", "float")],
+                         [[n + 1, keys[i.row], report.label_name(i.given),
+                           report.label_name(i.suggested), float(i.self_confidence),
+                           float(i.suggested_probability)]
+                          for n, i in enumerate(report.label_issues or [])]),
+        "leakage": ([("key", "str"), ("other_key", "str"), ("similarity", "float"),
+                     ("exact", "bool")],
+                    [[keys[r], k2, float(s), bool(e)] for r, k2, s, e in report.leakage or []]),
     }
-    written = []
-    for name, (header, body) in tables.items():
-        def write(f: Any, header: list[str] = header, body: list = body) -> None:
-            w = csv.writer(f)
-            w.writerow(header)
-            w.writerows(body)
-        written.append(write_output(path / name, write, overwrite=replace, what="curate"))
-    summary = json.dumps(summary_dict(report), indent=1)
-    written.append(write_output(path / "summary.json", lambda f: f.write(summary),
-                                overwrite=replace, what="curate"))
-    return written
 
 
 def summary_dict(report: CurationReport) -> dict:

@@ -247,7 +247,8 @@ def _show_image(ax: Any, path: str | Path, title: str) -> None:
         ax.imshow(np.full((96, 96), 0.85), cmap="gray", vmin=0, vmax=1)
         ax.text(0.5, 0.5, "unreadable", ha="center", va="center", transform=ax.transAxes)
     else:
-        ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
+        # grey on a fixed 0-255 scale: a blank white frame must not show as black
+        ax.imshow(img, cmap="gray", vmin=0, vmax=255) if img.ndim == 2 else ax.imshow(img)
 
 
 def _load_thumbnail(path: str | Path | None, size: int = 256) -> np.ndarray | None:

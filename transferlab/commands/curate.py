@@ -29,13 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="transferlab curate",
         description="Near-duplicate groups, outliers and label issues of a feature store "
-                    "(and its images duplicated in another store), as CSV files.")
+                    "(and its images duplicated in another store), as CSV and Parquet files.")
     p.add_argument("store", help="feature store directory")
     p.add_argument("--out", metavar="DIR",
-                   help="folder for the CSV files (default: STORE/curation)")
+                   help="folder for the CSV (and Parquet) files (default: STORE/curation)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help="cosine similarity at or above which two images are near-duplicates "
-                        f"(default {DEFAULT_THRESHOLD}, measured: see BENCHMARKS.md)")
+                        f"(default {DEFAULT_THRESHOLD}: measured for the features of the "
+                        "built-in dedup config, `transferlab extract dedup`; other features "
+                        "have their own: README, Curating a dataset)")
     p.add_argument("-k", "--k", dest="k", type=int, default=DEFAULT_K,
                    help=f"neighbours per image for the outlier score (default {DEFAULT_K})")
     p.add_argument("--top", type=int, default=DEFAULT_TOP,

@@ -71,6 +71,7 @@ def fingerprint(store: CutStore, bundle: ExtractorBundle, compute: dict,
         "pool_after_cut": store.output.pool_after_cut,
         "preprocess": bundle.spec.to_dict(), "views": cfg.output.views,
         "view_mode": cfg.output.view_mode if cfg.output.views else None,
+        **({"hflip": True} if cfg.output.hflip else {}),  # only when set: old stores match
         "decode": "torchvision" if cfg.runtime.gpu_decode else "pil",  # kernels differ
         "labels": label_fingerprint(cfg.data, class_names)}, cfg.data, compute)
 

@@ -89,6 +89,7 @@ def query_embedder(meta: dict, root: str | Path | None = None, trust_code: bool 
     check_weights(meta, bundle, root, trust_code)
     rt, fold_bn = store_runtime(meta, cfg)
     compute = FeatureComputer(bundle.extractor, bundle.spec, rt, fold_bn=fold_bn)
+    compute.hflip = cfg.output.hflip  # query rows as the store's rows were computed
     width = store_width(meta)
     compute.set_reduce([reduction_from_record(meta.get("reduce"), root,  # as the rows were
                                               compute.model_dims[0], width)])

@@ -121,6 +121,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
     # several cuts are taken by hooks, which torch.fx cannot trace: they run unfolded
     compute = FeatureComputer(bundle.extractor, spec, rt, cfg.runtime.compile,
                               cfg.runtime.fold_bn and not multi)
+    compute.hflip = cfg.output.hflip
     computed = compute_record(rt, compute.folded)  # folding counts only where it happened
     stores = cut_stores(cfg, bundle, multi)
     prints = [fingerprint(s, bundle, computed, full.class_names) for s in stores]

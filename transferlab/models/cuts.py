@@ -26,7 +26,10 @@ from torch import nn
 from ..errors import CutError
 
 CUT_KINDS = ("head", "first", "drop", "layer", "stage")
-POOLS = ("avg", "max", "avgmax", "token", "none")
+POOLS = ("avg", "max", "avgmax", "token", "none", "grid2", "grid4")
+# gridG: the average of each cell of a G x G grid over the feature map, concatenated
+# (C*G*G values, channel-major): keeps where things are (near-duplicate search: BENCHMARKS.md)
+GRID_POOLS = {"grid2": 2, "grid4": 4}
 CLASSIFIER_ATTRS = ("fc", "classifier", "heads", "head", "last_linear")
 HEAD_LAYER_TYPES = (nn.Linear, nn.ReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.Dropout,
                     nn.Softmax, nn.LogSoftmax, nn.Identity)
@@ -92,6 +95,8 @@ class Pool(nn.Module):
         raise CutError(f"cannot pool an output of shape {tuple(x.shape)}; use pool: none")
 
     def pool_map(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind in GRID_POOLS:
+            return nn.functional.adaptive_avg_pool2d(x, GRID_POOLS[self.kind]).flatten(1)
         if self.kind == "token":
             raise CutError("pool 'token' needs a token sequence (ViT); this cut gives a "
                            "feature map: use avg, max or avgmax")
@@ -102,6 +107,9 @@ class Pool(nn.Module):
         return avg if avg is not None else mx
 
     def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind in GRID_POOLS:
+            raise CutError(f"pool '{self.kind}' needs a feature map (a CNN's NCHW cut); this "
+                           "cut gives a token sequence: use avg, max, avgmax or token")
         if self.kind == "token":
             return x[:, 0]
         patches = x[:, self.num_prefix_tokens:]
@@ -329,8 +337,8 @@ def head_body(model: nn.Module, pool: str | None,
     if is_timm_model(model):
         if pool is None:
             return TimmHead(model), "none"
-        if pool == "none":
-            return Features(model), "none"
+        if pool == "none" or pool in GRID_POOLS:
+            return Features(model), pool
         try:
             model.reset_classifier(0, global_pool="token" if pool == "token" else pool)
             return TimmHead(model), "none"

@@ -66,6 +66,8 @@ class FeatureComputer:
         self.normalize = DeviceNormalize(spec.mean, spec.std).to(rt.device)
         self.reduces: list[nn.Module | None] = []  # none set: every output as it is
         self.widest = 0  # the largest batch so far: smaller ones skip cuDNN autotuning
+        # output.hflip: every output the mean of the image's and its mirror image's
+        self.hflip = False
 
     def set_reduce(self, reduces: Sequence[nn.Module | None]) -> None:
         """Project the rows of output i with ``reduces[i]`` on the device (outside
@@ -105,7 +107,15 @@ class FeatureComputer:
         if self.rt.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         out = self.model(x)
-        return [out] if isinstance(out, torch.Tensor) else list(out)
+        out = [out] if isinstance(out, torch.Tensor) else list(out)
+        if self.hflip:  # one pass at a time: the activation memory of one batch
+            flipped = x.flip(-1)
+            if self.rt.channels_last and x.ndim == 4:  # flip gives a contiguous NCHW copy
+                flipped = flipped.contiguous(memory_format=torch.channels_last)
+            mirrored = self.model(flipped)
+            mirrored = [mirrored] if isinstance(mirrored, torch.Tensor) else list(mirrored)
+            out = [(a.float() + b.float()) * 0.5 for a, b in zip(out, mirrored, strict=True)]
+        return out
 
     def _start(self, images: torch.Tensor) -> Pending:
         rows = [out.float().flatten(1) for out in self._outputs(images)]
