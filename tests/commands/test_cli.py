@@ -26,7 +26,8 @@ MODULES = {"extract": ("transferlab.commands.extraction", "transferlab.extract._
            "config": ("transferlab.commands.configs", None),
            "compare": ("transferlab.commands.compare", None),
            "sweep": ("transferlab.commands.sweep", None),
-           "curate": ("transferlab.commands.curate", None)}
+           "curate": ("transferlab.commands.curate", None),
+           "zeroshot": ("transferlab.commands.zeroshot", None)}
 
 
 def console_script() -> str | None:

@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("sweep", "extract and probe every backbone x cut: which layer transfers best"),
     "compare": ("compare", "linear CKA and RSA between stores, layer x layer for multi-cut runs"),
     "curate": ("curate", "near-duplicates, outliers, label issues and leakage of a store"),
+    "zeroshot": ("zeroshot", "zero-shot labels of a CLIP-family store, beside the probe"),
     "config": ("configs", "list the built-in example configs, or print one to copy"),
 }
 

@@ -100,6 +100,49 @@ def embed_images(meta: dict, paths: Sequence[str | Path], batch_size: int = 16,
     return np.concatenate(rows) if rows else np.zeros((0, compute.out_dims[0]), np.float32)
 
 
+def embed_texts(meta: dict, texts: Sequence[str], root: str | Path | None = None,
+                trust_code: bool = False) -> np.ndarray:
+    """Text embeddings in the space of a CLIP-family store's rows: the text tower its
+    meta.json records, rebuilt as its image tower was (same name, seed, weights check),
+    with the store's row reduction (``output.reduce``) applied as to its rows."""
+    from ..models.texttower import build_text_tower, encode_texts, no_text_tower
+
+    root = Path(root) if root is not None else None
+    where = f"the store {root}" if root is not None else "the store"
+    record = meta.get("text_tower")
+    if not isinstance(record, dict):
+        raise no_text_tower(f"{where} (model '{meta.get('backbone')}', cut "
+                            f"'{meta.get('cut')}')")
+    cfg, model = store_model(meta, root, trust_code)
+    if model.weights:
+        raise ModelError(f"{where} replaced its model's weights (model.weights); its text "
+                         "tower cannot be rebuilt from them: extract with the library's "
+                         "weights (model.pretrained: true)")
+    seed_everything(cfg.runtime.seed)  # random-init weights: the same as the image tower's
+    tower = build_text_tower(model, record)
+    fingerprint = meta.get("fingerprint")
+    stored = fingerprint.get("weights") if isinstance(fingerprint, dict) else None
+    if has_digest(stored):  # the weights by content, as image queries are checked
+        from ..models.provenance import state_record
+
+        now = weights_record(model.name, None, str(record.get("source")),
+                             state_record(tower.model), cfg.runtime.seed)
+        if content(now) != content(stored):
+            raise ModelError(f"{where} was computed with other weights than '{model.name}' "
+                             f"gives now (stored: {short(stored)}; now: {short(now)}); text "
+                             "queries would be compared with rows of another model")
+    vectors = encode_texts(tower, texts)
+    width = store_width(meta)
+    reduce = reduction_from_record(meta.get("reduce"), root, vectors.shape[1], width)
+    if reduce is not None:
+        with torch.no_grad():
+            vectors = reduce(vectors)
+    if width is not None and vectors.shape[1] != width:
+        raise StoreError(f"{where} holds rows of {width:,} features but its text tower gives "
+                         f"{vectors.shape[1]:,}: its metadata was altered; re-extract it")
+    return vectors.cpu().numpy().astype(np.float32)
+
+
 def check_weights(meta: dict, bundle: ExtractorBundle, root: Path | None,
                   trust_code: bool) -> None:
     """A ModelError (one line) when the store names its weights by content and the model

@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import CutError
 
 CUT_KINDS = ("head", "first", "drop", "layer", "stage")
-POOLS = ("avg", "max", "avgmax", "token", "none")
+POOLS = ("avg", "max", "avgmax", "token", "tokenavg", "none")
 CLASSIFIER_ATTRS = ("fc", "classifier", "heads", "head", "last_linear")
 HEAD_LAYER_TYPES = (nn.Linear, nn.ReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.Dropout,
                     nn.Softmax, nn.LogSoftmax, nn.Identity)
@@ -92,8 +92,8 @@ class Pool(nn.Module):
         raise CutError(f"cannot pool an output of shape {tuple(x.shape)}; use pool: none")
 
     def pool_map(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "token":
-            raise CutError("pool 'token' needs a token sequence (ViT); this cut gives a "
+        if self.kind in ("token", "tokenavg"):
+            raise CutError(f"pool '{self.kind}' needs a token sequence (ViT); this cut gives a "
                            "feature map: use avg, max or avgmax")
         avg = x.mean(dim=(2, 3)) if self.kind in ("avg", "avgmax") else None
         mx = x.amax(dim=(2, 3)) if self.kind in ("max", "avgmax") else None
@@ -105,6 +105,8 @@ class Pool(nn.Module):
         if self.kind == "token":
             return x[:, 0]
         patches = x[:, self.num_prefix_tokens:]
+        if self.kind == "tokenavg":  # DINOv2's linear evaluation: class token | mean of patches
+            return torch.cat([x[:, 0], patches.mean(dim=1)], dim=1)
         if self.kind == "avg":
             return patches.mean(dim=1)
         if self.kind == "max":
