@@ -104,31 +104,12 @@ def config_path(name: str, cache_dir: str | None = None) -> tuple[Path, Path | N
 
 
 def check_hf_config(name: str, trust_code: bool, cache_dir: str | None = None) -> dict:
-    """config.json read bounded, refused when it names code (auto_map, an unknown
-    model_type) unless ``trust_code``, its image sizes bounded; a folder must hold
+    """config.json read bounded and checked (``check_config_data``); a folder must hold
     safetensors weights (pickled ``.bin`` files are never loaded)."""
-    transformers = import_transformers()
     path, folder = config_path(name, cache_dir)
     raw = read_bounded(path, MAX_CONFIG_BYTES, "model config", ModelError, folder)
     data = loads_json(raw, f"model config {path}", ModelError)
-    if not isinstance(data, dict):
-        raise ModelError(f"model config {path} is not a Transformers config.json (an object)")
-    model_type = data.get("model_type")
-    known = model_type in transformers.CONFIG_MAPPING
-    if not trust_code and ("auto_map" in data or not known):
-        why = ("names its own code (auto_map)" if "auto_map" in data else
-               f"has model_type {shown_text(str(model_type))}, which Transformers "
-               f"{transformers.__version__} does not know")
-        raise ModelError(f"'{name}': config.json {why}; transferlab runs no code from a model "
-                         "folder or repository unless model.trust_code: true (only for models "
-                         "you trust)")
-    for part in (data, data.get("vision_config") or {}):
-        if isinstance(part, dict):
-            for key, limit in (("image_size", MAX_INPUT_SIDE), ("num_channels", MAX_IN_CHANS)):
-                value = part.get(key)
-                if value is not None:
-                    for side in value if isinstance(value, (list, tuple)) else [value]:
-                        claimed_size(side, limit, f"{path}: {key}", ModelError, 1)
+    check_config_data(data, f"'{name}': config.json", trust_code)
     if folder is not None:
         files = os.listdir(folder)
         if not any(f in files for f in SAFETENSORS):
@@ -141,11 +122,71 @@ def check_hf_config(name: str, trust_code: bool, cache_dir: str | None = None) -
     return data
 
 
+# sizes a config claims that the model allocates from (a crafted file: a 1e9-wide layer)
+SIZE_LIMITS = (("image_size", MAX_INPUT_SIDE, 1), ("num_channels", MAX_IN_CHANS, 1),
+               ("hidden_size", 1 << 16, 1), ("intermediate_size", 1 << 18, 1),
+               ("num_hidden_layers", 1024, 0), ("num_attention_heads", 1024, 1),
+               ("vocab_size", 1 << 22, 1), ("max_position_embeddings", 1 << 20, 1),
+               ("patch_size", MAX_INPUT_SIDE, 1), ("projection_dim", 1 << 16, 1))
+
+
+def check_config_data(data: Any, origin: str, trust_code: bool) -> None:
+    """A Transformers config (from a folder, the Hub or a checkpoint) refused when it names
+    code (auto_map, a model_type Transformers does not know) unless ``trust_code``, and
+    every size it claims bounded before anything is allocated from it."""
+    transformers = import_transformers()
+    if not isinstance(data, dict):
+        raise ModelError(f"{origin} is not a Transformers config (an object)")
+    model_type = data.get("model_type")
+    known = isinstance(model_type, str) and model_type in transformers.CONFIG_MAPPING
+    if not trust_code and ("auto_map" in data or not known):
+        why = ("names its own code (auto_map)" if "auto_map" in data else
+               f"has model_type {shown_text(str(model_type))}, which Transformers "
+               f"{transformers.__version__} does not know")
+        raise ModelError(f"{origin} {why}; transferlab runs no code from a model folder, "
+                         "repository or file unless model.trust_code: true (only for models "
+                         "you trust)")
+    for part in (data, data.get("vision_config"), data.get("text_config")):
+        if not isinstance(part, dict):
+            continue
+        for key, limit, low in SIZE_LIMITS:
+            value = part.get(key)
+            if value is not None:
+                for side in value if isinstance(value, (list, tuple)) else [value]:
+                    claimed_size(side, limit, f"{origin}: {key}", ModelError, low)
+
+
+def recorded_hf_architecture(cfg: ModelConfig) -> dict:
+    """The architecture a checkpoint records to rebuild this model offline: its config
+    (``kwargs.hf_config``), never the folder or Hub files (a fine-tuned checkpoint holds the
+    weights)."""
+    data = check_hf_config(cfg.name, cfg.trust_code, cfg.kwargs.get("cache_dir"))
+    return {"name": cfg.name, "source": "transformers",
+            "kwargs": {**cfg.kwargs, "hf_config": data}}
+
+
+def from_recorded_config(cfg: ModelConfig) -> nn.Module:
+    """AutoModel.from_config of a recorded config (random weights; checked first)."""
+    transformers = import_transformers()
+    data = dict(cfg.kwargs["hf_config"])
+    check_config_data(data, f"the architecture recorded for '{cfg.name}'", cfg.trust_code)
+    model_type = data.pop("model_type")
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **data)
+        return transformers.AutoModel.from_config(
+            config, trust_remote_code=bool(cfg.trust_code)).eval()
+    except Exception as exc:
+        raise ModelError(f"Transformers could not rebuild the recorded architecture of "
+                         f"'{cfg.name}' ({type(exc).__name__}: {one_line(exc)})") from None
+
+
 def load_auto_model(cfg: ModelConfig) -> nn.Module:
     """AutoModel of ``cfg.name`` (weights from safetensors only; random when a Hub id has
     ``pretrained: false``); errors become one ModelError line."""
     transformers = import_transformers()
     transformers.utils.logging.disable_progress_bar()  # library code prints nothing
+    if isinstance(cfg.kwargs.get("hf_config"), dict):  # a checkpoint's recorded config
+        return from_recorded_config(cfg)
     source, folder, rev = target(cfg.name)
     cache_dir = cfg.kwargs.get("cache_dir")
     check_hf_config(cfg.name, cfg.trust_code, cache_dir)
@@ -178,8 +219,10 @@ def processor_data_config(cfg: ModelConfig, vision_config: Any) -> dict:
     """The image processor's preprocessing in timm's data-config terms; without a processor
     config, the model's image size (ImageNet statistics)."""
     transformers = import_transformers()
-    source, _, rev = target(cfg.name)
     try:
+        if "hf_config" in cfg.kwargs:  # a checkpoint records its own preprocessing
+            raise LookupError
+        source, _, rev = target(cfg.name)
         proc = transformers.AutoImageProcessor.from_pretrained(
             source, revision=rev, cache_dir=cfg.kwargs.get("cache_dir"),
             trust_remote_code=bool(cfg.trust_code))
@@ -291,7 +334,7 @@ def transformers_parts(cfg: ModelConfig) -> tuple[nn.Module, dict, dict | None, 
     tower = TransformersImage(vision, projection, layers, width,
                               patch if isinstance(patch, int) else 1, 1).eval()
     tower.num_prefix_tokens = prefix_tokens(tower, config)
-    reads = folder_or_pretrained(cfg)
+    reads = folder_or_pretrained(cfg) and "hf_config" not in cfg.kwargs
     digest = provenance.state_record(model) if reads else None
     text = {"source": "transformers", "name": cfg.name, "embedding": "get_image_features",
             "normalized": False} if hf_has_text(model) else None
