@@ -2,9 +2,11 @@
 engine as extraction, with the settings the store recorded."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,7 +107,7 @@ def embed_texts(meta: dict, texts: Sequence[str], root: str | Path | None = None
     """Text embeddings in the space of a CLIP-family store's rows: the text tower its
     meta.json records, rebuilt as its image tower was (same name, seed, weights check),
     with the store's row reduction (``output.reduce``) applied as to its rows."""
-    from ..models.texttower import build_text_tower, encode_texts, no_text_tower
+    from ..models.texttower import encode_texts, no_text_tower
 
     root = Path(root) if root is not None else None
     where = f"the store {root}" if root is not None else "the store"
@@ -118,8 +120,7 @@ def embed_texts(meta: dict, texts: Sequence[str], root: str | Path | None = None
         raise ModelError(f"{where} replaced its model's weights (model.weights); its text "
                          "tower cannot be rebuilt from them: extract with the library's "
                          "weights (model.pretrained: true)")
-    seed_everything(cfg.runtime.seed)  # random-init weights: the same as the image tower's
-    tower = build_text_tower(model, record)
+    tower = cached_text_tower(model, record, cfg.runtime.seed)
     fingerprint = meta.get("fingerprint")
     stored = fingerprint.get("weights") if isinstance(fingerprint, dict) else None
     if has_digest(stored):  # the weights by content, as image queries are checked
@@ -141,6 +142,35 @@ def embed_texts(meta: dict, texts: Sequence[str], root: str | Path | None = None
         raise StoreError(f"{where} holds rows of {width:,} features but its text tower gives "
                          f"{vectors.shape[1]:,}: its metadata was altered; re-extract it")
     return vectors.cpu().numpy().astype(np.float32)
+
+
+# the last text tower built (a notebook or a server asks one store many questions: building
+# a ViT-B text tower takes seconds); keyed by everything that decides its weights
+_TEXT_TOWER: dict[str, Any] = {}
+
+
+def cached_text_tower(model: ModelConfig, record: dict, seed: int) -> Any:
+    """The text tower of ``model`` built with the image tower's seed, reused while the same
+    model, record and seed are asked for (a model folder's files: by size and time too)."""
+    import json
+
+    from ..models.texttower import build_text_tower
+
+    files = []
+    if model.name.startswith(("hf:", "transformers:")):
+        from ..models.transformers_source import target
+
+        folder = target(model.name)[1]
+        if folder is not None:
+            files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                           for p in folder.iterdir() if p.is_file())
+    key = json.dumps([dataclasses.asdict(model), record, seed, files], sort_keys=True,
+                     default=str)
+    if key not in _TEXT_TOWER:
+        _TEXT_TOWER.clear()
+        seed_everything(seed)  # random-init weights: the same as the image tower's
+        _TEXT_TOWER[key] = build_text_tower(model, record)
+    return _TEXT_TOWER[key]
 
 
 def check_weights(meta: dict, bundle: ExtractorBundle, root: Path | None,
