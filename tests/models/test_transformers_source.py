@@ -81,6 +81,34 @@ PROCESSORS = {  # (processor, crop_pct, interpolation): the released models' set
 }
 
 
+def test_siglip_and_vit_heads(tmp_path):
+    """SigLIP: head = get_image_features (its attention-pool head), no class token (avg pools
+    every token); ViT: head = its pooler output."""
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    siglip = transformers.SiglipModel(transformers.SiglipConfig(
+        vision_config=tower, text_config=dict(hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=1, num_attention_heads=2,
+                                              vocab_size=50))).eval()
+    siglip.save_pretrained(tmp_path / "siglip")
+    vit = transformers.ViTModel(transformers.ViTConfig(**tower)).eval()
+    vit.save_pretrained(tmp_path / "vit")
+    x = pixels()
+    with torch.no_grad():
+        want = pooled(siglip.get_image_features(pixel_values=x))
+        last = siglip.vision_model(pixel_values=x).last_hidden_state
+        vit_out = vit(pixel_values=x)
+    head, _ = build_extractor(f"hf:{tmp_path / 'siglip'}")
+    torch.testing.assert_close(head(x), want, atol=1e-6, rtol=1e-5)
+    avg, _ = build_extractor(f"hf:{tmp_path / 'siglip'}", pool="avg")
+    torch.testing.assert_close(avg(x), last.mean(1), atol=1e-6, rtol=1e-5)
+    head, _ = build_extractor(f"hf:{tmp_path / 'vit'}")
+    torch.testing.assert_close(head(x), vit_out.pooler_output, atol=1e-6, rtol=1e-5)
+    token, _ = build_extractor(f"hf:{tmp_path / 'vit'}", pool="token")
+    torch.testing.assert_close(token(x), vit_out.last_hidden_state[:, 0], atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", sorted(PROCESSORS))
 def test_preprocessing_equals_image_processor(kind, tmp_path):
     """The image processor's resize (shortest edge + centre crop, or height x width), rescale
