@@ -151,3 +151,33 @@ def test_random_weights_are_seeded(name):
         extractor, _ = build_extractor(name)
         outs.append(extractor(pixels()).detach().numpy())
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_timm_tower_head_and_blocks(tmp_path):
+    """A tower OpenCLIP builds from timm (as its SigLIP / EVA configs): head = encode_image,
+    blocks = the timm trunk's blocks, pooled past its own prefix tokens."""
+    import json
+
+    path = tmp_path / "tl-tiny-timm-clip.json"
+    path.write_text(json.dumps({
+        "embed_dim": 16, "custom_text": True,
+        "vision_cfg": {"image_size": 32, "timm_model_name": "test_vit",
+                       "timm_model_pretrained": False, "timm_pool": "", "timm_proj": "linear"},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
+                     "layers": 1}}))
+    open_clip.add_model_config(path)
+    x = pixels(2)
+    seed_everything(0)
+    head, _ = build_extractor("open_clip:tl-tiny-timm-clip")
+    seed_everything(0)
+    model = open_clip.create_model("tl-tiny-timm-clip").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), model.encode_image(x), atol=1e-5, rtol=1e-5)
+        tokens = model.visual.trunk.blocks[1](model.visual.trunk.blocks[0](
+            model.visual.trunk.norm_pre(model.visual.trunk._pos_embed(
+                model.visual.trunk.patch_embed(x)))))
+    seed_everything(0)
+    blocks, _ = build_extractor("open_clip:tl-tiny-timm-clip", cut="all-blocks", pool="avg")
+    assert str(blocks.outputs[0].cut) == "layer:visual.trunk.blocks.0"
+    prefix = model.visual.trunk.num_prefix_tokens
+    torch.testing.assert_close(blocks(x)[1], tokens[:, prefix:].mean(1), atol=1e-5, rtol=1e-5)
