@@ -181,3 +181,23 @@ def test_timm_tower_head_and_blocks(tmp_path):
     assert str(blocks.outputs[0].cut) == "layer:visual.trunk.blocks.0"
     prefix = model.visual.trunk.num_prefix_tokens
     torch.testing.assert_close(blocks(x)[1], tokens[:, prefix:].mean(1), atol=1e-5, rtol=1e-5)
+
+
+def test_local_weights_file_as_pretrained(name, tmp_path):
+    """open_clip:ARCH//path/to/file.safetensors with pretrained: true reads that file (no
+    network, never unpickled) and names the weights by content."""
+    from safetensors.torch import save_file
+
+    from transferlab.models.backbones import build_backbone
+
+    seed_everything(5)
+    model = open_clip.create_model("tl-tiny-clip").eval()
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    seed_everything(0)  # other random weights: only the file can make them equal
+    backbone = build_backbone(ModelConfig(name=f"{name}/{path}", pretrained=True))
+    x = pixels()
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.model(x), model.encode_image(x), atol=1e-5,
+                                   rtol=1e-5)
+    assert set(backbone.weights_digest) == {"state_sha256"}

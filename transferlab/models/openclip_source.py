@@ -83,16 +83,26 @@ def create_full(cfg: ModelConfig) -> nn.Module:
                          f"('{arch}') lists them) or set model.pretrained: false")
     if not cfg.pretrained and arch.startswith("hf-hub:"):
         kwargs.setdefault("load_weights", False)
+    import inspect
+
+    if "weights_only" in inspect.signature(open_clip.create_model).parameters:
+        kwargs["weights_only"] = True  # a .bin / .pt file is never unpickled
     try:
         model = open_clip.create_model(arch, pretrained=pretrained, **kwargs)
     except TypeError as exc:
         raise ModelError(f"OpenCLIP model '{cfg.name}' refused its arguments "
                          f"({one_line(exc)}); fix model.kwargs") from None
     except Exception as exc:  # download / cache / file errors, one line naming the way out
-        from .hub import is_fetch_error, not_fetched
+        from .hub import hub_cache, is_fetch_error, offline
 
-        if is_fetch_error(exc):
-            raise not_fetched(cfg.name, exc) from None
+        if is_fetch_error(exc) or "download" in str(exc).lower():
+            mode = "offline (HF_HUB_OFFLINE=1) and " if offline() else ""
+            raise ModelError(
+                f"could not fetch the weights of '{cfg.name}' ({type(exc).__name__}: "
+                f"{one_line(exc)[:160]}); {mode}no copy in the cache {hub_cache()}: set HF_HOME "
+                "or HF_HUB_CACHE to the cache that holds them, or download the weights file "
+                f"elsewhere and name it: open_clip:{arch}//path/to/open_clip_model.safetensors "
+                "with model.pretrained: true") from None
         raise ModelError(f"OpenCLIP could not build '{cfg.name}' ({type(exc).__name__}: "
                          f"{one_line(exc)})") from None
     return model.eval()
