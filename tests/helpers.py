@@ -258,3 +258,87 @@ def write_digit_folder(root, per_class=12, classes=(3, 7), split="train"):
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(images[r]).save(path)
     return Path(root)
+
+
+# ---------------------------------------------------------------------------------------
+# CLIP-family models with random weights, offline (OpenCLIP config, Transformers folders)
+# ---------------------------------------------------------------------------------------
+
+TINY_OPEN_CLIP = "tl-tiny-clip"  # registered by ``tiny_open_clip``: a ViT-B-like at 32 px
+TINY_CLIP_WORDS = ["a", "photo", "of", "the", "cat", "dog", "bird", "car", "red", "blue",
+                   "green", "small", "large", "picture", "drawing", "an", "image", "itap",
+                   "bad", "origami", "in", "video", "game", "art", "digit3", "digit7"]
+
+
+def tiny_open_clip() -> str:
+    """Register a tiny OpenCLIP model config (random weights; SimpleTokenizer, which ships
+    with open_clip) once per process; return its ``model.name``."""
+    import open_clip
+
+    if TINY_OPEN_CLIP not in open_clip.list_models():
+        import tempfile
+
+        path = Path(tempfile.mkdtemp(prefix="tl-open-clip-"))
+        (path / f"{TINY_OPEN_CLIP}.json").write_text(json.dumps({
+            "embed_dim": 16,
+            "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8,
+                           "head_width": 16},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
+                         "layers": 2}}))
+        open_clip.add_model_config(path / f"{TINY_OPEN_CLIP}.json")
+    return f"open_clip:{TINY_OPEN_CLIP}"
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over ``TINY_CLIP_WORDS`` (bos / eos around each text)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *TINY_CLIP_WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def hf_clip_folder(path: Path, seed: int = 0) -> Path:
+    """A tiny CLIP saved with save_pretrained (safetensors, processor, tokenizer)."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPConfig(vision_config=dict(**tower, image_size=32, patch_size=8),
+                        text_config=dict(**tower, vocab_size=len(TINY_CLIP_WORDS) + 4,
+                                         max_position_embeddings=16, bos_token_id=1,
+                                         eos_token_id=2, pad_token_id=0),
+                        projection_dim=16)
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32},
+                       crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def hf_dinov2_folder(path: Path, seed: int = 0) -> Path:
+    """A tiny DINOv2 (image only) saved with save_pretrained, processor 36 -> crop 32."""
+    import torch
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                             num_attention_heads=2, image_size=32,
+                             patch_size=8)).save_pretrained(path)
+    BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32},
+                      image_mean=[0.485, 0.456, 0.406],
+                      image_std=[0.229, 0.224, 0.225]).save_pretrained(path)
+    return path
+
+
+def photos() -> list[Image.Image]:
+    """Real photographs (scikit-learn's bundled sample images, 640x427)."""
+    from sklearn.datasets import load_sample_image
+
+    return [Image.fromarray(load_sample_image(n)) for n in ("china.jpg", "flower.jpg")]

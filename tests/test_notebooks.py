@@ -102,7 +102,8 @@ def check_png(path: Path) -> None:
 
 def test_notebooks_found():
     assert NOTEBOOKS == ["01_extract_search_probe.ipynb", "02_mnist_split.ipynb",
-                         "03_finetune_folder.ipynb", "04_layers.ipynb", "06_curate.ipynb"]
+                         "03_finetune_folder.ipynb", "04_layers.ipynb", "05_clip_text.ipynb",
+                         "06_curate.ipynb"]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -183,6 +184,21 @@ def test_04_layers(tmp_path):
     # random LeNet weights, real digits: every depth separates them well above chance (0.1)
     assert all(a > 0.5 for a in summary["probe_acc"]), summary
     print(f"04_layers: {seconds:.1f} s")
+
+
+@pytest.mark.slow
+def test_05_clip_text(tmp_path):
+    pytest.importorskip("open_clip")
+    nb, probe, seconds = execute("05_clip_text.ipynb", tmp_path, {"FAST": True})
+    check_common(nb, probe)
+    out = tmp_path / "outputs" / "05_clip_text"
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                   for o in c.outputs)
+    assert "'source': 'open_clip', 'name': 'open_clip:ViT-S-32'" in text
+    assert "a photo of a red circle\n" in text and "zero-shot accuracy (all 24" in text
+    rows = (out / "zeroshot.csv").read_text().splitlines()
+    assert rows[0] == "key,predicted,score,true" and len(rows) == 25
+    print(f"05_clip_text: {seconds:.1f} s")
 
 
 @pytest.mark.slow

@@ -47,27 +47,30 @@ class ModelConfig:
     # timm name, torchvision name, built-in name (lenet), transferlab checkpoint path,
     # Hugging Face Hub repository through timm (hf-hub:ORG/NAME) or a timm model folder
     # (config.json + model.safetensors, read with its weights), or 'package.module:callable'
-    # returning an nn.Module.
+    # returning an nn.Module; open_clip:ARCH[/PRETRAINED] (OpenCLIP's image tower) or
+    # hf:ORG/NAME / hf:/path/to/folder (Hugging Face Transformers AutoModel).
     name: str = "resnet50"
     # Where `name` comes from; 'auto' tries built-in, checkpoint, hub, callable, timm,
     # torchvision.
     source: Literal["auto", "timm", "torchvision", "builtin", "checkpoint", "callable",
-                    "hub"] = "auto"
+                    "hub", "open_clip", "transformers"] = "auto"
     pretrained: bool = False  # download (or use the cached) hub weights of the library
     weights: str | None = None  # local .safetensors / .pth / .pt / .bin file
     # head | first:N | drop:N | layer:NAME | stage:I (see transferlab.models.cuts), or a list
     # of them / all-stages / all-blocks: several cuts in one pass, a store each in
     # output.dir/<cut>/.
     cut: str | list[str] = "head"
-    # Pooling of the cut output: avg | max | avgmax | token | none; null = avg for 'head'
+    # Pooling of the cut output: avg | max | avgmax | token | tokenavg (class token and mean
+    # of patch tokens concatenated) | none; null = avg for 'head'
     # (or the model's own pooling), none for the other cuts. With several cuts: one pooling
     # for all, a list (one per cut) or a mapping {cut: pool}.
     # grid2 | grid4: the averages of a 2x2 | 4x4 grid of cells, concatenated (C*4 | C*16)
-    pool: (Literal["avg", "max", "avgmax", "token", "none", "grid2", "grid4"] | list | dict
-           | None) = None
+    pool: (Literal["avg", "max", "avgmax", "token", "tokenavg", "none", "grid2", "grid4"]
+           | list | dict | None) = None
     num_classes: int | None = None  # classes of the model as built (built-ins, untrained models)
     in_chans: int | None = None  # input channels as built; null = the model's default
     kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the model factory
+    # Also Hugging Face's trust_remote_code for hf: models (a config naming its own code).
     # A checkpoint named by `name` records its architecture; it is rebuilt only from timm,
     # torchvision or the built-ins unless this is true (then a 'module:callable' it names runs:
     # set it only for checkpoints you trust, like Hugging Face's trust_remote_code).
@@ -290,7 +293,7 @@ class SweepConfig:
     # all-stages | all-blocks | a list of cuts (the same for every backbone)
     cuts: str | list[str] = "all-stages"
     # pooling of every cut (avg: a C-wide vector per cut; none keeps C x H x W, often huge)
-    pool: Literal["avg", "max", "avgmax", "token", "none"] | None = "avg"
+    pool: Literal["avg", "max", "avgmax", "token", "tokenavg", "none"] | None = "avg"
     pretrained: bool = False  # the library's pretrained weights of every backbone
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     data: DataConfig = field(default_factory=DataConfig)

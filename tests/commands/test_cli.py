@@ -27,7 +27,8 @@ MODULES = {"extract": ("transferlab.commands.extraction", "transferlab.extract._
            "compare": ("transferlab.commands.compare", None),
            "sweep": ("transferlab.commands.sweep", None),
            "curate": ("transferlab.commands.curate", None),
-           "view": ("transferlab.commands.view", None)}
+           "view": ("transferlab.commands.view", None),
+           "zeroshot": ("transferlab.commands.zeroshot", None)}
 
 
 def console_script() -> str | None:

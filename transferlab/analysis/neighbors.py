@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError, SettingError
-from ..extract.queries import embed_images
+from ..extract.queries import embed_images, embed_texts
 from ..runtime.device import exact_fp32, resolve_device
 from ..store.faiss_index import load_index
 
@@ -187,6 +187,23 @@ def store_nearest(store: Any, vectors_or_paths: np.ndarray | Sequence[str], k: i
                         exact=exact)
     keys = store.keys
     return [[(keys[row], dist) for row, dist in q] for q in hits]
+
+
+def store_nearest_text(store: Any, texts: Sequence[str] | str, k: int = 5,
+                       metric: str = "cosine", trust_code: bool = False, exact: bool = False
+                       ) -> list[list[tuple[str, float]]]:
+    """Nearest stored items of each text query, as ``[(key, distance), ...]`` per text, in a
+    CLIP-family store (the text tower its metadata records embeds the texts)."""
+    hits = store_search(store, text_vectors(store, texts, trust_code), k, metric, exact=exact)
+    keys = store.keys
+    return [[(keys[row], dist) for row, dist in q] for q in hits]
+
+
+def text_vectors(store: Any, texts: Sequence[str] | str, trust_code: bool = False
+                 ) -> np.ndarray:
+    """(Q, D) text embeddings in the store's space (``embed_texts``)."""
+    return embed_texts(store.meta, _as_list(texts), root=getattr(store, "dir", None),
+                       trust_code=trust_code)
 
 
 def store_search(store: Any, vectors: np.ndarray, k: int, metric: str = "cosine",

@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("compare", "linear CKA and RSA between stores, layer x layer for multi-cut runs"),
     "curate": ("curate", "near-duplicates, outliers, label issues and leakage of a store"),
     "view": ("view", "a local web page over a store: map, thumbnails, search, galleries"),
+    "zeroshot": ("zeroshot", "zero-shot labels of a CLIP-family store, beside the probe"),
     "config": ("configs", "list the built-in example configs, or print one to copy"),
 }
 

@@ -124,4 +124,13 @@ def store_meta(store: CutStore, bundle: ExtractorBundle, rt: Runtime, dataset: I
             "versions": library_versions(), "config": to_dict(cfg),
             "counts": {"dataset": len(dataset), "written_this_run": written,
                        "failed_this_run": failed, "skipped_this_run": skipped},
-            "elapsed_seconds": round(seconds, 3)}
+            "elapsed_seconds": round(seconds, 3), **text_meta(store, bundle)}
+
+
+def text_meta(store: CutStore, bundle: ExtractorBundle) -> dict:
+    """``text_tower``: the text tower a CLIP-family image embedding pairs with, recorded
+    only for the store of that embedding (cut head, the model's own pooling)."""
+    text = bundle.backbone.text_tower
+    if not text or store.output.cut.kind != "head" or store.output.pool is not None:
+        return {}
+    return {"text_tower": dict(text)}

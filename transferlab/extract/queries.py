@@ -2,9 +2,11 @@
 engine as extraction, with the settings the store recorded."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,6 +112,77 @@ def query_embedder(meta: dict, root: str | Path | None = None, trust_code: bool 
         return np.concatenate(rows) if rows else np.zeros((0, compute.out_dims[0]), np.float32)
 
     return embed
+
+
+def embed_texts(meta: dict, texts: Sequence[str], root: str | Path | None = None,
+                trust_code: bool = False) -> np.ndarray:
+    """Text embeddings in the space of a CLIP-family store's rows: the text tower its
+    meta.json records, rebuilt as its image tower was (same name, seed, weights check),
+    with the store's row reduction (``output.reduce``) applied as to its rows."""
+    from ..models.texttower import encode_texts, no_text_tower
+
+    root = Path(root) if root is not None else None
+    where = f"the store {root}" if root is not None else "the store"
+    record = meta.get("text_tower")
+    if not isinstance(record, dict):
+        raise no_text_tower(f"{where} (model '{meta.get('backbone')}', cut "
+                            f"'{meta.get('cut')}')")
+    cfg, model = store_model(meta, root, trust_code)
+    if model.weights:
+        raise ModelError(f"{where} replaced its model's weights (model.weights); its text "
+                         "tower cannot be rebuilt from them: extract with the library's "
+                         "weights (model.pretrained: true)")
+    tower = cached_text_tower(model, record, cfg.runtime.seed)
+    fingerprint = meta.get("fingerprint")
+    stored = fingerprint.get("weights") if isinstance(fingerprint, dict) else None
+    if has_digest(stored):  # the weights by content, as image queries are checked
+        from ..models.provenance import state_record
+
+        now = weights_record(model.name, None, str(record.get("source")),
+                             state_record(tower.model), cfg.runtime.seed)
+        if content(now) != content(stored):
+            raise ModelError(f"{where} was computed with other weights than '{model.name}' "
+                             f"gives now (stored: {short(stored)}; now: {short(now)}); text "
+                             "queries would be compared with rows of another model")
+    vectors = encode_texts(tower, texts)
+    width = store_width(meta)
+    reduce = reduction_from_record(meta.get("reduce"), root, vectors.shape[1], width)
+    if reduce is not None:
+        with torch.no_grad():
+            vectors = reduce(vectors)
+    if width is not None and vectors.shape[1] != width:
+        raise StoreError(f"{where} holds rows of {width:,} features but its text tower gives "
+                         f"{vectors.shape[1]:,}: its metadata was altered; re-extract it")
+    return vectors.cpu().numpy().astype(np.float32)
+
+
+# the last text tower built (a notebook or a server asks one store many questions: building
+# a ViT-B text tower takes seconds); keyed by everything that decides its weights
+_TEXT_TOWER: dict[str, Any] = {}
+
+
+def cached_text_tower(model: ModelConfig, record: dict, seed: int) -> Any:
+    """The text tower of ``model`` built with the image tower's seed, reused while the same
+    model, record and seed are asked for (a model folder's files: by size and time too)."""
+    import json
+
+    from ..models.texttower import build_text_tower
+
+    files = []
+    if model.name.startswith(("hf:", "transformers:")):
+        from ..models.transformers_source import target
+
+        folder = target(model.name)[1]
+        if folder is not None:
+            files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                           for p in folder.iterdir() if p.is_file())
+    key = json.dumps([dataclasses.asdict(model), record, seed, files], sort_keys=True,
+                     default=str)
+    if key not in _TEXT_TOWER:
+        _TEXT_TOWER.clear()
+        seed_everything(seed)  # random-init weights: the same as the image tower's
+        _TEXT_TOWER[key] = build_text_tower(model, record)
+    return _TEXT_TOWER[key]
 
 
 def check_weights(meta: dict, bundle: ExtractorBundle, root: Path | None,

@@ -25,6 +25,10 @@ def resolve_arch(cfg: ModelConfig) -> dict:
         arch = dict(meta.get("backbone") or {})
     elif source == "hub":  # timm's registry name and config.json's arguments: no Hub needed
         arch = {**dataclasses.asdict(cfg), **hub.recorded_architecture(cfg)}
+    elif source == "transformers":  # the config itself: no folder or Hub needed
+        from ..models.transformers_source import recorded_hf_architecture
+
+        arch = {**dataclasses.asdict(cfg), **recorded_hf_architecture(cfg)}
     else:
         arch = {**dataclasses.asdict(cfg), "source": source}
     return {**arch, "pretrained": False, "weights": None}

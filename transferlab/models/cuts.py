@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import CutError
 
 CUT_KINDS = ("head", "first", "drop", "layer", "stage")
-POOLS = ("avg", "max", "avgmax", "token", "none", "grid2", "grid4")
+POOLS = ("avg", "max", "avgmax", "token", "tokenavg", "none", "grid2", "grid4")
 # gridG: the average of each cell of a G x G grid over the feature map, concatenated
 # (C*G*G values, channel-major): keeps where things are (near-duplicate search: BENCHMARKS.md)
 GRID_POOLS = {"grid2": 2, "grid4": 4}
@@ -97,8 +97,8 @@ class Pool(nn.Module):
     def pool_map(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind in GRID_POOLS:
             return nn.functional.adaptive_avg_pool2d(x, GRID_POOLS[self.kind]).flatten(1)
-        if self.kind == "token":
-            raise CutError("pool 'token' needs a token sequence (ViT); this cut gives a "
+        if self.kind in ("token", "tokenavg"):
+            raise CutError(f"pool '{self.kind}' needs a token sequence (ViT); this cut gives a "
                            "feature map: use avg, max or avgmax")
         avg = x.mean(dim=(2, 3)) if self.kind in ("avg", "avgmax") else None
         mx = x.amax(dim=(2, 3)) if self.kind in ("max", "avgmax") else None
@@ -113,6 +113,8 @@ class Pool(nn.Module):
         if self.kind == "token":
             return x[:, 0]
         patches = x[:, self.num_prefix_tokens:]
+        if self.kind == "tokenavg":  # DINOv2's linear evaluation: class token | mean of patches
+            return torch.cat([x[:, 0], patches.mean(dim=1)], dim=1)
         if self.kind == "avg":
             return patches.mean(dim=1)
         if self.kind == "max":

@@ -34,6 +34,9 @@ class Backbone:
     data_config: dict = field(default_factory=dict)
     # the weights the builder read, by content (``provenance``); None: random initial weights
     weights_digest: dict | None = None
+    # the text tower the image embedding pairs with (CLIP-family sources): source, name,
+    # embedding, normalized; recorded in a store's meta.json for text queries
+    text_tower: dict | None = None
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,12 +54,16 @@ def torchvision_names() -> frozenset[str]:
 
 
 def resolve_source(name: str, source: str = "auto") -> str:
-    """Which library builds ``name``; 'auto' tries built-in, checkpoint, hub, callable, timm,
-    torchvision in this order."""
+    """Which library builds ``name``; 'auto' tries built-in, open_clip:, hf: /
+    transformers:, checkpoint, hub, callable, timm, torchvision in this order."""
     if source != "auto":
         return source
     if name in BUILTIN_MODELS:
         return "builtin"
+    if name.startswith("open_clip:"):  # before paths: its /PRETRAINED may be a file
+        return "open_clip"
+    if name.startswith(("hf:", "transformers:")):
+        return "transformers"
     if name.endswith((".safetensors",)) or Path(name).is_file():
         return "checkpoint"
     if hub.is_hub_name(name) or hub.is_model_folder(name):
@@ -250,6 +257,22 @@ def build_callable(cfg: ModelConfig) -> Backbone:
     return Backbone(model, cfg.name, "callable", data_config, digest)
 
 
+def build_open_clip(cfg: ModelConfig) -> Backbone:
+    """``open_clip:ARCH[/PRETRAINED]`` (the optional clip extra, imported only when named)."""
+    from .openclip_source import openclip_parts as build
+
+    model, data_config, digest, text = build(cfg)
+    return Backbone(model, cfg.name, "open_clip", data_config, digest, text)
+
+
+def build_transformers(cfg: ModelConfig) -> Backbone:
+    """``hf:ORG/NAME`` / ``hf:/folder`` (the optional transformers extra)."""
+    from .transformers_source import transformers_parts as build
+
+    model, data_config, digest, text = build(cfg)
+    return Backbone(model, cfg.name, "transformers", data_config, digest, text)
+
+
 # One entry per model.source a library builds (a new source: its builder here, its rule in
 # resolve_source when 'auto' should find it, and its name in ModelConfig.source).
 LIBRARY_BUILDERS: dict[str, Callable[[ModelConfig], Backbone]] = {
@@ -258,6 +281,8 @@ LIBRARY_BUILDERS: dict[str, Callable[[ModelConfig], Backbone]] = {
     "builtin": build_builtin,
     "hub": build_hub,
     "callable": build_callable,
+    "open_clip": build_open_clip,
+    "transformers": build_transformers,
 }
 
 

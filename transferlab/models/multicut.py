@@ -89,7 +89,8 @@ def named_cuts(model: nn.Module, name: str, model_name: str = "") -> list[CutSpe
                           f"(python -m transferlab.inspect {model_name or 'MODEL'} lists them)")
     if name == "all-stages":
         return [CutSpec("stage", i) for i in range(len(info))]
-    blocks = block_names(model)
+    # a wrapped tower (Transformers) lists its own blocks
+    blocks = model.cut_blocks() if hasattr(model, "cut_blocks") else block_names(model)
     if not blocks:
         raise ConfigError(f"model.cut 'all-blocks': {label} has no blocks in its stages; use "
                           "all-stages or list the cuts (python -m transferlab.inspect lists them)")

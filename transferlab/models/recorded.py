@@ -50,13 +50,33 @@ def checked_model(cfg: ModelConfig, origin: str, trust_code: bool) -> ModelConfi
     source = resolve_source(cfg.name, cfg.source)
     if trust_code:
         return dataclasses.replace(cfg, source=source)
-    allowed = source in RECORDED_SOURCES or (source == "hub" and hub.is_hub_name(cfg.name))
+    allowed = (source in RECORDED_SOURCES or (source == "hub" and hub.is_hub_name(cfg.name))
+               or registry_name(cfg, source))
     if not allowed:
         raise untrusted(origin, f"asks to build its model with '{cfg.name}' (source {source})")
     named = sorted(FILE_KWARGS & set(cfg.kwargs))
     if named:
         raise untrusted(origin, f"passes {', '.join(named)} to the model factory")
     return dataclasses.replace(cfg, source=source, trust_code=False)
+
+
+def registry_name(cfg: ModelConfig, source: str) -> bool:
+    """An OpenCLIP registry name with a pretrained tag (not a file), a Transformers Hub id
+    (not a folder), or a Transformers config recorded whole (``kwargs.hf_config``, checked
+    when built): nothing read from a path the file names. A folder or file needs
+    trust_code, as a timm model folder does."""
+    name = cfg.name
+    if source == "transformers" and isinstance(cfg.kwargs.get("hf_config"), dict):
+        return True
+    if source == "open_clip":
+        arch, _, tag = name.partition(":")[2].partition("/")
+        return not arch.startswith("local-dir:") and not (tag and ("/" in tag or "\\" in tag
+                                                                  or "." in tag))
+    if source == "transformers":
+        from .transformers_source import is_folder_name
+
+        return not is_folder_name(name)
+    return False
 
 
 def recorded_arch(arch: object, origin: str, trust_code: bool) -> ModelConfig:

@@ -210,6 +210,15 @@ class FeatureStore:
 
         return store_nearest(self, queries, k, metric, trust_code, exact)
 
+    def nearest_text(self, texts: Any, k: int = 5, metric: str = "cosine",
+                     trust_code: bool = False, exact: bool = False
+                     ) -> list[list[tuple[str, float]]]:
+        """The nearest stored keys of each text (a CLIP-family store: its recorded text
+        tower embeds them), through the store's FAISS index unless ``exact``."""
+        from ..analysis.neighbors import store_nearest_text
+
+        return store_nearest_text(self, texts, k, metric, trust_code, exact)
+
     def export_npz(self, path: str | os.PathLike) -> Path:
         """Write ``features``, ``paths``, ``labels``, ``views`` to one .npz (no pickles)."""
         path = Path(path)
