@@ -8,10 +8,10 @@ import pytest
 
 SCRIPTS = ["extract_efficiency", "vs_baselines", "memory", "cpu_defaults", "finetune_cache",
            "store_open", "bench_index", "whole_process", "contention", "multicut",
-           "webdataset_sources", "similarity_scale", "curate_scale", "curate_quality"]
+           "webdataset_sources", "similarity_scale", "curate_scale", "curate_quality", "runtimes"]
 # the optional third-party module a script's quick mode needs (an extra of pyproject.toml);
 # anything else missing, our own modules above all, fails the test
-OPTIONAL = {"bench_index": "faiss"}
+OPTIONAL = {"bench_index": "faiss", "runtimes": "onnxruntime"}
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
