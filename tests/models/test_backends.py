@@ -197,7 +197,7 @@ def test_a_resume_with_another_backend_is_refused(tmp_path, monkeypatch):
     need("onnxruntime")
     monkeypatch.setenv(graphcache.CACHE_ENV, str(tmp_path / "graphs"))
     root, out = tmp_path / "data", tmp_path / "store"
-    make_tree(root, 4)
+    keys = make_tree(root, 4)
     cfg = make_cfg(root, out, "runtime.backend=onnxruntime")
     result = run_extract(cfg)
     assert result.store.meta["compute"]["backend"] == "onnxruntime"
@@ -209,6 +209,18 @@ def test_a_resume_with_another_backend_is_refused(tmp_path, monkeypatch):
     eager = run_extract(make_cfg(root, tmp_path / "eager"))
     assert_within([again.store.features[:].astype(np.float32)],
                   [eager.store.features[:].astype(np.float32)])
+    # search queries are embedded as the store's rows were: by its recorded backend
+    from transferlab.extract.queries import embed_images
+
+    calls = []
+    real = backends.OnnxRuntimeGraph.__call__
+    monkeypatch.setattr(backends.OnnxRuntimeGraph, "__call__",
+                        lambda self, x: calls.append(len(x)) or real(self, x))
+    store = again.store
+    row = store.features[list(store.keys).index(keys[0])].astype(np.float32)
+    query = embed_images(store.meta, [root / keys[0]], root=out)[0]
+    assert calls == [1]  # one batch, through the store's backend
+    np.testing.assert_allclose(query, row, atol=2e-3 * float(np.abs(row).max()))
 
 
 def test_the_fine_tune_caching_pass_runs_the_backend_and_records_it(tmp_path, monkeypatch):
