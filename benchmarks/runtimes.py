@@ -10,10 +10,12 @@ uint8 batch (timm random weights: the arithmetic is the same as pretrained): eag
 bf16 autocast, ``compile`` (inductor, freezing) in fp32 and bf16, ONNX Runtime fp32, OpenVINO
 fp32 and bf16 (bf16 only where the CPU has bf16 units). The variants of a model are timed in
 alternated rounds (order rotating), ``--batches`` batches each after one warm-up batch; the
-median img/s is reported with each round's. Agreement: the rows of every variant on one
-batch against eager fp32's (largest absolute difference, relative to the largest value, and
-the smallest cosine). The first-call cost (export, or compile) is measured too, and with it
-after how many images the backend pays for it against eager in the same precision.
+median img/s is reported with each round's and the CPU share other processes took meanwhile
+("others": eager PyTorch loses far more than the exported runtimes when the cores are
+oversubscribed). Agreement: the rows of every variant on one batch against eager fp32's
+(largest absolute difference, relative to the largest value, and the smallest cosine).
+The first-call cost (export, or compile) is measured too, and with it after how many
+images the backend pays for it against eager in the same precision.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
-from benchmarks.common import base_parser, machine_line, median, table, write_json
+from benchmarks.common import base_parser, machine_line, median, sample, table, write_json
 
 MODELS = {"resnet50": 224, "legacy_xception": 299, "vit_base_patch16_224": 224,
           "convnext_tiny": 224}
@@ -83,16 +85,22 @@ def measure_model(name: str, size: int, chosen: list[tuple[str, str, str]], batc
                         "cached": engine.prepared.cached}
         engines[label] = engine
     speeds: dict[str, list[float]] = {label: [] for label in engines}
+    busy: dict[str, list[float]] = {label: [] for label in engines}  # others' CPU share
     labels = list(engines)
+
+    def timed(engine: Any) -> tuple[float, None]:
+        engine(x)  # warm-up
+        started = time.perf_counter()
+        for _ in range(batches):
+            engine(x)
+        return batch * batches / (time.perf_counter() - started), None
+
     for r in range(rounds):
         order = labels[r % len(labels):] + labels[:r % len(labels)]
         for label in order:
-            engine = engines[label]
-            engine(x)  # warm-up
-            started = time.perf_counter()
-            for _ in range(batches):
-                engine(x)
-            speeds[label].append(batch * batches / (time.perf_counter() - started))
+            s = sample(lambda e=engines[label]: timed(e))
+            speeds[label].append(s.value)
+            busy[label].append(s.foreign)
     ref = rows[labels[0]]
     out = {}
     for label, backend, precision in chosen:
@@ -105,6 +113,7 @@ def measure_model(name: str, size: int, chosen: list[tuple[str, str, str]], batc
         per_image = (1 / median(speeds[base]) - 1 / ips) if base in speeds else 0
         pays = (max(0.0, extra) / per_image) if per_image > 0 else None
         out[label] = {"backend": backend, "precision": precision, "rounds": speeds[label],
+                      "others": busy[label],
                       "median": ips, "vs_eager_same_precision": gain,
                       **agreement(rows[label], ref), **first[label],
                       "pays_off_after_images": pays}
@@ -152,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
         size = MODELS.get(name, 0)
         res = measure_model(name, size, chosen, batch, batches, rounds, threads)
         results["models"][name] = res
-        table_rows = [[label, " ".join(f"{v:.1f}" for v in r["rounds"]), f"{r['median']:.1f}",
+        table_rows = [[label, " ".join(f"{v:.1f}" for v in r["rounds"]),
+                       " ".join(f"{o:.0%}" for o in r["others"]), f"{r['median']:.1f}",
                        "-" if r["vs_eager_same_precision"] is None
                        else f"{r['vs_eager_same_precision']:.2f}",
                        f"{r['max_abs']:.1e}", f"{r['max_rel']:.1e}", f"{r['min_cos']:.6f}",
@@ -161,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
                        else f"{r['pays_off_after_images']:.0f}"]
                       for label, r in res.items()]
         print(table(f"{name} @{size or 'default'}, batch {batch}",
-                    ["variant", "img/s per round", "median", "vs eager (same precision)",
+                    ["variant", "img/s per round", "others per round", "median",
+                     "vs eager (same precision)",
                      "largest diff vs eager fp32", "relative", "min cosine",
                      "first call s", "pays off after images"], table_rows))
         sys.stdout.flush()
