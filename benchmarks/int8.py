@@ -73,11 +73,12 @@ def resnet_part(name: str, size: int, batch: int, batches: int, rounds: int, cal
     from transferlab.models.backends import OnnxRuntimeGraph, export_onnx
     from transferlab.models.engine import FeatureComputer
     from transferlab.models.extractor import build_extractor
-    from transferlab.runtime.device import Runtime
+    from transferlab.runtime.device import Runtime, apply_runtime
 
     torch.manual_seed(0)
     built = build_extractor(name, cut="head", preprocess={"input_size": [3, size, size]})
     rt = Runtime(torch.device("cpu"), "fp32", True, 0, threads, True)
+    apply_runtime(rt)  # as extraction: threads, glibc malloc tuned
     eager = {p: FeatureComputer(built.extractor, built.spec, Runtime(
         torch.device("cpu"), p, True, 0, threads, True), fold_bn=True) for p in ("fp32", "bf16")}
     folded = eager["fp32"].model.to(memory_format=torch.contiguous_format)

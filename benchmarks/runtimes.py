@@ -63,7 +63,7 @@ def measure_model(name: str, size: int, chosen: list[tuple[str, str, str]], batc
                   batches: int, rounds: int, threads: int) -> dict[str, Any]:
     from transferlab.models.engine import FeatureComputer
     from transferlab.models.extractor import build_extractor
-    from transferlab.runtime.device import Runtime
+    from transferlab.runtime.device import Runtime, apply_runtime
 
     torch.manual_seed(0)
     built = build_extractor(name, cut="head", preprocess={"input_size": [3, size, size]}
@@ -71,6 +71,7 @@ def measure_model(name: str, size: int, chosen: list[tuple[str, str, str]], batc
     spec = built.spec
     conv = any(isinstance(m, torch.nn.Conv2d) for m in built.extractor.modules())
     rt = Runtime(torch.device("cpu"), "fp32", conv, 0, threads, True)
+    apply_runtime(rt)  # as extraction: threads, and glibc malloc tuned (eager needs it)
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(0, 256, (batch, *spec.input_size), dtype=torch.uint8, generator=gen)
     engines, first, rows = {}, {}, {}

@@ -43,10 +43,10 @@ AUTO_MIN_GAIN = 1.2
 # (CPU kind, precision, model family) -> backend, only where it measured >= AUTO_MIN_GAIN
 # faster than eager in that precision and within TOLERANCE (BENCHMARKS.md, section "(#30)").
 # Zen 4 (AVX512-BF16): OpenVINO bf16 / ONNX Runtime fp32 were 2-4.8x eager only while other
-# processes oversubscribed the cores; on the quiet machine (whole_process.py's ceiling
-# search, others <= 2%) OpenVINO bf16 gave resnet50 1.15x eager bf16 and legacy_xception
-# less than eager bf16: below AUTO_MIN_GAIN, so eager there. AMX, AVX512 without bf16 units:
-# not measured, eager.
+# processes oversubscribed the cores; quiet, OpenVINO bf16 gave resnet50 1.18-1.21x eager
+# bf16 per round (1.15x in whole_process.py's search), legacy_xception 1.09x, ONNX Runtime
+# fp32 1.0-1.1x: not clearly >= AUTO_MIN_GAIN, so eager there. AMX, AVX512 without bf16
+# units: not measured, eager.
 AUTO_TABLE: dict[tuple[str, str, str], str] = {
     ("AVX2", "fp32", "resnet"): "onnxruntime",  # Zen 3 (issue #30): 1.27x, largest diff 1e-7
 }
