@@ -49,9 +49,14 @@ def quantize_int8(onnx_bytes: bytes, calibration: np.ndarray, form: str = "QDQ")
         def get_next(self) -> dict | None:
             return next(self.items, None)
 
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
     with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        src.write_bytes(onnx_bytes)
+        raw, src, dst = (Path(tmp) / f"{n}.onnx" for n in ("raw", "fp32", "int8"))
+        raw.write_bytes(onnx_bytes)
+        # ONNX Runtime's recommended pre-processing: shape inference and graph optimisation
+        # (folds the exporter's bias Constants into initializers the quantiser needs)
+        quant_pre_process(str(raw), str(src), skip_symbolic_shape=True)
         quantize_static(str(src), str(dst), Reader(), quant_format=getattr(QuantFormat, form),
                         per_channel=True, weight_type=QuantType.QInt8,
                         activation_type=QuantType.QUInt8)
