@@ -256,11 +256,14 @@ class Forward:
         self.rt = resolve_runtime(cfg.runtime, conv_net)
         apply_runtime(self.rt)
         self.batch_size = batch_size or default_batch_size(self.rt, cfg.runtime.batch_size)
-        self.model = FeatureComputer(bundle.extractor, bundle.spec, self.rt, cfg.runtime.compile,
-                                     cfg.runtime.fold_bn).model  # what extraction runs
+        engine = FeatureComputer(bundle.extractor, bundle.spec, self.rt, cfg.runtime.compile,
+                                 cfg.runtime.fold_bn)
+        # what extraction runs: the model, or its exported graph (runtime.backend)
+        self.model = engine.graph if engine.graph is not None else engine.model
+        self.backend = engine.backend
         self.spec = bundle.spec
         x = torch.randn(self.batch_size, *bundle.spec.input_size, device=self.rt.device)
-        if self.rt.channels_last:
+        if self.rt.channels_last and engine.graph is None:
             x = x.contiguous(memory_format=torch.channels_last)
         self.x = x
 

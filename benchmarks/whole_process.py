@@ -173,20 +173,31 @@ def batch_sweep(fwd: Forward, batches: Sequence[int], seconds: float) -> list[di
     return out
 
 
+# what the ceiling search tries per runtime.backend (issue #30): precisions, layouts (an
+# exported graph has one layout: its runtime picks it)
+BACKEND_GRID = {"eager": (("fp32", "bf16"), (False, True)),
+                "compile": (("fp32", "bf16"), (True,)),
+                "onnxruntime": (("fp32",), (False,)),
+                "openvino": (("fp32", "bf16"), (False,))}
+
+
 def search_ceiling(data: Path, out: Path, model: str, batches: Sequence[int],
-                   device: str, seconds: float) -> tuple[list[dict], dict]:
-    """Every (precision, layout, batch), measured once; (all rows, the best one)."""
+                   device: str, seconds: float,
+                   backends: Sequence[str] = ("eager",)) -> tuple[list[dict], dict]:
+    """Every (backend, precision, layout, batch), measured once; (all rows, the best one)."""
     rows = []
     # on a GPU fp32 and NCHW never win for conv nets (tensor cores): searched on CPUs only
     cuda = device == "cuda"
-    for precision in ("bf16", "fp16") if cuda else ("fp32", "bf16"):
-        for cl in (True,) if cuda else (False, True):
-            cfg = extract_config(data, out, model, [
-                f"runtime.precision={precision}", f"runtime.channels_last={str(cl).lower()}",
-                f"runtime.batch_size={max(batches)}", f"runtime.threads={cpu_cores()}",
-                f"runtime.device={device}"])
-            rows += [{"precision": precision, "channels_last": cl, **r}
-                     for r in batch_sweep(Forward(cfg), batches, seconds)]
+    for backend in ("eager",) if cuda else backends:
+        precisions, layouts = BACKEND_GRID[backend]
+        for precision in ("bf16", "fp16") if cuda else precisions:
+            for cl in (True,) if cuda else layouts:
+                cfg = extract_config(data, out, model, [
+                    f"runtime.precision={precision}", f"runtime.channels_last={str(cl).lower()}",
+                    f"runtime.batch_size={max(batches)}", f"runtime.threads={cpu_cores()}",
+                    f"runtime.device={device}", f"runtime.backend={backend}"])
+                rows += [{"backend": backend, "precision": precision, "channels_last": cl, **r}
+                         for r in batch_sweep(Forward(cfg), batches, seconds)]
     quiet = [r for r in rows if r["foreign"] <= QUIET] or rows
     return rows, max(quiet, key=lambda r: r["ips"])
 
@@ -196,13 +207,13 @@ def ceiling_forward(data: Path, out: Path, model: str, best: dict, device: str) 
         f"runtime.precision={best['precision']}",
         f"runtime.channels_last={str(best['channels_last']).lower()}",
         f"runtime.batch_size={best['batch']}", f"runtime.threads={cpu_cores()}",
-        f"runtime.device={device}"])
+        f"runtime.device={device}", f"runtime.backend={best.get('backend', 'eager')}"])
     return Forward(cfg)
 
 
 def settings(r: dict) -> str:
-    return (f"{r['precision']}, {'NHWC' if r['channels_last'] else 'NCHW'}, "
-            f"batch {r['batch']}")
+    return (f"{r.get('backend', 'eager')} {r['precision']}, "
+            f"{'NHWC' if r['channels_last'] else 'NCHW'}, batch {r['batch']}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -213,14 +224,22 @@ def settings(r: dict) -> str:
 def measure_model(model: str, data: Path, bench: Path, sizes: tuple[int, int], rounds: int,
                   batches: Sequence[int], search_s: float, extra: Sequence[str],
                   device: str, warm: bool = True, candidates: Sequence[str] = (),
-                  options: dict[str, list[str]] | None = None) -> dict:
+                  options: dict[str, list[str]] | None = None,
+                  backends: Sequence[str] = ("eager",)) -> dict:
     """``candidates``: decode candidates (``decode_candidates.py``); ``options``: name ->
     overrides, the shipped command with those settings (``gpu_decode``, ``compile``),
-    measured alike."""
+    measured alike; ``backends``: the runtime backends the ceiling search tries (where the
+    best is not eager, the command with that backend and precision is measured too)."""
     out = bench / "stores" / f"whole_{model}"
     config = write_config(bench / "configs" / f"whole_{model}.yaml", data, out, model)
-    grid, best = search_ceiling(data, out, model, batches, device, search_s)
+    grid, best = search_ceiling(data, out, model, batches, device, search_s, backends)
     fwd = ceiling_forward(data, out, model, best, device)
+    if best.get("backend", "eager") != "eager":
+        options = {**(options or {}), f"backend={best['backend']}": [
+            f"runtime.backend={best['backend']}", f"runtime.precision={best['precision']}"]}
+    if warm:  # an exported graph's first export is paid here, once: later runs read the cache
+        for sets in (options or {}).values():
+            run_command(config, sizes[0], [*extra, *sets])
     if warm:
         run_command(config, sizes[0], extra)  # page cache, .pyc files
     cases = {"forward": lambda: (fwd.images_per_second(max(2.0, search_s), warmup=3), None)}
@@ -289,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                    "(benchmarks/decode_candidates.py)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra override for the command (repeatable)")
+    p.add_argument("--backends", default="eager",
+                   help="runtime backends the ceiling search tries, comma-separated "
+                   "(eager,compile,onnxruntime,openvino)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,...]",
                    help="also measure the command with these overrides, in the same "
                    "alternation (repeatable), e.g. fp32:runtime.precision=fp32")
@@ -316,7 +338,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(f"before: {load_line()}")
     results = [measure_model(m, data, bench, (small, big), rounds, batches, search_s, extra,
                              device.type, not args.quick,
-                             [c for c in args.candidates.split(",") if c], options)
+                             [c for c in args.candidates.split(",") if c], options,
+                             [b for b in args.backends.split(",") if b])
                for m in models]
     print(f"after: {load_line()}")
     print()

@@ -32,6 +32,13 @@ def _index_key_of_the_session(tmp_path_factory):
     os.environ["TRANSFERLAB_INDEX_KEY_FILE"] = str(tmp_path_factory.mktemp("key") / "index.key")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _graph_cache_of_the_session(tmp_path_factory):
+    """Exported graphs (runtime.backend onnxruntime/openvino) go to a folder of the session,
+    never the user's ~/.cache/transferlab."""
+    os.environ["TRANSFERLAB_GRAPH_CACHE"] = str(tmp_path_factory.mktemp("graphs"))
+
+
 @pytest.fixture
 def cuda(monkeypatch):
     if not _REAL_CUDA_AVAILABLE():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,24 @@ def test_quick_mode_prints_a_table(name, tmp_path, capsys):
         assert len(rows) >= 2, out
         assert {row.count("|") for row in rows} == {rows[0].count("|")}, out
     assert results
+
+
+def test_runtimes_quick_mode_prints_a_table_in_its_own_process(tmp_path):
+    """benchmarks/runtimes.py (issue #30) in a child process: OpenVINO's and ONNX Runtime's
+    thread pools, with the threads and allocator settings it applies, stay out of this
+    process (in-process, a later test's subprocess wait crashed here)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("onnxruntime")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "benchmarks/runtimes.py", "--quick", "--bench-dir",
+                           str(tmp_path)], cwd=root, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert "machine:" in proc.stdout and len(rows) >= 3
+    assert any(line.startswith("| eager fp32") for line in rows)
 
 
 def test_decode_candidates_run_the_shipped_command(tmp_path):

@@ -137,6 +137,9 @@ class RuntimeConfig:
     num_workers: int | None = None  # data loading processes; null = chosen for the machine
     channels_last: bool | None = None  # null = on for conv nets
     compile: bool = False  # torch.compile the extractor
+    # the frozen forward's runtime (README, runtime.backend); recorded in the store's
+    # fingerprint; auto: the measured fastest for this CPU kind and model family, else eager
+    backend: Literal["auto", "eager", "compile", "onnxruntime", "openvino"] = "eager"
     fold_bn: bool = True  # fold frozen BatchNorm into the conv before it (same features)
     # torch intra-op threads on CPU; null = the cores others leave free, followed as that
     # load changes during an extraction (README, Speed settings)

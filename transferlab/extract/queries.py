@@ -66,7 +66,9 @@ def store_runtime(meta: dict, cfg: ExtractConfig) -> tuple[Runtime, bool]:
         precision = resolve_precision(cfg.runtime.precision, local.device)
     channels_last = recorded.get("channels_last", local.channels_last)
     fold_bn = recorded.get("fold_bn", cfg.runtime.fold_bn)
-    rt = replace(local, precision=precision, channels_last=bool(channels_last))
+    backend = recorded.get("backend", "eager")  # rows of an exported graph: queries too
+    rt = replace(local, precision=precision, channels_last=bool(channels_last),
+                 backend=backend if isinstance(backend, str) else "eager")
     return rt, bool(fold_bn)
 
 

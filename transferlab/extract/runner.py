@@ -74,6 +74,7 @@ class ExtractResult:
     out_dir: Path
     stale: int = 0  # stored keys (rows or failures) not in this run's data: deleted files?
     stores: dict[str, FeatureStore] = field(default_factory=dict)  # several cuts: per cut dir
+    prepared: str = ""  # how the backend got ready (an exported graph's first-run export time)
 
     def _where(self) -> str:
         if self.stores:
@@ -90,6 +91,7 @@ class ExtractResult:
         return (f"{self.written} images written, {self.failed} failed, {self.skipped} skipped "
                 f"(already done) in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s)"
                 + self._where()
+                + (f"; {self.prepared}" if self.prepared else "")
                 + (f"; {self.stale} stored items are not in this run's data (deleted or moved "
                    "files? another data.limit or data.classes?): kept; output.overwrite=true "
                    "rebuilds the store"
@@ -104,9 +106,10 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
     cuts the result's ``store`` is the first cut's and ``stores`` maps each cut's directory
     name to its store."""
     multi = is_multi_cut(cfg.model.cut)
-    if multi and cfg.runtime.compile:
+    if multi and (cfg.runtime.compile or cfg.runtime.backend == "compile"):
         raise ConfigError("runtime.compile does not apply to several cuts in one pass (the "
-                          "cuts are taken by hooks); set runtime.compile=false")
+                          "cuts are taken by hooks); set runtime.compile=false and "
+                          "runtime.backend to eager, onnxruntime or openvino")
     started = time.time()
     info = init_distributed(cfg.runtime.device)
     full = build_dataset(cfg.data)  # a missing or empty root fails before the model loads
@@ -122,7 +125,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
     compute = FeatureComputer(bundle.extractor, spec, rt, cfg.runtime.compile,
                               cfg.runtime.fold_bn and not multi)
     compute.hflip = cfg.output.hflip
-    computed = compute_record(rt, compute.folded)  # folding counts only where it happened
+    computed = compute_record(rt, compute.folded, compute.backend)  # as it happened
     stores = cut_stores(cfg, bundle, multi)
     prints = [fingerprint(s, bundle, computed, full.class_names) for s in stores]
     reduces = reduce_specs(cfg, stores, multi, len(full), info, prints)
@@ -166,7 +169,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
     stale = len(stored_keys(closed[0]) - set(full.keys))
     per_cut = {s.dir.name: c for s, c in zip(stores, closed)} if multi else {}
     return ExtractResult(closed[0], *counts, time.time() - started, loop_seconds,
-                         Path(cfg.output.dir), stale, per_cut)
+                         Path(cfg.output.dir), stale, per_cut,
+                         compute.prepared.summary() if compute.backend != "eager" else "")
 
 
 # ---------------------------------------------------------------------------------------

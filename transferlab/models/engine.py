@@ -5,7 +5,9 @@ a frozen base in training, the probe's features, ``Classifier.predict`` and ``pr
 One path: normalise on the device, BatchNorm folded where it applies, channels_last,
 autocast by the resolved precision, ``inference_mode`` (``runtime.device.frozen_forward``).
 A model gives one tensor or a list of tensors (several cuts); the engine always answers
-with a list, one entry per output.
+with a list, one entry per output. ``runtime.backend`` (``models.backends``) picks what runs
+the (folded) model: PyTorch eager, ``torch.compile``, or its exported ONNX graph run by ONNX
+Runtime or OpenVINO; normalisation and ``output.reduce`` stay in PyTorch either way.
 """
 from __future__ import annotations
 
@@ -20,21 +22,25 @@ from torch import nn
 from ..data.preprocess import DeviceNormalize, PreprocessSpec
 from ..errors import ComputeError
 from ..runtime.device import Runtime, frozen_forward, without_autotuning
+from .backends import EXPORTED, Prepared, exported_graph, resolve_backend
 from .fusion import fold_batchnorm
 
 Pending = tuple[list[torch.Tensor], Any]  # rows per output (on the host once ready), event
 
 
-def prepare_model(extractor: nn.Module, rt: Runtime, compile_model: bool = False) -> nn.Module:
+def prepare_model(extractor: nn.Module, rt: Runtime, compile_model: bool = False,
+                  freeze: bool = False) -> nn.Module:
     """The (already folded, see ``FeatureComputer``) extractor ready to run: on the device,
-    channels_last, compiled."""
+    channels_last, compiled (``freeze``: inductor's freezing, weights as constants: the
+    ``compile`` backend)."""
     model = extractor.to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile_model:
         from .graph import compilable
 
-        model = torch.compile(compilable(model))
+        options = {"freezing": True} if freeze else None
+        model = torch.compile(compilable(model), options=options)
     return model
 
 
@@ -54,6 +60,9 @@ class FeatureComputer:
       ``finish`` waits for it, so the runner starts batch i + 1 before finishing batch i
       and the GPU computes while the host stores rows and fetches the next batch;
     - ``__call__(images)``: ``finish(start(images))``.
+
+    ``backend`` is ``runtime.backend`` resolved for this model (what the rows' fingerprint
+    records); ``prepared`` says how an exported graph got ready (export seconds, cached).
     """
 
     def __init__(self, extractor: nn.Module, spec: PreprocessSpec, rt: Runtime,
@@ -62,7 +71,16 @@ class FeatureComputer:
         self.model_dims = feature_dims(extractor)  # per output, before output.reduce
         folded = fold_batchnorm(extractor, spec.input_size) if fold_bn else extractor
         self.folded = folded is not extractor  # False also where nothing could be folded
-        self.model = prepare_model(folded, rt, compile_model)
+        self.backend = resolve_backend(rt.backend, folded, rt)
+        self.graph: Any = None  # an exported graph's runner (onnxruntime, openvino)
+        self.prepared = Prepared(self.backend)
+        if self.backend in EXPORTED:
+            self.graph, self.prepared = exported_graph(folded, self.backend, rt,
+                                                       tuple(spec.input_size))
+            self.model = folded
+        else:
+            compiled = compile_model or self.backend == "compile"
+            self.model = prepare_model(folded, rt, compiled, self.backend == "compile")
         self.normalize = DeviceNormalize(spec.mean, spec.std).to(rt.device)
         self.reduces: list[nn.Module | None] = []  # none set: every output as it is
         self.widest = 0  # the largest batch so far: smaller ones skip cuDNN autotuning
@@ -104,6 +122,8 @@ class FeatureComputer:
     def _outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = images.to(self.rt.device, non_blocking=True)
         x = self.normalize(x)
+        if self.graph is not None:
+            return self.graph(x)
         if self.rt.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         out = self.model(x)

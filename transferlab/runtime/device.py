@@ -28,6 +28,9 @@ class Runtime:
     num_workers: int
     threads: int
     tune_malloc: bool = False  # CPU only: keep freed activation memory in the heap
+    # runtime.backend as configured: 'auto' is resolved per model by the engine
+    # (models.backends.resolve_backend), which records what it chose
+    backend: str = "eager"
 
     @property
     def is_cuda(self) -> bool:
@@ -46,7 +49,8 @@ class Runtime:
     def to_dict(self) -> dict:
         return {"device": str(self.device), "precision": self.precision,
                 "channels_last": self.channels_last, "num_workers": self.num_workers,
-                "threads": self.threads, "tune_malloc": self.tune_malloc}
+                "threads": self.threads, "tune_malloc": self.tune_malloc,
+                **({"backend": self.backend} if self.backend != "eager" else {})}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -109,7 +113,9 @@ def resolve_runtime(cfg: RuntimeConfig, conv_net: bool = True,
     """Fill in every 'auto' choice for this machine (``sample_load``: count the cores other
     processes keep busy now, see ``runtime.cores``)."""
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    # ONNX Runtime computes in fp32: 'auto' precision means fp32 there
+    auto_fp32 = cfg.backend == "onnxruntime" and cfg.precision == "auto"
+    precision = resolve_precision("fp32" if auto_fp32 else cfg.precision, device)
     cores = len(affinity_cores())
     if device.type == "cuda":
         workers = cfg.num_workers if cfg.num_workers is not None else min(16, max(1, cores - 1))
@@ -121,7 +127,7 @@ def resolve_runtime(cfg: RuntimeConfig, conv_net: bool = True,
         threads = cfg.threads or max(1, usable_cores(sample_load) - workers)
     channels_last = conv_net if cfg.channels_last is None else cfg.channels_last
     malloc = cfg.tune_malloc and device.type == "cpu"
-    return Runtime(device, precision, channels_last, workers, threads, malloc)
+    return Runtime(device, precision, channels_last, workers, threads, malloc, cfg.backend)
 
 
 def tune_malloc(threshold: int = 1 << 30) -> bool:

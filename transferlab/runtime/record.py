@@ -7,12 +7,15 @@ from ..data.fingerprint import data_fingerprint
 from .device import Runtime
 
 
-def compute_record(rt: Runtime, fold_bn: bool = False) -> dict:
+def compute_record(rt: Runtime, fold_bn: bool = False, backend: str = "eager") -> dict:
     """The compute settings rows depend on beyond their dtype's rounding: resolved values
-    (precision 'auto' is recorded as what it chose), the device's type only: cuda:0 and
-    cuda:1 compute alike, a CPU and a GPU do not."""
+    (precision 'auto' is recorded as what it chose, ``backend`` is the engine's resolved
+    one), the device's type only: cuda:0 and cuda:1 compute alike, a CPU and a GPU do not.
+    The backend is recorded only when it is not eager, so stores written before backends
+    existed keep their fingerprint (and resume)."""
     return {"precision": rt.precision, "fold_bn": bool(fold_bn),
-            "channels_last": bool(rt.channels_last), "device": rt.device.type}
+            "channels_last": bool(rt.channels_last), "device": rt.device.type,
+            **({"backend": backend} if backend != "eager" else {})}
 
 
 def rows_fingerprint(model: dict, data: DataConfig | None, compute: dict) -> dict:

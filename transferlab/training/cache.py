@@ -115,7 +115,8 @@ def _cache_on_disk(engine: FeatureComputer, src: Source, batch_size: int,
         raise ValueError("the disk cache needs keys and cache_dir")
     # rows of another precision, layout, folding or device type must not mix: rebuilt
     rt = engine.rt
-    fingerprint = rows_fingerprint(fingerprint, data, compute_record(rt, engine.folded))
+    fingerprint = rows_fingerprint(fingerprint, data, compute_record(rt, engine.folded,
+                                                                      engine.backend))
     writer = StoreWriter(cache_dir, fingerprint, dtype="float32", overwrite=True, fsync=False)
     try:
         done = writer.done_keys
