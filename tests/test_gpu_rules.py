@@ -297,7 +297,7 @@ def test_hook_cuts_compile_as_a_graph_with_the_same_values(monkeypatch, name, cu
 
     built = build_extractor(name, cut=cut)
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
     rt = Runtime(torch.device("cpu"), "fp32", False, 0, 1)
     model = prepare_model(built.extractor, rt, compile_model=True)
     assert compiled == [model] and not any(isinstance(m, TapModule) for m in model.modules())
