@@ -201,3 +201,24 @@ def test_local_weights_file_as_pretrained(name, tmp_path):
         torch.testing.assert_close(backbone.model(x), model.encode_image(x), atol=1e-5,
                                    rtol=1e-5)
     assert set(backbone.weights_digest) == {"state_sha256"}
+
+
+def test_attention_runs_on_contiguous_inputs_with_the_same_values(name):
+    """The tower's batch-first attention runs as ContiguousAttention (under CPU bf16 autocast
+    the transposed view made OpenCLIP's ViT-B/16 ten times slower): the same embedding in
+    fp32 and under bf16 autocast."""
+    from transferlab.models.openclip_source import ContiguousAttention
+
+    seed_everything(0)
+    extractor, _ = build_extractor(name)
+    model = reference()
+    attention = [m for m in extractor.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert attention and all(type(m) is ContiguousAttention for m in attention)
+    assert not any(type(m) is ContiguousAttention for m in model.modules())
+    x = pixels()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model.encode_image(x).float()
+        got = extractor(x).float()
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    with torch.inference_mode():
+        torch.testing.assert_close(extractor(x), model.encode_image(x), atol=1e-5, rtol=1e-5)

@@ -125,6 +125,37 @@ def openclip_data_config(visual: nn.Module) -> dict:
     return out
 
 
+class ContiguousAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` with ``batch_first`` run on contiguous (L, N, E) copies of
+    its inputs: the same arithmetic, but under CPU bf16 autocast PyTorch turns the
+    projection of the transposed (non-contiguous) view into a batched matmul that copies the
+    weight per sample, which ran OpenCLIP's ViT-B/16 at 1.6 img/s against 15.7 (batch 8,
+    BENCHMARKS.md section 17). Only the class changes: parameters and state-dict keys stay."""
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.batch_first:
+            return super().forward(query, key, value, **kwargs)
+        q = query.transpose(0, 1).contiguous()
+        # self-attention passes one tensor three times: keep it one (the packed projection)
+        k = q if key is query else key.transpose(0, 1).contiguous()
+        v = k if value is key else value.transpose(0, 1).contiguous()
+        self.batch_first = False
+        try:
+            out, weights = super().forward(q, k, v, **kwargs)
+        finally:
+            self.batch_first = True
+        return out.transpose(0, 1), weights
+
+
+def contiguous_attention(module: nn.Module) -> nn.Module:
+    """Every batch-first ``nn.MultiheadAttention`` of ``module`` as ``ContiguousAttention``."""
+    for m in module.modules():
+        if type(m) is nn.MultiheadAttention and m.batch_first:
+            m.__class__ = ContiguousAttention
+    return module
+
+
 class OpenClipImage(nn.Module):
     """OpenCLIP's image tower with timm's feature API: ``forward_features`` gives the final
     token sequence, ``forward_head`` the image embedding (``encode_image``), ``feature_info``
@@ -132,7 +163,7 @@ class OpenClipImage(nn.Module):
 
     def __init__(self, visual: nn.Module, normalize: bool = False):
         super().__init__()
-        self.visual = visual
+        self.visual = contiguous_attention(visual)
         self.normalize = normalize
         trunk = getattr(visual, "trunk", None)
         if all(hasattr(visual, a) for a in ("_embeds", "transformer", "_pool")):
