@@ -131,7 +131,7 @@ def test_config_choices_are_the_registries():
     from transferlab.models.cuts import POOLS
     from transferlab.models.heads import ACTIVATIONS
     from transferlab.models.library import LIBRARY_BUILDERS
-    from transferlab.runtime.device import DTYPES as PRECISIONS
+    from transferlab.runtime.device import PRECISIONS
     from transferlab.store.format import DTYPES
 
     assert literal_choices(ModelConfig, "source") == set(SOURCES)

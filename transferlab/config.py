@@ -132,7 +132,8 @@ class RuntimeConfig:
     """Hardware use. 'auto' values are chosen from the device at run time."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, AMX CPUs
+    # auto: bf16 on CUDA, AMX CPUs; int8: ONNX Runtime static quantisation (README)
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
     batch_size: int | None = None  # null = chosen for the device
     num_workers: int | None = None  # data loading processes; null = chosen for the machine
     channels_last: bool | None = None  # null = on for conv nets
@@ -140,6 +141,7 @@ class RuntimeConfig:
     # the frozen forward's runtime (README, runtime.backend); recorded in the store's
     # fingerprint; auto: the measured fastest for this CPU kind and model family, else eager
     backend: Literal["auto", "eager", "compile", "onnxruntime", "openvino"] = "eager"
+    calibration_images: int = 32  # precision int8: calibrated on the run's first N images
     fold_bn: bool = True  # fold frozen BatchNorm into the conv before it (same features)
     # torch intra-op threads on CPU; null = the cores others leave free, followed as that
     # load changes during an extraction (README, Speed settings)
@@ -364,6 +366,7 @@ BOUNDS: dict[type, dict[str, Bound]] = {
         "batch_size": _at_least(1, "at least 1 (or null: chosen for the device)"),
         "num_workers": _at_least(0, "0 (main process) or more (or null: chosen)"),
         "threads": _at_least(1, "at least 1 (or null: chosen for the machine)"),
+        "calibration_images": Bound(lambda v: 1 <= v <= 1024, "between 1 and 1024 (default 32)"),
     },
     DataConfig: {
         "max_image_pixels": _at_least(1, "at least 1 (default 89478485)"),

@@ -177,7 +177,7 @@ def test_auto_picks_the_table_entry_for_this_cpu_and_family(monkeypatch):
 
 def test_settings_a_backend_cannot_run_are_one_line():
     b = built("head")
-    with pytest.raises(ConfigError, match="computes in fp32; set runtime.precision=fp32"):
+    with pytest.raises(ConfigError, match="computes in fp32 or int8; set runtime.precision=fp32"):
         backends.resolve_backend("onnxruntime", b.extractor, replace(CPU, precision="bf16"))
     # precision auto with onnxruntime resolves to fp32 (its only precision)
     rt = resolve_runtime(RuntimeConfig(device="cpu", precision="auto", backend="onnxruntime"))

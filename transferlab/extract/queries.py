@@ -20,7 +20,7 @@ from ..models.extractor import ExtractorBundle, extractor_from_config
 from ..models.provenance import content, has_digest, short, weights_record
 from ..models.recorded import checked_model, contained_path
 from ..runtime.device import (
-    DTYPES,
+    PRECISIONS,
     Runtime,
     resolve_precision,
     resolve_runtime,
@@ -52,6 +52,17 @@ def bundle_from_meta(meta: dict, root: Path | None = None,
     return extractor_from_config(model, cfg.preprocess)
 
 
+def store_calibration(meta: dict) -> tuple[str | None, int]:
+    """(digest, count) of an int8 store's calibration images (``compute.calibration``):
+    its quantised graph is looked up in the graph cache by them."""
+    recorded = meta.get("compute")
+    calibration = recorded.get("calibration") if isinstance(recorded, dict) else None
+    if not isinstance(calibration, dict) or not isinstance(calibration.get("sha256"), str):
+        return None, 0
+    count = calibration.get("images")
+    return calibration["sha256"], count if isinstance(count, int) else 0
+
+
 def store_runtime(meta: dict, cfg: ExtractConfig) -> tuple[Runtime, bool]:
     """(runtime, fold_bn) the store's rows were computed with, on this machine's device.
 
@@ -62,7 +73,8 @@ def store_runtime(meta: dict, cfg: ExtractConfig) -> tuple[Runtime, bool]:
     if not isinstance(recorded, dict):
         recorded = {}
     precision = recorded.get("precision", cfg.runtime.precision)
-    if precision not in DTYPES:  # 'auto' of an old store: as this machine would resolve it
+    # 'auto' of an old store: as this machine would resolve it
+    if precision not in PRECISIONS:
         precision = resolve_precision(cfg.runtime.precision, local.device)
     channels_last = recorded.get("channels_last", local.channels_last)
     fold_bn = recorded.get("fold_bn", cfg.runtime.fold_bn)
@@ -92,7 +104,9 @@ def query_embedder(meta: dict, root: str | Path | None = None, trust_code: bool 
     cfg = from_dict(ExtractConfig, meta["config"], "store metadata")
     check_weights(meta, bundle, root, trust_code)
     rt, fold_bn = store_runtime(meta, cfg)
-    compute = FeatureComputer(bundle.extractor, bundle.spec, rt, fold_bn=fold_bn)
+    digest, count = store_calibration(meta)  # int8: the quantised graph from the cache
+    compute = FeatureComputer(bundle.extractor, bundle.spec, rt, fold_bn=fold_bn,
+                              calibration_digest=digest, calibration_count=count)
     compute.hflip = cfg.output.hflip  # query rows as the store's rows were computed
     width = store_width(meta)
     compute.set_reduce([reduction_from_record(meta.get("reduce"), root,  # as the rows were

@@ -121,11 +121,13 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
     rt, batch_size = run_runtime(cfg, bundle.extractor, info)
     if cfg.runtime.gpu_decode:
         check_gpu_decode(cfg, spec)
+    calibration = calibration_images(cfg, dataset, spec, rt, batch_size, info)
     # several cuts are taken by hooks, which torch.fx cannot trace: they run unfolded
     compute = FeatureComputer(bundle.extractor, spec, rt, cfg.runtime.compile,
-                              cfg.runtime.fold_bn and not multi)
+                              cfg.runtime.fold_bn and not multi, calibration)
     compute.hflip = cfg.output.hflip
-    computed = compute_record(rt, compute.folded, compute.backend)  # as it happened
+    computed = compute_record(rt, compute.folded, compute.backend,  # as it happened
+                              compute.calibration.record() if compute.calibration else None)
     stores = cut_stores(cfg, bundle, multi)
     prints = [fingerprint(s, bundle, computed, full.class_names) for s in stores]
     reduces = reduce_specs(cfg, stores, multi, len(full), info, prints)
@@ -201,6 +203,31 @@ def rank_items(full: ImageDataset, info: DistInfo, tar_shards: bool) -> tuple[in
     bounds = np.r_[firsts, len(shards)]
     start, stop = part_range(len(firsts), info.rank, info.world_size)
     return int(bounds[start]), int(bounds[stop])
+
+
+def calibration_images(cfg: ExtractConfig, dataset: ImageDataset, spec: PreprocessSpec,
+                       rt: Runtime, batch_size: int, info: DistInfo) -> torch.Tensor | None:
+    """precision int8: the plain views of the first ``runtime.calibration_images`` items in
+    dataset order (those that decode), uint8, what the graph is quantised on: a resume
+    decodes the same images, so it calibrates alike (and finds the graph in the cache)."""
+    if rt.precision != "int8":
+        return None
+    if info.enabled:
+        raise ConfigError("runtime.precision=int8 is calibrated by one process; run without "
+                          "torchrun, or set runtime.precision=fp32")
+    plain = replace(cfg, output=replace(cfg.output, views=0))
+    positions = list(range(min(cfg.runtime.calibration_images, len(dataset))))
+    loader, prepare = build_loader(plain, dataset.subset(positions), positions, spec, rt,
+                                   batch_size)
+    images = []
+    for batch in loader:
+        batch = prepare(batch) if prepare is not None else batch
+        if batch["image"] is not None:
+            images.append(batch["image"][:, 0].cpu())
+    if not images:
+        raise ConfigError(f"runtime.precision=int8: none of the first {len(positions)} images "
+                          "could be read to calibrate on; check data")
+    return torch.cat(images)
 
 
 def check_gpu_decode(cfg: ExtractConfig, spec: PreprocessSpec) -> None:

@@ -78,6 +78,9 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     outputs and every process returns the same result once they are written. ``output.dir``
     is locked for the run: a second run into it fails at once.
     """
+    if cfg.runtime.precision == "int8":  # calibrated on an extraction's first images only
+        raise ConfigError("runtime.precision=int8 is for extraction only; set "
+                          "runtime.precision=fp32 (or auto) to fine-tune")
     info = init_distributed(cfg.runtime.device)
     rt = share_runtime(resolve_runtime(cfg.runtime), cfg.runtime, info)
     apply_runtime(rt)

@@ -7,8 +7,10 @@
   cut(s), before ``output.reduce``: reductions stay in PyTorch) exported once to ONNX with a
   dynamic batch dimension, kept in the user's cache folder (``runtime.graphcache``: rebuilt
   when the weights or the library versions change, never read unless this user's
-  transferlab wrote it) and run by that runtime on the CPU. ONNX Runtime computes in fp32;
-  OpenVINO in the run's precision (``INFERENCE_PRECISION_HINT`` f32 or bf16);
+  transferlab wrote it) and run by that runtime on the CPU. ONNX Runtime computes in fp32,
+  or in int8 (``runtime.precision: int8``: that graph quantised statically, calibrated on
+  the run's first images, cached under their digest too); OpenVINO in the run's precision
+  (``INFERENCE_PRECISION_HINT`` f32 or bf16);
 - ``auto``: what measured fastest for this kind of CPU, precision and model family with a
   gain of at least ``AUTO_MIN_GAIN`` and features within ``TOLERANCE`` of eager
   (``AUTO_TABLE``, BENCHMARKS.md section "(#30)"); eager for everything else.
@@ -16,7 +18,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, MissingDependencyError
+from ..errors import ConfigError, MissingDependencyError, StoreError
 from ..runtime import graphcache
 from ..runtime.device import Runtime, cpu_bf16_units
 
@@ -62,10 +66,15 @@ class Prepared:
     seconds: float = 0.0
     cached: bool = False
     where: str = ""
+    quantized: bool = False  # int8: the seconds are the export's and the quantisation's
 
     def summary(self) -> str:
         if self.backend not in EXPORTED:
             return f"backend {self.backend}"
+        if self.quantized:
+            how = "from the cache" if self.cached else "exported and quantised"
+            return (f"backend {self.backend} int8 (graph {how}; its export and quantisation "
+                    f"took {self.seconds:.1f} s, once: kept in {self.where})")
         if self.cached:
             return (f"backend {self.backend} (graph from the cache {self.where}; its export "
                     f"took {self.seconds:.1f} s)")
@@ -118,6 +127,11 @@ def resolve_backend(name: str, model: nn.Module, rt: Runtime) -> str:
     one-line ConfigError for a backend that cannot run with these settings."""
     if name not in BACKENDS:
         raise ConfigError(f"runtime.backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if rt.precision == "int8":  # only ONNX Runtime's quantised graph computes in int8
+        if name not in ("auto", "onnxruntime"):
+            raise ConfigError(f"runtime.precision=int8 runs on ONNX Runtime only; set "
+                              f"runtime.backend=onnxruntime (or auto), not {name}")
+        name = "onnxruntime"
     if name == "auto":
         if rt.is_cuda:
             return "eager"
@@ -127,10 +141,10 @@ def resolve_backend(name: str, model: nn.Module, rt: Runtime) -> str:
         if rt.is_cuda:
             raise ConfigError(f"runtime.backend={name} runs on the CPU; set runtime.device=cpu, "
                               "or backend eager or compile on a GPU")
-        supported = ("fp32",) if name == "onnxruntime" else ("fp32", "bf16")
+        supported = ("fp32", "int8") if name == "onnxruntime" else ("fp32", "bf16")
         if rt.precision not in supported:
             raise ConfigError(f"runtime.backend={name} computes in {' or '.join(supported)}; "
-                              f"set runtime.precision={supported[-1]} (or auto)")
+                              f"set runtime.precision={supported[0]} (or auto)")
         require_backend(name)
     return name
 
@@ -249,11 +263,109 @@ class OpenVinoGraph:
         return [torch.from_numpy(result[o].copy()) for o in self.outputs]
 
 
-def exported_graph(model: nn.Module, backend: str, rt: Runtime,
-                   input_size: tuple[int, ...]) -> tuple[Any, Prepared]:
-    """A callable running ``model``'s exported graph with ``backend``, and how it was made."""
+def exported_graph(model: nn.Module, backend: str, rt: Runtime, input_size: tuple[int, ...],
+                   calibration: Calibration | None = None) -> tuple[Any, Prepared]:
+    """A callable running ``model``'s exported graph with ``backend``, and how it was made
+    (``rt.precision`` int8: the quantised graph of ``calibration``)."""
     model = model.to("cpu").eval()
-    data, prepared = cached_graph(model, backend, input_size)
+    if rt.precision == "int8":
+        if calibration is None:
+            raise ConfigError("runtime.precision=int8 is calibrated on the first images of an "
+                              "extraction; set runtime.precision=fp32 here")
+        data, prepared = cached_int8_graph(model, input_size, calibration)
+    else:
+        data, prepared = cached_graph(model, backend, input_size)
     if backend == "onnxruntime":
         return OnnxRuntimeGraph(data, rt.threads), prepared
     return OpenVinoGraph(data, rt.threads, rt.precision), prepared
+
+
+# ---------------------------------------------------------------------------------------
+# int8: the exported graph quantised statically by ONNX Runtime (BENCHMARKS.md, "(#30)")
+# ---------------------------------------------------------------------------------------
+
+# what the quantised graph depends on beyond the fp32 graph and the calibration images
+QUANTIZER = {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+             "per_channel": True, "weights": "QInt8", "activations": "QUInt8",
+             "calibration": "MinMax", "pre_process": "quant_pre_process"}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The images an int8 graph is calibrated on: ``images`` (N, C, H, W) normalised float32
+    inputs of the graph (None: not at hand, e.g. a search query: the graph must be in the
+    cache), and ``digest``, the SHA-256 of the uint8 images they came from
+    (``calibration_digest``), which names the graph in the cache and the rows' fingerprint."""
+
+    digest: str
+    count: int
+    images: torch.Tensor | None = None
+
+    def record(self) -> dict:
+        return {"images": self.count, "sha256": self.digest}
+
+
+def calibration_digest(images: torch.Tensor) -> str:
+    """SHA-256 of uint8 images' shape and bytes (what the decoder gave, before
+    normalisation): the same files decoded alike give the same digest on a resume."""
+    t = images.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}\n".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def quantize_int8(data: bytes, calibration: torch.Tensor) -> bytes:
+    """ONNX graph ``data`` quantised statically (``QUANTIZER``) on ``calibration`` inputs.
+
+    ``quant_pre_process`` first: without it the quantiser finds the exporter's conv biases
+    as Constant nodes, leaves them in fp32 and the graph ran at 0.49x the fp32 one."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    inputs = calibration.float().contiguous().numpy()
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{"x": inputs[i:i + 8]} for i in range(0, len(inputs), 8)])
+
+        def get_next(self) -> dict | None:
+            return next(self.items, None)
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), \
+            contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        raw, src, dst = (f"{tmp}/{n}.onnx" for n in ("raw", "fp32", "int8"))
+        with open(raw, "wb") as f:
+            f.write(data)
+        quant_pre_process(raw, src, skip_symbolic_shape=True)
+        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+        with open(dst, "rb") as f:
+            return f.read()
+
+
+def cached_int8_graph(model: nn.Module, input_size: tuple[int, ...],
+                      calibration: Calibration) -> tuple[bytes, Prepared]:
+    """The int8 graph of ``model`` calibrated on ``calibration`` from the cache; made (the
+    fp32 graph exported or read from the cache, then quantised) and cached when missing and
+    the images are at hand; a one-line StoreError when they are not."""
+    fields = {**graph_fields(model, "onnxruntime", input_size), "precision": "int8",
+              "quantizer": QUANTIZER, "calibration": calibration.record()}
+    found = graphcache.load_graph(fields)
+    where = str(graphcache.graph_cache_dir())
+    if found is not None:
+        return found.data, Prepared("onnxruntime", found.seconds, True, where, True)
+    if calibration.images is None:
+        raise StoreError(f"the int8 graph of these rows (calibration {calibration.digest[:12]}) "
+                         f"is not in the graph cache {where}: re-run the extract config that "
+                         "wrote the store (same data: it rebuilds the graph and skips done rows)")
+    started = time.perf_counter()
+    data, _ = cached_graph(model, "onnxruntime", input_size)
+    data = quantize_int8(data, calibration.images)
+    made = graphcache.store_graph(fields, data, time.perf_counter() - started)
+    return made.data, Prepared("onnxruntime", made.seconds, False, where, True)

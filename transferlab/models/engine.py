@@ -22,7 +22,14 @@ from torch import nn
 from ..data.preprocess import DeviceNormalize, PreprocessSpec
 from ..errors import ComputeError
 from ..runtime.device import Runtime, frozen_forward, without_autotuning
-from .backends import EXPORTED, Prepared, exported_graph, resolve_backend
+from .backends import (
+    EXPORTED,
+    Calibration,
+    Prepared,
+    calibration_digest,
+    exported_graph,
+    resolve_backend,
+)
 from .fusion import fold_batchnorm
 
 Pending = tuple[list[torch.Tensor], Any]  # rows per output (on the host once ready), event
@@ -63,10 +70,17 @@ class FeatureComputer:
 
     ``backend`` is ``runtime.backend`` resolved for this model (what the rows' fingerprint
     records); ``prepared`` says how an exported graph got ready (export seconds, cached).
+
+    ``runtime.precision`` int8 (ONNX Runtime) needs ``calibration``: the uint8 images the
+    graph is quantised on (extraction: the run's first images), or only their digest
+    (``calibration_digest``, a search query: the quantised graph must be in the cache);
+    ``self.calibration`` is what the rows' fingerprint records (None for other precisions).
     """
 
     def __init__(self, extractor: nn.Module, spec: PreprocessSpec, rt: Runtime,
-                 compile_model: bool = False, fold_bn: bool = False):
+                 compile_model: bool = False, fold_bn: bool = False,
+                 calibration: torch.Tensor | None = None,
+                 calibration_digest: str | None = None, calibration_count: int = 0):
         self.rt, self.spec = rt, spec
         self.model_dims = feature_dims(extractor)  # per output, before output.reduce
         folded = fold_batchnorm(extractor, spec.input_size) if fold_bn else extractor
@@ -74,18 +88,29 @@ class FeatureComputer:
         self.backend = resolve_backend(rt.backend, folded, rt)
         self.graph: Any = None  # an exported graph's runner (onnxruntime, openvino)
         self.prepared = Prepared(self.backend)
+        self.normalize = DeviceNormalize(spec.mean, spec.std).to(rt.device)
+        self.calibration = (self._calibration(calibration, calibration_digest,
+                                              calibration_count)
+                            if rt.precision == "int8" else None)
         if self.backend in EXPORTED:
             self.graph, self.prepared = exported_graph(folded, self.backend, rt,
-                                                       tuple(spec.input_size))
+                                                       tuple(spec.input_size), self.calibration)
             self.model = folded
         else:
             compiled = compile_model or self.backend == "compile"
             self.model = prepare_model(folded, rt, compiled, self.backend == "compile")
-        self.normalize = DeviceNormalize(spec.mean, spec.std).to(rt.device)
         self.reduces: list[nn.Module | None] = []  # none set: every output as it is
         self.widest = 0  # the largest batch so far: smaller ones skip cuDNN autotuning
         # output.hflip: every output the mean of the image's and its mirror image's
         self.hflip = False
+
+    def _calibration(self, images: torch.Tensor | None, digest: str | None,
+                     count: int) -> Calibration | None:
+        if images is None:
+            return Calibration(digest, count) if digest else None
+        with torch.inference_mode():  # the graph's input: normalised as every batch is
+            inputs = self.normalize(images.to(self.rt.device)).float().cpu()
+        return Calibration(calibration_digest(images), len(images), inputs)
 
     def set_reduce(self, reduces: Sequence[nn.Module | None]) -> None:
         """Project the rows of output i with ``reduces[i]`` on the device (outside

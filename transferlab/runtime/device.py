@@ -16,6 +16,7 @@ from ..errors import ConfigError
 from .cores import affinity_cores, usable_cores
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = (*DTYPES, "int8")  # int8: ONNX Runtime's quantised graph (models.backends)
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class Runtime:
     """Resolved runtime settings (no 'auto' left)."""
 
     device: torch.device
-    precision: str  # fp32 | bf16 | fp16
+    precision: str  # fp32 | bf16 | fp16 | int8 (an ONNX Runtime graph quantised statically)
     channels_last: bool
     num_workers: int
     threads: int
@@ -38,7 +39,8 @@ class Runtime:
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
-        return None if self.precision == "fp32" else DTYPES[self.precision]
+        # int8: the quantised graph decides; what runs in PyTorch around it runs in fp32
+        return DTYPES.get(self.precision) if self.precision != "fp32" else None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """AMP autocast for bf16/fp16, a no-op for fp32."""
@@ -103,6 +105,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             native = torch.cuda.is_bf16_supported(including_emulation=False)
             return "bf16" if native else "fp16"
         return "bf16" if cpu_has_bf16_units() else "fp32"
+    if device.type == "cuda" and precision == "int8":
+        raise ConfigError("runtime.precision=int8 runs on the CPU (ONNX Runtime); set "
+                          "runtime.device=cpu, or precision bf16 or fp16 on a GPU")
     if device.type == "cpu" and precision == "fp16":
         raise ConfigError("runtime.precision=fp16 needs CUDA; use fp32 (or bf16) on the CPU")
     return precision

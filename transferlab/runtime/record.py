@@ -7,15 +7,18 @@ from ..data.fingerprint import data_fingerprint
 from .device import Runtime
 
 
-def compute_record(rt: Runtime, fold_bn: bool = False, backend: str = "eager") -> dict:
+def compute_record(rt: Runtime, fold_bn: bool = False, backend: str = "eager",
+                   calibration: dict | None = None) -> dict:
     """The compute settings rows depend on beyond their dtype's rounding: resolved values
     (precision 'auto' is recorded as what it chose, ``backend`` is the engine's resolved
     one), the device's type only: cuda:0 and cuda:1 compute alike, a CPU and a GPU do not.
     The backend is recorded only when it is not eager, so stores written before backends
-    existed keep their fingerprint (and resume)."""
+    existed keep their fingerprint (and resume). ``calibration`` (precision int8: the
+    calibration images' count and digest) likewise only when given."""
     return {"precision": rt.precision, "fold_bn": bool(fold_bn),
             "channels_last": bool(rt.channels_last), "device": rt.device.type,
-            **({"backend": backend} if backend != "eager" else {})}
+            **({"backend": backend} if backend != "eager" else {}),
+            **({"calibration": calibration} if calibration else {})}
 
 
 def rows_fingerprint(model: dict, data: DataConfig | None, compute: dict) -> dict:
