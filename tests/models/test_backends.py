@@ -71,6 +71,28 @@ def test_exported_backends_give_eagers_features(backend, cut, tmp_path, monkeypa
     assert_within(rows(b, backend, x[:1]), [w[:1] for w in want])
 
 
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_exported_backends_apply_output_hflip(backend, tmp_path, monkeypatch):
+    """output.hflip (each row the mean of the image's and its mirror's) holds on a graph too:
+    the rows equal eager's hflip rows, and a mirrored batch gives the same rows."""
+    need(backend)
+    monkeypatch.setenv(graphcache.CACHE_ENV, str(tmp_path))
+    b = built("stage:2")
+    x = images(b.spec)
+
+    def flipped_rows(name: str, batch: torch.Tensor) -> list[np.ndarray]:
+        compute = FeatureComputer(b.extractor, b.spec, replace(CPU, backend=name), fold_bn=True)
+        compute.hflip = True
+        return compute(batch)
+
+    want = flipped_rows("eager", x)
+    got = flipped_rows(backend, x)
+    assert_within(got, want)
+    assert_within(flipped_rows(backend, x.flip(-1)), want)
+    plain = rows(b, backend, x)[0]
+    assert float(np.abs(plain - want[0]).max()) > 1e-3 * float(np.abs(want[0]).max())
+
 def test_openvino_bf16_is_within_the_bf16_tolerance(tmp_path, monkeypatch):
     need("openvino")
     monkeypatch.setenv(graphcache.CACHE_ENV, str(tmp_path))

@@ -147,20 +147,20 @@ class FeatureComputer:
     def _outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = images.to(self.rt.device, non_blocking=True)
         x = self.normalize(x)
-        if self.graph is not None:
-            return self.graph(x)
-        if self.rt.channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        out = self.model(x)
-        out = [out] if isinstance(out, torch.Tensor) else list(out)
+        out = self._run(x)
         if self.hflip:  # one pass at a time: the activation memory of one batch
-            flipped = x.flip(-1)
-            if self.rt.channels_last and x.ndim == 4:  # flip gives a contiguous NCHW copy
-                flipped = flipped.contiguous(memory_format=torch.channels_last)
-            mirrored = self.model(flipped)
-            mirrored = [mirrored] if isinstance(mirrored, torch.Tensor) else list(mirrored)
+            mirrored = self._run(x.flip(-1))
             out = [(a.float() + b.float()) * 0.5 for a, b in zip(out, mirrored, strict=True)]
         return out
+
+    def _run(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The model's outputs for a normalised batch (eager / compiled, or the graph)."""
+        if self.graph is not None:
+            return list(self.graph(x))
+        if self.rt.channels_last and x.ndim == 4:  # a flip gives a contiguous NCHW copy too
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self.model(x)
+        return [out] if isinstance(out, torch.Tensor) else list(out)
 
     def _start(self, images: torch.Tensor) -> Pending:
         rows = [out.float().flatten(1) for out in self._outputs(images)]
