@@ -133,18 +133,26 @@ class ContiguousAttention(nn.MultiheadAttention):
     BENCHMARKS.md section 17). Only the class changes: parameters and state-dict keys stay."""
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not self.batch_first:
-            return super().forward(query, key, value, **kwargs)
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not (self.batch_first and self._qkv_same_embed_dim and query.dim() == 3):
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask,
+                                   need_weights=need_weights, attn_mask=attn_mask,
+                                   average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
+        # nothing on the module changes (it may run in several threads): the (L, N, E)
+        # copies go straight to the functional form the module itself calls
         q = query.transpose(0, 1).contiguous()
         # self-attention passes one tensor three times: keep it one (the packed projection)
         k = q if key is query else key.transpose(0, 1).contiguous()
         v = k if value is key else value.transpose(0, 1).contiguous()
-        self.batch_first = False
-        try:
-            out, weights = super().forward(q, k, v, **kwargs)
-        finally:
-            self.batch_first = True
+        out, weights = F.multi_head_attention_forward(
+            q, k, v, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
+            self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight,
+            self.out_proj.bias, training=self.training, key_padding_mask=key_padding_mask,
+            need_weights=need_weights, attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights, is_causal=is_causal)
         return out.transpose(0, 1), weights
 
 
