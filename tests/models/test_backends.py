@@ -4,6 +4,7 @@ backend, exported graphs are cached by what they depend on and only trusted when
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -92,6 +93,39 @@ def test_exported_backends_apply_output_hflip(backend, tmp_path, monkeypatch):
     assert_within(flipped_rows(backend, x.flip(-1)), want)
     plain = rows(b, backend, x)[0]
     assert float(np.abs(plain - want[0]).max()) > 1e-3 * float(np.abs(want[0]).max())
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_exported_graphs_run_while_the_caller_goes_on(backend, tmp_path, monkeypatch):
+    """``start`` hands an exported graph its batch and returns (the runner decodes the next
+    batch meanwhile); ``finish`` gives the rows ``__call__`` gives, batch by batch in order,
+    and a failure inside the runtime comes out of ``finish``."""
+    need(backend)
+    monkeypatch.setenv(graphcache.CACHE_ENV, str(tmp_path))
+    b = built("stage:2")
+    compute = FeatureComputer(b.extractor, b.spec, replace(CPU, backend=backend), fold_bn=True)
+    batches = [images(b.spec, n) for n in (3, 2, 4)]
+    want = [compute(x)[0] for x in batches]
+    release = threading.Event()
+    inner = compute.graph
+
+    def slow(x):  # held until the caller has started every batch
+        if not release.wait(10):
+            raise AssertionError("start waited for the graph")
+        return inner(x)
+
+    compute.graph = slow
+    pending = [compute.start(x) for x in batches]  # returns although the graph is held
+    release.set()
+    for p, w in zip(pending, want):
+        np.testing.assert_array_equal(compute.finish(p)[0], w)
+
+    def broken(x):
+        raise RuntimeError("the runtime failed")
+
+    compute.graph = broken
+    with pytest.raises(RuntimeError, match="the runtime failed"):
+        compute.finish(compute.start(batches[0]))
+
 
 def test_openvino_bf16_is_within_the_bf16_tolerance(tmp_path, monkeypatch):
     need("openvino")

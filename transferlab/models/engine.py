@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,9 @@ from .backends import (
 )
 from .fusion import fold_batchnorm
 
-Pending = tuple[list[torch.Tensor], Any]  # rows per output (on the host once ready), event
+# rows per output (on the host once ready) and the event that marks them ready; or, for an
+# exported graph, the future of the rows (its runtime computes while the caller goes on)
+Pending = tuple[list[torch.Tensor] | Future, Any]
 
 
 def prepare_model(extractor: nn.Module, rt: Runtime, compile_model: bool = False,
@@ -65,7 +68,9 @@ class FeatureComputer:
     - ``start(images)`` / ``finish(pending)``: flattened rows (projected by ``set_reduce``)
       copied to the host. On CUDA ``start`` queues the copy into pinned host memory and
       ``finish`` waits for it, so the runner starts batch i + 1 before finishing batch i
-      and the GPU computes while the host stores rows and fetches the next batch;
+      and the GPU computes while the host stores rows and fetches the next batch; an
+      exported graph (ONNX Runtime, OpenVINO) gets the batch in this engine's own thread,
+      so its runtime computes while the runner decodes the next batch;
     - ``__call__(images)``: ``finish(start(images))``.
 
     ``backend`` is ``runtime.backend`` resolved for this model (what the rows' fingerprint
@@ -92,10 +97,14 @@ class FeatureComputer:
         self.calibration = (self._calibration(calibration, calibration_digest,
                                               calibration_count)
                             if rt.precision == "int8" else None)
+        self._worker: ThreadPoolExecutor | None = None
         if self.backend in EXPORTED:
             self.graph, self.prepared = exported_graph(folded, self.backend, rt,
                                                        tuple(spec.input_size), self.calibration)
             self.model = folded
+            # ONNX Runtime and OpenVINO release the GIL while they run: batches go to them
+            # from one thread of this engine, so the caller decodes the next batch meanwhile
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="transferlab-graph")
         else:
             compiled = compile_model or self.backend == "compile"
             self.model = prepare_model(folded, rt, compiled, self.backend == "compile")
@@ -134,6 +143,11 @@ class FeatureComputer:
         return self.finish(self.start(images))
 
     def start(self, images: torch.Tensor) -> Pending:
+        if self._worker is not None:  # inference_mode is per thread: entered in the worker
+            return self._worker.submit(self._started, images), None
+        return self._started(images)
+
+    def _started(self, images: torch.Tensor) -> Pending:
         with self._running(images):
             return self._start(images)
 
@@ -172,6 +186,8 @@ class FeatureComputer:
         """The rows of a started batch, one array per output; inf/NaN rows are refused
         (fp16 overflows silently)."""
         rows, ready = pending
+        if isinstance(rows, Future):
+            rows, ready = rows.result()
         if ready is not None:
             ready.synchronize()
         out = [r.numpy() for r in rows]
