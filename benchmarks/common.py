@@ -241,11 +241,10 @@ class Forward:
     def __init__(self, cfg, batch_size: int | None = None):
         from torch import nn
 
-        from transferlab.models.engine import FeatureComputer
+        from transferlab.models.engine import FeatureComputer, engine_batch_size
         from transferlab.models.extractor import extractor_from_config
         from transferlab.runtime.device import (
             apply_runtime,
-            default_batch_size,
             resolve_runtime,
             seed_everything,
         )
@@ -255,7 +254,8 @@ class Forward:
         conv_net = any(isinstance(m, nn.Conv2d) for m in bundle.extractor.modules())
         self.rt = resolve_runtime(cfg.runtime, conv_net)
         apply_runtime(self.rt)
-        self.batch_size = batch_size or default_batch_size(self.rt, cfg.runtime.batch_size)
+        self.batch_size = batch_size or engine_batch_size(bundle.extractor, bundle.spec.input_size,
+                                                          self.rt, cfg.runtime.batch_size)
         engine = FeatureComputer(bundle.extractor, bundle.spec, self.rt, cfg.runtime.compile,
                                  cfg.runtime.fold_bn)
         # what extraction runs: the model, or its exported graph (runtime.backend)

@@ -40,6 +40,42 @@ def test_cpu_auto_precision_is_bf16_with_bf16_matrix_units(monkeypatch):
     assert fp32.precision == "fp32" and default_batch_size(fp32, None) == 16
 
 
+@pytest.mark.parametrize("precision, exported, ratio, want", [
+    ("bf16", False, 1.0, 32), ("fp32", False, 1.0, 16), ("bf16", True, 1.0, 8),
+    ("bf16", False, 2.1, 16), ("fp32", False, 2.1, 8), ("bf16", True, 2.1, 4),  # xception
+    ("bf16", False, 4.0, 8), ("fp32", False, 1000.0, 1),  # a large input: bounded memory
+    ("bf16", False, 0.01, 32), ("fp32", False, 0.0, 16)])  # tiny models; 0: not counted
+def test_the_cpu_batch_follows_the_backend_and_the_activations_per_image(
+        precision, exported, ratio, want):
+    """resnet50's measured batch per precision / exported graph, divided by how many times
+    resnet50's activations per image the model moves (nearest power of two, 1 at least)."""
+    rt = runtime.Runtime(torch.device("cpu"), precision, True, 0, 2)
+    activations = int(ratio * runtime.REFERENCE_ACTIVATIONS)
+    assert default_batch_size(rt, None, activations, exported) == want
+    assert default_batch_size(rt, 5, activations, exported) == 5  # asked for: kept
+
+
+def test_extraction_counts_the_activations_of_its_model(tmp_path, monkeypatch):
+    """The wiring: a model with 4x the reference's activations per image gets a quarter of
+    the batch in run_extract (recorded in meta.json), and an explicit batch is kept."""
+    from tests.helpers import make_cfg, make_tree
+    from transferlab.extract.runner import run_extract
+    from transferlab.models.cuts import activation_elements
+    from transferlab.models.extractor import build_extractor
+
+    b = build_extractor("test_resnet", cut="head", preprocess={"input_size": [32, 32]})
+    elements = activation_elements(b.extractor, b.spec.input_size)
+    assert elements > 0
+    monkeypatch.setattr(runtime, "REFERENCE_ACTIVATIONS", elements / 4)
+    data = tmp_path / "data"
+    make_tree(data, 6)
+    for batch, want in (("null", 4), ("3", 3)):  # fp32: 16 / 4
+        cfg = make_cfg(data, tmp_path / f"out{batch}", f"runtime.batch_size={batch}")
+        res = run_extract(cfg)
+        meta = json.loads((Path(res.out_dir) / "meta.json").read_text())
+        assert meta["runtime"]["batch_size"] == want
+
+
 def test_bf16_units_are_only_claimed_on_a_cpu_with_amx_or_avx512_bf16():
     """AMX shows as amx_tile, AVX512-BF16 as avx512_bf16 in /proc/cpuinfo (Linux). The
     reverse need not hold: a kernel may refuse the process the AMX state, and then bf16 is

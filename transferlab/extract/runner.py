@@ -25,14 +25,13 @@ from ..data.datasets import ImageDataset
 from ..data.preprocess import PreprocessSpec
 from ..data.sources import build_dataset
 from ..errors import ComputeError, ConfigError
-from ..models.engine import FeatureComputer, Pending
+from ..models.engine import FeatureComputer, Pending, engine_batch_size
 from ..models.extractor import extractor_from_config
 from ..models.multicut import is_multi_cut
 from ..runtime.cores import LoadFollower, usable_cores
 from ..runtime.device import (
     Runtime,
     apply_runtime,
-    default_batch_size,
     resolve_runtime,
     seed_everything,
 )
@@ -118,7 +117,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
     bundle = extractor_from_config(cfg.model, cfg.preprocess)
     spec = bundle.spec
     dataset.image_mode, dataset.draft_size = spec.image_mode, spec.scale_size()
-    rt, batch_size = run_runtime(cfg, bundle.extractor, info)
+    rt, batch_size = run_runtime(cfg, bundle.extractor, spec.input_size, info)
     if cfg.runtime.gpu_decode:
         check_gpu_decode(cfg, spec)
     calibration = calibration_images(cfg, dataset, spec, rt, batch_size, info)
@@ -180,12 +179,13 @@ def run_extract(cfg: ExtractConfig, progress: bool = False,
 # ---------------------------------------------------------------------------------------
 
 
-def run_runtime(cfg: ExtractConfig, extractor: nn.Module, info: DistInfo) -> tuple[Runtime, int]:
+def run_runtime(cfg: ExtractConfig, extractor: nn.Module, input_size: Sequence[int],
+                info: DistInfo) -> tuple[Runtime, int]:
     """The resolved runtime of this process (applied) and the batch size."""
     conv_net = any(isinstance(m, nn.Conv2d) for m in extractor.modules())
     rt = share_runtime(resolve_runtime(cfg.runtime, conv_net), cfg.runtime, info)
     apply_runtime(rt)
-    return rt, default_batch_size(rt, cfg.runtime.batch_size)
+    return rt, engine_batch_size(extractor, input_size, rt, cfg.runtime.batch_size)
 
 
 def rank_items(full: ImageDataset, info: DistInfo, tar_shards: bool) -> tuple[int, int]:

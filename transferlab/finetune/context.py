@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import FinetuneConfig
-from ..runtime.device import Runtime, default_batch_size, derive_seed
+from ..models.classifier import Classifier
+from ..runtime.device import Runtime, derive_seed
 from ..runtime.distributed import DistInfo
 from .outputs import MetricsLog
 
@@ -34,10 +35,9 @@ class Context:
         """Seed of the loader workers (random augmentation): one stream per process."""
         return derive_seed(self.cfg.runtime.seed, "workers", self.info.rank)
 
-    @property
-    def eval_batch(self) -> int:
-        """Batch of the no-grad passes (caching, evaluation): extraction's (BENCHMARKS.md)."""
-        return default_batch_size(self.rt, self.cfg.runtime.batch_size)
+    def eval_batch(self, net: Classifier) -> int:
+        """Batch of ``net``'s no-grad passes (caching, evaluation): extraction's rule."""
+        return net.batch_size(self.rt, self.cfg.runtime.batch_size)
 
     def checkpoint_due(self) -> bool:
         """Whether to rewrite the checkpoint after this epoch: at most every

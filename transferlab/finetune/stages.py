@@ -117,7 +117,7 @@ def held_out_eval(ctx: Context, net: Classifier, test_cfg: DataConfig | None,
     src, which = (test_src, "test") if test_src is not None else (val_src, "validation")
     if src is None or not total(len(src)):
         return None
-    res = evaluate(net, src, ctx.eval_batch, ctx.rt)
+    res = evaluate(net, src, ctx.eval_batch(net), ctx.rt)
     return which, res.accuracy, res
 
 
@@ -220,7 +220,7 @@ def cache(ctx: Context, net: Classifier, src: Source, where: str, keys: list[str
     """Features of ``src`` (this process's share); a disk cache of each process goes to
     ``cache/ranks/world-N/rank-R`` as the parts of an extraction do."""
     folder = rank_dir(ctx.out / "cache", ctx.info)
-    return cache_features(net, src, where, ctx.rt, ctx.eval_batch, net.base.output_shape,
+    return cache_features(net, src, where, ctx.rt, ctx.eval_batch(net), net.base.output_shape,
                           keys, folder / name, digest, ctx.progress,
                           fold_bn=ctx.cfg.runtime.fold_bn, data=data_cfg)
 
@@ -338,9 +338,9 @@ def features_of(ctx: Context, net: Classifier, src: Source) -> tuple[torch.Tenso
     order = torch.arange(len(src))
     net.eval()  # layers unfrozen in phase 2 too
     if src.kind == "images":
-        batches = frozen_features(net.base_engine(ctx.rt), src, order, ctx.eval_batch)
+        batches = frozen_features(net.base_engine(ctx.rt), src, order, ctx.eval_batch(net))
     else:
-        batches = ((x, pos) for x, _, pos in src.batches(order, ctx.eval_batch))
+        batches = ((x, pos) for x, _, pos in src.batches(order, ctx.eval_batch(net)))
     xs, positions = zip(*((x.float().flatten(1), pos) for x, pos in batches))
     return torch.cat(xs), src.targets[torch.cat(positions).numpy()]
 

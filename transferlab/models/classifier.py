@@ -29,11 +29,11 @@ from ..data.datasets import read_batch
 from ..data.imageio import load_image
 from ..data.preprocess import DeviceNormalize, PreprocessSpec, build_transform, resolve_preprocess
 from ..errors import ConfigError, ModelError
-from ..runtime.device import Runtime, default_batch_size, resolve_runtime
+from ..runtime.device import Runtime, resolve_runtime
 from ..runtime.untrusted import claimed_size
 from ..yamlsafe import shown
 from .checkpoint import CLASSIFIER_FORMAT, read_checkpoint, save_checkpoint
-from .engine import FeatureComputer, Pending
+from .engine import FeatureComputer, Pending, engine_batch_size
 from .heads import cut_with_head
 from .library import build_library
 from .recorded import rebuild_backbone, recorded_arch, spec_from_meta
@@ -115,6 +115,11 @@ class Classifier(nn.Module):
         self.eval()
         return FeatureComputer(self, self.preprocess, runtime or self.default_runtime(),
                                fold_bn=fold_bn)
+
+    def batch_size(self, runtime: Runtime, requested: int | None = None) -> int:
+        """``requested``, else the automatic batch of this network's passes without
+        gradients with ``runtime`` (extraction's rule: ``engine.engine_batch_size``)."""
+        return engine_batch_size(self, self.preprocess.input_size, runtime, requested)
 
     def default_runtime(self) -> Runtime:
         """The training run's ``runtime``, else ``inference_runtime()``."""
@@ -212,7 +217,7 @@ class Classifier(nn.Module):
         (default ``default_runtime()``; the batch size by default extraction's for it);
         ``fold_bn`` runs a copy with its BatchNorms folded, made once per call."""
         rt = runtime or self.default_runtime()
-        batches = self.pixel_batches(images, default_batch_size(rt, batch_size), rt.threads)
+        batches = self.pixel_batches(images, self.batch_size(rt, batch_size), rt.threads)
         probs = [p for p, _ in self.proba_batches(((b, None) for b in batches),
                                                    self.engine(rt, fold_bn))]
         return torch.cat(probs) if probs else torch.zeros(0, len(self.class_names))

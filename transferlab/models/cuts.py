@@ -298,6 +298,34 @@ def trace_modules(model: nn.Module, input_size: Sequence[int]) -> dict[str, tupl
     return shapes
 
 
+@torch.no_grad()
+def activation_elements(model: nn.Module, input_size: Sequence[int]) -> int:
+    """Elements of every leaf module's output for one image (every call counted), in one
+    dummy forward: how much activation memory a model moves per image, which sets the
+    automatic CPU batch size (``runtime.device.default_batch_size``); 0 when it fails."""
+    total = 0
+
+    def count(mod, inp, out) -> None:
+        nonlocal total
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        total += sum(o.numel() for o in outs if isinstance(o, torch.Tensor))
+
+    handles = [m.register_forward_hook(count) for m in model.modules()
+               if next(m.children(), None) is None]
+    was_training = model.training
+    model.eval()
+    device, dtype = model_device_dtype(model)
+    try:
+        model(dummy_input(input_size).to(device, dtype))
+    except Exception:  # a cut that stops the forward early; a model the cut check refuses
+        return total
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return total
+
+
 def top_level_layers(shapes: dict[str, Any]) -> list[str]:
     """Top-level children in call order: the 'layers' counted by first:N and drop:N."""
     return [name for name in shapes if "." not in name]

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..data.preprocess import DeviceNormalize, PreprocessSpec
 from ..errors import ComputeError
-from ..runtime.device import Runtime, frozen_forward, without_autotuning
+from ..runtime.device import Runtime, default_batch_size, frozen_forward, without_autotuning
 from .backends import (
     EXPORTED,
     Calibration,
@@ -31,6 +31,7 @@ from .backends import (
     exported_graph,
     resolve_backend,
 )
+from .cuts import activation_elements
 from .fusion import fold_batchnorm
 
 # rows per output (on the host once ready) and the event that marks them ready; or, for an
@@ -58,6 +59,17 @@ def feature_dims(extractor: nn.Module) -> list[int]:
     """The flattened width of each output of an extractor that declares them
     (``feature_dims``), [] for a module that does not."""
     return [int(d) for d in getattr(extractor, "feature_dims", None) or ()]
+
+
+def engine_batch_size(extractor: nn.Module, input_size: Sequence[int], rt: Runtime,
+                      requested: int | None = None) -> int:
+    """``requested``, else the automatic batch size of ``extractor`` run by this engine with
+    ``rt`` (``runtime.device.default_batch_size``: the backend ``rt.backend`` resolves to and,
+    on a CPU, the model's activations per image, counted in one dummy forward)."""
+    if requested is not None or rt.is_cuda:
+        return default_batch_size(rt, requested)
+    exported = resolve_backend(rt.backend, extractor, rt) in EXPORTED
+    return default_batch_size(rt, None, activation_elements(extractor, input_size), exported)
 
 
 class FeatureComputer:

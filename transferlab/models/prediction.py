@@ -24,7 +24,7 @@ from ..data.imageio import DEFAULT_MAX_PIXELS, escape_name
 from ..data.preprocess import build_transform
 from ..data.sources import scan_folder
 from ..errors import DataError
-from ..runtime.device import Runtime, apply_runtime, default_batch_size, resolve_device
+from ..runtime.device import Runtime, apply_runtime, resolve_device
 from ..runtime.userfiles import check_output, write_output
 from .classifier import Classifier, load_model
 
@@ -75,7 +75,7 @@ def predict_files(model: Classifier, files: Sequence[str], batch_size: int | Non
                       transform=build_transform(spec, normalize=False),
                       image_mode=spec.image_mode, draft_size=spec.scale_size())
     threaded = ThreadedItems(ds, rt.threads) if rt.num_workers == 0 else ds
-    loader = make_loader(threaded, default_batch_size(rt, batch_size), rt.num_workers,
+    loader = make_loader(threaded, model.batch_size(rt, batch_size), rt.num_workers,
                          pin_memory=rt.is_cuda)
     result = PredictResult([])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -233,13 +234,31 @@ def frozen_forward(rt: Runtime | None = None) -> Iterator[None]:
         yield
 
 
-def default_batch_size(rt: Runtime, requested: int | None) -> int:
-    """Large batches feed a GPU. On a CPU, 16 in fp32 (larger ones were slower there); 32
-    with bf16 units, where resnet50's whole run was 1.05-1.12x faster than at 16 in every
-    round and legacy_xception's unchanged (BENCHMARKS.md, section 11)."""
+# Elements of activations per image of resnet50 @224 (``models.cuts.activation_elements``):
+# the model the CPU batch sizes were measured on (BENCHMARKS.md, sections 11 and 18)
+REFERENCE_ACTIVATIONS = 34_800_000
+EXPORTED_BATCH = 8  # ONNX Runtime / OpenVINO graphs on a CPU (BENCHMARKS.md, section 18)
+
+
+def default_batch_size(rt: Runtime, requested: int | None, activations: int = 0,
+                       exported: bool = False) -> int:
+    """The batch size: ``requested``, else automatic. Large batches feed a GPU (256). On a
+    CPU, for resnet50 @224: 16 in fp32 (larger ones were slower there); 32 with bf16 units,
+    where resnet50's whole run was 1.05-1.12x faster than at 16 (section 11); 8 for an
+    exported graph (``exported``: ONNX Runtime, OpenVINO), whose forward ran as fast at any
+    batch from 1 to 32 while the whole run at 8 was 1.25x that at 32 (fewer new batch shapes,
+    more overlap of decoding with the graph; section 18). A model whose ``activations`` per
+    image are k times resnet50's gets that batch / k (the nearest power of two, at least 1):
+    legacy_xception @299 moves 2.1x resnet50's; its whole run in bf16 at 16 was 1.11x that at
+    32 (section 18), and its fp32 forward on AVX2 was fastest at 8 (issue #30); a large input
+    keeps a batch's activation memory bounded."""
     if requested is not None:
         check_range(RuntimeConfig, "runtime.batch_size", requested)
         return requested
     if rt.is_cuda:
         return 256
-    return 32 if rt.precision == "bf16" else 16
+    top = EXPORTED_BATCH if exported else 32 if rt.precision == "bf16" else 16
+    if activations <= 0:
+        return top
+    scaled = top * REFERENCE_ACTIVATIONS / activations
+    return max(1, min(top, 2 ** round(math.log2(scaled)))) if scaled >= 1 else 1
