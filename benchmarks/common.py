@@ -256,8 +256,13 @@ class Forward:
         apply_runtime(self.rt)
         self.batch_size = batch_size or engine_batch_size(bundle.extractor, bundle.spec.input_size,
                                                           self.rt, cfg.runtime.batch_size)
+        # int8 is calibrated on images: here a fixed synthetic batch (the speed is the same)
+        calibration = (torch.randint(0, 256, (cfg.runtime.calibration_images,
+                                              *bundle.spec.input_size), dtype=torch.uint8,
+                                     generator=torch.Generator().manual_seed(0))
+                       if self.rt.precision == "int8" else None)
         engine = FeatureComputer(bundle.extractor, bundle.spec, self.rt, cfg.runtime.compile,
-                                 cfg.runtime.fold_bn)
+                                 cfg.runtime.fold_bn, calibration)
         # what extraction runs: the model, or its exported graph (runtime.backend)
         self.model = engine.graph if engine.graph is not None else engine.model
         self.backend = engine.backend

@@ -204,7 +204,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--child", choices=["a", "b", "c"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of (c), transferlab's run (repeatable), e.g. "
+                   "runtime.backend=openvino")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     bench = Path(args.bench_dir)
@@ -212,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         print(f"IPS {method_ips(args.child, args.models, Path(args.data), Path(args.out), args.images, device, args.set, args.baseline_workers)}")  # noqa: E501
         return []
     extra = (["runtime.gpu_decode=true"] if args.gpu_decode else []) + \
-            (["runtime.compile=true"] if args.compile else [])
+            (["runtime.compile=true"] if args.compile else []) + args.set
     if args.quick:
         models, images, rounds = ["test_resnet"], 8, 1
         data = jpeg_folder(bench, 8, size=(96, 72))

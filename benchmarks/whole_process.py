@@ -178,6 +178,7 @@ def batch_sweep(fwd: Forward, batches: Sequence[int], seconds: float) -> list[di
 BACKEND_GRID = {"eager": (("fp32", "bf16"), (False, True)),
                 "compile": (("fp32", "bf16"), (True,)),
                 "onnxruntime": (("fp32",), (False,)),
+                "int8": (("int8",), (False,)),  # ONNX Runtime's int8 graph (lossy: opted into)
                 "openvino": (("fp32", "bf16"), (False,))}
 
 
@@ -188,8 +189,9 @@ def search_ceiling(data: Path, out: Path, model: str, batches: Sequence[int],
     rows = []
     # on a GPU fp32 and NCHW never win for conv nets (tensor cores): searched on CPUs only
     cuda = device == "cuda"
-    for backend in ("eager",) if cuda else backends:
-        precisions, layouts = BACKEND_GRID[backend]
+    for name in ("eager",) if cuda else backends:
+        precisions, layouts = BACKEND_GRID[name]
+        backend = "onnxruntime" if name == "int8" else name
         for precision in ("bf16", "fp16") if cuda else precisions:
             for cl in (True,) if cuda else layouts:
                 cfg = extract_config(data, out, model, [
@@ -235,7 +237,8 @@ def measure_model(model: str, data: Path, bench: Path, sizes: tuple[int, int], r
     grid, best = search_ceiling(data, out, model, batches, device, search_s, backends)
     fwd = ceiling_forward(data, out, model, best, device)
     if best.get("backend", "eager") != "eager":
-        options = {**(options or {}), f"backend={best['backend']}": [
+        label = f"backend={best['backend']}" + (" int8" if best["precision"] == "int8" else "")
+        options = {**(options or {}), label: [
             f"runtime.backend={best['backend']}", f"runtime.precision={best['precision']}"]}
     if warm:  # an exported graph's first export is paid here, once: later runs read the cache
         for sets in (options or {}).values():
@@ -310,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                    help="an extra override for the command (repeatable)")
     p.add_argument("--backends", default="eager",
                    help="runtime backends the ceiling search tries, comma-separated "
-                   "(eager,compile,onnxruntime,openvino)")
+                   "(eager,compile,onnxruntime,openvino; int8: ONNX Runtime's int8 graph)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,...]",
                    help="also measure the command with these overrides, in the same "
                    "alternation (repeatable), e.g. fp32:runtime.precision=fp32")
