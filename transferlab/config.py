@@ -134,7 +134,7 @@ class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # auto: bf16 on CUDA, AMX CPUs; int8: ONNX Runtime static quantisation (README)
     precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
-    batch_size: int | None = None  # null = chosen for the device
+    batch_size: int | None = None  # null = chosen for the device, backend and model size
     num_workers: int | None = None  # data loading processes; null = chosen for the machine
     channels_last: bool | None = None  # null = on for conv nets
     compile: bool = False  # torch.compile the extractor

@@ -20,6 +20,7 @@ class Context:
     metrics: MetricsLog
     info: DistInfo = field(default_factory=DistInfo)
     last_save: float = field(default_factory=time.perf_counter)  # of the last checkpoint
+    _eval_batch: int | None = None
 
     @property
     def main(self) -> bool:
@@ -36,8 +37,11 @@ class Context:
         return derive_seed(self.cfg.runtime.seed, "workers", self.info.rank)
 
     def eval_batch(self, net: Classifier) -> int:
-        """Batch of ``net``'s no-grad passes (caching, evaluation): extraction's rule."""
-        return net.batch_size(self.rt, self.cfg.runtime.batch_size)
+        """Batch of ``net``'s no-grad passes (caching, evaluation): extraction's rule, worked
+        out once per run (it counts the network's activations in a dummy forward)."""
+        if self._eval_batch is None:
+            self._eval_batch = net.batch_size(self.rt, self.cfg.runtime.batch_size)
+        return self._eval_batch
 
     def checkpoint_due(self) -> bool:
         """Whether to rewrite the checkpoint after this epoch: at most every
