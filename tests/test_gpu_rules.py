@@ -327,7 +327,7 @@ def test_a_short_batch_skips_cudnn_autotuning(flags, monkeypatch):
     computer = FeatureComputer.__new__(FeatureComputer)
     computer.rt, computer.widest = Runtime(torch.device("cuda"), "fp32", False, 0, 1), 0
     seen = []
-    computer.reduces = []
+    computer.reduces, computer._worker = [], None  # eager: no graph thread
     monkeypatch.setattr(computer, "_outputs",
                         lambda x: seen.append(torch.backends.cudnn.benchmark) or [x.float()])
     torch.backends.cudnn.benchmark = True
