@@ -246,11 +246,11 @@ def default_batch_size(rt: Runtime, requested: int | None, activations: int = 0,
     CPU, for resnet50 @224: 16 in fp32 (larger ones were slower there); 32 with bf16 units,
     where resnet50's whole run was 1.05-1.12x faster than at 16 (section 11); 8 for an
     exported graph (``exported``: ONNX Runtime, OpenVINO), whose forward ran as fast at any
-    batch from 1 to 32 while the whole run at 8 was 1.25x that at 32 (fewer new batch shapes,
+    batch from 1 to 32 while the whole run at 8 was 1.08-1.27x that at 32 (fewer new shapes,
     more overlap of decoding with the graph; section 18). A model whose ``activations`` per
     image are k times resnet50's gets that batch / k (the nearest power of two, at least 1):
-    legacy_xception @299 moves 2.1x resnet50's; its whole run in bf16 at 16 was 1.11x that at
-    32 (section 18), and its fp32 forward on AVX2 was fastest at 8 (issue #30); a large input
+    legacy_xception @299 moves 2.1x resnet50's; its whole run in bf16 at 16 was 1.00-1.11x
+    that at 32 (section 18), and its fp32 forward on AVX2 was fastest at 8 (issue #30); a large input
     keeps a batch's activation memory bounded."""
     if requested is not None:
         check_range(RuntimeConfig, "runtime.batch_size", requested)
