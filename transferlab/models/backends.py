@@ -49,11 +49,18 @@ AUTO_MIN_GAIN = 1.2
 # Zen 4 (AVX512-BF16), quiet: OpenVINO bf16 ran resnet50's forward at 1.14-1.28x eager bf16's
 # best (median 1.20 of seven measurements in two sessions) and its whole process at 1.09-1.60x
 # per round (416 images, batch 8), rows within 3.5e-3 of eager fp32 (cosine 0.999995);
-# legacy_xception 1.07-1.12x, and fp32 runtimes 1.0-1.26x: not clearly >= AUTO_MIN_GAIN, so
-# eager there. AMX, AVX512 without bf16 units: not measured, eager.
+# ViT-B/16 (eager's attention is slow here): OpenVINO bf16 1.33x eager bf16 (3 quiet rounds,
+# 1.32-1.36; 1.43x in one round a session before), OpenVINO fp32 2.14x eager fp32 (2.19x);
+# ConvNeXt-T: OpenVINO fp32 1.87x (1.74x), bf16 1.03-1.09x. Rows: fp32 within 2e-6, bf16
+# within 9e-3 of eager fp32. legacy_xception 1.07-1.12x, and the fp32 runtimes on ResNet /
+# Xception 1.0-1.26x: not clearly >= AUTO_MIN_GAIN, so eager there. AMX, AVX512 without bf16
+# units: not measured, eager.
 AUTO_TABLE: dict[tuple[str, str, str], str] = {
     ("AVX2", "fp32", "resnet"): "onnxruntime",  # Zen 3 (issue #30): 1.27x, largest diff 1e-7
     ("AVX512-BF16", "bf16", "resnet"): "openvino",  # Zen 4: above
+    ("AVX512-BF16", "bf16", "vit"): "openvino",
+    ("AVX512-BF16", "fp32", "vit"): "openvino",
+    ("AVX512-BF16", "fp32", "convnext"): "openvino",
 }
 _FAMILIES = (("ResNet", "resnet"), ("Xception", "xception"), ("VisionTransformer", "vit"),
              ("ConvNeXt", "convnext"))
