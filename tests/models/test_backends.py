@@ -16,7 +16,7 @@ from transferlab.config import ExtractConfig, RuntimeConfig, load_config
 from transferlab.errors import ConfigError, MissingDependencyError, StoreError
 from transferlab.extract.runner import run_extract
 from transferlab.models import backends
-from transferlab.models.engine import FeatureComputer
+from transferlab.models.engine import FeatureComputer, engine_batch_size
 from transferlab.models.extractor import build_extractor
 from transferlab.runtime import graphcache
 from transferlab.runtime.device import Runtime, resolve_runtime
@@ -229,6 +229,11 @@ def test_auto_picks_the_table_entry_for_this_cpu_and_family(monkeypatch):
                                                  "onnxruntime"})
     assert backends.resolve_backend("auto", b.extractor, rt) == "onnxruntime"
     assert backends.resolve_backend("auto", b.extractor, replace(rt, precision="bf16")) == "eager"
+    # the engine folds BatchNorm first (a torch.fx GraphModule, no ResNet class left): the
+    # family still comes from the model as built, and the automatic batch is the graph's
+    engine = FeatureComputer(b.extractor, b.spec, rt, fold_bn=True)
+    assert engine.folded and engine.backend == "onnxruntime"
+    assert engine_batch_size(b.extractor, b.spec.input_size, rt) == 8
 
 
 def test_settings_a_backend_cannot_run_are_one_line():

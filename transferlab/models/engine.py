@@ -102,7 +102,8 @@ class FeatureComputer:
         self.model_dims = feature_dims(extractor)  # per output, before output.reduce
         folded = fold_batchnorm(extractor, spec.input_size) if fold_bn else extractor
         self.folded = folded is not extractor  # False also where nothing could be folded
-        self.backend = resolve_backend(rt.backend, folded, rt)
+        # the family from the model as built: a folded one is a torch.fx GraphModule
+        self.backend = resolve_backend(rt.backend, extractor, rt)
         self.graph: Any = None  # an exported graph's runner (onnxruntime, openvino)
         self.prepared = Prepared(self.backend)
         self.normalize = DeviceNormalize(spec.mean, spec.std).to(rt.device)
