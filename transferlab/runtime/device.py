@@ -250,8 +250,8 @@ def default_batch_size(rt: Runtime, requested: int | None, activations: int = 0,
     more overlap of decoding with the graph; section 18). A model whose ``activations`` per
     image are k times resnet50's gets that batch / k (the nearest power of two, at least 1):
     legacy_xception @299 moves 2.1x resnet50's; its whole run in bf16 at 16 was 1.00-1.11x
-    that at 32 (section 18), and its fp32 forward on AVX2 was fastest at 8 (issue #30); a large input
-    keeps a batch's activation memory bounded."""
+    that at 32 (section 18), and its fp32 forward on AVX2 was fastest at 8 (issue #30); a
+    large input keeps a batch's activation memory bounded."""
     if requested is not None:
         check_range(RuntimeConfig, "runtime.batch_size", requested)
         return requested
