@@ -19,10 +19,12 @@ def command(argv: Sequence[str] | None = None) -> ExtractResult:
     """Parse, extract, print the summary; user mistakes raise TransferlabError."""
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides, ExtractConfig)
+    finished = False
     try:
         result = run_extract(cfg, progress=cfg.runtime.progress)
+        finished = True
     finally:
-        shutdown()
+        shutdown(finished)
     if dist_info().is_main:
         print(result.summary())
     return result

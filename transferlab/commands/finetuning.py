@@ -21,10 +21,12 @@ def command(argv: Sequence[str] | None = None) -> FinetuneResult:
     """Parse, fine-tune, print the closing table; user mistakes raise TransferlabError."""
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides, FinetuneConfig)
+    finished = False
     try:
         result = run_finetune(cfg)
+        finished = True
     finally:
-        shutdown()
+        shutdown(finished)
     if dist_info().is_main:  # under torchrun: rank 0 prints, once
         print(result.data_note)
         print(result.table())
