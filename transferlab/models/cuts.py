@@ -15,8 +15,9 @@ Every cut is validated with one dummy forward pass before any data is read;
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -267,38 +268,48 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return param.device, param.dtype
 
 
-@torch.no_grad()
-def trace_modules(model: nn.Module, input_size: Sequence[int]) -> dict[str, tuple[int, ...] | None]:
-    """Output shape of every module, in the order of first call in one dummy forward."""
-    shapes: dict[str, tuple[int, ...] | None] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if not name:
-            continue
-
-        def hook(mod, inp, out, name=name):
-            if name not in shapes:
-                shapes[name] = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else None
-        handles.append(module.register_forward_hook(hook))
+@contextlib.contextmanager
+def hooked_dummy_forward(model: nn.Module, hooks: Sequence[tuple[nn.Module, Callable]],
+                         input_size: Sequence[int]) -> Iterator[Callable[[], Any]]:
+    """Forward ``hooks`` registered on their modules and ``model`` in eval mode inside the
+    block, which gets the dummy forward to call (one image, the model's device and dtype);
+    the hooks removed and the mode restored after it, whatever happened."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
     was_training = model.training
     model.eval()
     device, dtype = model_device_dtype(model)
     try:
-        model(dummy_input(input_size).to(device, dtype))
-    except StopForward:
-        pass
-    except Exception as exc:
-        raise CutError(f"the model fails on a dummy input of shape {tuple(input_size)}: "
-                       f"{type(exc).__name__}: {exc}. Set preprocess.input_size to what the "
-                       "model expects") from None
+        with torch.no_grad():
+            yield lambda: model(dummy_input(input_size).to(device, dtype))
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
+
+
+def trace_modules(model: nn.Module, input_size: Sequence[int]) -> dict[str, tuple[int, ...] | None]:
+    """Output shape of every module, in the order of first call in one dummy forward."""
+    shapes: dict[str, tuple[int, ...] | None] = {}
+
+    def hook_for(name: str) -> Callable:
+        def hook(mod, inp, out) -> None:
+            if name not in shapes:
+                shapes[name] = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else None
+        return hook
+
+    hooks = [(module, hook_for(name)) for name, module in model.named_modules() if name]
+    with hooked_dummy_forward(model, hooks, input_size) as forward:
+        try:
+            forward()
+        except StopForward:
+            pass
+        except Exception as exc:
+            raise CutError(f"the model fails on a dummy input of shape {tuple(input_size)}: "
+                           f"{type(exc).__name__}: {exc}. Set preprocess.input_size to what the "
+                           "model expects") from None
     return shapes
 
 
-@torch.no_grad()
 def activation_elements(model: nn.Module, input_size: Sequence[int]) -> int:
     """Elements of every leaf module's output for one image (every call counted), in one
     dummy forward: how much activation memory a model moves per image, which sets the
@@ -310,19 +321,12 @@ def activation_elements(model: nn.Module, input_size: Sequence[int]) -> int:
         outs = out if isinstance(out, (list, tuple)) else [out]
         total += sum(o.numel() for o in outs if isinstance(o, torch.Tensor))
 
-    handles = [m.register_forward_hook(count) for m in model.modules()
-               if next(m.children(), None) is None]
-    was_training = model.training
-    model.eval()
-    device, dtype = model_device_dtype(model)
-    try:
-        model(dummy_input(input_size).to(device, dtype))
-    except Exception:  # a cut that stops the forward early; a model the cut check refuses
-        return total
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    leaves = [(m, count) for m in model.modules() if next(m.children(), None) is None]
+    with hooked_dummy_forward(model, leaves, input_size) as forward:
+        try:
+            forward()
+        except Exception:  # a cut that stops the forward early; a model the cut check refuses
+            pass
     return total
 
 
